@@ -1,0 +1,1 @@
+"""prunequant: joint pruning and quantization of causal LMs."""

@@ -1,0 +1,285 @@
+"""Recipes as data: what to prune and quantize, globally and per layer by name pattern.
+
+N:M convention (SparseGPT/Wanda): ``n:m`` means *n of every m* consecutive input weights are
+**pruned**, so ``2:4`` is 50% sparse and ``2:8`` is 25% sparse. ``describe()`` always states the
+resulting sparsity so the two readings cannot be confused.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from .errors import RecipeError
+
+PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
+QUANT_METHODS = ("rtn", "gptq", "billm")
+SUPPORTED_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
+JOINT_MODES = ("onepass", "A", "B")  # one-pass joint OBS; sequential case A (zeros quantized); case B (mask kept exact)
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    method: str = "sparsegpt"
+    sparsity: float = 0.5
+    n: int = 0  # n of every m pruned; 0 = unstructured
+    m: int = 0
+    blocksize: int = 128
+    damp: float = 0.01
+
+    def __post_init__(self):
+        if self.method not in PRUNE_METHODS:
+            raise RecipeError(f"unknown pruning method {self.method!r}; choose one of {', '.join(PRUNE_METHODS)}")
+        if self.n or self.m:
+            if not (isinstance(self.n, int) and isinstance(self.m, int)) or self.m < 2 or self.n < 1:
+                raise RecipeError(f"N:M pattern {self.n}:{self.m} is invalid: need integers 1 <= N < M")
+            if self.n >= self.m:
+                raise RecipeError(f"N:M pattern {self.n}:{self.m} prunes every weight: N (pruned per group) must be < M")
+            object.__setattr__(self, "sparsity", self.n / self.m)
+        if not (0.0 <= float(self.sparsity) < 1.0) or math.isnan(float(self.sparsity)):
+            raise RecipeError(f"sparsity {self.sparsity} is outside [0, 1); e.g. use 0.5 for 50% of weights pruned")
+        if not 0 <= self.damp < 1:
+            raise RecipeError(f"damping {self.damp} must be in [0, 1), e.g. 0.01")
+
+    @property
+    def structured(self) -> bool:
+        return self.m > 0
+
+    def describe(self) -> str:
+        if self.structured:
+            return (f"{self.method} {self.n}:{self.m} ({self.n} of every {self.m} weights pruned, "
+                    f"{self.sparsity:.1%} sparsity)")
+        return f"{self.method} {self.sparsity:.1%} unstructured"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str = "gptq"
+    bits: float = 4
+    group_size: int = 128  # 0 = per output channel
+    symmetric: bool = False
+    act_order: bool = False
+    mse_clip: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+
+    def __post_init__(self):
+        if self.method not in QUANT_METHODS:
+            raise RecipeError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
+        if self.bits not in SUPPORTED_BITS:
+            raise RecipeError(f"{self.bits}-bit weights are not supported; choose one of "
+                              f"{', '.join(str(b) for b in SUPPORTED_BITS)} (1.58 = ternary)")
+        if self.method == "billm" and self.bits != 1:
+            raise RecipeError("billm is the 1-bit method: use bits=1 (or rtn/gptq for more bits)")
+        if self.bits == 1 and self.method != "billm":
+            raise RecipeError("1-bit weights need the residual-binarization method: use billm:1")
+        if self.group_size < 0 or (self.group_size and self.group_size % 8):
+            raise RecipeError(f"group size {self.group_size} must be 0 (per channel) or a positive multiple of 8, e.g. 128")
+        if not 0 <= self.damp < 1:
+            raise RecipeError(f"damping {self.damp} must be in [0, 1), e.g. 0.01")
+
+    def describe(self) -> str:
+        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        b = "ternary (1.58-bit)" if self.bits == 1.58 else f"{self.bits:g}-bit"
+        return f"{self.method} {b} {g} {'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''}"
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens to one linear layer. Both None = left dense and unquantized."""
+
+    prune: PruneSpec | None = None
+    quant: QuantSpec | None = None
+    joint: str = "onepass"
+
+    @property
+    def is_identity(self) -> bool:
+        return (self.prune is None or self.prune.sparsity == 0) and self.quant is None
+
+
+@dataclass
+class Override:
+    """Per-layer change by module-name glob (fnmatch) or regex (prefix ``re:``)."""
+
+    pattern: str
+    skip: bool = False
+    prune: dict | None = None  # fields to change in the global PruneSpec; {} with "sparsity": 0 = dense
+    quant: dict | None = None
+
+    def matches(self, name: str) -> bool:
+        if self.pattern.startswith("re:"):
+            return re.search(self.pattern[3:], name) is not None
+        return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass
+class Recipe:
+    prune: PruneSpec | None = None
+    quant: QuantSpec | None = None
+    joint: str = "onepass"
+    allocation: dict = field(default_factory=lambda: {"method": "uniform"})
+    overrides: list[Override] = field(default_factory=list)
+    true_sequential: bool = True
+
+    def __post_init__(self):
+        if self.joint not in JOINT_MODES:
+            raise RecipeError(f"joint mode {self.joint!r} unknown; choose one of {', '.join(JOINT_MODES)}")
+        for o in self.overrides:
+            for spec, cls in ((o.prune, PruneSpec), (o.quant, QuantSpec)):
+                if spec:
+                    unknown = set(spec) - set(cls.__dataclass_fields__)
+                    if unknown:
+                        raise RecipeError(f"override {o.pattern!r}: unknown field(s) {sorted(unknown)}")
+
+    # ---- per-layer resolution -------------------------------------------------------------
+    def plan_for(self, name: str) -> LayerPlan:
+        prune, quant = self.prune, self.quant
+        for o in self.overrides:
+            if not o.matches(name):
+                continue
+            if o.skip:
+                return LayerPlan()
+            if o.prune is not None:
+                prune = _merge(prune, o.prune, PruneSpec) if o.prune else None
+            if o.quant is not None:
+                quant = _merge(quant, o.quant, QuantSpec) if o.quant else None
+        if prune is not None and prune.sparsity == 0:
+            prune = None
+        return LayerPlan(prune=prune, quant=quant, joint=self.joint)
+
+    # ---- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "prune": asdict(self.prune) if self.prune else None,
+            "quant": asdict(self.quant) if self.quant else None,
+            "joint": self.joint,
+            "allocation": dict(self.allocation),
+            "overrides": [asdict(o) for o in self.overrides],
+            "true_sequential": self.true_sequential,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict):
+            raise RecipeError("a recipe must be a mapping with keys such as prune, quant, overrides")
+        known = {"prune", "quant", "joint", "allocation", "overrides", "true_sequential"}
+        unknown = set(d) - known
+        if unknown:
+            raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; known: {sorted(known)}")
+        try:
+            return cls(
+                prune=PruneSpec(**d["prune"]) if d.get("prune") else None,
+                quant=QuantSpec(**d["quant"]) if d.get("quant") else None,
+                joint=d.get("joint", "onepass"),
+                allocation=dict(d.get("allocation") or {"method": "uniform"}),
+                overrides=[Override(**o) for o in d.get("overrides") or []],
+                true_sequential=bool(d.get("true_sequential", True)),
+            )
+        except TypeError as e:
+            raise RecipeError(f"malformed recipe: {e}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} not found")
+        text = path.read_text()
+        try:
+            if path.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text)
+            else:
+                data = json.loads(text)
+        except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+            raise RecipeError(f"cannot parse recipe {path}: {e}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        else:
+            path.write_text(json.dumps(self.to_dict(), indent=2))
+
+    def describe(self) -> str:
+        parts = [self.prune.describe() if self.prune else None, self.quant.describe() if self.quant else None]
+        s = " + ".join(p for p in parts if p) or "no compression"
+        if self.prune and self.quant:
+            s += f" [{self.joint}]"
+        return s
+
+
+def _merge(base, changes: dict, cls):
+    if base is None:
+        return cls(**changes)
+    return replace(base, **changes)
+
+
+# ---- command-line shorthands ------------------------------------------------------------------
+
+def parse_prune(text: str) -> PruneSpec:
+    """``sparsegpt:0.5``, ``wanda:2:4`` (2 of every 4 pruned), ``magnitude:0.7``."""
+    parts = text.split(":")
+    try:
+        if len(parts) == 2:
+            return PruneSpec(method=parts[0], sparsity=float(parts[1]))
+        if len(parts) == 3:
+            return PruneSpec(method=parts[0], n=int(parts[1]), m=int(parts[2]))
+    except ValueError:
+        pass
+    raise RecipeError(f"cannot read --prune {text!r}: use METHOD:SPARSITY (sparsegpt:0.5) or METHOD:N:M (wanda:2:4)")
+
+
+def parse_quant(text: str) -> QuantSpec:
+    """``gptq:4:g128``, ``rtn:8``, ``gptq:3:g64:sym:actorder:mse``, ``gptq:1.58`` (ternary), ``billm:1``."""
+    parts = text.split(":")
+    if len(parts) < 2:
+        raise RecipeError(f"cannot read --quant {text!r}: use METHOD:BITS[:gGROUP][:sym][:actorder][:mse], e.g. gptq:4:g128")
+    kw: dict = {"method": parts[0]}
+    try:
+        kw["bits"] = float(parts[1]) if "." in parts[1] else int(parts[1])
+    except ValueError:
+        raise RecipeError(f"bits {parts[1]!r} in --quant {text!r} is not a number") from None
+    for p in parts[2:]:
+        if re.fullmatch(r"g\d+", p):
+            kw["group_size"] = int(p[1:])
+        elif p in ("pc", "perchannel", "g0"):
+            kw["group_size"] = 0
+        elif p == "sym":
+            kw["symmetric"] = True
+        elif p == "asym":
+            kw["symmetric"] = False
+        elif p in ("actorder", "act_order"):
+            kw["act_order"] = True
+        elif p == "mse":
+            kw["mse_clip"] = True
+        else:
+            raise RecipeError(f"unknown --quant option {p!r}; options: gN, pc, sym, asym, actorder, mse")
+    if kw["bits"] == 1.58:
+        kw.setdefault("symmetric", True)
+    return QuantSpec(**kw)
+
+
+# ---- theoretical compression rate ---------------------------------------------------------------
+
+def effective_bits(quant: QuantSpec | None) -> float:
+    return 16.0 if quant is None else (math.log2(3) if quant.bits == 1.58 else float(quant.bits))
+
+
+def tcr(sparsity: float = 0.0, bits: float = 16.0) -> float:
+    """Theoretical compression rate against 16-bit weights: 1 − (q/16)(1 − s)."""
+    return 1.0 - (bits / 16.0) * (1.0 - sparsity)
+
+
+def tcr_layers(layers: list[tuple[int, float, float]]) -> float:
+    """Per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per compressed layer."""
+    total = sum(n for n, _, _ in layers)
+    if total == 0:
+        return 0.0
+    return 1.0 - sum(n * q * (1 - s) for n, s, q in layers) / (16.0 * total)

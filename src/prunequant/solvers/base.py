@@ -1,0 +1,79 @@
+"""Data passed between the engine and the solvers.
+
+Conventions every solver follows:
+- weights are float32 tensors of shape (out_features, in_features) (GPT-2 Conv1D is transposed
+  by models.py before a solver sees it);
+- a mask is a bool tensor of the weight's shape, True where the weight is kept;
+- a uniform quantization grid dequantizes as ``w = scale[:, g] * (code - zero[:, g])`` with integer
+  codes in [0, 2**bits - 1] and ``g = g_idx[col]`` the group of each input column.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """Input statistics of one linear layer over the calibration tokens.
+
+    ``hessian`` is the running mean of x xᵀ (float32, (in, in)), ``sq_norm`` the sum over tokens of
+    x_j² per input column (float32, (in,)), ``n_tokens`` how many token vectors were seen.
+    Either statistic may be None when no solver of the run needs it.
+    """
+
+    hessian: torch.Tensor | None
+    sq_norm: torch.Tensor | None
+    n_tokens: int
+    extra: dict = field(default_factory=dict)  # e.g. per-column activation maxima for OWL/SmoothQuant
+
+    @property
+    def col_norm(self) -> torch.Tensor:
+        """‖x_j‖₂ over calibration tokens (what Wanda multiplies |W| by)."""
+        if self.sq_norm is not None:
+            return self.sq_norm.sqrt()
+        if self.hessian is None:
+            raise ValueError("neither sq_norm nor hessian was collected")
+        return (torch.diagonal(self.hessian) * self.n_tokens).clamp_min(0).sqrt()
+
+
+@dataclass
+class QuantState:
+    """How a quantized weight is stored: enough to pack it and to dequantize it exactly.
+
+    kind "uniform": codes (uint8, weight shape), scale/zero (float32, (out, n_groups)), g_idx (int32, (in,)).
+    Other kinds (e.g. "binary-residual") keep their own tensors in ``extra`` and are exported dequantized.
+    """
+
+    kind: str
+    bits: float
+    group_size: int  # 0 = one group per output row (per-channel)
+    symmetric: bool
+    codes: torch.Tensor | None = None
+    scale: torch.Tensor | None = None
+    zero: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def dequantize(self) -> torch.Tensor:
+        if self.kind != "uniform":
+            raise NotImplementedError(f"dequantize of kind {self.kind!r} lives with its solver")
+        g = self.g_idx.long()
+        return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+
+
+@dataclass
+class LayerResult:
+    """What a solver returns for one linear layer."""
+
+    weight: torch.Tensor  # the compressed weight in float32, as it will be placed in the model
+    mask: torch.Tensor | None = None  # True = kept; None = dense
+    quant: QuantState | None = None
+    info: dict = field(default_factory=dict)  # e.g. {"error": layer objective, "damp": used damping}
+
+    @property
+    def sparsity(self) -> float:
+        if self.mask is None:
+            return float((self.weight == 0).float().mean())
+        return 1.0 - float(self.mask.float().mean())
