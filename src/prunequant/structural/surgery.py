@@ -1,0 +1,172 @@
+"""Physically smaller models: cut heads / MLP channels / whole blocks, and save and reload them.
+
+Shapes differ per layer after pruning, so they are written into the config (``prunequant_layer_shapes``)
+and ``load_structured`` rebuilds them before loading the weights. A FLAP-style bias compensation adds
+to o_proj / down_proj the mean contribution of the removed channels; Llama has no bias there, so a bias
+is added and recorded in the shapes.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError, RecipeError
+from .arch import (REMOVED_KEY, SHAPES_KEY, LayerShape, blocks, current_shapes, new_linear, record_shapes,
+                   resize_block, set_gqa)
+
+
+def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+          add_bias: torch.Tensor | None = None) -> nn.Linear:
+    w = lin.weight.data
+    b = lin.bias.data if lin.bias is not None else None
+    if rows is not None:
+        w = w[rows]
+        b = b[rows] if b is not None else None
+    if cols is not None:
+        w = w[:, cols]
+    if add_bias is not None:
+        b = add_bias.to(w.dtype) if b is None else b + add_bias.to(b.dtype)
+    new = new_linear(w.shape[1], w.shape[0], b is not None, lin)
+    new.weight.data.copy_(w)
+    if b is not None:
+        new.bias.data.copy_(b)
+    return new
+
+
+def gqa_layout(keep_heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """Kept KV heads for kept query heads; raises if the kept heads break grouped-query attention."""
+    rep = n_heads // n_kv
+    keep_heads = keep_heads.sort().values
+    if keep_heads.numel() == 0:
+        raise RecipeError("every attention head of a layer would be removed: keep at least one")
+    if keep_heads.unique().numel() != keep_heads.numel() or int(keep_heads.max()) >= n_heads:
+        raise RecipeError(f"head indices must be distinct and < {n_heads}")
+    groups = keep_heads // rep
+    kv, counts = groups.unique(return_counts=True)
+    if counts.unique().numel() != 1:
+        raise RecipeError(f"kept query heads per KV head must be equal for grouped-query attention, got "
+                          f"{counts.tolist()}: prune whole KV groups or the same number of heads per group")
+    return kv
+
+
+@torch.no_grad()
+def prune_block(block: nn.Module, keep_heads: torch.Tensor | None = None,
+                keep_channels: torch.Tensor | None = None, attn_mean: torch.Tensor | None = None,
+                mlp_mean: torch.Tensor | None = None) -> None:
+    """Keep only the given query heads and MLP channels of one block (in place).
+
+    ``attn_mean`` / ``mlp_mean``: mean input of o_proj / down_proj over calibration tokens; when given,
+    the removed channels' mean contribution is added to that layer's bias (bias compensation).
+    """
+    a, m = block.self_attn, block.mlp
+    hd = a.head_dim
+    if keep_heads is not None:
+        n_heads, n_kv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
+        keep_heads = keep_heads.to(a.q_proj.weight.device).long().sort().values
+        kv = gqa_layout(keep_heads, n_heads, n_kv)
+        ar = torch.arange(hd, device=keep_heads.device)
+        q_rows = (keep_heads[:, None] * hd + ar).reshape(-1)
+        kv_rows = (kv[:, None] * hd + ar).reshape(-1)
+        comp = _compensation(a.o_proj.weight, q_rows, attn_mean)
+        a.q_proj = _take(a.q_proj, rows=q_rows)
+        a.k_proj = _take(a.k_proj, rows=kv_rows)
+        a.v_proj = _take(a.v_proj, rows=kv_rows)
+        a.o_proj = _take(a.o_proj, cols=q_rows, add_bias=comp)
+        set_gqa(a, keep_heads.numel(), kv.numel())
+    if keep_channels is not None:
+        keep = keep_channels.to(m.down_proj.weight.device).long().sort().values
+        if keep.numel() == 0:
+            raise RecipeError("every MLP channel of a layer would be removed: keep at least one")
+        comp = _compensation(m.down_proj.weight, keep, mlp_mean)
+        m.gate_proj = _take(m.gate_proj, rows=keep)
+        m.up_proj = _take(m.up_proj, rows=keep)
+        m.down_proj = _take(m.down_proj, cols=keep, add_bias=comp)
+        if hasattr(m, "intermediate_size"):
+            m.intermediate_size = keep.numel()
+
+
+def _compensation(weight: torch.Tensor, kept_cols: torch.Tensor, mean: torch.Tensor | None):
+    if mean is None:
+        return None
+    removed = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    removed[kept_cols] = False
+    if not removed.any():
+        return None
+    return weight.float()[:, removed] @ mean.to(weight.device).float()[removed]
+
+
+def finish(model: nn.Module) -> None:
+    """Record the new per-layer shapes in the config (call after any surgery)."""
+    record_shapes(model)
+
+
+@torch.no_grad()
+def drop_blocks(model: nn.Module, indices: list[int]) -> None:
+    """Delete whole decoder blocks (current positions) and renumber the rest for the KV cache."""
+    layers = blocks(model)
+    n = len(layers)
+    drop = sorted(set(int(i) for i in indices))
+    if any(i < 0 or i >= n for i in drop):
+        raise RecipeError(f"block indices must be in [0, {n}), got {drop}")
+    if len(drop) >= n:
+        raise RecipeError(f"cannot remove all {n} blocks: keep at least one")
+    shapes = current_shapes(model)
+    keep = [i for i in range(n) if i not in drop]
+    removed = list(getattr(model.config, REMOVED_KEY, []) or []) + [shapes[i].original_index for i in drop]
+    model.model.layers = nn.ModuleList([layers[i] for i in keep])
+    for new_i, b in enumerate(model.model.layers):
+        b.self_attn.layer_idx = new_i
+        if hasattr(b, "layer_idx"):
+            b.layer_idx = new_i
+    lt = getattr(model.config, "layer_types", None)
+    if lt is not None and len(lt) == n:
+        model.config.layer_types = [lt[i] for i in keep]
+    model.config.prunequant_layer_shapes = [shapes[i].to_dict() for i in keep]
+    setattr(model.config, REMOVED_KEY, sorted(removed))
+    record_shapes(model)
+
+
+def save_structured(model: nn.Module, out_dir: str | Path) -> Path:
+    """Save a structurally pruned model (weights + config with per-layer shapes)."""
+    record_shapes(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
+def load_structured(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Rebuild a model saved by save_structured with its per-layer shapes and load its weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise ModelLoadError(f"{d} has no config.json: pass the directory given to save_structured")
+    config = AutoConfig.from_pretrained(d)
+    raw = json.loads((d / "config.json").read_text())
+    shapes = raw.get(SHAPES_KEY)
+    if not shapes:
+        raise ModelLoadError(f"{d}/config.json has no {SHAPES_KEY}: it was not saved by save_structured; "
+                             "load it with AutoModelForCausalLM.from_pretrained instead")
+    config.num_hidden_layers = len(shapes)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+    for b, s in zip(blocks(model), shapes):
+        resize_block(b, LayerShape(**s))
+    state = {}
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{d} holds no .safetensors weights")
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(f"weights in {d} do not match the stored shapes: missing {sorted(set(missing) - tied)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval()
