@@ -65,6 +65,7 @@ class QuantSpec:
     mse_clip: bool = False
     damp: float = 0.01
     blocksize: int = 128
+    ragged: bool = False  # allow a group size that does not divide a layer (last group of a row smaller)
 
     def __post_init__(self):
         if self.method not in QUANT_METHODS:
@@ -82,7 +83,7 @@ class QuantSpec:
             raise RecipeError(f"damping {self.damp} must be in [0, 1), e.g. 0.01")
 
     def describe(self) -> str:
-        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        g = f"g{self.group_size}{'r' if self.ragged else ''}" if self.group_size else "per-channel"
         b = "ternary (1.58-bit)" if self.bits == 1.58 else f"{self.bits:g}-bit"
         return f"{self.method} {b} {g} {'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''}"
 
@@ -259,8 +260,10 @@ def parse_quant(text: str) -> QuantSpec:
             kw["act_order"] = True
         elif p == "mse":
             kw["mse_clip"] = True
+        elif p == "ragged":
+            kw["ragged"] = True
         else:
-            raise RecipeError(f"unknown --quant option {p!r}; options: gN, pc, sym, asym, actorder, mse")
+            raise RecipeError(f"unknown --quant option {p!r}; options: gN, pc, sym, asym, actorder, mse, ragged")
     if kw["bits"] == 1.58:
         kw.setdefault("symmetric", True)
     return QuantSpec(**kw)

@@ -1,0 +1,210 @@
+"""Public API: ``compress`` and ``evaluate`` (the CLI is a thin layer over these)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .data import calibration_ids, check_disjoint, load_text, tokenize
+from .engine import EngineReport, compress_model, default_device
+from .errors import PrunequantError
+from .evaluate.perplexity import perplexity
+from .models import all_linear_names, get_blocks, get_weight, load_model, arch_of, block_linears
+from .rates import summarize
+from .recipe import Recipe
+
+
+@dataclass
+class CompressionResult:
+    model: torch.nn.Module
+    tokenizer: object
+    recipe: Recipe
+    report: EngineReport
+    record: dict = field(default_factory=dict)
+
+    @property
+    def rates(self) -> dict:
+        return self.record["rates"]
+
+
+def library_versions() -> dict:
+    import transformers
+
+    out = {"prunequant": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+           "python": platform.python_version()}
+    for pkg in ("safetensors", "compressed_tensors", "optuna", "gguf"):
+        try:
+            mod = __import__(pkg)
+            out[pkg] = getattr(mod, "__version__", "?")
+        except ImportError:
+            pass
+    return out
+
+
+def _ids_sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
+
+
+def check_output_dir(out: str | Path | None, overwrite: bool) -> None:
+    if out is None:
+        return
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise PrunequantError(f"output directory {out} already exists; choose another --out or pass --overwrite")
+    if not out.parent.exists():
+        raise PrunequantError(f"parent directory {out.parent} of --out does not exist")
+
+
+def linear_param_counts(model) -> list[tuple[str, int]]:
+    arch = arch_of(model)
+    out = []
+    for i, block in enumerate(get_blocks(model, arch)):
+        for rel, mod in block_linears(block, arch).items():
+            out.append((f"{arch.blocks}.{i}.{rel}", get_weight(mod).numel()))
+    return out
+
+
+def validate_recipe_for_model(model, recipe: Recipe) -> None:
+    """Fail before any work when a layer's shape cannot take its plan (group size, N:M)."""
+    arch = arch_of(model)
+    for i, block in enumerate(get_blocks(model, arch)):
+        for rel, mod in block_linears(block, arch).items():
+            name = f"{arch.blocks}.{i}.{rel}"
+            plan = recipe.plan_for(name)
+            in_f = get_weight(mod).shape[1]
+            q, p = plan.quant, plan.prune
+            if q and q.group_size and in_f % q.group_size and not (q.ragged and q.group_size < in_f):
+                raise PrunequantError(
+                    f"group size {q.group_size} does not divide {name}'s {in_f} input features; use a divisor "
+                    f"(e.g. g{_divisor(in_f)}), per-channel (pc), or add ':ragged' to let the last group of "
+                    "each row be smaller (as GPTQ and compressed-tensors do)")
+            if p and p.structured and in_f % p.m:
+                raise PrunequantError(f"N:M pattern {p.n}:{p.m} needs {name}'s {in_f} input features to be a "
+                                      f"multiple of {p.m}")
+
+
+def _divisor(n: int) -> int:
+    for g in (128, 64, 32, 16, 8):
+        if n % g == 0:
+            return g
+    return 0
+
+
+def compress(
+    model,
+    recipe: Recipe,
+    *,
+    tokenizer=None,
+    calib_text: str = "wiki",
+    calib_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    device=None,
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    allocate: bool = True,
+) -> CompressionResult:
+    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``."""
+    check_output_dir(out, overwrite)
+    source = model if isinstance(model, str) else getattr(model, "name_or_path", "in-memory")
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    if tokenizer is None:
+        raise PrunequantError("pass tokenizer= with an in-memory model")
+    validate_recipe_for_model(model, recipe)
+    torch.manual_seed(seed)
+    calib = load_text(calib_text, "calib")
+    ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
+    plan_recipe = recipe
+    alloc_info = None
+    if allocate and recipe.allocation.get("method", "uniform") != "uniform":
+        from .allocate import allocate as run_allocation
+
+        plan_recipe, alloc_info = run_allocation(model, recipe, ids, device=device, batch_size=batch_size)
+    fingerprint = hashlib.sha256(json.dumps([plan_recipe.to_dict(), _ids_sha(ids), str(source)],
+                                            sort_keys=True, default=str).encode()).hexdigest()
+    if work_dir is None and out is not None:
+        work_dir = Path(str(out) + ".prunequant-work")
+    report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+                            batch_size=batch_size, true_sequential=recipe.true_sequential,
+                            work_dir=work_dir, fingerprint=fingerprint, progress=progress)
+    n_total = sum(p.numel() for p in model.parameters())
+    rates = summarize(report.layers, n_total, linear_param_counts(model))
+    record = {
+        "prunequant_version": __version__,
+        "source_model": str(source),
+        "recipe": recipe.to_dict(),
+        "recipe_description": recipe.describe(),
+        "allocation": alloc_info,
+        "calibration": {**calib.record(), "samples": calib_samples, "seq_len": seq_len, "seed": seed,
+                        "token_ids_sha256": _ids_sha(ids)},
+        "rates": rates,
+        "layers": report.layers,
+        "seconds": round(report.seconds, 2),
+        "resumed_blocks": report.resumed_blocks,
+        "device": str(device or default_device()),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    result = CompressionResult(model, tokenizer, recipe, report, record)
+    if out is not None:
+        save(result, out, overwrite=overwrite)
+    return result
+
+
+def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",
+         extra: dict | None = None) -> Path:
+    """Write atomically: everything goes to a temporary sibling, renamed when complete."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        if fmt == "dense":
+            result.model.save_pretrained(tmp)
+            result.tokenizer.save_pretrained(tmp)
+        else:
+            from .export import export as export_fn
+
+            export_fn(result.model, result.report.states, tmp, fmt=fmt, tokenizer=result.tokenizer)
+        rec = {**result.record, **(extra or {}), "format": fmt}
+        (tmp / "prunequant.json").write_text(json.dumps(rec, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def evaluate(model, tokenizer=None, *, texts=("wiki",), seq_len: int = 512, max_tokens: int | None = 20_000,
+             batch_size: int = 8, device=None, progress: bool = True, calib_text: str | None = None) -> dict:
+    """Perplexity on each evaluation text (the 'eval' split of embedded corpora)."""
+    if isinstance(model, str):
+        model, tokenizer = load_model(model)
+    if device is not None:
+        model.to(device)
+    elif torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
+        model.to("cuda")
+    out = {}
+    for name in texts:
+        text = load_text(name, "eval")
+        if calib_text is not None and calib_text == name:
+            check_disjoint(load_text(calib_text, "calib"), text)
+        ids = tokenize(tokenizer, text, max_tokens)
+        out[name] = perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
+                               text_sha256=text.sha256)
+        out[name]["text"] = text.name
+    return {"perplexity": out}

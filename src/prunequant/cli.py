@@ -1,0 +1,188 @@
+"""`prunequant` command line: a thin layer over the API. User mistakes print one line and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import PrunequantError
+
+
+def _recipe_from_args(a) -> "Recipe":
+    from .recipe import Recipe, parse_prune, parse_quant
+
+    if a.recipe:
+        r = Recipe.load(a.recipe)
+        if a.prune or a.quant:
+            raise PrunequantError("give either --recipe or --prune/--quant, not both")
+    else:
+        if not a.prune and not a.quant:
+            raise PrunequantError("nothing to do: give --prune METHOD:SPARSITY and/or --quant METHOD:BITS[:gGROUP], "
+                                  "or --recipe FILE")
+        r = Recipe(prune=parse_prune(a.prune) if a.prune else None,
+                   quant=parse_quant(a.quant) if a.quant else None)
+    if a.joint:
+        r.joint = a.joint
+        r.__post_init__()
+    if a.allocation:
+        r.allocation = {"method": a.allocation}
+    if a.no_true_sequential:
+        r.true_sequential = False
+    return r
+
+
+def _add_eval_args(p, default_texts="wiki,lambada"):
+    p.add_argument("--text", "--eval-text", dest="texts", default=default_texts,
+                   help="comma-separated evaluation texts: wiki, lambada, a .txt/.jsonl file, wikitext2/c4/ptb (network)")
+    p.add_argument("--max-tokens", type=int, default=20_000, help="evaluate the first N tokens of each text")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prunequant", description="Joint pruning + quantization of causal LMs")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    c = sub.add_parser("compress", help="compress a model with a recipe and save it")
+    c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-135m'")
+    c.add_argument("--recipe", help="recipe file (.yaml/.json)")
+    c.add_argument("--prune", help="METHOD:SPARSITY (sparsegpt:0.5) or METHOD:N:M with N of every M pruned (wanda:2:4)")
+    c.add_argument("--quant", help="METHOD:BITS[:gGROUP|pc][:sym][:actorder][:mse], e.g. gptq:4:g128, rtn:8, billm:1")
+    c.add_argument("--joint", choices=["onepass", "A", "B"], help="how pruning and quantization combine "
+                   "(onepass: one OBS pass; A: quantize zeros too; B: keep the mask exact)")
+    c.add_argument("--allocation", choices=["uniform", "owl", "bits"], help="per-layer allocation")
+    c.add_argument("--no-true-sequential", action="store_true", help="one stats pass per block instead of per sub-layer")
+    c.add_argument("--calib-text", default="wiki")
+    c.add_argument("--calib-samples", type=int, default=128)
+    c.add_argument("--seq-len", type=int, default=512)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model")
+    _add_eval_args(c)
+
+    e = sub.add_parser("eval", help="evaluate a model (perplexity; tasks and retention with --tasks/--against)")
+    e.add_argument("model")
+    _add_eval_args(e, default_texts="wiki")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default=None)
+    e.add_argument("--json", help="write results as JSON here")
+    e.add_argument("--against", help="baseline model for retention measures")
+    e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (e.g. arc_easy,piqa)")
+    e.add_argument("--limit", type=int, default=None, help="examples per task")
+
+    s = sub.add_parser("size", help="bytes on disk, bits per parameter, TCr and real compression rate")
+    s.add_argument("dir")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size}[a.cmd](a)
+    except PrunequantError as err:
+        print(f"prunequant: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("prunequant: interrupted; no output was written (re-run the same command to resume)", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("prunequant: error: out of CPU memory; use fewer --calib-samples or a smaller --batch-size", file=sys.stderr)
+        return 3
+    except RuntimeError as err:  # CUDA OOM arrives as a RuntimeError subclass
+        if "out of memory" in str(err).lower():
+            print("prunequant: error: out of GPU memory; use a smaller --batch-size or --device cpu", file=sys.stderr)
+            return 3
+        raise
+
+
+def _texts(a) -> list[str]:
+    return [t for t in a.texts.split(",") if t]
+
+
+def cmd_compress(a) -> int:
+    from . import api
+    from .models import load_model
+    from .tables import print_compression_table
+
+    recipe = _recipe_from_args(a)
+    api.check_output_dir(a.out, a.overwrite)
+    print(f"recipe: {recipe.describe()}")
+    model, tok = load_model(a.model)
+    api.validate_recipe_for_model(model, recipe)
+    eval_len = a.eval_seq_len or a.seq_len
+    base_eval = None
+    if a.eval:
+        base_eval = _cached_eval(a.model, model, tok, _texts(a), eval_len, a.max_tokens, a.batch_size, a.device)
+    res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
+                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None)
+    res.record["source_model"] = a.model
+    extra = {}
+    if a.eval:
+        comp_eval = api.evaluate(res.model, tok, texts=_texts(a), seq_len=eval_len, max_tokens=a.max_tokens,
+                                 batch_size=a.batch_size, device=a.device, calib_text=a.calib_text)
+        extra = {"evaluation": {"base": base_eval, "compressed": comp_eval}}
+    api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra)
+    print_compression_table(res.record, extra.get("evaluation"))
+    print(f"saved to {a.out}")
+    return 0
+
+
+def _cached_eval(spec, model, tok, texts, seq_len, max_tokens, batch_size, device) -> dict:
+    """The original model's evaluation, cached per model file and settings (it is evaluated once)."""
+    import hashlib
+
+    from . import api
+    from .data import cache_dir
+    from .models import resolve_model
+
+    where, gguf = resolve_model(spec)
+    p = Path(where) / gguf if gguf else Path(where)
+    stamp = f"{p.stat().st_size}:{p.stat().st_mtime}" if p.is_file() else str(p)
+    key = hashlib.sha256(json.dumps([spec, stamp, texts, seq_len, max_tokens]).encode()).hexdigest()[:16]
+    f = cache_dir() / f"base-eval-{key}.json"
+    if f.is_file():
+        return json.loads(f.read_text())
+    res = api.evaluate(model, tok, texts=texts, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                       device=device)
+    model.to("cpu")
+    f.write_text(json.dumps(res))
+    return res
+
+
+def cmd_eval(a) -> int:
+    from . import api
+    from .models import load_model
+    from .tables import print_eval_table
+
+    model, tok = load_model(a.model)
+    res = api.evaluate(model, tok, texts=_texts(a), seq_len=a.eval_seq_len or a.seq_len, max_tokens=a.max_tokens,
+                       batch_size=a.batch_size, device=a.device)
+    res["model"] = a.model
+    flat = next(iter(res["perplexity"].values()))
+    res.update({k: flat[k] for k in ("perplexity", "tokens", "seq_len")})  # the first text, at top level
+    print_eval_table(res)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+def cmd_size(a) -> int:
+    from .export import size_report, print_size_report
+
+    print_size_report(size_report(a.dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

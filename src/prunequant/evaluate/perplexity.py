@@ -1,0 +1,41 @@
+"""Perplexity, GPTQ protocol: the text joined, cut into non-overlapping windows of L tokens, each window
+scored on its own (no context carried across windows), token-level exp(mean NLL) over L−1 predictions
+per window. The protocol (L, tokens, text hash) is returned beside the number."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+
+
+@torch.no_grad()
+def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, device=None,
+               progress: bool = True, text_sha256: str | None = None) -> dict:
+    """``ids``: 1-D LongTensor of the evaluation text's tokens."""
+    ids = ids.flatten()
+    n_win = ids.numel() // seq_len
+    if seq_len < 2 or n_win < 1:
+        raise DataError(f"evaluation text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+                        "give a longer text or a smaller --seq-len")
+    device = device or next(model.parameters()).device
+    windows = ids[: n_win * seq_len].view(n_win, seq_len)
+    total_nll, count = 0.0, 0
+    t0 = time.time()
+    for i in tqdm(range(0, n_win, batch_size), desc="perplexity", unit="batch", disable=not progress):
+        x = windows[i: i + batch_size].to(device)
+        logits = model(x, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        count += x[:, 1:].numel()
+    mean = total_nll / count
+    out = {"perplexity": math.exp(mean), "nll": mean, "tokens": int(n_win * seq_len), "predicted_tokens": count,
+           "seq_len": seq_len, "windows": n_win, "seconds": round(time.time() - t0, 2),
+           "protocol": "non-overlapping windows, token-level exp(mean NLL)"}
+    if text_sha256:
+        out["text_sha256"] = text_sha256
+    return out
