@@ -1,0 +1,164 @@
+"""Channel-level mixed precision: a high-bit and a low-bit set of input channels in one weight matrix.
+
+Storage layout: the input columns are permuted so the high-precision ones come first; each part is a
+plain group-quantized matrix (groups of ``group_size`` consecutive columns *within the part*), plus a
+1-bit-per-column map saying which part a column went to. GPTQ runs over the whole permuted matrix, so
+the error of the high part is compensated by the low part and vice versa (per-column bit widths).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..solvers.base import LayerResult, QuantState
+from ..solvers.grid import fake_quantize, fit_grid, maxq_of, quantize_to_grid
+from ..solvers.hessian import prepare_hessian
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """Bit widths of the two channel sets, their grids, and how storage overhead is counted."""
+
+    low_bits: int = 2
+    high_bits: int = 4
+    group_size: int = 128  # 0 = one grid per output row and part
+    symmetric: bool = False
+    scale_bits: int = 16  # each grid stores an fp16 scale, and (asymmetric) a zero point of ``bits`` bits
+    bias_bits: int = 16
+    allow_prune: bool = True  # whether channels may also be removed (a third, 0-bit choice)
+
+    def __post_init__(self):
+        from ..errors import RecipeError
+
+        for b in (self.low_bits, self.high_bits):
+            if b not in range(1, 9):
+                raise RecipeError(f"channel bit width {b} unsupported: use integers 1..8 (e.g. 4/2, 8/4)")
+        if self.low_bits > self.high_bits:
+            raise RecipeError(f"low_bits {self.low_bits} exceeds high_bits {self.high_bits}: swap them")
+        if self.group_size < 0 or (self.group_size and self.group_size % 8):
+            raise RecipeError(f"group size {self.group_size} must be 0 (per channel) or a multiple of 8")
+
+    def grid_bits(self, bits: int) -> int:
+        return self.scale_bits + (0 if self.symmetric else bits)
+
+    def n_grids(self, n_cols, exact: bool = True):
+        """Grids per output row for a part of ``n_cols`` columns (works on floats when not exact)."""
+        if self.group_size <= 0:
+            return (n_cols > 0) * 1 if exact else 1
+        return math.ceil(n_cols / self.group_size) if exact else n_cols / self.group_size
+
+
+def matrix_bits(spec: MixSpec, rows, n_high, n_low, exact: bool = True):
+    """Bits to store one matrix: codes + grids of both parts + the column map (when both parts are used)."""
+    codes = rows * (n_high * spec.high_bits + n_low * spec.low_bits)
+    grids = rows * (spec.n_grids(n_high, exact) * spec.grid_bits(spec.high_bits)
+                    + spec.n_grids(n_low, exact) * spec.grid_bits(spec.low_bits))
+    if exact:
+        colmap = (n_high + n_low) if (n_high > 0 and n_low > 0) else 0
+    else:
+        colmap = n_high + n_low
+    return codes + grids + colmap
+
+
+def rtn_fake(W: torch.Tensor, bits: int, spec: MixSpec) -> torch.Tensor:
+    """Round-to-nearest of a whole matrix at one bit width (the training-time stand-in for each part)."""
+    maxq = maxq_of(bits)
+    scale, zero = fit_grid(W, bits, spec.group_size, spec.symmetric)
+    gs = W.shape[1] if spec.group_size <= 0 else spec.group_size
+    g = torch.arange(W.shape[1], device=W.device) // gs
+    return fake_quantize(W, scale[:, g], zero[:, g], maxq)
+
+
+def _segments(n_high: int, n: int, group_size: int, blocksize: int) -> list[tuple[int, int, bool]]:
+    """(start, end, fit_grid_here) column segments of the permuted matrix; a grid never spans two parts."""
+    segs = []
+    for lo, hi in ((0, n_high), (n_high, n)):
+        step = group_size if group_size > 0 else blocksize
+        for s in range(lo, hi, step):
+            segs.append((s, min(s + step, hi), group_size > 0 or s == lo))
+    return segs
+
+
+def mixed_quantize(W: torch.Tensor, high: torch.Tensor, spec: MixSpec, H: torch.Tensor | None = None,
+                   damp: float = 0.01, blocksize: int = 128) -> LayerResult:
+    """Quantize W (out, in): columns with ``high`` True at spec.high_bits, the rest at spec.low_bits.
+
+    With a Hessian H (mean x xᵀ of the inputs) this is GPTQ over the permuted matrix [high | low] with
+    per-column bit widths; without one it is round-to-nearest of each part.
+    Returns the dequantized weight in the original column order; ``quant.extra`` holds the permutation
+    and a QuantState per part (codes, scale, zero relative to the part's own columns).
+    """
+    if W.dim() != 2 or high.shape != (W.shape[1],):
+        raise ValueError(f"need W (out, in) and a bool mask of its {W.shape[-1]} input columns")
+    high = high.to(device=W.device, dtype=torch.bool)
+    perm = torch.cat([high.nonzero().flatten(), (~high).nonzero().flatten()])
+    n_high, n = int(high.sum()), W.shape[1]
+    if H is None:
+        Wp = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)[:, perm].clone()
+        U, info = None, {"method": "rtn"}
+    else:
+        Wp, U, info = prepare_hessian(W, H, damp=damp, perm=perm)
+        info["method"] = "gptq"
+    Q = torch.zeros_like(Wp)
+    codes = torch.zeros_like(Wp)
+    scales, zeros = [], []
+    seg_grid = None
+    for s, e, fit in _segments(n_high, n, spec.group_size, blocksize):
+        bits = spec.high_bits if s < n_high else spec.low_bits
+        maxq = maxq_of(bits)
+        if fit:
+            g_end = e if spec.group_size > 0 else (n_high if s < n_high else n)
+            # the block [s, e) is up to date (lazy updates are flushed at block ends); for per-channel
+            # grids the whole part is, because its first block starts right after a flush
+            sc, z = fit_grid(Wp[:, s:g_end], bits, 0, spec.symmetric)
+            sc, z = sc.float().to(Wp.dtype), z.float().to(Wp.dtype)
+            scales.append(sc)
+            zeros.append(z)
+            seg_grid = (sc, z)
+        sc, z = seg_grid
+        if U is None:
+            c = quantize_to_grid(Wp[:, s:e], sc, z, maxq)
+            codes[:, s:e] = c
+            Q[:, s:e] = sc * (c - z)
+            continue
+        W1 = Wp[:, s:e].clone()
+        Err = torch.zeros_like(W1)
+        for j in range(e - s):
+            w = W1[:, j]
+            c = quantize_to_grid(w[:, None], sc, z, maxq)[:, 0]
+            q = sc[:, 0] * (c - z[:, 0])
+            codes[:, s + j], Q[:, s + j] = c, q
+            d = U[s + j, s + j]
+            err = (w - q) / d
+            W1[:, j:] -= err[:, None] * U[s + j, s + j:e][None, :]
+            Err[:, j] = err
+        Wp[:, e:] -= Err @ U[s:e, e:]
+    inv = torch.argsort(perm)
+    weight = Q[:, inv]
+    parts = {}
+    n_hi_grids = sum(1 for seg in _segments(n_high, n, spec.group_size, blocksize) if seg[2] and seg[0] < n_high)
+    for name, lo, hi, bits, sl in (("high", 0, n_high, spec.high_bits, slice(0, n_hi_grids)),
+                                   ("low", n_high, n, spec.low_bits, slice(n_hi_grids, None))):
+        if hi > lo:
+            gs = (hi - lo) if spec.group_size <= 0 else spec.group_size
+            parts[name] = QuantState(
+                kind="uniform", bits=bits, group_size=spec.group_size, symmetric=spec.symmetric,
+                codes=codes[:, lo:hi].to(torch.uint8), scale=torch.cat(scales[sl], 1).float(),
+                zero=torch.cat(zeros[sl], 1).float(),
+                g_idx=(torch.arange(hi - lo, device=W.device) // gs).int())
+    out_rows = W.shape[0]
+    bits_total = matrix_bits(spec, out_rows, n_high, n - n_high)
+    state = QuantState(kind="channel-mixed", bits=bits_total / max(W.numel(), 1), group_size=spec.group_size,
+                       symmetric=spec.symmetric, extra={"perm": perm.int(), "n_high": n_high, **parts})
+    info["bits"] = bits_total
+    return LayerResult(weight=weight.to(torch.float64 if W.dtype == torch.float64 else torch.float32),
+                       quant=state, info=info)
+
+
+def dequantize_mixed(state: QuantState) -> torch.Tensor:
+    """Weight in the original column order from a "channel-mixed" QuantState."""
+    parts = [state.extra[p].dequantize() for p in ("high", "low") if p in state.extra]
+    Qp = torch.cat(parts, 1)
+    return Qp[:, torch.argsort(state.extra["perm"].long())]
