@@ -224,7 +224,7 @@ def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_seq
                 if plan.is_identity:
                     continue
                 module = linears[rel]
-                w = get_weight(module).detach().float()
+                w = get_weight(module).detach().float().clone(memory_format=torch.contiguous_format)
                 t = time.time()
                 res = solver(w, stats, plan)
                 if device.type == "cuda":
