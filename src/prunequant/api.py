@@ -207,4 +207,4 @@ def evaluate(model, tokenizer=None, *, texts=("wiki",), seq_len: int = 512, max_
         out[name] = perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
                                text_sha256=text.sha256)
         out[name]["text"] = text.name
-    return {"perplexity": out}
+    return {"texts": out}

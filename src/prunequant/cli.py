@@ -169,7 +169,7 @@ def cmd_eval(a) -> int:
     res = api.evaluate(model, tok, texts=_texts(a), seq_len=a.eval_seq_len or a.seq_len, max_tokens=a.max_tokens,
                        batch_size=a.batch_size, device=a.device)
     res["model"] = a.model
-    flat = next(iter(res["perplexity"].values()))
+    flat = next(iter(res["texts"].values()))
     res.update({k: flat[k] for k in ("perplexity", "tokens", "seq_len")})  # the first text, at top level
     print_eval_table(res)
     if a.json:

@@ -156,7 +156,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
             raise ModelLoadError(f"cannot load model {spec!r}: not a local path, and the hub said: {msg}. "
                                  "Check the id, or use a local directory / .gguf file / 'smollm2-135m'") from None
         raise ModelLoadError(f"cannot load model from {where}: {msg}") from None
-    except (ValueError, RuntimeError, KeyError) as e:  # corrupt/truncated weights or configs
+    except Exception as e:  # noqa: BLE001 - corrupt/truncated weights or configs (safetensors, json, gguf errors)
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ModelLoadError(f"cannot load model {spec!r}: {first[:300]} (is the checkpoint complete and uncorrupted?)") from None
     if gguf:

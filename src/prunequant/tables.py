@@ -6,7 +6,7 @@ from rich.table import Table
 
 
 def _ppl_rows(ev: dict | None) -> dict:
-    return {} if not ev else {k: v for k, v in ev.get("perplexity", {}).items()}
+    return {} if not ev else {k: v for k, v in ev.get("texts", {}).items()}
 
 
 def print_compression_table(record: dict, evaluation: dict | None = None) -> None:
@@ -37,6 +37,6 @@ def print_eval_table(res: dict) -> None:
     t = Table(title=f"prunequant eval: {res.get('model', '')}")
     for col in ("text", "seq_len", "tokens", "perplexity", "seconds"):
         t.add_column(col, justify="right" if col != "text" else "left")
-    for name, r in res["perplexity"].items():
+    for name, r in res["texts"].items():
         t.add_row(r.get("text", name), str(r["seq_len"]), str(r["tokens"]), f"{r['perplexity']:.3f}", f"{r['seconds']:.1f}")
     Console().print(t)
