@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 
-from .base import LayerResult, LayerStats, QuantState
-from .grid import (TERNARY_BITS, dequantize_codes, fit_grid, group_index, maxq_of, quantize_grouped,
-                   quantize_to_grid)
+from ..errors import NumericalError, RecipeError
 from ..recipe import QuantSpec
+from .base import LayerResult, LayerStats, QuantState
+from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped, quantize_to_grid
+from .hessian import layer_objective, prepare_hessian
 
 
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
@@ -43,12 +44,6 @@ def _finish(state: QuantState, mask: torch.Tensor | None, info: dict, dtype: tor
                        quant=state, info=info)
 
 
-def layer_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
-    """Layer objective mean_x ‖(W − Q) x‖² = tr(ΔW H ΔWᵀ) with H the mean of x xᵀ."""
-    D = (W - Q).to(H.dtype)
-    return float(((D @ H) * D).sum())
-
-
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None = None) -> LayerResult:
     """Round-to-nearest onto per-group grids. With a mask, pruned weights stay exactly 0 and the grid
     is fitted on the kept weights only."""
@@ -65,3 +60,99 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None = N
     codes = quantize_grouped(Wf, scale, zero, maxq, g_idx)
     state = _state(spec, codes, scale, zero, g_idx)
     return _finish(state, mask, {"method": "rtn", "spec": spec.describe()}, W.dtype)
+
+
+def _check_stats(stats: LayerStats | None, W: torch.Tensor, method: str) -> torch.Tensor:
+    if stats is None or stats.hessian is None:
+        raise ValueError(f"{method} needs stats.hessian (collect the Hessian for this layer)")
+    if stats.n_tokens <= 0:
+        raise NumericalError(
+            f"{method} needs calibration inputs but this layer saw none (e.g. an MoE expert no token was "
+            f"routed to): use more calibration data, or rtn for this layer")
+    if stats.hessian.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match weight {tuple(W.shape)}")
+    return stats.hessian.detach().to(W.device)
+
+
+def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
+                  mask: torch.Tensor | None = None) -> LayerResult:
+    """GPTQ: quantize column by column, spreading each column's rounding error over the columns not
+    yet quantized through the upper Cholesky factor U of the damped H⁻¹, with lazy block updates.
+
+    Grids: per channel (fitted once on W), or per group of ``spec.group_size`` columns, fitted when the
+    group's first column is reached on the weights as updated so far (as GPTQ does). With act-order
+    (columns visited by decreasing diag(H)) groups are STATIC: fitted up front in the original column
+    order, so g_idx stays arange(in) // group_size.
+    ``mask`` (True = kept): pruned weights end exactly 0 (their code is the zero point), grids are
+    fitted on kept weights only, and the error of setting a pruned weight to 0 is propagated like any
+    rounding error.
+    info: error (‖WX − ŴX‖²/n_tokens against the given W, pruned weights as 0), damp, dead.
+    """
+    _check(W, mask)
+    H = _check_stats(stats, W, "gptq")
+    if spec.blocksize < 1:
+        raise RecipeError(f"block size {spec.blocksize} must be a positive number of columns, e.g. 128")
+    rows, cols = W.shape
+    maxq, sym, gs = maxq_of(spec.bits), _is_symmetric(spec), spec.group_size
+    W0 = W.detach()
+    if mask is not None:
+        W0 = torch.where(mask, W0, torch.zeros((), dtype=W0.dtype, device=W0.device))
+    perm = torch.argsort(torch.diagonal(H), descending=True) if spec.act_order else None
+    Wp, U, hinfo = prepare_hessian(W0, H, damp=spec.damp, perm=perm)
+    dt = Wp.dtype
+    inv = torch.argsort(perm) if perm is not None else None
+    maskp = None if mask is None else (mask if perm is None else mask[:, perm])
+    g_idx = group_index(cols, gs, W.device)
+    col_group = (g_idx if perm is None else g_idx[perm]).tolist()  # host list: no device sync per column
+
+    static = gs <= 0 or perm is not None
+    if static:  # on the (dead-column fixed) weights in the original column order
+        scale, zero = fit_grid(Wp if inv is None else Wp[:, inv], spec.bits, gs, sym, spec.mse_clip, mask=mask)
+    else:
+        scale = torch.empty(rows, n_groups_of(cols, gs), dtype=dt, device=W.device)
+        zero = torch.empty_like(scale)
+    scale, zero = scale.float().to(dt), zero.float().to(dt)  # choose codes on the grid as stored
+    codes = torch.empty_like(Wp)
+
+    for i1 in range(0, cols, spec.blocksize):
+        i2 = min(i1 + spec.blocksize, cols)
+        W1 = Wp[:, i1:i2]  # a view: updated in place
+        U1 = U[i1:i2, i1:i2]
+        Err1 = torch.empty_like(W1)
+        for i in range(i2 - i1):
+            c = i1 + i
+            g = col_group[c]
+            if not static and c % gs == 0:
+                _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g)
+            s, z = scale[:, g], zero[:, g]
+            w = W1[:, i]
+            q_code = quantize_to_grid(w, s, z, maxq)
+            if maskp is not None:
+                q_code = torch.where(maskp[:, c], q_code, z)
+            codes[:, c] = q_code
+            err = (w - s * (q_code - z)) / U1[i, i]
+            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+            Err1[:, i] = err
+        if i2 < cols:  # lazy batch update of everything right of the block
+            Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+
+    if inv is not None:
+        codes = codes[:, inv]
+    state = _state(spec, codes, scale, zero, g_idx)
+    Wq = state.dequantize().to(dt)
+    info = {"method": "gptq", "spec": spec.describe(), "error": layer_objective(W0, Wq, H),
+            "damp": hinfo["damp"], "dead": hinfo["dead"]}
+    return _finish(state, mask, info, W.dtype)
+
+
+def _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g) -> None:
+    """Fit group g (columns c..c+gs) on the weights as updated so far; the part beyond the current
+    block has not yet received this block's lazy update, so apply it here for those columns."""
+    end = min(c + spec.group_size, Wp.shape[1])
+    blk = Wp[:, c:min(end, i2)]
+    if end > i2:
+        rest = Wp[:, i2:end] - Err1[:, :c - i1] @ U[i1:c, i2:end]
+        blk = torch.cat([blk, rest], dim=1)
+    m = None if maskp is None else maskp[:, c:end]
+    s, z = fit_grid(blk, spec.bits, 0, _is_symmetric(spec), spec.mse_clip, mask=m)
+    scale[:, g], zero[:, g] = s[:, 0].float().to(scale.dtype), z[:, 0].float().to(zero.dtype)
