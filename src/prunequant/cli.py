@@ -29,6 +29,8 @@ def _recipe_from_args(a) -> "Recipe":
         r.__post_init__()
     if a.allocation:
         r.allocation = {"method": a.allocation}
+        if a.avg_bits is not None:
+            r.allocation["avg_bits"] = a.avg_bits
     if a.no_true_sequential:
         r.true_sequential = False
     return r
@@ -54,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--joint", choices=["onepass", "A", "B"], help="how pruning and quantization combine "
                    "(onepass: one OBS pass; A: quantize zeros too; B: keep the mask exact)")
     c.add_argument("--allocation", choices=["uniform", "owl", "bits"], help="per-layer allocation")
+    c.add_argument("--avg-bits", type=float, help="average-bit budget for --allocation bits")
     c.add_argument("--no-true-sequential", action="store_true", help="one stats pass per block instead of per sub-layer")
     c.add_argument("--calib-text", default="wiki")
     c.add_argument("--calib-samples", type=int, default=128)

@@ -1,0 +1,126 @@
+"""Allocators: turn a recipe's global budget into per-layer overrides, from measurements on the real model.
+
+- ``owl``: outlier-weighted layerwise sparsity (blocks with more Wanda-score outliers keep more weights,
+  same global sparsity), measured in one pass over the *uncompressed* model.
+- ``bits``: layer-wise mixed precision: every layer's output-error increase ``tr(ΔW H ΔWᵀ)`` at each
+  candidate bit-width is measured on the calibration data, then a multiple-choice knapsack picks the
+  bits per layer that minimise the total error under the average-bit budget.
+
+The recipe's ``allocation`` mapping holds the method and its options, e.g.
+``{"method": "owl", "lam": 0.08, "M": 5}`` or ``{"method": "bits", "avg_bits": 3.0, "choices": [2, 3, 4, 8]}``.
+"""
+from __future__ import annotations
+
+import copy
+import re
+
+import torch
+
+from .engine import compress_model
+from .errors import RecipeError
+from .recipe import LayerPlan, Override, PruneSpec, QuantSpec, Recipe
+from .solvers.base import LayerResult
+
+
+def measure(model, calib_ids, recipe: Recipe, probe, stat: str, device=None, batch_size: int = 8) -> dict:
+    """One pass over the unmodified model: ``probe(name, W, stats)`` for every layer the recipe touches."""
+    out: dict = {}
+    dummy = (LayerPlan(prune=PruneSpec(method="wanda", sparsity=0.5)) if stat == "sq_norm"
+             else LayerPlan(quant=QuantSpec(method="gptq", bits=4, group_size=0)))
+    def plan_for(name):
+        plan = recipe.plan_for(name)
+        return LayerPlan() if plan.is_identity else dummy
+
+    names = iter([])
+
+    def solver(w, stats, plan):
+        name = next(names)
+        out[name] = probe(name, w, stats)
+        return LayerResult(weight=w)  # identity: the model stays the original
+
+    from .models import all_linear_names
+
+    touched = [n for n in all_linear_names(model) if not recipe.plan_for(n).is_identity]
+    names = iter(touched)
+    compress_model(model, calib_ids, plan_for, device=device, batch_size=batch_size,
+                   true_sequential=False, keep_states=False, solver=solver, progress=False)
+    return out
+
+
+def _block_of(name: str) -> int:
+    m = re.search(r"\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def allocate(model, recipe: Recipe, calib_ids, device=None, batch_size: int = 8) -> tuple[Recipe, dict]:
+    """A copy of ``recipe`` with per-layer overrides from the allocation method, and what was decided."""
+    method = recipe.allocation.get("method", "uniform")
+    if method == "owl":
+        return _owl(model, recipe, calib_ids, device, batch_size)
+    if method == "bits":
+        return _bits(model, recipe, calib_ids, device, batch_size)
+    if method == "uniform":
+        return recipe, {"method": "uniform"}
+    raise RecipeError(f"unknown allocation {method!r}; choose uniform, owl or bits")
+
+
+def _owl(model, recipe, calib_ids, device, batch_size):
+    from .allocate_sparsity import outlier_ratio, owl_sparsity
+
+    if recipe.prune is None or recipe.prune.structured:
+        raise RecipeError("OWL allocation needs an unstructured --prune METHOD:SPARSITY")
+    opts = recipe.allocation
+    M = float(opts.get("M", 5.0))
+
+    def probe(name, w, stats):
+        return outlier_ratio(w, stats, M=M) + (w.numel(),)
+
+    counts = measure(model, calib_ids, recipe, probe, "sq_norm", device, batch_size)
+    per_block: dict[int, list] = {}
+    for name, (n_out, n_all, n_par) in counts.items():
+        acc = per_block.setdefault(_block_of(name), [0, 0, 0])
+        acc[0] += n_out
+        acc[1] += n_all
+        acc[2] += n_par
+    ratios = {b: v[0] / v[1] for b, v in per_block.items()}
+    params = {b: v[2] for b, v in per_block.items()}
+    sp = owl_sparsity(ratios, recipe.prune.sparsity, lam=float(opts.get("lam", 0.08)), params=params)
+    out = copy.deepcopy(recipe)
+    # allocation overrides go first so that the user's own overrides (e.g. a dense first block) still win
+    out.overrides = [Override(pattern=f"re:\\.{b}\\.", prune={"sparsity": round(s, 6)}) for b, s in sp.items()] + \
+        list(recipe.overrides)
+    return out, {"method": "owl", "outlier_ratio": ratios, "sparsity": sp}
+
+
+def _bits(model, recipe, calib_ids, device, batch_size):
+    from .allocate_bits import allocate_bits
+    from .solvers import run_quantize
+
+    if recipe.quant is None:
+        raise RecipeError("bit allocation needs --quant METHOD:BITS (its group size and method are kept)")
+    opts = recipe.allocation
+    if "avg_bits" not in opts:
+        raise RecipeError("bit allocation needs allocation.avg_bits, e.g. {method: bits, avg_bits: 3.0}")
+    choices = [c for c in opts.get("choices", [2, 3, 4, 8])]
+    base = recipe.quant
+    proxy = opts.get("proxy", "rtn")  # rtn is fast; gptq measures the solver that will be used
+
+    def probe(name, w, stats):
+        errs = {}
+        h = stats.hessian.to(w.device)
+        for b in choices:
+            spec = QuantSpec(**{**base.__dict__, "bits": b, "method": proxy})
+            q = run_quantize(w, stats, spec).weight
+            d = (w - q).float()
+            errs[b] = float(torch.einsum("ij,jk,ik->", d, h, d))
+        return errs
+
+    sens = measure(model, calib_ids, recipe, probe, "hessian", device, batch_size)
+    from .models import get_weight
+
+    n_params = {n: get_weight(model.get_submodule(n)).numel() for n in sens}
+    assign = allocate_bits(sens, n_params, float(opts["avg_bits"]))
+    out = copy.deepcopy(recipe)
+    out.overrides = [Override(pattern=n, quant={"bits": b}) for n, b in assign.items()] + list(recipe.overrides)
+    return out, {"method": "bits", "avg_bits_target": float(opts["avg_bits"]), "bits": assign,
+                 "sensitivity": sens}
