@@ -130,3 +130,54 @@ def quantize_grouped(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, m
     """Codes (float, W's shape) of a whole matrix given per-group grids and each column's group."""
     g = g_idx.long()
     return quantize_to_grid(W, scale[:, g], zero[:, g], maxq)
+
+
+# ---- packing: a dense bitstream of codes -------------------------------------------------------
+
+_TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256: ternary codes take 8/5 = 1.6 bits each
+
+
+def packed_nbytes(n_codes: int, bits: float) -> int:
+    if bits == TERNARY_BITS:
+        return math.ceil(n_codes / _TRITS_PER_BYTE)
+    return math.ceil(n_codes * int(bits) / 8)
+
+
+def pack_codes(codes: torch.Tensor, bits: float) -> torch.Tensor:
+    """Pack integer codes (any shape, row-major) into a flat uint8 tensor.
+
+    1..8 bits: a dense little-endian bitstream (code k occupies bits [k·b, (k+1)·b)), so 3-bit codes
+    take exactly 3 bits each. Ternary (1.58): base-3 digits, 5 codes per byte.
+    """
+    flat = codes.reshape(-1).to(torch.int64)
+    maxq = maxq_of(bits)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) > maxq):
+        raise ValueError(f"codes outside [0, {maxq}] cannot be packed at {bits} bits")
+    if bits == TERNARY_BITS:
+        pad = (-flat.numel()) % _TRITS_PER_BYTE
+        t = torch.nn.functional.pad(flat, (0, pad)).reshape(-1, _TRITS_PER_BYTE)
+        pw = 3 ** torch.arange(_TRITS_PER_BYTE, device=flat.device)
+        return (t * pw).sum(1).to(torch.uint8)
+    b = int(bits)
+    shifts = torch.arange(b, device=flat.device)
+    bitstream = ((flat[:, None] >> shifts) & 1).reshape(-1).to(torch.uint8)
+    pad = (-bitstream.numel()) % 8
+    bitstream = torch.nn.functional.pad(bitstream, (0, pad)).reshape(-1, 8)
+    return (bitstream << torch.arange(8, device=flat.device, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: float, shape) -> torch.Tensor:
+    """Inverse of pack_codes: uint8 codes of the given shape."""
+    shape = tuple(shape)
+    n = math.prod(shape)
+    if packed.numel() != packed_nbytes(n, bits):
+        raise ValueError(f"{packed.numel()} packed bytes do not hold {n} codes of {bits} bits "
+                         f"(expected {packed_nbytes(n, bits)})")
+    p = packed.reshape(-1).to(torch.int64)
+    if bits == TERNARY_BITS:
+        pw = 3 ** torch.arange(_TRITS_PER_BYTE, device=p.device)
+        flat = (p[:, None] // pw) % 3
+        return flat.reshape(-1)[:n].to(torch.uint8).reshape(shape)
+    b = int(bits)
+    bitstream = ((p[:, None] >> torch.arange(8, device=p.device)) & 1).reshape(-1)[: n * b].reshape(n, b)
+    return (bitstream << torch.arange(b, device=p.device)).sum(1).to(torch.uint8).reshape(shape)
