@@ -137,7 +137,7 @@ def test_interrupt_leaves_no_output(tiny_dir, texts, tmp_path, capsys, monkeypat
 
     monkeypatch.setattr(eng, "_run_block", boom)
     out = tmp_path / "out"
-    code, _, err = run(capsys, "compress", tiny_dir, "--quant", "rtn:4:g32", "--calib-text", texts[0],
+    code, _, err = run(capsys, "compress", tiny_dir, "--prune", "wanda:0.5", "--calib-text", texts[0],
                        "--calib-samples", 2, "--seq-len", 16, "--out", out)
     assert code == 130 and "interrupted" in err
     assert not out.exists()

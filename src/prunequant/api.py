@@ -17,7 +17,8 @@ from .data import calibration_ids, check_disjoint, load_text, tokenize
 from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
 from .evaluate.perplexity import perplexity
-from .models import all_linear_names, get_blocks, get_weight, load_model, arch_of, block_linears
+from .models import all_linear_names, arch_of, block_linears, get_blocks, get_weight, load_model, set_weight
+from .solvers import needs, solve_layer
 from .rates import summarize
 from .recipe import Recipe
 
@@ -91,6 +92,33 @@ def validate_recipe_for_model(model, recipe: Recipe) -> None:
                                       f"multiple of {p.m}")
 
 
+def compress_data_free(model, plan_for, device=None, progress=True) -> EngineReport:
+    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine)."""
+    from tqdm.auto import tqdm
+
+    from .engine import _cpu_quant, _summary
+    from .solvers.base import LayerResult, LayerStats
+
+    t0 = time.time()
+    device = torch.device(device) if device else default_device()
+    report = EngineReport()
+    empty = LayerStats(hessian=None, sq_norm=None, n_tokens=0)
+    for name in tqdm(all_linear_names(model), desc="compress (data-free)", disable=not progress):
+        plan = plan_for(name)
+        if plan.is_identity:
+            continue
+        module = model.get_submodule(name)
+        w = get_weight(module).detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
+        t = time.time()
+        res = solve_layer(w, empty, plan)
+        set_weight(module, res.weight)
+        report.layers[name] = _summary(name, w, plan, res, time.time() - t)
+        report.states[name] = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
+                                          quant=_cpu_quant(res.quant), info=res.info)
+    report.seconds = time.time() - t0
+    return report
+
+
 def _divisor(n: int) -> int:
     for g in (128, 64, 32, 16, 8):
         if n % g == 0:
@@ -136,9 +164,12 @@ def compress(
                                             sort_keys=True, default=str).encode()).hexdigest()
     if work_dir is None and out is not None:
         work_dir = Path(str(out) + ".prunequant-work")
-    report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
-                            batch_size=batch_size, true_sequential=recipe.true_sequential,
-                            work_dir=work_dir, fingerprint=fingerprint, progress=progress)
+    if all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
+        report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress)
+    else:
+        report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+                                batch_size=batch_size, true_sequential=recipe.true_sequential,
+                                work_dir=work_dir, fingerprint=fingerprint, progress=progress)
     n_total = sum(p.numel() for p in model.parameters())
     rates = summarize(report.layers, n_total, linear_param_counts(model))
     record = {
