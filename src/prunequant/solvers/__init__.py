@@ -33,7 +33,7 @@ def run_prune(w: torch.Tensor, stats: LayerStats, spec) -> LayerResult:
         return magnitude_prune(w, spec)
     if spec.method == "wanda":
         return wanda_prune(w, stats, spec)
-    return sparsegpt_prune(w, stats, spec)
+    return sparsegpt_prune(w, stats, spec, per_row=False)  # block-wide threshold, as the reference SparseGPT
 
 
 def run_quantize(w: torch.Tensor, stats: LayerStats, spec, mask=None) -> LayerResult:
