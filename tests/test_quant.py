@@ -241,3 +241,81 @@ def test_gptq_codes_pack_round_trip():
     r = gptq_quantize(_w(8, 32), stats, QuantSpec(bits=3, group_size=16))
     c = r.quant.codes
     assert torch.equal(unpack_codes(pack_codes(c, 3), 3, c.shape), c)
+
+
+# ---- BiLLM (1 bit) ----------------------------------------------------------------------------------
+from prunequant.solvers.billm import _fit_block  # noqa: E402
+from prunequant.solvers.quant import billm_dequantize, billm_quantize  # noqa: E402
+
+_B1 = QuantSpec(method="billm", bits=1, blocksize=32)
+
+
+def _slow_billm(W, H, spec, max_salient=0.1, n_breaks=32):
+    """Same block decisions, but OBS done one column at a time with explicit inverses."""
+    W = W.clone()
+    n = W.shape[1]
+    Hd = H + spec.damp * H.diagonal().mean() * torch.eye(n, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+    Q = torch.zeros_like(W)
+    for i1 in range(0, n, spec.blocksize):
+        i2 = min(i1 + spec.blocksize, n)
+        sal, prm, p = _fit_block(W[:, i1:i2].clone(), U.diagonal()[i1:i2], torch.ones_like(W[:, i1:i2], dtype=torch.bool),
+                                 n_breaks, max_salient)
+        prm = prm.float().double()
+        for i in range(i1, i2):
+            w = W[:, i]
+            if sal[i - i1]:
+                q1 = prm[:, 0] + prm[:, 1] * torch.where(w >= prm[:, 0], 1.0, -1.0).double()
+                q = q1 + prm[:, 2] + prm[:, 3] * torch.where(w - q1 >= prm[:, 2], 1.0, -1.0).double()
+            else:
+                sp = w.abs() > p
+                m = torch.where(sp, prm[:, 6], prm[:, 4])
+                a = torch.where(sp, prm[:, 7], prm[:, 5])
+                q = m + a * torch.where(w >= m, 1.0, -1.0).double()
+            Q[:, i] = q
+            Hinv = torch.linalg.inv(Hd[i:, i:])
+            W[:, i:] -= (w - q)[:, None] / Hinv[0, 0] * Hinv[0:1, :]
+    return Q
+
+
+def test_billm_equals_slow_reference_and_dequantizes():
+    stats, _ = _stats(64)
+    W = _w(16, 64)
+    r = billm_quantize(W, stats, _B1)
+    assert torch.allclose(r.weight, _slow_billm(W, stats.hessian, _B1), atol=1e-6)
+    assert torch.equal(billm_dequantize(r.quant).to(r.weight.dtype), r.weight)
+    assert r.quant.kind == "binary-residual" and r.quant.extra["salient"].any()
+
+
+def test_billm_error_and_bits():
+    stats, _ = _stats(64, 1024)
+    W = _w(32, 64)
+    r = billm_quantize(W, stats, _B1)
+    e = _obj(W, r.weight, stats.hessian)
+    sign = torch.sign(W) * W.abs().mean(1, keepdim=True)
+    assert e < 0.5 * _obj(W, sign, stats.hessian)
+    assert e == pytest.approx(r.info["error"])
+    info = r.info
+    # per weight: 1 sign, 2nd sign on salient columns, group marker elsewhere, column bitmap, 8 fp16/row/block
+    sal = info["salient_fraction"]
+    assert info["bits_signs"] == pytest.approx(1 + sal)
+    assert info["bits_paper"] == pytest.approx(1 + sal + 1 / 32)
+    assert info["bits_per_weight"] == pytest.approx(1 + sal + (1 - sal) + 1 / 32 + info["bits_params"])
+    # at most 2 values per row and group for non-salient weights of a block, 4 for salient
+    for row in range(4):
+        for b in range(2):
+            cols = slice(b * 32, b * 32 + 32)
+            s = r.quant.extra["salient"][cols]
+            sp = r.quant.extra["sparse"][row, cols]
+            vals = r.weight[row, cols]
+            assert vals[~s & sp].unique().numel() <= 2 and vals[~s & ~sp].unique().numel() <= 2
+            assert vals[s].unique().numel() <= 4
+
+
+def test_billm_mask_keeps_zeros():
+    stats, _ = _stats(64)
+    W = _w(16, 64)
+    mask = torch.rand(W.shape, generator=torch.Generator().manual_seed(3)) > 0.5
+    r = billm_quantize(W, stats, _B1, mask)
+    assert not r.weight[~mask].any() and r.weight[mask].ne(0).float().mean() > 0.9
+    assert torch.equal(billm_dequantize(r.quant).to(r.weight.dtype), r.weight)

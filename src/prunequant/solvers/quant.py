@@ -10,6 +10,7 @@ import torch
 from ..errors import NumericalError, RecipeError
 from ..recipe import QuantSpec
 from .base import LayerResult, LayerStats, QuantState
+from .billm import billm_dequantize, billm_quantize  # noqa: F401  (1-bit solver, re-exported here)
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped, quantize_to_grid
 from .hessian import layer_objective, prepare_hessian
 
@@ -113,13 +114,22 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
         zero = torch.empty_like(scale)
     scale, zero = scale.float().to(dt), zero.float().to(dt)  # choose codes on the grid as stored
     codes = torch.empty_like(Wp)
+    fast = _fast_loop(Wp, spec, scale, zero, col_group, maskp)
 
     for i1 in range(0, cols, spec.blocksize):
         i2 = min(i1 + spec.blocksize, cols)
         W1 = Wp[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        for i in range(i2 - i1):
+        if fast is not None:  # the same loop as one Triton launch per run of columns sharing a grid
+            c = i1
+            while c < i2:
+                if not static and c % gs == 0:
+                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, col_group[c])
+                nxt = i2 if static else min(i2, (c // gs + 1) * gs)
+                fast(W1, U1, codes[:, i1:i2], Err1, i1, c - i1, nxt - i1)
+                c = nxt
+        for i in range(i2 - i1 if fast is None else 0):
             c = i1 + i
             g = col_group[c]
             if not static and c % gs == 0:
@@ -143,6 +153,23 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
     info = {"method": "gptq", "spec": spec.describe(), "error": layer_objective(W0, Wq, H),
             "damp": hinfo["damp"], "dead": hinfo["dead"]}
     return _finish(state, mask, info, W.dtype)
+
+
+def _fast_loop(Wp, spec, scale, zero, col_group, maskp):
+    """The Triton version of the column loop when it applies (CUDA float32), else None."""
+    from . import triton_gptq
+
+    if not triton_gptq.available(Wp) or spec.blocksize > triton_gptq.MAX_BLOCK or scale.stride() != zero.stride():
+        return None
+    groups = torch.tensor(col_group, dtype=torch.int32, device=Wp.device)
+    mask_u8 = None if maskp is None else maskp.to(torch.uint8)
+    maxq = maxq_of(spec.bits)
+
+    def run(W1, U1, codes1, Err1, i1, a, b):
+        i2 = i1 + W1.shape[1]
+        m = None if mask_u8 is None else mask_u8[:, i1:i2]
+        triton_gptq.gptq_columns(W1, U1, scale, zero, groups[i1:i2], m, codes1, Err1, a, b, maxq)
+    return run
 
 
 def _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g) -> None:
