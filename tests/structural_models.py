@@ -23,3 +23,11 @@ def tiny_model(kind: str = "llama", seed: int = 0, layers: int = 3, heads: int =
 def calib(n: int = 4, length: int = 16, vocab: int = 64, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, length), generator=g)
+
+
+def one_thread():
+    """Tiny ops are dominated by thread hand-offs on a busy 2-core machine: run them on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

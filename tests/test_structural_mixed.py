@@ -7,6 +7,10 @@ from prunequant.errors import RecipeError
 from prunequant.solvers.grid import fit_grid, maxq_of, quantize_to_grid
 from prunequant.structural.mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize, rtn_fake
 
+from structural_models import one_thread
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
+
 
 def _reference_gptq(W, H, high, spec, damp=0.01):
     """Slow, obviously-right OBS: explicit inverse of the remaining columns' Hessian at every step."""

@@ -6,7 +6,9 @@ from prunequant.structural import (block_influence, drop_blocks, load_structured
                                    prune_structured, remove_blocks, save_structured)
 from prunequant.structural import importance as imp
 
-from structural_models import calib, tiny_model
+from structural_models import one_thread, calib, tiny_model
+
+_threads = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
 @torch.no_grad()

@@ -1,0 +1,82 @@
+"""Apply an allocation to the real model: prune what it removes (with bias compensation), then quantize
+what remains at its two bit widths with GPTQ, block by block on the outputs of the compressed blocks
+before it (error propagation across layers), and account for the bits actually stored."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import RecipeError
+from .allocation import Allocation, model_dims
+from .arch import blocks
+from .calib import capture, collect_stats, run_block
+from .mixed import mixed_quantize
+from .surgery import finish, prune_block
+
+
+@dataclass
+class ApplyReport:
+    avg_bits: float  # stored bits per original block-linear weight, counted from what was quantized
+    planned_bits: float  # the allocation's exact count (the same number unless something went wrong)
+    n_weights: int
+    layer_errors: list[dict] = field(default_factory=list)
+
+
+@torch.no_grad()
+def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.Tensor, method: str = "gptq",
+                     batch_size: int = 8, damp: float = 0.01, compensate: bool = True) -> ApplyReport:
+    """Compress ``model`` in place as ``allocation`` says; returns the stored bits actually used."""
+    if method not in ("gptq", "rtn"):
+        raise RecipeError(f"method {method!r} unknown: use 'gptq' (error propagation) or 'rtn'")
+    dims = model_dims(model)
+    if dims != allocation.dims:
+        raise RecipeError("this allocation was learnt for a model of other shapes: apply it to the model "
+                          "it was learnt on, before any other pruning")
+    spec = allocation.spec
+    layers = blocks(model)
+    model.eval()
+    inputs = capture(model, calib_ids, batch_size)
+    total, errors = 0.0, []
+    for i, (b, la, d) in enumerate(zip(layers, allocation.layers, dims)):
+        a, m = b.self_attn, b.mlp
+        prune_heads, prune_mlp = not bool(la.keep_heads.all()), not bool(la.keep_mlp.all())
+        if prune_heads or prune_mlp:
+            st = None
+            if compensate:
+                st, _ = collect_stats(b, inputs, i, {"o": a.o_proj, "down": m.down_proj})
+            prune_block(b, la.keep_heads.nonzero().flatten() if prune_heads else None,
+                        la.keep_mlp.nonzero().flatten() if prune_mlp else None,
+                        st["o"].mean if st and prune_heads else None,
+                        st["down"].mean if st and prune_mlp else None)
+        kept_cols = la.keep_heads.repeat_interleave(d.head_dim)
+        high = {"q_proj": la.high_qkv, "k_proj": la.high_qkv, "v_proj": la.high_qkv,
+                "o_proj": la.high_o[kept_cols], "gate_proj": la.high_gu, "up_proj": la.high_gu,
+                "down_proj": la.high_down[la.keep_mlp]}
+        owners = {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
+        hess = {}
+        if method == "gptq":
+            st, _ = collect_stats(b, inputs, i, {"q_proj": a.q_proj, "o_proj": a.o_proj,
+                                                 "gate_proj": m.gate_proj, "down_proj": m.down_proj}, hessian=True)
+            hess = {n: st[src].hessian for n, src in (("q_proj", "q_proj"), ("k_proj", "q_proj"), ("v_proj", "q_proj"),
+                                                       ("o_proj", "o_proj"), ("gate_proj", "gate_proj"),
+                                                       ("up_proj", "gate_proj"), ("down_proj", "down_proj"))}
+        row = {}
+        for n, parent in owners.items():
+            lin = getattr(parent, n)
+            W = lin.weight.data.float()
+            res = mixed_quantize(W, high[n], spec, H=hess.get(n), damp=damp)
+            lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+            total += res.info["bits"]
+            if lin.bias is not None:
+                total += spec.bias_bits * lin.out_features
+            if n in hess:
+                D = W - res.weight
+                row[n] = float(((D @ hess[n]) * D).sum())
+        errors.append(row)
+        inputs.advance(run_block(b, inputs, i))
+    finish(model)
+    model.config.prunequant_mixed_precision = {k: v for k, v in allocation.summary().items() if k != "layers"}
+    n_w = sum(d.n_weights for d in dims)
+    return ApplyReport(total / n_w, allocation.avg_bits, n_w, errors)

@@ -1,0 +1,90 @@
+"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit.
+
+This is the baseline the global-error allocation is measured against (and its warm start): errors use
+the diagonal of the input second moment (E[x_c²]), and structural removal is scored by FLAP's
+fluctuation Var(x_c)·‖W[:, c]‖² — the output error left after bias compensation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .allocation import LayerDims, model_dims
+from .arch import blocks
+from .calib import InputStats, batches
+from .mixed import MixSpec, rtn_fake
+
+# which linear's input statistics stand for each shared input
+STAT_OF = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gu": "mlp.gate_proj", "down": "mlp.down_proj"}
+
+
+@torch.no_grad()
+def input_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> list[dict[str, InputStats]]:
+    """Mean / variance / second moment of the inputs of q, o, gate and down projections, per block,
+    on the uncompressed model (one forward pass over the calibration data)."""
+    layers = blocks(model)
+    dev = next(model.parameters()).device
+    stats, handles = [], []
+    for b in layers:
+        st = {}
+        for key, name in STAT_OF.items():
+            lin = b.get_submodule(name)
+            st[key] = InputStats(lin.in_features, dev)
+            handles.append(lin.register_forward_pre_hook(lambda m, a, s=st[key]: s.add(a[0])))
+        stats.append(st)
+    try:
+        for ids in batches(calib_ids, batch_size):
+            model(input_ids=ids.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def _gain(W: torch.Tensor, spec: MixSpec) -> torch.Tensor:
+    """Per input column: ‖W_low − W‖² − ‖W_high − W‖² (how much the high grid reduces the squared error)."""
+    W = W.detach().float()
+    return (rtn_fake(W, spec.low_bits, spec) - W).pow(2).sum(0) - (rtn_fake(W, spec.high_bits, spec) - W).pow(2).sum(0)
+
+
+@torch.no_grad()
+def layerwise_priorities(model: nn.Module, stats: list[dict[str, InputStats]], spec: MixSpec) -> list[dict]:
+    """Priority (local output error avoided per stored bit) of every keep / high decision of every layer."""
+    out = []
+    dq = spec.high_bits - spec.low_bits
+    for b, d, st in zip(blocks(model), model_dims(model), stats):
+        a, m = b.self_attn, b.mlp
+        e2 = {k: (s.sq_norm / max(s.n_tokens, 1)).to(a.q_proj.weight.device) for k, s in st.items()}
+        qkv_rows = a.q_proj.out_features + a.k_proj.out_features + a.v_proj.out_features
+        gain_qkv = sum(_gain(lin.weight, spec) for lin in (a.q_proj, a.k_proj, a.v_proj))
+        gain_gu = _gain(m.gate_proj.weight, spec) + _gain(m.up_proj.weight, spec)
+        p = {
+            "high_qkv": e2["qkv"] * gain_qkv / (dq * qkv_rows),
+            "high_o": e2["o"] * _gain(a.o_proj.weight, spec) / (dq * d.hidden),
+            "high_gu": e2["gu"] * gain_gu / (dq * 2 * m.gate_proj.out_features),
+            "high_down": e2["down"] * _gain(m.down_proj.weight, spec) / (dq * d.hidden),
+        }
+        fl_o = st["o"].var.to(e2["o"].device) * a.o_proj.weight.float().pow(2).sum(0)
+        fl_d = st["down"].var.to(e2["o"].device) * m.down_proj.weight.float().pow(2).sum(0)
+        head_cost = d.hidden * d.head_dim * spec.low_bits * (2 + 2 / d.rep)
+        p["keep_heads"] = fl_o.reshape(d.n_heads, d.head_dim).sum(1) / head_cost
+        p["keep_mlp"] = fl_d / (3 * d.hidden * spec.low_bits)
+        out.append({k: v.float().cpu() for k, v in p.items()})
+    return out
+
+
+def priorities_to_logits(prios: list[dict], chosen, margin: float = 2.0, spread: float = 0.4) -> list[dict]:
+    """Warm-start logits: ±margin from a chosen allocation, ordered within a mask by log-priority."""
+    out = []
+    for p, la in zip(prios, chosen.layers):
+        lg = {}
+        for k, v in p.items():
+            z = v.clamp_min(1e-30).log()
+            z = ((z - z.mean()) / (z.std() + 1e-8)).clamp(-2, 2) if z.numel() > 1 else torch.zeros_like(z)
+            sign = getattr(la, k).float() * 2 - 1
+            lg[k] = margin * sign + spread * z
+        out.append(lg)
+    return out
+
+
+__all__ = ["input_stats", "layerwise_priorities", "priorities_to_logits", "LayerDims"]
