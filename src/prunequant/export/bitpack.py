@@ -1,0 +1,172 @@
+"""Dense bit streams for integer codes, masks and N:M index ranks (the compact format's payloads).
+
+Bit order (documented in docs/format.md): value ``i`` of a ``b``-bit stream occupies stream bits
+``[i·b, (i+1)·b)``, least significant bit first, and stream bit ``p`` is bit ``p % 8`` of byte
+``p // 8``. A stream of n values takes exactly ``ceil(n·b / 8)`` bytes: 3-bit codes really take 3 bits.
+
+Ternary codes (0..2) are packed five to a byte (3⁵ = 243 ≤ 256): 1.6 bits per code.
+N:M masks are stored as the rank of each group's kept pattern among the C(m, k) patterns with k kept,
+at ``ceil(log2 C(m, k))`` bits per group.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+_CHUNK = 1 << 18  # values per chunk (a multiple of 8, so every chunk starts on a byte boundary)
+
+
+def _as_numpy_int(values: torch.Tensor) -> np.ndarray:
+    return values.detach().reshape(-1).cpu().to(torch.int64).numpy()
+
+
+def packed_nbytes(n: int, bits: int) -> int:
+    return (n * bits + 7) // 8
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers < 2**bits (1 <= bits <= 32) into a uint8 tensor of ceil(n·bits/8) bytes."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
+    v = _as_numpy_int(values)
+    if v.size and (v.min() < 0 or v.max() >= (1 << bits)):
+        raise ValueError(f"values outside [0, {(1 << bits) - 1}] cannot be packed at {bits} bits")
+    out = np.zeros(packed_nbytes(v.size, bits), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.int64)
+    for start in range(0, v.size, _CHUNK):
+        chunk = v[start:start + _CHUNK]
+        if bits == 8:
+            packed = chunk.astype(np.uint8)
+        else:
+            stream = ((chunk[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
+            packed = np.packbits(stream, bitorder="little")
+        first = start * bits // 8
+        out[first:first + packed.size] = packed
+    return torch.from_numpy(out)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first n values as int64."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"unpack_bits supports 1..32 bits, got {bits}")
+    p = packed.detach().reshape(-1).cpu().numpy().view(np.uint8)
+    if p.size < packed_nbytes(n, bits):
+        raise ValueError(f"packed stream has {p.size} bytes, {packed_nbytes(n, bits)} needed for {n}×{bits} bits")
+    out = np.empty(n, dtype=np.int64)
+    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
+    for start in range(0, n, _CHUNK):
+        count = min(_CHUNK, n - start)
+        first = start * bits // 8
+        if bits == 8:
+            out[start:start + count] = p[first:first + count]
+            continue
+        chunk = p[first:first + packed_nbytes(count, bits)]
+        stream = np.unpackbits(chunk, bitorder="little", count=count * bits).reshape(count, bits)
+        out[start:start + count] = stream.astype(np.int64) @ weights
+    return torch.from_numpy(out)
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor (any shape, row-major) -> 1 bit per element."""
+    m = mask.detach().reshape(-1).cpu().numpy().astype(np.uint8)
+    return torch.from_numpy(np.packbits(m, bitorder="little"))
+
+
+def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
+    n = math.prod(shape)
+    p = packed.detach().reshape(-1).cpu().numpy().view(np.uint8)
+    if p.size < packed_nbytes(n, 1):
+        raise ValueError(f"mask stream has {p.size} bytes, {packed_nbytes(n, 1)} needed")
+    bits = np.unpackbits(p, bitorder="little", count=n)
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+# ---- ternary --------------------------------------------------------------------------------
+
+_TRIT_WEIGHTS = np.array([1, 3, 9, 27, 81], dtype=np.int64)
+
+
+def trits_nbytes(n: int) -> int:
+    return (n + 4) // 5
+
+
+def pack_trits(values: torch.Tensor) -> torch.Tensor:
+    """Codes in {0, 1, 2}, five per byte (value = Σ c_i·3^i)."""
+    v = _as_numpy_int(values)
+    if v.size and (v.min() < 0 or v.max() > 2):
+        raise ValueError("ternary codes must be 0, 1 or 2")
+    pad = (-v.size) % 5
+    v = np.concatenate([v, np.zeros(pad, dtype=np.int64)]).reshape(-1, 5)
+    return torch.from_numpy((v @ _TRIT_WEIGHTS).astype(np.uint8))
+
+
+def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    p = packed.detach().reshape(-1).cpu().numpy().astype(np.int64)
+    if p.size < trits_nbytes(n):
+        raise ValueError(f"ternary stream has {p.size} bytes, {trits_nbytes(n)} needed")
+    digits = (p[:, None] // _TRIT_WEIGHTS) % 3
+    return torch.from_numpy(digits.reshape(-1)[:n].copy())
+
+
+# ---- N:M patterns as ranks ------------------------------------------------------------------
+
+MAX_NM_GROUP = 16  # pattern tables stay small (C(16, 8) = 12870 entries)
+
+
+@lru_cache(maxsize=64)
+def _patterns(m: int, k: int) -> np.ndarray:
+    """All m-bit integers with exactly k bits set (bit i = position i kept), ascending."""
+    vals = [sum(1 << i for i in c) for c in itertools.combinations(range(m), k)]
+    return np.array(sorted(vals), dtype=np.int64)
+
+
+def nm_rank_bits(m: int, k: int) -> int:
+    """Bits per group of m to name which k positions are kept."""
+    return max(1, math.ceil(math.log2(math.comb(m, k))))
+
+
+def encode_nm(mask: torch.Tensor, m: int, k: int) -> torch.Tensor:
+    """(rows, cols) bool with exactly k kept in every group of m consecutive columns -> rank per group."""
+    if not 2 <= m <= MAX_NM_GROUP:
+        raise ValueError(f"N:M group size {m} outside 2..{MAX_NM_GROUP}")
+    g = mask.detach().reshape(-1, m).cpu().numpy().astype(np.int64)
+    if not (g.sum(axis=1) == k).all():
+        raise ValueError(f"mask is not {m - k}:{m} (k={k} kept per group of {m})")
+    ints = g @ (np.int64(1) << np.arange(m, dtype=np.int64))
+    table = _patterns(m, k)
+    return torch.from_numpy(np.searchsorted(table, ints))
+
+
+def decode_nm(ranks: torch.Tensor, m: int, k: int, shape) -> torch.Tensor:
+    table = _patterns(m, k)
+    r = ranks.detach().reshape(-1).cpu().numpy()
+    if r.size and (r.min() < 0 or r.max() >= table.size):
+        raise ValueError(f"N:M rank outside [0, {table.size - 1}]")
+    ints = table[r]
+    bits = (ints[:, None] >> np.arange(m, dtype=np.int64)) & 1
+    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+
+
+def detect_nm(mask: torch.Tensor, candidates=(4, 8, 16, 2)) -> tuple[int, int] | None:
+    """(n_pruned, m) of the cheapest N:M description of a mask, or None if it is not N:M.
+
+    Every group of m consecutive input weights of every row must keep the same number k (0 < k < m).
+    The cost is ceil(log2 C(m, k)) / m bits per weight; a 2:4 mask is also 4:8, and 2:4 wins.
+    """
+    rows, cols = mask.shape
+    best = None
+    for m in candidates:
+        if cols % m or m > MAX_NM_GROUP:
+            continue
+        counts = mask.reshape(rows, cols // m, m).sum(dim=-1)
+        k = int(counts.reshape(-1)[0])
+        if not 0 < k < m or not bool((counts == k).all()):
+            continue
+        cost = nm_rank_bits(m, k) / m
+        if best is None or cost < best[0]:
+            best = (cost, m - k, m)
+    return None if best is None else (best[1], best[2])

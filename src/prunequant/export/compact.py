@@ -1,0 +1,264 @@
+"""The compact format: a pruned + quantized model stored near its theoretical size (docs/format.md).
+
+Per compressed linear ``L`` (tensor names ``L.weight.<part>``):
+- ``mask`` (1 bit per weight) or ``nm_index`` (rank of each N:M group's kept pattern), if sparse;
+- ``codes``: the kept weights' integer codes only, packed at their bit width (ternary: 5 per byte);
+- ``scale`` (out, groups) in fp16 by default; ``zero`` packed at the code width unless constant;
+- ``g_idx`` only when the groups are not contiguous (act-order);
+- ``values``: the kept weights as floats, for layers pruned but not quantized.
+Everything else is stored as it is, in the chosen dtype.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..solvers.base import LayerResult
+from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, pack_mask, pack_trits,
+                      unpack_bits, unpack_mask, unpack_trits)
+from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
+                     finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
+                     write_extras)
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+
+log = logging.getLogger(__name__)
+
+FORMAT = "prunequant-compact"
+PREFIX = "compact"
+PARTS = ("mask", "nm_index", "codes", "scale", "zero", "g_idx", "values")
+
+
+def _contiguous_groups(in_f: int, group_size: int) -> torch.Tensor:
+    idx = torch.arange(in_f, dtype=torch.int64)
+    return torch.zeros_like(idx) if group_size <= 0 else idx // group_size
+
+
+def _encode_mask(base: str, mask: torch.Tensor, tensors: dict) -> dict:
+    nm = detect_nm(mask)
+    if nm is None:
+        tensors[f"{base}.mask"] = pack_mask(mask)
+        return {"type": "bitmask"}
+    n, m = nm
+    rb = nm_rank_bits(m, m - n)
+    tensors[f"{base}.nm_index"] = pack_bits(encode_nm(mask, m, m - n), rb)
+    return {"type": "nm-rank", "n": n, "m": m, "bits_per_group": rb}
+
+
+def _encode_quant(base: str, lin: LinearExport, mask, scale_dtype, tensors: dict) -> dict:
+    q = lin.quant
+    out_f, in_f = lin.weight.shape
+    codes = q.codes.reshape(-1) if mask is None else q.codes[mask]
+    enc: dict = {"stored_as": "quantized", "kept": int(codes.numel())}
+    if q.bits == TERNARY_BITS:
+        tensors[f"{base}.codes"] = pack_trits(codes)
+        enc.update(code_encoding="trits", code_bits=2)
+    else:
+        cb = int(q.bits)
+        tensors[f"{base}.codes"] = pack_bits(codes, cb)
+        enc.update(code_encoding="bits", code_bits=cb)
+    scale = q.scale.detach().to("cpu", torch.float32)
+    stored = scale.to(scale_dtype)
+    tensors[f"{base}.scale"] = stored
+    if scale_dtype != torch.float32:
+        change = float(((stored.float() - scale).abs() / scale.abs().clamp_min(1e-30)).max())
+        if change > 0:
+            enc["scale_rounding"] = change
+    zero = q.zero.detach().to("cpu", torch.float32)
+    n_groups = scale.shape[1]
+    maxcode = (1 << enc["code_bits"]) - 1
+    if bool((zero == zero.reshape(-1)[0]).all()):
+        enc["zero"] = {"type": "const", "value": float(zero.reshape(-1)[0])}
+    elif bool((zero == zero.round()).all()) and 0 <= float(zero.min()) and float(zero.max()) <= maxcode:
+        tensors[f"{base}.zero"] = pack_bits(zero.to(torch.int64), enc["code_bits"])
+        enc["zero"] = {"type": "packed", "bits": enc["code_bits"]}
+    else:
+        tensors[f"{base}.zero"] = zero.to(scale_dtype)
+        enc["zero"] = {"type": "float"}
+    g = q.g_idx.detach().to("cpu", torch.int64)
+    if torch.equal(g, _contiguous_groups(in_f, q.group_size)):
+        enc["g_idx"] = "contiguous"
+    else:
+        tensors[f"{base}.g_idx"] = g.to(torch.int16 if n_groups <= 32767 else torch.int32)
+        enc["g_idx"] = "stored"
+    enc["n_groups"] = n_groups
+    return enc
+
+
+def encode_linear(lin: LinearExport, dtype: torch.dtype, scale_dtype: torch.dtype) -> tuple[dict, dict]:
+    """Tensors and the per-layer encoding record for one compressed linear."""
+    base = weight_key(lin.name)
+    tensors: dict[str, torch.Tensor] = {}
+    mask = lin.mask
+    enc: dict = {"mask_encoding": None if mask is None else _encode_mask(base, mask, tensors)}
+    if lin.quant is not None:
+        enc.update(_encode_quant(base, lin, mask, scale_dtype, tensors))
+    elif mask is not None:
+        tensors[f"{base}.values"] = lin.weight[mask].to(dtype)
+        enc.update(stored_as="sparse-float", kept=int(mask.sum()))
+    else:
+        w = lin.weight.t() if lin.transposed else lin.weight
+        tensors[base] = w.to(dtype)
+        enc.update(stored_as="float", kept=lin.weight.numel())
+    return tensors, enc
+
+
+def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
+                 scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB",
+                 overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Write ``model`` (its compressed linears described by ``states``) in the compact format.
+
+    The model's weights are the truth: each layer's codes/mask are checked against them, so reloading
+    gives back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales).
+    """
+    dtype_name(dtype), dtype_name(scale_dtype)
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, overwrite) as tmp:
+        save_config(model, tmp, dtype)
+        writer = ShardWriter(tmp, PREFIX, parse_size(max_shard_size), metadata={"prunequant_format": FORMAT})
+        items, tied = model_tensors(model)
+        by_key = {weight_key(n): n for n in states}
+        bad = sorted(k for k in by_key if k in tied)
+        if bad:
+            raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
+        layers: dict[str, dict] = {}
+        rounded = []
+        for key, t in items:
+            name = by_key.get(key)
+            if name is None:
+                writer.add({key: t.to(dtype) if t.is_floating_point() else t})
+                continue
+            lin = analyse_linear(name, model.get_submodule(name), states[name])
+            tensors, enc = encode_linear(lin, dtype, scale_dtype)
+            writer.add(tensors)
+            layers[name] = {**lin.record, **enc}
+            if enc.get("scale_rounding"):
+                rounded.append(enc["scale_rounding"])
+            del lin, tensors
+        missing = sorted(set(states) - set(layers))
+        if missing:
+            raise ExportError(f"states name {missing[0]}, which has no weight in the model; pass the model they "
+                              "were computed on")
+        if rounded:
+            log.warning("%d layer scales are not exactly representable in %s (largest relative change %.2g); "
+                        "pass scale_dtype=torch.float32 for a bit-exact export", len(rounded),
+                        dtype_name(scale_dtype), max(rounded))
+        shards = writer.close()
+        write_descriptor(tmp, FORMAT, dtype, layers, scale_dtype=dtype_name(scale_dtype), tied=tied, shards=shards)
+        write_extras(tmp, tokenizer, extra_files)
+    return out_dir
+
+
+# ---- loading ----------------------------------------------------------------------------------
+
+def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The layer's weight in the model's orientation, float32; inverse of encode_linear."""
+    base = weight_key(name)
+    if entry["stored_as"] == "float":
+        return parts[base].float()
+    out_f, in_f = entry["shape"]
+    n = out_f * in_f
+    me = entry["mask_encoding"]
+    try:
+        if me is None:
+            mask = None
+        elif me["type"] == "bitmask":
+            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
+        else:
+            m, k = me["m"], me["m"] - me["n"]
+            ranks = unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], n // m)
+            mask = decode_nm(ranks, m, k, (out_f, in_f))
+        kept = n if mask is None else int(mask.sum())
+        if kept != entry["kept"]:
+            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        if entry["stored_as"] == "sparse-float":
+            W = torch.zeros(out_f, in_f, dtype=torch.float32)
+            W[mask] = parts[f"{base}.values"].float()
+        else:
+            W = _dequantize(base, entry, parts, mask, kept, out_f, in_f)
+    except KeyError as e:
+        raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
+    except ValueError as e:
+        raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
+    return W.t() if entry.get("transposed") else W
+
+
+def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
+    cb = entry["code_bits"]
+    if entry["code_encoding"] == "trits":
+        sel = unpack_trits(parts[f"{base}.codes"], kept)
+    else:
+        sel = unpack_bits(parts[f"{base}.codes"], cb, kept)
+    if mask is None:
+        codes = sel.reshape(out_f, in_f)
+    else:
+        codes = torch.zeros(out_f, in_f, dtype=torch.int64)
+        codes[mask] = sel
+    scale = parts[f"{base}.scale"].float()
+    ng = entry["n_groups"]
+    z = entry["zero"]
+    if z["type"] == "const":
+        zero = torch.full((out_f, ng), z["value"], dtype=torch.float32)
+    elif z["type"] == "packed":
+        zero = unpack_bits(parts[f"{base}.zero"], z["bits"], out_f * ng).reshape(out_f, ng).float()
+    else:
+        zero = parts[f"{base}.zero"].float()
+    if entry["g_idx"] == "contiguous":
+        g = _contiguous_groups(in_f, entry["group_size"] or 0)
+    else:
+        g = parts[f"{base}.g_idx"].long()
+    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
+    W = scale[:, g] * (codes.float() - zero[:, g])
+    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+
+
+def _layer_of(key: str, layers: dict) -> str | None:
+    if key.endswith(".weight") and key[:-7] in layers:
+        return key[:-7]
+    prefix, _, part = key.rpartition(".")
+    if part in PARTS and prefix.endswith(".weight") and prefix[:-7] in layers:
+        return prefix[:-7]
+    return None
+
+
+def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 verify: bool = True):
+    """Rebuild the model from a compact export: architecture from config.json, weights decoded layer by layer.
+
+    ``dtype`` defaults to the dtype the export was written in; reconstruction runs in float32 and is
+    then cast, so ``dtype=torch.float32`` gives back the in-memory compressed model's weights.
+    """
+    from safetensors import safe_open
+
+    root = Path(path)
+    if verify:
+        verify_manifest(root)
+    desc = read_descriptor(root)
+    if desc is None or desc.get("format") != FORMAT:
+        raise ModelLoadError(f"{root} is not a {FORMAT} export (no or another prunequant-export.json)")
+    dtype = dtype or DTYPES[desc["dtype"]]
+    layers = desc["layers"]
+    model = empty_model(root, dtype)
+    shards = shard_files(root, PREFIX)
+    if not shards:
+        raise ModelLoadError(f"{root} has no {PREFIX}*.safetensors shard; re-export it")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                grouped: dict[str, dict] = {}
+                for key in f.keys():
+                    name = _layer_of(key, layers)
+                    if name is None:
+                        assign_tensor(model, key, f.get_tensor(key), dtype, device)
+                    else:
+                        grouped.setdefault(name, {})[key] = f.get_tensor(key)
+                for name, parts in grouped.items():
+                    W = decode_linear(name, layers[name], parts)
+                    assign_tensor(model, weight_key(name), W, dtype, device)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises several types for damaged files
+            raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
+    return finish_model(model, desc.get("tied", {}), root)

@@ -1,0 +1,265 @@
+"""compressed-tensors export ("pack-quantized"): what transformers (with compressed-tensors) and vLLM load.
+
+Each quantized linear stores ``weight_packed`` (int32, 32/b codes per word, dense bit stream),
+``weight_scale`` (out, groups), ``weight_shape`` and, for asymmetric grids, ``weight_zero_point``
+packed along the output dimension. Pruned weights are stored as the zero point's code (so they
+decode to exactly 0). Layers with different schemes (bits, group size, symmetry) go to separate
+``config_groups`` targeting explicit layer names; layers not quantized are listed in ``ignore``.
+
+Format limits (compressed-tensors 0.20): integer codes of 1..8 bits, contiguous groups (no act-order
+g_idx), in_features divisible by the group size, integer zero points. Ternary codes use 2 bits.
+transformers 5.23 cannot load asymmetric pack-quantized checkpoints (the zero point's packed shape
+is not set up on load, vllm-project/llm-compressor#1618); ``asymmetric="widen"`` re-expresses an
+asymmetric b-bit grid exactly as a symmetric (b+1)-bit one, which every loader accepts.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..solvers.base import LayerResult, QuantState
+from .common import (DTYPES, TERNARY_BITS, analyse_linear, assign_tensor, code_bits, dtype_name, empty_model,
+                     finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
+                     write_extras)
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+
+log = logging.getLogger(__name__)
+
+FORMAT = "compressed-tensors"
+ASYM_MODES = ("zero-point", "widen")
+
+
+def _unsupported_reason(module: nn.Module, q: QuantState | None, asymmetric: str) -> str | None:
+    """Why a layer's quantization cannot be written as pack-quantized (None = it can)."""
+    if q is None:
+        return "not quantized"
+    if q.kind != "uniform":
+        return f"quantization kind {q.kind!r} has no integer codes"
+    if not isinstance(module, nn.Linear):
+        return f"{type(module).__name__} is not an nn.Linear (compressed-tensors compresses nn.Linear only)"
+    bits = code_bits(q.bits)
+    if not 1 <= bits <= 8 or (q.bits != TERNARY_BITS and q.bits != int(q.bits)):
+        return f"{q.bits}-bit codes (pack-quantized holds 1..8-bit integers)"
+    in_f = q.codes.shape[1]
+    if q.group_size > 0:
+        if in_f % q.group_size:
+            return f"in_features {in_f} is not a multiple of the group size {q.group_size}"
+        contiguous = torch.arange(in_f) // q.group_size
+    else:
+        contiguous = torch.zeros(in_f, dtype=torch.int64)
+    if not torch.equal(q.g_idx.to("cpu", torch.int64), contiguous):
+        return "act-order groups (g_idx) are not expressible in compressed-tensors >= 0.20; use the compact format"
+    zero = q.zero
+    if not bool((zero == zero.round()).all()) or float(zero.min()) < 0 or float(zero.max()) > 2**bits - 1:
+        return "zero points are not integers within the code range"
+    if asymmetric == "widen" and not _is_symmetric(zero, bits) and bits == 8:
+        return "an asymmetric 8-bit grid cannot be widened to 9 bits; use asymmetric='zero-point'"
+    return None
+
+
+def _is_symmetric(zero: torch.Tensor, bits: int) -> bool:
+    return bool((zero == 2 ** (bits - 1)).all())
+
+
+def _scheme_of(q: QuantState, asymmetric: str) -> tuple[int, int, bool]:
+    """(num_bits, group_size or 0 for channel, symmetric) as written to config.json."""
+    bits = code_bits(q.bits)
+    if _is_symmetric(q.zero, bits):
+        return bits, max(q.group_size, 0), True
+    if asymmetric == "widen":
+        return bits + 1, max(q.group_size, 0), True
+    return bits, max(q.group_size, 0), False
+
+
+def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torch.dtype) -> dict:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    q = lin.quant
+    num_bits, _, sym = scheme
+    codes = q.codes.to("cpu", torch.int64)
+    zero = q.zero.to("cpu", torch.float32).round().to(torch.int64)
+    g = q.g_idx.to("cpu", torch.int64)
+    zero_full = zero[:, g]
+    if lin.mask is not None:  # pruned positions take the zero point's code: they decode to exactly 0
+        codes = torch.where(lin.mask, codes, zero_full)
+    offset = 2 ** (num_bits - 1)
+    if sym:
+        qv = codes - zero_full  # the signed value; for a widened asymmetric grid it spans ±(2^b − 1)
+    else:
+        qv = codes - offset
+    if int(qv.min()) < -offset or int(qv.max()) > offset - 1:
+        raise ExportError(f"layer {name}: codes do not fit the {num_bits}-bit signed range")
+    base = f"{name}."
+    out = {
+        base + "weight_packed": pack_to_int32(qv.to(torch.int8), num_bits),
+        base + "weight_scale": q.scale.to("cpu", torch.float32).to(scale_dtype),
+        base + "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
+    }
+    if not sym:
+        out[base + "weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), num_bits, packed_dim=0)
+    return out
+
+
+def _quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> dict:
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    groups = {}
+    for i, ((bits, gs, sym), targets) in enumerate(sorted(schemes.items(), key=lambda kv: kv[0])):
+        args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym,
+                                strategy="group" if gs else "channel", group_size=gs if gs else None)
+        groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args)
+    qc = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                            ignore=ignore)
+    return {"quant_method": "compressed-tensors", "version": compressed_tensors.__version__,
+            "sparsity_config": {}, "transform_config": {}, **qc.model_dump(exclude={"quant_method"})}
+
+
+def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str | Path,
+                            dtype: torch.dtype = torch.float16, *, scale_dtype: torch.dtype | None = None,
+                            asymmetric: str = "zero-point", fallback: str = "error",
+                            max_shard_size: int | str = "2GB", overwrite: bool = False, tokenizer=None,
+                            extra_files: dict | None = None) -> Path:
+    """Write a compressed-tensors "pack-quantized" checkpoint with config.json's quantization_config.
+
+    ``scale_dtype`` defaults to ``dtype``. ``asymmetric``: "zero-point" (native, b bits + packed zero
+    points; vLLM) or "widen" (exact symmetric (b+1)-bit; also loads in transformers 5.23).
+    ``fallback``: "error" refuses layers the format cannot express; "dense" stores them as floats
+    (listed in ``ignore``).
+    """
+    dtype_name(dtype)
+    scale_dtype = scale_dtype or dtype
+    dtype_name(scale_dtype)
+    if asymmetric not in ASYM_MODES:
+        raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
+    if fallback not in ("error", "dense"):
+        raise ExportError(f"fallback={fallback!r}: choose 'error' or 'dense'")
+    modules = dict(model.named_modules())
+    missing = sorted(n for n in states if n not in modules)
+    if missing:
+        raise ExportError(f"states name {missing[0]}, which is not a module of the model")
+    reasons = {}
+    for name, st in states.items():
+        if st.quant is not None:
+            r = _unsupported_reason(modules[name], st.quant, asymmetric)
+            if r:
+                reasons[name] = r
+    if reasons and fallback == "error":
+        first = next(iter(reasons))
+        raise ExportError(f"{len(reasons)} layer(s) cannot be written as compressed-tensors, e.g. {first}: "
+                          f"{reasons[first]}; export in the compact format, or pass fallback='dense' to store "
+                          "them unquantized")
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, "model", parse_size(max_shard_size))
+        items, tied = model_tensors(model)
+        by_key = {weight_key(n): n for n in states}
+        schemes: dict[tuple, list[str]] = {}
+        layers: dict[str, dict] = {}
+        for key, t in items:
+            name = by_key.get(key)
+            lin = analyse_linear(name, modules[name], states[name]) if name else None
+            if lin is None or lin.quant is None or name in reasons:
+                if lin is not None:
+                    layers[name] = {**lin.record, "stored_as": "float"}
+                    if name in reasons:
+                        layers[name]["note"] = reasons[name]
+                writer.add({key: t.to(dtype) if t.is_floating_point() else t})
+                continue
+            scheme = _scheme_of(lin.quant, asymmetric)
+            writer.add(_pack_layer(name, lin, scheme, scale_dtype))
+            schemes.setdefault(scheme, []).append(name)
+            layers[name] = {**lin.record, "stored_as": "quantized", "ct_bits": scheme[0], "ct_symmetric": scheme[2]}
+        quantized = {n for names in schemes.values() for n in names}
+        ignore = [n for n, mod in modules.items() if isinstance(mod, nn.Linear) and n not in quantized]
+        qconfig = _quantization_config(schemes, ignore) if schemes else None
+        save_config(model, tmp, dtype, quantization_config=qconfig)
+        writer.close()
+        write_descriptor(tmp, FORMAT, dtype, layers, scale_dtype=dtype_name(scale_dtype), tied=tied,
+                         asymmetric=asymmetric)
+        write_extras(tmp, tokenizer, extra_files)
+    return out_dir
+
+
+# ---- loading through prunequant -----------------------------------------------------------------
+
+_CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+def _schemes_by_module(model: nn.Module, qconfig) -> dict:
+    from compressed_tensors.utils import match_named_modules
+
+    out = {}
+    for scheme in qconfig.config_groups.values():
+        for name, _ in match_named_modules(model, scheme.targets, qconfig.ignore or []):
+            out.setdefault(name, scheme)
+    return out
+
+
+def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
+                            device: str | torch.device = "cpu", verify: bool = True):
+    """Load a pack-quantized checkpoint by decompressing each layer in float32 with its own scheme.
+
+    Works for mixed schemes and asymmetric grids, which transformers 5.23's loader mishandles.
+    """
+    import json
+
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    root = Path(path)
+    if verify:
+        verify_manifest(root)
+    cfg = json.loads((root / "config.json").read_text())
+    qdict = dict(cfg.get("quantization_config") or {})
+    if not qdict:  # nothing was quantized: a plain checkpoint
+        from .dense import load_dense
+
+        return load_dense(root, dtype=dtype, device=device, verify=False)
+    if qdict.get("quant_method") != "compressed-tensors":
+        raise ModelLoadError(f"{root}/config.json has no compressed-tensors quantization_config")
+    fmt = qdict.get("format")
+    if fmt not in ("pack-quantized", "dense", None):
+        raise ModelLoadError(f"compressed-tensors format {fmt!r} is not supported here; use pack-quantized")
+    for k in ("version", "sparsity_config", "transform_config", "quant_method"):
+        qdict.pop(k, None)
+    qconfig = QuantizationConfig.model_validate(qdict)
+    desc = read_descriptor(root) or {}
+    dtype = dtype or DTYPES.get(desc.get("dtype") or cfg.get("dtype") or "", torch.float16)
+    model = empty_model(root, dtype)
+    schemes = _schemes_by_module(model, qconfig)
+    compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    pending: dict[str, dict] = {}
+    shards = shard_files(root, "model")
+    if not shards:
+        raise ModelLoadError(f"{root} has no model*.safetensors shard")
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt") as f:
+                for key in f.keys():
+                    mod, _, part = key.rpartition(".")
+                    if part not in _CT_PARTS or mod not in schemes:
+                        assign_tensor(model, key, f.get_tensor(key), dtype, device)
+                        continue
+                    parts = pending.setdefault(mod, {})
+                    parts[part] = f.get_tensor(key)
+                    scheme = schemes[mod]
+                    need = {"weight_packed", "weight_scale", "weight_shape"}
+                    if not scheme.weights.symmetric:
+                        need.add("weight_zero_point")
+                    if need <= set(parts):
+                        parts["weight_scale"] = parts["weight_scale"].float()  # decompress in float32
+                        w = compressor.decompress(pending.pop(mod), scheme)["weight"]
+                        assign_tensor(model, weight_key(mod), w, dtype, device)
+        except ModelLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged files raise several exception types
+            raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
+    if pending:
+        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(_CT_PARTS)}")
+    return finish_model(model, desc.get("tied", {}), root)

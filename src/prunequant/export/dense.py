@@ -1,0 +1,57 @@
+"""Dequantized export: a plain transformers checkpoint (config.json + model*.safetensors), written
+shard by shard so that only one shard's tensors are ever copied in memory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..solvers.base import LayerResult
+from .common import (DTYPES, analyse_linear, dtype_name, model_tensors, read_descriptor, save_config, weight_key,
+                     write_descriptor, write_extras)
+from .integrity import ShardWriter, atomic_output, parse_size, verify_manifest
+
+FORMAT = "dense"
+
+
+def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
+               states: dict[str, LayerResult] | None = None, max_shard_size: int | str = "2GB",
+               overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
+    """Write every weight in ``dtype`` as a standard sharded safetensors checkpoint any tool can load.
+
+    ``states`` (optional) only adds the per-layer record (sparsity, bits) used by ``size_report``.
+    """
+    dtype_name(dtype)
+    out_dir = Path(out_dir)
+    with atomic_output(out_dir, overwrite) as tmp:
+        save_config(model, tmp, dtype)
+        writer = ShardWriter(tmp, "model", parse_size(max_shard_size))
+        items, tied = model_tensors(model)
+        for key, t in items:
+            writer.add({key: t.to(dtype) if t.is_floating_point() else t})
+        writer.close()
+        layers = {}
+        stored = {k for k, _ in items}
+        for name, st in (states or {}).items():
+            if weight_key(name) in stored:
+                layers[name] = {**analyse_linear(name, model.get_submodule(name), st).record, "stored_as": "float"}
+        write_descriptor(tmp, FORMAT, dtype, layers, tied=tied)
+        write_extras(tmp, tokenizer, extra_files)
+    return out_dir
+
+
+def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+               verify: bool = True):
+    from transformers import AutoModelForCausalLM
+
+    root = Path(path)
+    if verify:
+        verify_manifest(root)
+    desc = read_descriptor(root) or {}
+    dtype = dtype or DTYPES.get(desc.get("dtype", ""), None) or "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
+        raise ModelLoadError(f"cannot load {root} with transformers: {e}") from None
+    return model.to(device).eval()

@@ -1,0 +1,209 @@
+"""Never a half-written output that looks complete: temporary sibling + rename, a SHA-256 manifest,
+and a shard writer that keeps at most one shard of tensors in memory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError, PrunequantError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "prunequant-manifest.json"
+MANIFEST_VERSION = 1
+
+
+class ExportError(PrunequantError):
+    """A model or output location that cannot be exported as asked; the message says what to change."""
+
+
+# ---- atomic output directory ------------------------------------------------------------------
+
+@contextmanager
+def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool = True):
+    """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir.
+
+    On any exception the temporary directory is removed and out_dir is untouched.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ExportError(f"output directory {out} already exists; choose another one or pass overwrite=True")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output path {out} exists and is not a directory; remove it or choose another")
+    if not out.parent.is_dir():
+        raise ExportError(f"parent directory {out.parent} of the output does not exist; create it first")
+    tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if manifest:
+            write_manifest(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- manifest ---------------------------------------------------------------------------------
+
+def sha256_file(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in _files(root)}
+    manifest = {"prunequant_manifest": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_manifest(root: str | Path, full: bool = True) -> dict:
+    """Check every file named in the manifest (size always, SHA-256 when ``full``).
+
+    Raises ModelLoadError naming the first missing, truncated or altered file.
+    """
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ModelLoadError(f"{root} has no {MANIFEST}: it is not a complete prunequant export (an interrupted "
+                             "save?); export it again, or pass verify=False to load it unchecked")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path} is unreadable ({e}); the export is damaged, export it again") from None
+    for rel, want in sorted(files.items()):
+        f = root / rel
+        if not f.is_file():
+            raise ModelLoadError(f"{f} is missing from the export (listed in {MANIFEST}); copy it again or re-export")
+        size = f.stat().st_size
+        if size != want["size"]:
+            raise ModelLoadError(f"{f} is truncated or altered: {size} bytes, the manifest says {want['size']}; "
+                                 "copy it again or re-export")
+        if full and sha256_file(f) != want["sha256"]:
+            raise ModelLoadError(f"{f} is altered: its SHA-256 differs from {MANIFEST}; copy it again or re-export")
+    return manifest
+
+
+# ---- sharded safetensors writing --------------------------------------------------------------
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '2GB', '500MB', '1.5GiB'."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ExportError(f"max shard size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(size))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ExportError(f"cannot read size {size!r}: use e.g. '2GB', '500MB' or a number of bytes")
+    value = int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    if value <= 0:
+        raise ExportError(f"max shard size must be positive, got {size!r}")
+    return value
+
+
+class ShardWriter:
+    """Accumulate groups of tensors and write a safetensors shard whenever ``max_bytes`` is reached.
+
+    A group (e.g. all tensors of one layer) always lands in one shard. At ``close()`` the shards are
+    named ``{prefix}.safetensors`` (one shard) or ``{prefix}-0000i-of-0000n.safetensors`` with a
+    ``{prefix}.safetensors.index.json`` weight map, as transformers expects.
+    """
+
+    def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
+                 metadata: dict | None = None):
+        self.root, self.prefix, self.max_bytes = Path(root), prefix, max_bytes
+        self.metadata = {"format": "pt", **(metadata or {})}
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        for k, t in tensors.items():
+            if k in self.pending or any(k in keys for _, keys in self.written):
+                raise ExportError(f"tensor {k} written twice")
+            self.pending[k] = t.detach().to("cpu").contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        name = f"{self.prefix}.part{len(self.written) + 1:05d}.safetensors"
+        save_file(self.pending, str(self.root / name), metadata=self.metadata)
+        self.written.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        n = len(self.written)
+        if n == 0:
+            return []
+        final, weight_map = [], {}
+        for i, (tmp_name, keys) in enumerate(self.written, 1):
+            name = f"{self.prefix}.safetensors" if n == 1 else f"{self.prefix}-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.root / tmp_name, self.root / name)
+            final.append(name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.root / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return final
+
+
+def read_safetensors_header(path: str | Path) -> dict:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, byte offsets) without reading data."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > 100 * 2**20:
+                raise ValueError("header too large")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def shard_files(root: Path, prefix: str) -> list[Path]:
+    single = root / f"{prefix}.safetensors"
+    if single.is_file():
+        return [single]
+    return sorted(root.glob(f"{prefix}-*-of-*.safetensors"))

@@ -1,0 +1,109 @@
+"""Compact format: export -> reload gives the in-memory compressed model's logits; bytes match theory."""
+import logging
+
+import pytest
+import torch
+
+from prunequant.export import ExportError, load_compact, load_exported, save_compact, size_report
+from test_export_fixtures import (CONFIGS, EXTRA_CONFIGS, assert_same_logits, compress, expected_compact_bytes,
+                                  logits, tiny_gpt2, tiny_llama)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS) + list(EXTRA_CONFIGS))
+def test_roundtrip_identical_logits_and_theoretical_bytes(tmp_path, config):
+    model = tiny_llama()
+    states = compress(model, config)
+    ref = logits(model)
+    out = save_compact(model, states, tmp_path / "m")
+    reloaded = load_compact(out, dtype=torch.float32)
+    assert_same_logits(ref, logits(reloaded))
+    for name in states:  # weights come back bit-exact
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight)
+
+    rep = size_report(out)
+    assert rep["format"] == "compact"
+    for row in rep["layers"]:
+        w = model.get_submodule(row["name"]).weight
+        assert row["bytes"] == expected_compact_bytes(states[row["name"]], w), row["name"]
+    # whole directory = tensor payload + small fixed overheads (headers, config, descriptor, manifest)
+    assert rep["model_bytes"] - rep["tensor_bytes"] < 40_000
+
+
+def test_theoretical_rate_plus_documented_overheads(tmp_path):
+    """4-bit g128 asym: q + 16/128 (fp16 scale) + 4/128 (packed zero) bits per weight, exactly."""
+    model = tiny_llama()
+    states = compress(model, "2:4+4bit")
+    rep = size_report(save_compact(model, states, tmp_path / "m"))
+    c = rep["compressed"]
+    assert c["tcr"] == pytest.approx(1 - 4 * 0.5 / 16)
+    # 2:4 ranks: ceil(log2 C(4,2)) = 3 bits per 4 weights
+    assert c["bits_per_param"] == pytest.approx(4 * 0.5 + 0.75 + 16 / 128 + 4 / 128)
+    assert c["real_cr"] == pytest.approx(1 - c["bits_per_param"] / 16)
+
+
+def test_float32_scales_bit_exact_with_scale_dtype_float32(tmp_path, caplog):
+    model = tiny_llama()
+    states = compress(model, "4bit-g128", fp16_scales=False)
+    ref = logits(model)
+    exact = load_compact(save_compact(model, states, tmp_path / "a", scale_dtype=torch.float32), dtype=torch.float32)
+    assert_same_logits(ref, logits(exact))
+    with caplog.at_level(logging.WARNING):
+        rounded = load_compact(save_compact(model, states, tmp_path / "b"), dtype=torch.float32)
+    assert "scale_dtype=torch.float32" in caplog.text
+    assert_same_logits(ref, logits(rounded), rtol=2e-2)  # fp16 scales: about 2^-11 per weight
+
+
+def test_act_order_groups_are_stored(tmp_path):
+    model = tiny_llama()
+    states = compress(model, "4bit-g128", act_order=True)
+    ref = logits(model)
+    out = save_compact(model, states, tmp_path / "m")
+    model2, fmt = load_exported(out, dtype=torch.float32)
+    assert fmt == "compact"
+    assert_same_logits(ref, logits(model2))
+    for r in size_report(out)["layers"]:
+        assert r["bytes"] == expected_compact_bytes(states[r["name"]], model.get_submodule(r["name"]).weight)
+
+
+def test_tied_embeddings_and_bf16(tmp_path):
+    model = tiny_llama(tie=True)
+    states = compress(model, "50%+3bit")
+    out = save_compact(model, states, tmp_path / "m", dtype=torch.bfloat16)
+    reloaded = load_compact(out)
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight
+    for name in states:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight.bfloat16())
+
+
+def test_gpt2_conv1d_is_transposed(tmp_path):
+    model = tiny_gpt2()
+    states = compress(model, "2:4+4bit")
+    ref = logits(model)
+    out = save_compact(model, states, tmp_path / "m")
+    assert size_report(out)["layers"][0]["shape"] == [384, 128]  # (out, in) of c_attn
+    assert_same_logits(ref, logits(load_compact(out, dtype=torch.float32)))
+
+
+def test_state_not_matching_model_is_stored_exactly_with_a_warning(tmp_path, caplog):
+    model = tiny_llama()
+    states = compress(model, "2:4+4bit")
+    name = "model.layers.0.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(name).weight[0, :8] = 0.5  # touches pruned positions and changes codes
+    ref = logits(model)
+    with caplog.at_level(logging.WARNING):  # float32 storage: the fallback float values are exact too
+        out = save_compact(model, states, tmp_path / "m", dtype=torch.float32)
+    assert name in caplog.text
+    assert_same_logits(ref, logits(load_compact(out, dtype=torch.float32)))
+    row = next(r for r in size_report(out)["layers"] if r["name"] == name)
+    assert row["stored_as"] == "sparse-float"
+
+
+def test_states_for_missing_layer_rejected(tmp_path):
+    model = tiny_llama()
+    states = compress(model, "4bit-g128")
+    states["model.layers.9.mlp.up_proj"] = states["model.layers.0.mlp.up_proj"]
+    with pytest.raises(ExportError, match="layers.9"):
+        save_compact(model, states, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
