@@ -114,35 +114,36 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
         zero = torch.empty_like(scale)
     scale, zero = scale.float().to(dt), zero.float().to(dt)  # choose codes on the grid as stored
     codes = torch.empty_like(Wp)
-    fast = _fast_loop(Wp, spec, scale, zero, col_group, maskp)
 
+    kernel = _triton_columns(Wp, spec.blocksize)
     for i1 in range(0, cols, spec.blocksize):
         i2 = min(i1 + spec.blocksize, cols)
         W1 = Wp[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        if fast is not None:  # the same loop as one Triton launch per run of columns sharing a grid
-            c = i1
-            while c < i2:
+        if kernel is not None:  # one launch per run of columns between grid refits
+            cuts = [0] + [c - i1 for c in range(i1, i2) if not static and c % gs == 0 and c > i1] + [i2 - i1]
+            cg = torch.tensor(col_group[i1:i2], dtype=torch.int32, device=W.device)
+            m8 = None if maskp is None else maskp[:, i1:i2].to(torch.uint8)
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                if not static and (i1 + a) % gs == 0:
+                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, i1 + a, i1, i2, col_group[i1 + a])
+                kernel(W1, U1, scale, zero, cg, m8, codes[:, i1:i2], Err1, a, b, maxq)
+        else:
+            for i in range(i2 - i1):
+                c = i1 + i
+                g = col_group[c]
                 if not static and c % gs == 0:
-                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, col_group[c])
-                nxt = i2 if static else min(i2, (c // gs + 1) * gs)
-                fast(W1, U1, codes[:, i1:i2], Err1, i1, c - i1, nxt - i1)
-                c = nxt
-        for i in range(i2 - i1 if fast is None else 0):
-            c = i1 + i
-            g = col_group[c]
-            if not static and c % gs == 0:
-                _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g)
-            s, z = scale[:, g], zero[:, g]
-            w = W1[:, i]
-            q_code = quantize_to_grid(w, s, z, maxq)
-            if maskp is not None:
-                q_code = torch.where(maskp[:, c], q_code, z)
-            codes[:, c] = q_code
-            err = (w - s * (q_code - z)) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-            Err1[:, i] = err
+                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g)
+                s, z = scale[:, g], zero[:, g]
+                w = W1[:, i]
+                q_code = quantize_to_grid(w, s, z, maxq)
+                if maskp is not None:
+                    q_code = torch.where(maskp[:, c], q_code, z)
+                codes[:, c] = q_code
+                err = (w - s * (q_code - z)) / U1[i, i]
+                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+                Err1[:, i] = err
         if i2 < cols:  # lazy batch update of everything right of the block
             Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
 
@@ -155,21 +156,15 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
     return _finish(state, mask, info, W.dtype)
 
 
-def _fast_loop(Wp, spec, scale, zero, col_group, maskp):
-    """The Triton version of the column loop when it applies (CUDA float32), else None."""
-    from . import triton_gptq
-
-    if not triton_gptq.available(Wp) or spec.blocksize > triton_gptq.MAX_BLOCK or scale.stride() != zero.stride():
+def _triton_columns(Wp: torch.Tensor, blocksize: int):
+    """The Triton column-loop kernel (solvers/triton_gptq.py) when it applies to this problem, else None."""
+    try:
+        from . import triton_gptq
+    except ImportError:
         return None
-    groups = torch.tensor(col_group, dtype=torch.int32, device=Wp.device)
-    mask_u8 = None if maskp is None else maskp.to(torch.uint8)
-    maxq = maxq_of(spec.bits)
-
-    def run(W1, U1, codes1, Err1, i1, a, b):
-        i2 = i1 + W1.shape[1]
-        m = None if mask_u8 is None else mask_u8[:, i1:i2]
-        triton_gptq.gptq_columns(W1, U1, scale, zero, groups[i1:i2], m, codes1, Err1, a, b, maxq)
-    return run
+    if not triton_gptq.available(Wp) or min(blocksize, Wp.shape[1]) > triton_gptq.MAX_BLOCK:
+        return None
+    return triton_gptq.gptq_columns
 
 
 def _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g) -> None:
