@@ -190,7 +190,14 @@ def save_config(model: nn.Module, root: Path, dtype: torch.dtype, quantization_c
 
 
 def write_descriptor(root: Path, fmt: str, dtype: torch.dtype, layers: dict, **extra) -> dict:
-    desc = {"format": fmt, "format_version": FORMAT_VERSION, "dtype": dtype_name(dtype), **extra, "layers": layers}
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pq_version = version("prunequant")
+    except PackageNotFoundError:
+        pq_version = None
+    desc = {"format": fmt, "format_version": FORMAT_VERSION, "prunequant_version": pq_version,
+            "dtype": dtype_name(dtype), **extra, "layers": layers}
     (root / EXPORT_JSON).write_text(json.dumps(desc, indent=1))
     return desc
 
