@@ -41,6 +41,7 @@ def test_mixed_bits_are_separate_groups(tmp_path):
     ("mixed-2/4bit-sym", "zero-point"),  # symmetric grids: no zero points at all
     ("2:4+4bit", "widen"),  # asymmetric b-bit re-expressed exactly as symmetric (b+1)-bit
     ("50%+3bit", "widen"),
+    ("4bit-g96-ragged", "widen"),  # g96 over 256 columns: written exactly as g32 (gcd)
 ])
 def test_transformers_from_pretrained_gives_same_logits(tmp_path, config, mode):
     model = tiny_llama()

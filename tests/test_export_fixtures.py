@@ -55,6 +55,7 @@ EXTRA_CONFIGS = {
     "ternary-g128": lambda n: (None, QuantSpec(method="rtn", bits=1.58, group_size=128, symmetric=True)),
     "8bit-pc": lambda n: (None, QuantSpec(method="rtn", bits=8, group_size=0)),
     "4:8+4bit": lambda n: (("nm", 4, 8), QuantSpec(method="rtn", bits=4, group_size=128)),
+    "4bit-g96-ragged": lambda n: (None, QuantSpec(method="rtn", bits=4, group_size=96, ragged=True)),
     "mixed-2/4bit-sym": lambda n: (None, QuantSpec(method="rtn", bits=2 if "mlp" in n else 4, group_size=128,
                                                    symmetric=True)),
 }

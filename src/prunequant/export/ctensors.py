@@ -7,7 +7,8 @@ decode to exactly 0). Layers with different schemes (bits, group size, symmetry)
 ``config_groups`` targeting explicit layer names; layers not quantized are listed in ``ignore``.
 
 Format limits (compressed-tensors 0.20): integer codes of 1..8 bits, contiguous groups (no act-order
-g_idx), in_features divisible by the group size, integer zero points. Ternary codes use 2 bits.
+g_idx), integer zero points. Ternary codes use 2 bits. Ragged groups (group size not dividing
+in_features) are re-expressed exactly with gcd(group size, in_features) columns per group.
 transformers 5.23 cannot load asymmetric pack-quantized checkpoints (the zero point's packed shape
 is not set up on load, vllm-project/llm-compressor#1618); ``asymmetric="widen"`` re-expresses an
 asymmetric b-bit grid exactly as a symmetric (b+1)-bit one, which every loader accepts.
@@ -15,6 +16,7 @@ asymmetric b-bit grid exactly as a symmetric (b+1)-bit one, which every loader a
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -46,8 +48,6 @@ def _unsupported_reason(module: nn.Module, q: QuantState | None, asymmetric: str
         return f"{q.bits}-bit codes (pack-quantized holds 1..8-bit integers)"
     in_f = q.codes.shape[1]
     if q.group_size > 0:
-        if in_f % q.group_size:
-            return f"in_features {in_f} is not a multiple of the group size {q.group_size}"
         contiguous = torch.arange(in_f) // q.group_size
     else:
         contiguous = torch.zeros(in_f, dtype=torch.int64)
@@ -65,14 +65,25 @@ def _is_symmetric(zero: torch.Tensor, bits: int) -> bool:
     return bool((zero == 2 ** (bits - 1)).all())
 
 
+def _ct_group_size(q: QuantState) -> int:
+    """Group size as written: compressed-tensors needs it to divide in_features, so a ragged layout
+    (last group of a row smaller, e.g. g128 over 576 columns) is re-expressed exactly with groups of
+    gcd(group size, in_features), each repeating the scale and zero point of the group it lies in."""
+    in_f = q.codes.shape[1]
+    if q.group_size <= 0:
+        return 0
+    return math.gcd(q.group_size, in_f)
+
+
 def _scheme_of(q: QuantState, asymmetric: str) -> tuple[int, int, bool]:
     """(num_bits, group_size or 0 for channel, symmetric) as written to config.json."""
     bits = code_bits(q.bits)
+    gs = _ct_group_size(q)
     if _is_symmetric(q.zero, bits):
-        return bits, max(q.group_size, 0), True
+        return bits, gs, True
     if asymmetric == "widen":
-        return bits + 1, max(q.group_size, 0), True
-    return bits, max(q.group_size, 0), False
+        return bits + 1, gs, True
+    return bits, gs, False
 
 
 def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torch.dtype) -> dict:
@@ -93,14 +104,18 @@ def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torc
         qv = codes - offset
     if int(qv.min()) < -offset or int(qv.max()) > offset - 1:
         raise ExportError(f"layer {name}: codes do not fit the {num_bits}-bit signed range")
+    gs = scheme[1]
+    # scale/zero of each written group: the original group of its first column (identity unless ragged)
+    first = g[::gs] if gs else g[:1]
     base = f"{name}."
     out = {
         base + "weight_packed": pack_to_int32(qv.to(torch.int8), num_bits),
-        base + "weight_scale": q.scale.to("cpu", torch.float32).to(scale_dtype),
+        base + "weight_scale": q.scale.to("cpu", torch.float32)[:, first].to(scale_dtype),
         base + "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
     }
     if not sym:
-        out[base + "weight_zero_point"] = pack_to_int32((zero - offset).to(torch.int8), num_bits, packed_dim=0)
+        zp = (zero[:, first] - offset).to(torch.int8)
+        out[base + "weight_zero_point"] = pack_to_int32(zp, num_bits, packed_dim=0)
     return out
 
 
