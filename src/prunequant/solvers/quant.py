@@ -5,6 +5,8 @@ The returned weight is always exactly ``QuantState.dequantize()`` of the returne
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import NumericalError, RecipeError
@@ -13,6 +15,8 @@ from .base import LayerResult, LayerStats, QuantState
 from .billm import billm_dequantize, billm_quantize  # noqa: F401  (1-bit solver, re-exported here)
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped, quantize_to_grid
 from .hessian import layer_objective, prepare_hessian
+
+log = logging.getLogger(__name__)
 
 
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
@@ -121,20 +125,29 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
         W1 = Wp[:, i1:i2]  # a view: updated in place
         U1 = U[i1:i2, i1:i2]
         Err1 = torch.empty_like(W1)
-        if kernel is not None:  # one launch per run of columns between grid refits
-            cuts = [0] + [c - i1 for c in range(i1, i2) if not static and c % gs == 0 and c > i1] + [i2 - i1]
-            cg = torch.tensor(col_group[i1:i2], dtype=torch.int32, device=W.device)
-            m8 = None if maskp is None else maskp[:, i1:i2].to(torch.uint8)
-            for a, b in zip(cuts[:-1], cuts[1:]):
-                if not static and (i1 + a) % gs == 0:
-                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, i1 + a, i1, i2, col_group[i1 + a])
-                kernel(W1, U1, scale, zero, cg, m8, codes[:, i1:i2], Err1, a, b, maxq)
-        else:
-            for i in range(i2 - i1):
+        # runs of columns between grid refits (dynamic groups are fitted when their first column comes)
+        cuts = [0] + [c - i1 for c in range(i1 + 1, i2) if not static and c % gs == 0] + [i2 - i1]
+        cg = None
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            if not static and (i1 + a) % gs == 0:
+                _fit_group(Wp, U, Err1, maskp, scale, zero, spec, i1 + a, i1, i2, col_group[i1 + a])
+            if kernel is not None:  # one launch for the whole run of columns
+                if cg is None:
+                    cg = torch.tensor(col_group[i1:i2], dtype=torch.int32, device=W.device)
+                    m8 = None if maskp is None else maskp[:, i1:i2].to(torch.uint8)
+                try:
+                    kernel(W1, U1, scale, zero, cg, m8, codes[:, i1:i2], Err1, a, b, maxq)
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    if not type(e).__module__.startswith("triton"):
+                        raise
+                    # a kernel that fails to compile was never launched: W1 is untouched, go on in torch
+                    log.warning("Triton GPTQ kernel unavailable (%s: %s); using the torch column loop",
+                                type(e).__name__, str(e).splitlines()[0][:200])
+                    kernel = None
+            for i in range(a, b):
                 c = i1 + i
                 g = col_group[c]
-                if not static and c % gs == 0:
-                    _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g)
                 s, z = scale[:, g], zero[:, g]
                 w = W1[:, i]
                 q_code = quantize_to_grid(w, s, z, maxq)
