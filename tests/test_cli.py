@@ -142,3 +142,22 @@ def test_interrupt_leaves_no_output(tiny_dir, texts, tmp_path, capsys, monkeypat
     assert code == 130 and "interrupted" in err
     assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] in ([], ["out.prunequant-work"])
+
+
+def test_act_quant_is_recorded_and_restored_on_load(tiny_dir, texts, tmp_path, capsys):
+    from prunequant.models import load_model
+
+    out = tmp_path / "w8a8"
+    code, _, err = run(capsys, "compress", tiny_dir, "--quant", "rtn:8:g32", "--act-bits", "8", "--calib-text",
+                       texts[0], "--calib-samples", 2, "--seq-len", 16, "--out", out)
+    assert code == 0, err
+    rec = json.loads((out / "prunequant.json").read_text())
+    assert rec["act_quant"]["bits"] == 8 and rec["act_quant"]["smoothed_linears"] > 0
+    model, _ = load_model(str(out))
+    hooks = sum(len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks == 14  # one fake-quant hook per block linear (2 blocks x 7)
+    ids = torch.randint(0, 300, (1, 16))
+    plain, _ = load_model(str(tiny_dir))
+    with torch.no_grad():
+        d = (model(ids).logits - plain(ids).logits).abs().max()
+    assert 0 < d < 1.0  # W8A8 simulated: close to the original, not identical

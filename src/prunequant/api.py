@@ -92,6 +92,28 @@ def validate_recipe_for_model(model, recipe: Recipe) -> None:
                                       f"multiple of {p.m}")
 
 
+def smooth_activations(model, ids, alpha: float, batch_size: int) -> dict:
+    """SmoothQuant migration before weight compression, folded into norms only (so the saved model is a
+    plain checkpoint); the weight solvers then see the smoothed weights and inputs."""
+    from .solvers.actquant import _norm_groups, apply_activation_quant, collect_act_absmax
+
+    names = all_linear_names(model)
+    foldable = {n for _, group in _norm_groups(model, set(names)) for n in group}
+    dev = next(model.parameters()).device
+    absmax = collect_act_absmax(model, sorted(foldable), (ids[i:i + batch_size].to(dev)
+                                                          for i in range(0, ids.shape[0], batch_size)))
+    apply_activation_quant(model, absmax, bits=16, alpha=alpha, smooth=True)  # bits=16: no quant hooks yet
+    return {"smooth_alpha": alpha, "smoothed_linears": len(foldable)}
+
+
+def enable_act_quant(model, bits: int):
+    """Per-token fake quantization of every compressed linear's input (simulated W·A·)."""
+    from .solvers.actquant import apply_activation_quant
+
+    names = all_linear_names(model)
+    return apply_activation_quant(model, {n: torch.ones(1) for n in names}, bits=bits, smooth=False)
+
+
 def compress_data_free(model, plan_for, device=None, progress=True) -> EngineReport:
     """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine)."""
     from tqdm.auto import tqdm
@@ -142,6 +164,8 @@ def compress(
     work_dir: str | Path | None = None,
     progress: bool = True,
     allocate: bool = True,
+    act_bits: int | None = None,
+    smooth_alpha: float = 0.5,
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``."""
     check_output_dir(out, overwrite)
@@ -154,6 +178,7 @@ def compress(
     torch.manual_seed(seed)
     calib = load_text(calib_text, "calib")
     ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
+    act_info = smooth_activations(model, ids, smooth_alpha, batch_size) if act_bits else None
     plan_recipe = recipe
     alloc_info = None
     if allocate and recipe.allocation.get("method", "uniform") != "uniform":
@@ -170,6 +195,9 @@ def compress(
         report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
                                 batch_size=batch_size, true_sequential=recipe.true_sequential,
                                 work_dir=work_dir, fingerprint=fingerprint, progress=progress)
+    if act_bits:
+        enable_act_quant(model, act_bits)
+        act_info.update(bits=act_bits)
     n_total = sum(p.numel() for p in model.parameters())
     rates = summarize(report.layers, n_total, linear_param_counts(model))
     record = {
@@ -178,6 +206,7 @@ def compress(
         "recipe": recipe.to_dict(),
         "recipe_description": recipe.describe(),
         "allocation": alloc_info,
+        "act_quant": act_info,
         "calibration": {**calib.record(), "samples": calib_samples, "seq_len": seq_len, "seed": seed,
                         "token_ids_sha256": _ids_sha(ids)},
         "rates": rates,

@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=["uniform", "owl", "bits"], help="per-layer allocation")
     c.add_argument("--avg-bits", type=float, help="average-bit budget for --allocation bits")
     c.add_argument("--no-true-sequential", action="store_true", help="one stats pass per block instead of per sub-layer")
+    c.add_argument("--act-bits", type=int, choices=[4, 8], help="simulated per-token activation quantization "
+                   "(W·A8 / W·A4) with SmoothQuant migration folded into the norms")
     c.add_argument("--calib-text", default="wiki")
     c.add_argument("--calib-samples", type=int, default=128)
     c.add_argument("--seq-len", type=int, default=512)
@@ -128,7 +130,8 @@ def cmd_compress(a) -> int:
     if a.eval:
         base_eval = _cached_eval(a.model, model, tok, _texts(a), eval_len, a.max_tokens, a.batch_size, a.device)
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
-                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None)
+                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
+                       act_bits=a.act_bits)
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:

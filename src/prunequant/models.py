@@ -165,7 +165,24 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.eval()
+    _restore_act_quant(model, where if not gguf else None)
     return model.to(device), tok
+
+
+def _restore_act_quant(model, where: str | None) -> None:
+    """A model compressed with simulated activation quantization gets its fake-quant hooks back on load."""
+    rec = Path(where) / "prunequant.json" if where else None
+    if rec is None or not rec.is_file():
+        return
+    try:
+        act = json.loads(rec.read_text()).get("act_quant")
+    except json.JSONDecodeError:
+        return
+    if act and act.get("bits"):
+        from .api import enable_act_quant
+
+        enable_act_quant(model, int(act["bits"]))
+        log.info("re-applied simulated %s-bit activation quantization", act["bits"])
 
 
 def _detach_gguf_quantizer(model) -> None:
