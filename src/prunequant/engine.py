@@ -3,10 +3,15 @@
 Catch the inputs of the first decoder block, then for each block: collect per-linear input
 statistics with hooks, hand each weight to a solver, and re-run the calibration activations through
 the *compressed* block so that later blocks see (and compensate) the error of earlier ones.
-Only the current block sits on the compute device; activations can be offloaded to the CPU.
+Only the current block sits on the compute device (onload.BlockIO); activations stay there too, or
+in pinned CPU memory when they do not fit (decided from the free GPU memory unless told).
+Linears that share an input and an identical row-separable plan (q/k/v, gate/up under GPTQ) are
+solved as one stacked matrix: one Hessian factorisation and one column loop instead of several.
+With a distributed.DistContext the work is spread over processes (one per GPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -19,10 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
+from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
 from .recipe import LayerPlan
 from .solvers import needs, solve_layer
-from .solvers.base import LayerResult, LayerStats
+from .solvers.base import LayerResult, LayerStats, QuantState
+from .solvers.hessian import layer_objective
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +47,8 @@ class EngineReport:
     states: dict[str, LayerResult] = field(default_factory=dict)  # masks and quant states for export (weight=None)
     seconds: float = 0.0
     resumed_blocks: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds by phase: capture, onload, stats, solve, ...
+    offloaded: bool = False  # were calibration activations kept on the CPU
 
 
 def default_device() -> torch.device:
@@ -46,15 +56,7 @@ def default_device() -> torch.device:
 
 
 def _to(obj, device):
-    if torch.is_tensor(obj):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
-    return obj
+    return to_device(obj, device)
 
 
 @torch.no_grad()
@@ -66,11 +68,11 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store:
     def grab(_module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        inputs.append((hidden.to(store), _to(kw, store)))
+        inputs.append((to_store(hidden, store), store_nest(kw, store)))
         raise _Stop
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
-    dev = next(model.parameters()).device
+    dev = next(p for p in model.parameters() if p.device.type != "meta").device
     try:
         for i in range(0, calib_ids.shape[0], batch_size):
             try:
@@ -82,34 +84,76 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store:
     return inputs
 
 
+_MM_OUT_DTYPE: bool | None = None  # does this torch do bf16/fp16 x bf16/fp16 -> float32 matmuls?
+
+
+@contextlib.contextmanager
+def _tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """xᵀx (x: tokens × features) in float32.
+
+    bf16/fp16 activations on CUDA use the tensor cores: their products are exact in float32 and
+    accumulate in float32, so the result equals a float32 product up to summation order (TF32 is
+    exact for them too: its 10-bit mantissa holds bf16's 7 and fp16's 10). float32 inputs stay float32.
+    """
+    global _MM_OUT_DTYPE
+    if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
+        if _MM_OUT_DTYPE is not False:
+            try:
+                out = torch.mm(x.t(), x, out_dtype=torch.float32)
+                _MM_OUT_DTYPE = True
+                return out
+            except (RuntimeError, TypeError, NotImplementedError):
+                _MM_OUT_DTYPE = False
+        xf = x.float()
+        with _tf32():
+            return xf.t() @ xf
+    xf = x.float()
+    return xf.t() @ xf
+
+
 class _StatsHook:
     """Accumulates the input statistics of one linear (shared by the linears that read the same input)."""
 
     def __init__(self, want_hessian: bool, want_sq: bool, stop: bool):
         self.want_hessian, self.want_sq, self.stop = want_hessian, want_sq, stop
-        self.h = None
+        self.h = None  # float32 sum of x xᵀ (divided by n in stats())
         self.sq = None
         self.n = 0
 
     def __call__(self, _module, args, _output):
         x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).float()
-        b = x.shape[0]
+        x = x.reshape(-1, x.shape[-1])
         if self.want_hessian:
-            xx = x.t() @ x
-            if self.h is None:
-                self.h = xx / b
-            else:  # running mean: H_n = H_{n-b}·(n-b)/n + XXᵀ/n
-                self.h.mul_(self.n / (self.n + b)).add_(xx, alpha=1.0 / (self.n + b))
+            xx = gram(x)
+            self.h = xx if self.h is None else self.h.add_(xx)
         if self.want_sq:
-            s = (x * x).sum(0)
+            xf = x.float()
+            s = (xf * xf).sum(0)
             self.sq = s if self.sq is None else self.sq.add_(s)
-        self.n += b
+        self.n += x.shape[0]
         if self.stop:
             raise _Stop
 
+    def reduce(self, dist: DistContext, device) -> None:
+        """Sum the statistics over processes (a no-op for one)."""
+        self.n = dist.all_reduce_int(self.n, device)
+        for t in (self.h, self.sq):
+            if t is not None:
+                dist.all_reduce_(t)
+
     def stats(self) -> LayerStats:
-        return LayerStats(hessian=self.h, sq_norm=self.sq, n_tokens=self.n)
+        h = None if self.h is None else self.h.div_(max(self.n, 1))  # the mean of x xᵀ
+        self.h = None
+        return LayerStats(hessian=h, sq_norm=self.sq, n_tokens=self.n)
 
 
 @torch.no_grad()
@@ -117,12 +161,12 @@ def _run_block(block, inputs, device, outputs: bool):
     outs = []
     for hidden, kw in inputs:
         try:
-            y = block(hidden.to(device), **_to(kw, device))
+            y = block(to_device(hidden, device), **to_device(kw, device))
         except _Stop:
             continue
         if outputs:
             y = y[0] if isinstance(y, (tuple, list)) else y
-            outs.append(y.to(hidden.device))
+            outs.append(to_store(y, hidden.device))
     return outs
 
 
@@ -136,8 +180,25 @@ def _summary(name: str, w: torch.Tensor, plan: LayerPlan, res: LayerResult, seco
         "nm": [plan.prune.n, plan.prune.m] if plan.prune and plan.prune.structured else None,
         "bits": (q.bits if q else 16), "group_size": (q.group_size if q else None),
         "error": res.info.get("error"), "seconds": round(seconds, 4),
-        **{k: v for k, v in res.info.items() if k in ("damp", "dead", "avg_bits")},
+        **{k: v for k, v in res.info.items() if k in ("damp", "dead", "avg_bits", "stacked")},
     }
+
+
+class _Clock:
+    """Wall time by phase (synchronising the GPU at each boundary so the phases do not blur)."""
+
+    def __init__(self, device: torch.device, into: dict):
+        self.device, self.into = device, into
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.into[phase] = self.into.get(phase, 0.0) + time.perf_counter() - t
 
 
 def compress_model(
@@ -148,60 +209,130 @@ def compress_model(
     device: torch.device | str | None = None,
     batch_size: int = 8,
     true_sequential: bool = True,
-    offload_activations: bool = False,
+    offload_activations: bool | None = None,
     keep_states: bool = True,
     solver: Solver = solve_layer,
     work_dir: str | Path | None = None,
     fingerprint: str = "",
     progress: bool = True,
+    block_io: BlockIO | None = None,
+    dist: DistContext | None = None,
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
-    ``work_dir`` (optional) holds a checkpoint after every block; a later call with the same
-    ``fingerprint`` resumes from it instead of starting over.
+    The model may live on the CPU (or partly on the meta device, with a ``block_io`` that materialises
+    each block); only the block being compressed is moved to ``device``. ``offload_activations``:
+    True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
+    the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
+    with the same ``fingerprint`` resumes from it instead of starting over. ``dist`` spreads the work
+    over processes (see distributed.py).
     """
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
+    dist = dist or DistContext()
+    block_io = block_io or BlockIO()
     arch = arch_of(model)
     blocks = get_blocks(model, arch)
-    store = torch.device("cpu") if offload_activations else device
     report = EngineReport()
+    clock = _Clock(device, report.timings)
+    calib_ids = dist.shard(calib_ids)
+    if offload_activations is None:
+        act_bytes = next(blocks[0].parameters()).element_size()
+        hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
+        offload_activations = decide_offload(blocks[0], device, calib_ids.numel(),
+                                             min(batch_size, calib_ids.shape[0]) * calib_ids.shape[1], hidden, act_bytes)
+    report.offloaded = bool(offload_activations) and device.type != "cpu"
+    store = torch.device("cpu") if offload_activations else device
 
     resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
 
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
-    inputs = capture_block_inputs(model, calib_ids, batch_size, store)
+    with clock("capture"):
+        inputs = capture_block_inputs(model, calib_ids, batch_size, store)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
-        home = next(block.parameters()).device
-        block.to(device)
+        with clock("onload"):
+            block_io.load(i, block, device)
         if i < done:
             resume.load_block(i, block, report)
             report.resumed_blocks += 1
         else:
-            _compress_block(i, block, arch, inputs, plan_for, device, true_sequential, solver, report, keep_states)
-            if resume:
+            _compress_block(i, block, arch, inputs, plan_for, device, true_sequential, solver, report,
+                            keep_states, clock, dist)
+            if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
-        inputs_next = _run_block(block, inputs, device, outputs=True)
-        inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
-        block.to(home)
+        with clock("forward_out"):
+            inputs_next = _run_block(block, inputs, device, outputs=True)
+            inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
+        with clock("offload"):
+            block_io.unload(i, block)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if resume:
+    if resume and dist.rank == 0:
         resume.clear()
     report.seconds = time.time() - t0
     return report
 
 
-def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_sequential, solver, report, keep_states):
+_ROW_SEPARABLE = {"gptq"}  # rows solved independently given H: stacking q/k/v changes nothing
+
+
+def _stackable(plans: list[LayerPlan], solver) -> bool:
+    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans,
+    and methods whose rows are independent (SparseGPT's block-wide mask threshold is not)."""
+    p = plans[0]
+    if solver is not solve_layer or len(plans) < 2 or any(q != p for q in plans) or p.prune is not None:
+        return False
+    return p.quant is not None and p.quant.method in _ROW_SEPARABLE
+
+
+def _split_result(res: LayerResult, sizes: list[int]) -> list[LayerResult]:
+    """Cut a stacked solve's result back into one result per linear (rows in stacking order)."""
+    out, r0 = [], 0
+    for n in sizes:
+        rows = slice(r0, r0 + n)
+        q = res.quant
+        if q is not None:
+            if q.kind != "uniform" or q.extra:
+                raise AssertionError("stacked solves are only used for uniform grids")
+            q = QuantState(kind=q.kind, bits=q.bits, group_size=q.group_size, symmetric=q.symmetric,
+                           codes=q.codes[rows], scale=q.scale[rows], zero=q.zero[rows], g_idx=q.g_idx)
+        out.append(LayerResult(weight=res.weight[rows], mask=None if res.mask is None else res.mask[rows],
+                               quant=q, info=dict(res.info)))
+        r0 += n
+    return out
+
+
+def _solve_job(rels, stats, plans, linears, solver, prefix, dev_clock_sync):
+    """Solve one job (a linear, or a stack of linears sharing the input); return [(rel, w, result, secs)]."""
+    ws = [get_weight(linears[r]).detach().float() for r in rels]
+    w = (ws[0] if len(ws) == 1 else torch.cat(ws, 0)).clone(memory_format=torch.contiguous_format)
+    t = time.time()
+    res = solver(w, stats, plans[rels[0]])
+    dev_clock_sync()
+    secs = time.time() - t
+    if len(rels) == 1:
+        return [(rels[0], w, res, secs)]
+    parts = _split_result(res, [x.shape[0] for x in ws])
+    out = []
+    for rel, wi, ri in zip(rels, ws, parts):
+        ri.info["error"] = layer_objective(wi, ri.weight, stats.hessian)
+        ri.info["stacked"] = len(rels)
+        out.append((rel, wi, ri, secs * wi.shape[0] / w.shape[0]))
+    return out
+
+
+def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_sequential, solver, report,
+                    keep_states, clock, dist: DistContext):
     prefix = f"{arch.blocks}.{i}."
     linears = block_linears(block, arch)
     plans = {rel: plan_for(prefix + rel) for rel in linears}
     groups = [g for g in arch.groups if any(not plans[r].is_identity for r in g)]
     if not groups:
         return
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     stages = [[g] for g in groups] if true_sequential else [groups]
     for stage in stages:
         hooks, handles = {}, []
@@ -212,32 +343,53 @@ def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_seq
             hook = _StatsHook(want_h, want_sq, stop=(g is last and true_sequential))
             hooks[g] = hook
             handles.append(linears[g[0]].register_forward_hook(hook))
-        try:
-            _run_block(block, inputs, device, outputs=False)
-        finally:
-            for h in handles:
-                h.remove()
+        with clock("forward_stats"):
+            try:
+                _run_block(block, inputs, device, outputs=False)
+            finally:
+                for h in handles:
+                    h.remove()
+            for g in stage:
+                hooks[g].reduce(dist, device)
+        jobs = []  # (relative names solved together, their shared statistics)
         for g in stage:
-            stats = hooks[g].stats()
-            for rel in g:
-                plan = plans[rel]
-                if plan.is_identity:
-                    continue
-                module = linears[rel]
-                w = get_weight(module).detach().float().clone(memory_format=torch.contiguous_format)
-                t = time.time()
-                res = solver(w, stats, plan)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                set_weight(module, res.weight)
-                name = prefix + rel
-                report.layers[name] = _summary(name, w, plan, res, time.time() - t)
-                if keep_states:
-                    report.states[name] = LayerResult(
-                        weight=None,
-                        mask=None if res.mask is None else res.mask.cpu(),
-                        quant=_cpu_quant(res.quant), info=res.info)
-            hooks[g] = None  # free the Hessian before the next stage
+            stats = hooks.pop(g).stats()
+            active = [r for r in g if not plans[r].is_identity]
+            if _stackable([plans[r] for r in active], solver):
+                jobs.append((active, stats))
+            else:
+                jobs.extend(([r], stats) for r in active)
+        costs = [sum(linears[r].weight.numel() * max(linears[r].weight.shape) for r in rels) for rels, _ in jobs]
+        owners = dist.assign(costs)
+        with clock("solve"):
+            for (rels, stats), owner in zip(jobs, owners):
+                solved = _solve_job(rels, stats, plans, linears, solver, prefix, sync) if owner == dist.rank else None
+                _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dist, device)
+        del jobs  # free the Hessians before the next stage
+
+
+def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dist: DistContext, device):
+    """Write the solved weights into the block (every rank), and record summaries and export states."""
+    records = []
+    for k, rel in enumerate(rels):
+        module = linears[rel]
+        if solved is not None:
+            _, w, res, secs = solved[k]
+            weight = res.weight
+            name = prefix + rel
+            state = None
+            if keep_states:
+                state = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
+                                    quant=_cpu_quant(res.quant), info=res.info)
+            records.append((name, _summary(name, w, plans[rel], res, secs), state))
+        else:
+            weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
+        set_weight(module, dist.broadcast_(weight.to(device=device, dtype=torch.float32), owner))
+    records = dist.broadcast_object(records, owner)
+    for name, summary, state in records:
+        report.layers[name] = summary
+        if state is not None:
+            report.states[name] = state
 
 
 def _cpu_quant(q):

@@ -1,0 +1,98 @@
+"""Device placement for the block engine: onloading one decoder block at a time, storing calibration
+activations on the GPU or in pinned CPU memory, and deciding which from the free GPU memory.
+
+The engine holds at most one block and its activations on the compute device; a ``BlockIO`` says how a
+block gets there and back. The default moves the block's parameters (model kept on the CPU). A custom
+one can materialise a block that lives nowhere yet (a meta-device model whose weights are read lazily
+from disk, or drawn at random by a benchmark) and drop it again after compression.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class BlockIO:
+    """Moves decoder block i to the compute device before it is compressed and back after."""
+
+    def __init__(self):
+        self._home: dict[int, torch.device] = {}
+
+    def load(self, i: int, block: nn.Module, device: torch.device) -> None:
+        self._home[i] = next(block.parameters()).device
+        block.to(device)
+
+    def unload(self, i: int, block: nn.Module) -> None:
+        block.to(self._home.pop(i))
+
+
+def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
+    """Copy an activation to where activations are kept; CPU copies go to pinned memory, asynchronously
+    (the copies back to the GPU are queued on the same stream, so the order is kept)."""
+    if t.device == store:
+        return t
+    if store.type == "cpu" and t.is_cuda:
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return buf.copy_(t, non_blocking=True)
+    return t.to(store)
+
+
+def to_device(obj, device: torch.device):
+    """Move a tensor or a nest of tuples/lists/dicts of tensors (pinned sources copy asynchronously)."""
+    if torch.is_tensor(obj):
+        return obj.to(device, non_blocking=obj.is_pinned()) if obj.device != device else obj
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [to_device(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def store_nest(obj, store: torch.device):
+    if torch.is_tensor(obj):
+        return to_store(obj, store)
+    if isinstance(obj, tuple):
+        return tuple(store_nest(o, store) for o in obj)
+    if isinstance(obj, list):
+        return [store_nest(o, store) for o in obj]
+    if isinstance(obj, dict):
+        return {k: store_nest(v, store) for k, v in obj.items()}
+    return obj
+
+
+def _linear_shapes(block: nn.Module) -> list[tuple[int, int]]:
+    return [tuple(m.weight.shape) for m in block.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.dim() == 2]
+
+
+def gpu_bytes_needed(block: nn.Module, n_tokens: int, batch_tokens: int, hidden: int, act_bytes: int) -> dict:
+    """A rough upper bound of what one block's compression holds on the GPU, by part (bytes)."""
+    shapes = _linear_shapes(block)
+    params = sum(p.numel() * p.element_size() for p in block.parameters())
+    d_in = max(max(s) for s in shapes) if shapes else hidden
+    widest = max(shapes, key=lambda s: s[0] * s[1]) if shapes else (hidden, hidden)
+    # Hessians of one stage + prepare_hessian's copies (H, damped H, L, H⁻¹, U) + float32 W, codes, masks
+    solver = 6 * d_in * d_in * 4 + 4 * widest[0] * widest[1] * 4
+    forward = batch_tokens * max(d_in, hidden) * act_bytes * 8  # intermediates of one batch
+    activations = 2 * n_tokens * hidden * act_bytes  # block inputs and outputs
+    return {"params": params, "solver": solver, "forward": forward, "activations": activations}
+
+
+def decide_offload(block: nn.Module, device: torch.device, n_tokens: int, batch_tokens: int, hidden: int,
+                   act_bytes: int, headroom: float = 0.9) -> bool:
+    """Offload calibration activations to CPU when they do not fit beside the block and its solver work."""
+    if device.type != "cuda":
+        return False
+    need = gpu_bytes_needed(block, n_tokens, batch_tokens, hidden, act_bytes)
+    free, _total = torch.cuda.mem_get_info(device)
+    offload = sum(need.values()) > headroom * free
+    log.info("activations %.1f GiB, block work %.1f GiB, free %.1f GiB: %s", need["activations"] / 2**30,
+             (sum(need.values()) - need["activations"]) / 2**30, free / 2**30,
+             "offloading activations to CPU" if offload else "activations stay on the GPU")
+    return offload
