@@ -1,0 +1,188 @@
+"""Budgets and the accounting that lets the search hit them *before* compressing anything.
+
+A budget is either ``tcr=X`` (theoretical compression rate of the block linears must be ≥ X) or
+``size=40MB`` (bytes of the compact export must be ≤ the budget). The search picks the free variables
+of a configuration and *derives* the last one (sparsity or bits) from the layer inventory so that the
+nominal figure lands on the budget; the measured figure after compression is what decides feasibility.
+
+Feasibility, never a soft penalty:
+- ``tcr``: measured TCr ≥ X − TCR_TOLERANCE (1e-3 absolute; only covers per-row rounding of the
+  number of pruned weights, e.g. 33.3% of 576 columns, which can land a hair under the nominal rate);
+- ``size``: the real bytes of the compact export (model files, headers included) ≤ the budget, no slack.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass
+
+from ..errors import PrunequantError
+from ..recipe import Recipe, effective_bits
+
+TCR_TOLERANCE = 1e-3
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str  # "tcr" or "size"
+    value: float  # target TCr, or bytes
+
+    def describe(self) -> str:
+        return f"TCr ≥ {self.value:g}" if self.kind == "tcr" else f"size ≤ {self.value / 1e6:,.2f} MB"
+
+    def violation(self, tcr: float, nbytes: float | None) -> float:
+        """≤ 0 when the measured figures satisfy the budget (optuna's constraint convention)."""
+        if self.kind == "tcr":
+            return (self.value - TCR_TOLERANCE) - tcr
+        return float(nbytes) - self.value
+
+
+def parse_budget(text: str | Budget) -> Budget:
+    """``tcr=0.875`` or ``size=40MB`` (KB/MB/GB are powers of 10; KiB/MiB/GiB powers of 2)."""
+    if isinstance(text, Budget):
+        return text
+    m = re.fullmatch(r"\s*(tcr|size)\s*=\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m:
+        raise PrunequantError(f"cannot read budget {text!r}: use tcr=0.875 (theoretical compression rate) "
+                              "or size=40MB (bytes of the compact export)")
+    kind, num, unit = m.group(1), float(m.group(2)), m.group(3).upper()
+    if kind == "tcr":
+        if unit or not 0 < num < 1:
+            raise PrunequantError(f"budget tcr={m.group(2)}{m.group(3)} must be a fraction in (0, 1), e.g. tcr=0.875")
+        return Budget("tcr", num)
+    if unit not in _SIZE_UNITS:
+        raise PrunequantError(f"unknown size unit {m.group(3)!r} in budget {text!r}; use B, KB, MB, GB, KiB, MiB, GiB")
+    if num <= 0:
+        raise PrunequantError(f"size budget {text!r} must be positive")
+    return Budget("size", num * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    out_features: int
+    in_features: int
+    block: int
+
+    @property
+    def n_params(self) -> int:
+        return self.out_features * self.in_features
+
+
+@dataclass
+class Inventory:
+    """The block linears of a model (what a recipe can touch) and the count of every other parameter."""
+
+    layers: list[Layer]
+    n_blocks: int
+    blocks_prefix: str
+    other_params: int
+
+    @classmethod
+    def of(cls, model) -> "Inventory":
+        from ..models import arch_of, block_linears, get_blocks, get_weight
+
+        arch = arch_of(model)
+        layers = []
+        blocks = get_blocks(model, arch)
+        for i, block in enumerate(blocks):
+            for rel, mod in block_linears(block, arch).items():
+                o, n = get_weight(mod).shape
+                layers.append(Layer(f"{arch.blocks}.{i}.{rel}", int(o), int(n), i))
+        total = sum(p.numel() for p in model.parameters())
+        return cls(layers, len(blocks), arch.blocks, total - sum(x.n_params for x in layers))
+
+    def to_dict(self) -> dict:
+        return {"layers": [asdict(x) for x in self.layers], "n_blocks": self.n_blocks,
+                "blocks_prefix": self.blocks_prefix, "other_params": self.other_params}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Inventory":
+        return cls([Layer(**x) for x in d["layers"]], d["n_blocks"], d["blocks_prefix"], d["other_params"])
+
+    @property
+    def min_in_features(self) -> int:
+        return min(x.in_features for x in self.layers)
+
+    @property
+    def dense_bytes(self) -> int:
+        return 2 * (self.other_params + sum(x.n_params for x in self.layers))
+
+
+def _nm_rank_bits(m: int, n_pruned: int) -> int:
+    return max(1, math.ceil(math.log2(math.comb(m, m - n_pruned))))
+
+
+def _layer_figures(recipe: Recipe, layer: Layer, bits_override: float | None) -> tuple[float, float, float]:
+    """(sparsity, bits for TCr, predicted bytes) of one layer under ``recipe``, before any allocation."""
+    plan = recipe.plan_for(layer.name)
+    n, (o, i) = layer.n_params, (layer.out_features, layer.in_features)
+    s = plan.prune.sparsity if plan.prune else 0.0
+    q = plan.quant
+    bits = effective_bits(q) if bits_override is None or q is None else bits_override
+    kept = n * (1 - s)
+    if q is None:
+        value_bits = 16 * kept
+    else:
+        code_bits = 1.6 if q.bits == 1.58 else bits  # ternary: 5 trits per byte
+        groups = o * (math.ceil(i / q.group_size) if q.group_size else 1)
+        zero_bits = 0 if q.symmetric or q.bits == 1.58 else math.ceil(bits)
+        value_bits = kept * code_bits + groups * (16 + zero_bits)
+    if plan.prune is None:
+        mask_bits = 0.0
+    elif plan.prune.structured:
+        mask_bits = (n / plan.prune.m) * _nm_rank_bits(plan.prune.m, plan.prune.n)
+    else:
+        mask_bits = float(n)
+    return s, bits, (value_bits + mask_bits) / 8
+
+
+def nominal(recipe: Recipe, inv: Inventory) -> dict:
+    """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it.
+
+    Allocators keep these figures: OWL preserves the parameter-weighted mean sparsity of the layers it
+    touches (with uniform bits, so TCr is exact); the bit allocator keeps the average bits of the layers
+    it touches ≤ ``avg_bits`` (so TCr is a lower bound). The search never combines an allocator with
+    overrides that would break these invariants (see space.py).
+    """
+    avg = recipe.allocation.get("avg_bits") if recipe.allocation.get("method") == "bits" else None
+    rows, nbytes = [], 2.0 * inv.other_params + 256 * len(inv.layers)  # + headers/descriptor, roughly
+    for layer in inv.layers:
+        s, b, by = _layer_figures(recipe, layer, float(avg) if avg is not None else None)
+        rows.append((layer.n_params, s, b))
+        nbytes += by
+    total = sum(n for n, _, _ in rows)
+    tcr = 1.0 - sum(n * b * (1 - s) for n, s, b in rows) / (16.0 * total)
+    return {"tcr": tcr, "predicted_bytes": nbytes}
+
+
+def meets(budget: Budget, fig: dict) -> bool:
+    if budget.kind == "tcr":
+        return fig["tcr"] >= budget.value - 1e-12
+    return fig["predicted_bytes"] <= budget.value
+
+
+def solve_monotone(make, lo: float, hi: float, budget: Budget, inv: Inventory, increasing: bool,
+                   step: float) -> float | None:
+    """The least compressing x in [lo, hi] on a grid of ``step`` whose recipe ``make(x)`` meets the budget.
+
+    ``increasing``: compression grows with x (sparsity) — return the smallest feasible x; otherwise
+    (bits) the largest. None when even the most compressing end misses the budget.
+    """
+    best_end = hi if increasing else lo
+    if not meets(budget, nominal(make(best_end), inv)):
+        return None
+    a, b = (lo, hi) if increasing else (hi, lo)  # a: least compressing end, b: feasible end
+    if meets(budget, nominal(make(a), inv)):
+        return a
+    for _ in range(60):
+        mid = (a + b) / 2
+        if meets(budget, nominal(make(mid), inv)):
+            b = mid
+        else:
+            a = mid
+    # snap onto the grid on the feasible side
+    x = math.ceil(b / step - 1e-9) * step if increasing else math.floor(b / step + 1e-9) * step
+    x = round(min(max(x, lo), hi), 10)
+    return x if meets(budget, nominal(make(x), inv)) else round(b, 10)
