@@ -1,0 +1,315 @@
+"""One-pass joint OBS solver: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep.
+
+Both SparseGPT and GPTQ walk the input columns left to right over the upper Cholesky factor U of the
+damped H⁻¹ (see hessian.py). Here a single sweep does both jobs:
+
+- at the start of every *mask window* (``prune.blocksize`` columns, or every ``m`` columns for N:M)
+  the mask of the window is chosen with SparseGPT's saliency w²/U_jj² on the weights *as updated so far*
+  — they already carry the pruning AND quantization errors of every earlier column;
+- a group's grid is fitted when the group starts, on the current weights, pruned weights excluded
+  from min/max. Where the group reaches past the windows selected so far, the not-yet-selected part is
+  excluded by a *provisional* mask: the same rule applied now to those windows (the final choice, made
+  later on further-updated weights, may differ slightly; a kept weight outside the range clamps to the
+  grid's end, it never leaves the grid);
+- per column, pruned entries get the zero point as code (they dequantize to exactly 0) and kept entries
+  the nearest grid point; the error of both is spread over the columns not yet processed through U,
+  with GPTQ's lazy block updates (blocks of ``quant.blocksize`` columns).
+
+With a fixed mask this sweep is *algebraically identical* to sequential case B (SparseGPT, then GPTQ with
+the mask kept): the OBS updates are linear, so the pruning compensation that SparseGPT applies first and
+the quantization compensation that GPTQ applies afterwards add up to the same total update, and GPTQ's
+mask-aware grids see the same kept weights. The one-pass solver therefore differs from case B only in
+*which* mask it picks — a mask chosen on weights that have already absorbed earlier quantization errors.
+
+Static grids (per-channel, or act-order with its static groups) are fitted before the sweep, on the
+weights with a provisional mask chosen by the same rule on the initial weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NumericalError, RecipeError
+from ..recipe import PruneSpec, QuantSpec
+from .base import LayerResult, LayerStats, QuantState
+from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_to_grid
+from .hessian import layer_objective, prepare_hessian
+
+
+def _n_pruned(sparsity: float, size: int) -> int:
+    # same rounding as prune.py, so per-row counts equal SparseGPT's
+    return int(sparsity * size + 0.5)
+
+
+def _lowest_k_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        keep.scatter_(1, torch.argsort(score, dim=1)[:, :k], False)
+    return keep
+
+
+def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, False)
+    return keep.reshape(rows, cols)
+
+
+def _windows(cols: int, prune: PruneSpec) -> list[tuple[int, int]]:
+    """Mask windows in sweep order: the mask of a window is chosen when the sweep reaches its start."""
+    size = prune.m if prune.structured else max(1, prune.blocksize)
+    return [(a, min(a + size, cols)) for a in range(0, cols, size)]
+
+
+def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: PruneSpec,
+            deq: torch.Tensor | None = None) -> torch.Tensor:
+    """Mask of the window [a, b): prune the lowest saliency (n per m-group, or a count per row that keeps
+    every row's running total at round(sparsity · columns so far)). Saliency w²/U_jj² (SparseGPT), or with
+    ``deq`` (the values the weights would be rounded to) the marginal cost (w² − (w − deq)²)/U_jj², ties
+    (e.g. every weight that rounds to 0 costs 0) broken by w²/U_jj²."""
+    sal = cur ** 2 * inv_d2
+    if deq is not None:
+        sal = _lexicographic_rank((cur ** 2 - (cur - deq) ** 2) * inv_d2, sal)
+    if prune.structured:
+        return _nm_keep(sal, prune.n, prune.m)
+    return _lowest_k_per_row(sal, _n_pruned(prune.sparsity, b) - _n_pruned(prune.sparsity, a))
+
+
+def _lexicographic_rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
+    """Per row, the rank of every entry ordered by (primary, secondary, column), as floats."""
+    order = torch.argsort(secondary, dim=1, stable=True)
+    order = order.gather(1, torch.argsort(primary.gather(1, order), dim=1, stable=True))
+    rank = torch.empty_like(primary)
+    rank.scatter_(1, order, torch.arange(primary.shape[1], dtype=primary.dtype, device=primary.device)
+                  .expand_as(primary).contiguous())
+    return rank
+
+
+def _after_pruning(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Weights of a segment after OBS-pruning its pruned entries left to right (no quantization): what
+    SparseGPT would hand to GPTQ. Per row, the scaled errors E solve E·A = W∘p with A = U·diag(p) +
+    diag(1 − p) (p = 1 where pruned), one batched triangular solve per block of columns."""
+    W = Wseg.clone()
+    p_all = (~keep).to(W.dtype)
+    L = W.shape[1]
+    for a in range(0, L, block):
+        b = min(a + block, L)
+        p = p_all[:, a:b]
+        if not p.any():
+            continue
+        Ub = Useg[a:b, a:b]
+        E = torch.empty_like(W[:, a:b])
+        step = max(1, (1 << 24) // ((b - a) ** 2))  # rows per solve: A stays ≤ 128 MiB in float64
+        for r0 in range(0, W.shape[0], step):
+            pr = p[r0:r0 + step]
+            A = Ub[None] * pr[:, None, :] + torch.diag_embed(1.0 - pr)
+            E[r0:r0 + step] = torch.linalg.solve_triangular(
+                A, (W[r0:r0 + step, a:b] * pr)[:, None, :], upper=True, left=False)[:, 0, :]
+        W[:, a:].addmm_(E, Useg[a:b, a:], alpha=-1.0)
+    return W
+
+
+def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: QuantSpec) -> torch.Tensor:
+    if W.ndim != 2 or W.numel() == 0:
+        raise ValueError(f"weight must be a non-empty (out, in) matrix, got shape {tuple(W.shape)}")
+    if prune.method != "sparsegpt":
+        raise RecipeError(f"the one-pass joint solver chooses masks with SparseGPT's rule, not {prune.method!r}; "
+                          "use prune method sparsegpt, or joint mode 'B' (prune, then quantize with the mask kept)")
+    if quant.method != "gptq":
+        raise RecipeError(f"the one-pass joint solver quantizes with GPTQ grids, not {quant.method!r}; "
+                          "use quant method gptq, or joint mode 'B'")
+    if stats is None or stats.hessian is None:
+        raise ValueError("joint_obs needs stats.hessian (collect the Hessian for this layer)")
+    if stats.n_tokens <= 0:
+        raise NumericalError("the joint solver needs calibration inputs but this layer saw none (e.g. an MoE "
+                             "expert no token was routed to): use more calibration data, or rtn/magnitude here")
+    if stats.hessian.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match weight {tuple(W.shape)}")
+    if prune.structured and W.shape[1] % prune.m:
+        raise RecipeError(f"N:M pattern {prune.n}:{prune.m} needs the input size to be a multiple of {prune.m}, "
+                          f"but this layer has {W.shape[1]} inputs; use unstructured sparsity or leave it dense")
+    if prune.structured and quant.act_order:
+        raise RecipeError("act-order visits columns out of order, which breaks N:M groups of consecutive "
+                          "columns: turn act_order off for N:M joint compression")
+    if quant.blocksize < 1 or prune.blocksize < 1:
+        raise RecipeError("block sizes must be positive numbers of columns, e.g. 128")
+    return stats.hessian.detach().to(W.device)
+
+
+class _Sweep:
+    """State of one joint sweep over the columns (in sweep order; permuted under act-order)."""
+
+    def __init__(self, Wp, U, prune: PruneSpec, quant: QuantSpec, col_group: list[int], rule: str,
+                 mask: torch.Tensor | None):
+        self.Wp, self.U, self.prune, self.quant, self.col_group, self.rule = Wp, U, prune, quant, col_group, rule
+        rows, cols = Wp.shape
+        self.cols, self.gs = cols, quant.group_size
+        self.maxq = maxq_of(quant.bits)
+        self.sym = quant.symmetric or quant.bits == TERNARY_BITS
+        self.inv_d2 = torch.diagonal(U) ** -2
+        self.windows = _windows(cols, prune) if mask is None else [(0, cols)]
+        self.win_at = {a: b for a, b in self.windows} if mask is None else {}
+        self.win_of = [0] * cols
+        for k, (a, b) in enumerate(self.windows):
+            self.win_of[a:b] = [k] * (b - a)
+        self.keep = torch.ones(rows, cols, dtype=torch.bool, device=Wp.device) if mask is None else mask.clone()
+        self.sel_end = 0 if mask is None else cols  # columns [0, sel_end) have their final mask
+        self.i1 = self.i2 = self.c = 0
+        self.Err1 = None
+        self.static = self.gs <= 0 or quant.act_order
+        self.scale = torch.empty(rows, max(1, 1 + max(col_group)), dtype=Wp.dtype, device=Wp.device)
+        self.zero = torch.empty_like(self.scale)
+        self.fitted_upto = -1  # last group whose final grid is fitted (dynamic groups)
+
+    def current(self, a: int, b: int) -> torch.Tensor:
+        """Weights of columns [a, b) as the sweep at column c sees them (lazy update applied beyond the block)."""
+        parts = []
+        if a < self.i2:
+            parts.append(self.Wp[:, a:min(b, self.i2)])
+        if b > self.i2:
+            lo = max(a, self.i2)
+            rest = self.Wp[:, lo:b]
+            if self.c > self.i1:
+                rest = rest - self.Err1[:, :self.c - self.i1] @ self.U[self.i1:self.c, lo:b]
+            parts.append(rest)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def keep_for(self, a: int, b: int) -> torch.Tensor:
+        """Mask of columns [a, b): final where selected, provisional beyond (SparseGPT's rule, now)."""
+        sel = self.sel_end
+        if b <= sel:
+            return self.keep[:, a:b]
+        parts = [self.keep[:, a:sel]] if a < sel else []
+        k = self.win_of[max(a, sel)]
+        while k < len(self.windows) and self.windows[k][0] < b:
+            wa, wb = self.windows[k]
+            prov = _select(self.current(wa, wb), self.inv_d2[wa:wb], wa, wb, self.prune)
+            lo, hi = max(wa, a, sel), min(wb, b)
+            parts.append(prov[:, lo - wa:hi - wa])
+            k += 1
+        return torch.cat(parts, dim=1)
+
+    def fit(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid (rows, 1) for columns [a, b) on the kept weights as they will be after pruning compensation."""
+        kp = self.keep_for(a, b)
+        Wa = _after_pruning(self.current(a, b), self.U[a:b, a:b], kp)
+        s, z = fit_grid(Wa, self.quant.bits, 0, self.sym, self.quant.mse_clip, mask=kp)
+        dt = self.scale.dtype
+        return s.float().to(dt), z.float().to(dt)  # choose codes on the grid as stored
+
+    def fit_static(self, inv: torch.Tensor | None) -> None:
+        """Per-channel / act-order grids, fitted before the sweep in the original column order."""
+        prov = self.keep_for(0, self.cols)
+        Wa = _after_pruning(self.Wp, self.U, prov)
+        if inv is not None:
+            Wa, prov = Wa[:, inv], prov[:, inv]
+        s, z = fit_grid(Wa, self.quant.bits, self.gs, self.sym, self.quant.mse_clip, mask=prov)
+        self.scale, self.zero = s.float().to(self.scale.dtype), z.float().to(self.scale.dtype)
+
+    def grid_of_columns(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero) of every column in [a, b), (rows, b − a): fitted grids, or provisional ones for groups
+        that have not started yet (used by the quantization-aware mask rule)."""
+        groups = self.col_group[a:b]
+        if self.static:
+            g = torch.tensor(groups, device=self.Wp.device)
+            return self.scale[:, g], self.zero[:, g]
+        ss, zz = [], []
+        j = a
+        while j < b:
+            g = self.col_group[j]
+            g0, g1 = g * self.gs, min((g + 1) * self.gs, self.cols)
+            s, z = (self.scale[:, g:g + 1], self.zero[:, g:g + 1]) if g <= self.fitted_upto else self.fit(g0, g1)
+            n = min(g1, b) - j
+            ss.append(s.expand(-1, n))
+            zz.append(z.expand(-1, n))
+            j += n
+        return torch.cat(ss, dim=1), torch.cat(zz, dim=1)
+
+    def select_window(self, a: int, b: int) -> None:
+        cur = self.current(a, b)
+        deq = None
+        if self.rule == "quant":
+            s, z = self.grid_of_columns(a, b)
+            deq = s * (quantize_to_grid(cur, s, z, self.maxq) - z)
+        self.keep[:, a:b] = _select(cur, self.inv_d2[a:b], a, b, self.prune, deq)
+        self.sel_end = b
+
+    def run(self) -> torch.Tensor:
+        codes = torch.empty_like(self.Wp)
+        B, U = self.quant.blocksize, self.U
+        for i1 in range(0, self.cols, B):
+            i2 = min(i1 + B, self.cols)
+            W1 = self.Wp[:, i1:i2]  # a view: updated in place
+            U1 = U[i1:i2, i1:i2]
+            self.i1, self.i2, self.Err1 = i1, i2, torch.empty_like(W1)
+            for i in range(i2 - i1):
+                c = self.c = i1 + i
+                if c in self.win_at:
+                    self.select_window(c, self.win_at[c])
+                g = self.col_group[c]
+                if not self.static and c % self.gs == 0:
+                    s1, z1 = self.fit(c, min(c + self.gs, self.cols))
+                    self.scale[:, g], self.zero[:, g] = s1[:, 0], z1[:, 0]
+                    self.fitted_upto = g
+                s, z = self.scale[:, g], self.zero[:, g]
+                w = W1[:, i]
+                q = torch.where(self.keep[:, c], quantize_to_grid(w, s, z, self.maxq), z)
+                codes[:, c] = q
+                err = (w - s * (q - z)) / U1[i, i]
+                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+                self.Err1[:, i] = err
+            if i2 < self.cols:  # lazy batch update of everything right of the block
+                self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
+        return codes
+
+
+MASK_RULES = ("obs", "quant")
+
+
+def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: QuantSpec, *,
+              mask: torch.Tensor | None = None, mask_rule: str = "obs") -> LayerResult:
+    """Prune and quantize one weight (out, in) in a single OBS sweep (see the module docstring).
+
+    Returns a LayerResult with the dequantized weight (pruned entries exactly 0), the mask (True = kept),
+    the QuantState (codes, scale, zero, g_idx; static groups g_idx = arange(in) // group_size) and
+    info = {error: ‖WX − ŴX‖²/n_tokens against the given W, damp, dead, sparsity}.
+    Damping is ``quant.damp`` (so that sparsity 0 reproduces gptq_quantize exactly).
+
+    ``mask_rule``: "obs" prunes the lowest w²/U_jj² (SparseGPT's rule); "quant" the lowest *marginal*
+    cost of pruning over keeping, (w² − (w − q(w))²)/U_jj², with q the grid the weight would be rounded to
+    (a weight that rounds to 0 anyway is free to prune).
+    ``mask`` (True = kept) fixes the mask instead of choosing it (then the sweep equals SparseGPT with that
+    mask followed by GPTQ with the mask kept, case B, up to where group grids are fitted).
+    """
+    H = _check(W, stats, prune, quant)
+    if mask is not None and mask.shape != W.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(W.shape)}")
+    if mask_rule not in MASK_RULES:
+        raise RecipeError(f"mask rule {mask_rule!r} unknown; choose one of {', '.join(MASK_RULES)}")
+    rows, cols = W.shape
+    W0 = W.detach()
+    perm = torch.argsort(torch.diagonal(H), descending=True) if quant.act_order else None
+    Wp, U, hinfo = prepare_hessian(W0, H, damp=quant.damp, perm=perm)
+    inv = torch.argsort(perm) if perm is not None else None
+    g_idx = group_index(cols, quant.group_size, W.device)
+    col_group = (g_idx if perm is None else g_idx[perm]).tolist()
+    if mask is not None:
+        mask = (mask if perm is None else mask[:, perm]).to(device=W.device, dtype=torch.bool)
+
+    sweep = _Sweep(Wp, U, prune, quant, col_group, mask_rule, mask)
+    if sweep.static:
+        sweep.fit_static(inv)
+    codes = sweep.run()
+    keep = sweep.keep
+    if inv is not None:
+        codes, keep = codes[:, inv], keep[:, inv]
+    qstate = QuantState(kind="uniform", bits=quant.bits, group_size=quant.group_size, symmetric=sweep.sym,
+                        codes=codes.to(torch.uint8), scale=sweep.scale.float(), zero=sweep.zero.float(),
+                        g_idx=g_idx.int())
+    Wq = qstate.dequantize().to(Wp.dtype)
+    assert not Wq[~keep].any(), "pruned weights must dequantize to exactly 0"
+    info = {"method": "joint_obs", "spec": f"{prune.describe()} + {quant.describe()} [onepass, {mask_rule}]",
+            "error": layer_objective(W0, Wq, H), "damp": hinfo["damp"], "dead": hinfo["dead"],
+            "sparsity": 1.0 - float(keep.float().mean())}
+    out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    return LayerResult(weight=Wq.to(out_dtype), mask=keep, quant=qstate, info=info)
