@@ -17,7 +17,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-_CHUNK = 1 << 18  # values per chunk (a multiple of 8, so every chunk starts on a byte boundary)
+_CHUNK = 1 << 20  # values per chunk (a multiple of 8, so every chunk starts on a byte boundary)
 
 
 def _as_numpy_int(values: torch.Tensor) -> np.ndarray:
@@ -28,19 +28,47 @@ def packed_nbytes(n: int, bits: int) -> int:
     return (n * bits + 7) // 8
 
 
+def _pack_words(chunk: np.ndarray, bits: int) -> np.ndarray:
+    """8 values of b <= 8 bits make one b-byte little-endian word: no per-bit expansion needed."""
+    pad = (-chunk.size) % 8
+    v = np.concatenate([chunk, np.zeros(pad, dtype=np.int64)]).astype(np.uint64).reshape(-1, 8)
+    word = np.zeros(v.shape[0], dtype=np.uint64)
+    for j in range(8):
+        word |= v[:, j] << np.uint64(j * bits)
+    out = np.empty((v.shape[0], bits), dtype=np.uint8)
+    for k in range(bits):
+        out[:, k] = (word >> np.uint64(8 * k)) & np.uint64(0xFF)
+    return out.reshape(-1)[:packed_nbytes(chunk.size, bits)]
+
+
+def _unpack_words(chunk: np.ndarray, bits: int, count: int) -> np.ndarray:
+    pad = (-chunk.size) % bits
+    b = np.concatenate([chunk, np.zeros(pad, dtype=np.uint8)]).astype(np.uint64).reshape(-1, bits)
+    word = np.zeros(b.shape[0], dtype=np.uint64)
+    for k in range(bits):
+        word |= b[:, k] << np.uint64(8 * k)
+    out = np.empty((b.shape[0], 8), dtype=np.int64)
+    mask = np.uint64((1 << bits) - 1)
+    for j in range(8):
+        out[:, j] = ((word >> np.uint64(j * bits)) & mask).astype(np.int64)
+    return out.reshape(-1)[:count]
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack non-negative integers < 2**bits (1 <= bits <= 32) into a uint8 tensor of ceil(n·bits/8) bytes."""
     if not 1 <= bits <= 32:
         raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
-    v = _as_numpy_int(values)
-    if v.size and (v.min() < 0 or v.max() >= (1 << bits)):
+    v = values.detach().reshape(-1).cpu()  # converted chunk by chunk: no int64 copy of the whole tensor
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
         raise ValueError(f"values outside [0, {(1 << bits) - 1}] cannot be packed at {bits} bits")
-    out = np.zeros(packed_nbytes(v.size, bits), dtype=np.uint8)
+    out = np.zeros(packed_nbytes(v.numel(), bits), dtype=np.uint8)
     shifts = np.arange(bits, dtype=np.int64)
-    for start in range(0, v.size, _CHUNK):
-        chunk = v[start:start + _CHUNK]
+    for start in range(0, v.numel(), _CHUNK):
+        chunk = v[start:start + _CHUNK].to(torch.int64).numpy()
         if bits == 8:
             packed = chunk.astype(np.uint8)
+        elif bits < 8:
+            packed = _pack_words(chunk, bits)
         else:
             stream = ((chunk[:, None] >> shifts) & 1).astype(np.uint8).reshape(-1)
             packed = np.packbits(stream, bitorder="little")
@@ -61,12 +89,14 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     for start in range(0, n, _CHUNK):
         count = min(_CHUNK, n - start)
         first = start * bits // 8
-        if bits == 8:
-            out[start:start + count] = p[first:first + count]
-            continue
         chunk = p[first:first + packed_nbytes(count, bits)]
-        stream = np.unpackbits(chunk, bitorder="little", count=count * bits).reshape(count, bits)
-        out[start:start + count] = stream.astype(np.int64) @ weights
+        if bits == 8:
+            out[start:start + count] = chunk
+        elif bits < 8:
+            out[start:start + count] = _unpack_words(chunk, bits, count)
+        else:
+            stream = np.unpackbits(chunk, bitorder="little", count=count * bits).reshape(count, bits)
+            out[start:start + count] = stream.astype(np.int64) @ weights
     return torch.from_numpy(out)
 
 

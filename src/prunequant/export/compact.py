@@ -49,7 +49,7 @@ def _encode_mask(base: str, mask: torch.Tensor, tensors: dict) -> dict:
 
 def _encode_quant(base: str, lin: LinearExport, mask, scale_dtype, tensors: dict) -> dict:
     q = lin.quant
-    out_f, in_f = lin.weight.shape
+    in_f = lin.weight.shape[1]
     codes = q.codes.reshape(-1) if mask is None else q.codes[mask]
     enc: dict = {"stored_as": "quantized", "kept": int(codes.numel())}
     if q.bits == TERNARY_BITS:
@@ -248,7 +248,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
         try:
             with safe_open(str(shard), framework="pt") as f:
                 grouped: dict[str, dict] = {}
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     name = _layer_of(key, layers)
                     if name is None:
                         assign_tensor(model, key, f.get_tensor(key), dtype, device)

@@ -21,7 +21,7 @@ _MODEL_FILES = {"config.json", "generation_config.json", EXPORT_JSON, MANIFEST}
 
 
 def _is_model_file(rel: str) -> bool:
-    return rel.endswith(".safetensors") or rel.endswith(".safetensors.index.json") or rel in _MODEL_FILES
+    return rel.endswith((".safetensors", ".safetensors.index.json")) or rel in _MODEL_FILES
 
 
 def _owner(key: str, layers: dict) -> str | None:
