@@ -21,7 +21,7 @@ from .allocation import MASKS, Allocation, LayerDims, discretize, layer_bits, mo
 from .calib import batches as split
 from .layerwise import input_stats, layerwise_priorities, priorities_to_logits
 from .mixed import MixSpec
-from .simulate import Simulator, kl_to_teacher, teacher_pass
+from .simulate import Simulator, kl_to_teacher, rtn_copies, teacher_pass
 
 
 def spec_from_choices(choices, group_size: int = 128, symmetric: bool = False) -> MixSpec:
@@ -101,11 +101,11 @@ def _relax(logit: torch.Tensor, tau: float, noise: bool) -> torch.Tensor:
 
 def layerwise_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits: float,
                          choices=(("prune", 0), ("low", 2), ("high", 4)), group_size: int = 128,
-                         gqa: str = "group", batch_size: int = 8, stats=None) -> Allocation:
+                         gqa: str = "group", batch_size: int = 8, prios: list[dict] | None = None) -> Allocation:
     """Baseline: every layer gets ``avg_bits`` on its own, spent by local output error avoided per bit."""
     spec = spec_from_choices(choices, group_size)
-    stats = stats or input_stats(model, calib_ids, batch_size)
-    prios = layerwise_priorities(model, stats, spec)
+    if prios is None:
+        prios = layerwise_priorities(model, input_stats(model, calib_ids, batch_size), spec)
     return discretize(model_dims(model), prios, spec, avg_bits, gqa, per_layer=True,
                       info={"method": "layerwise"})
 
@@ -137,10 +137,11 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
     t0 = time.time()
     bs = split(calib_ids, batch_size)
     model.eval()
-    stats = input_stats(model, calib_ids, batch_size)
-    base = layerwise_allocation(model, calib_ids, avg_bits, choices, group_size, gqa, batch_size, stats)
+    copies = rtn_copies(model, spec)
+    prios = layerwise_priorities(model, input_stats(model, calib_ids, batch_size), spec, copies)
+    base = layerwise_allocation(model, calib_ids, avg_bits, choices, group_size, gqa, prios=prios)
     if init == "layerwise":
-        start = priorities_to_logits(layerwise_priorities(model, stats, spec), base)
+        start = priorities_to_logits(prios, base)
     else:
         start = [{k: torch.full((n,), 3.0) for k, n in d.sizes().items()} for d in dims]
     dev = next(model.parameters()).device
@@ -153,7 +154,7 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
     n_w = sum(d.n_weights for d in dims)
     lam, history = None, []
     try:
-        with Simulator(model, spec, means) as sim:
+        with Simulator(model, spec, means, copies=copies) as sim:
             for step in range(steps):
                 frac = step / max(steps - 1, 1)
                 tau = temperature[0] * (temperature[1] / temperature[0]) ** frac

@@ -41,28 +41,36 @@ def input_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) 
     return stats
 
 
-def _gain(W: torch.Tensor, spec: MixSpec) -> torch.Tensor:
+def _gain(W: torch.Tensor, spec: MixSpec, pair=None) -> torch.Tensor:
     """Per input column: ‖W_low − W‖² − ‖W_high − W‖² (how much the high grid reduces the squared error)."""
     W = W.detach().float()
-    return (rtn_fake(W, spec.low_bits, spec) - W).pow(2).sum(0) - (rtn_fake(W, spec.high_bits, spec) - W).pow(2).sum(0)
+    lo, hi = pair if pair is not None else (rtn_fake(W, spec.low_bits, spec), rtn_fake(W, spec.high_bits, spec))
+    return (lo - W).pow(2).sum(0) - (hi - W).pow(2).sum(0)
 
 
 @torch.no_grad()
-def layerwise_priorities(model: nn.Module, stats: list[dict[str, InputStats]], spec: MixSpec) -> list[dict]:
-    """Priority (local output error avoided per stored bit) of every keep / high decision of every layer."""
+def layerwise_priorities(model: nn.Module, stats: list[dict[str, InputStats]], spec: MixSpec,
+                         copies: list[dict] | None = None) -> list[dict]:
+    """Priority (local output error avoided per stored bit) of every keep / high decision of every layer.
+    ``copies``: simulate.rtn_copies of the model (computed here when not given)."""
     out = []
     dq = spec.high_bits - spec.low_bits
-    for b, d, st in zip(blocks(model), model_dims(model), stats):
+    for i, (b, d, st) in enumerate(zip(blocks(model), model_dims(model), stats)):
         a, m = b.self_attn, b.mlp
+        cp = copies[i] if copies is not None else {}
+
+        def _g(lin, name):
+            return _gain(lin.weight, spec, cp.get(name))
+
         e2 = {k: (s.sq_norm / max(s.n_tokens, 1)).to(a.q_proj.weight.device) for k, s in st.items()}
         qkv_rows = a.q_proj.out_features + a.k_proj.out_features + a.v_proj.out_features
-        gain_qkv = sum(_gain(lin.weight, spec) for lin in (a.q_proj, a.k_proj, a.v_proj))
-        gain_gu = _gain(m.gate_proj.weight, spec) + _gain(m.up_proj.weight, spec)
+        gain_qkv = _g(a.q_proj, "q_proj") + _g(a.k_proj, "k_proj") + _g(a.v_proj, "v_proj")
+        gain_gu = _g(m.gate_proj, "gate_proj") + _g(m.up_proj, "up_proj")
         p = {
             "high_qkv": e2["qkv"] * gain_qkv / (dq * qkv_rows),
-            "high_o": e2["o"] * _gain(a.o_proj.weight, spec) / (dq * d.hidden),
+            "high_o": e2["o"] * _g(a.o_proj, "o_proj") / (dq * d.hidden),
             "high_gu": e2["gu"] * gain_gu / (dq * 2 * m.gate_proj.out_features),
-            "high_down": e2["down"] * _gain(m.down_proj.weight, spec) / (dq * d.hidden),
+            "high_down": e2["down"] * _g(m.down_proj, "down_proj") / (dq * d.hidden),
         }
         fl_o = st["o"].var.to(e2["o"].device) * a.o_proj.weight.float().pow(2).sum(0)
         fl_d = st["down"].var.to(e2["o"].device) * m.down_proj.weight.float().pow(2).sum(0)

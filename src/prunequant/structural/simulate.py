@@ -20,27 +20,45 @@ _HIGH_KEY = {"q_proj": "high_qkv", "k_proj": "high_qkv", "v_proj": "high_qkv", "
              "gate_proj": "high_gu", "up_proj": "high_gu", "down_proj": "high_down"}
 
 
+LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@torch.no_grad()
+def rtn_copies(model: nn.Module, spec: MixSpec) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per block and linear: (round-to-nearest at low bits, at high bits), computed once."""
+    out = []
+    for b in blocks(model):
+        row = {}
+        for n in LINEAR_NAMES:
+            W = b.get_submodule(n).weight.detach().float()
+            row[n.split(".")[1]] = (rtn_fake(W, spec.low_bits, spec), rtn_fake(W, spec.high_bits, spec))
+        out.append(row)
+    return out
+
+
 class Simulator:
     """Patches the block linears of ``model`` (in place, undone by ``close``) to run under masks."""
 
     def __init__(self, model: nn.Module, spec: MixSpec, means: list[dict] | None = None,
-                 compensate: bool = True):
+                 compensate: bool = True, copies: list[dict] | None = None):
         self.model = model
         self.layers = blocks(model)
         self.masks: list[dict | None] = [None] * len(self.layers)
         self._patched = []
+        copies = copies or rtn_copies(model, spec)
         for i, b in enumerate(self.layers):
             hd = b.self_attn.head_dim
             for parent, names in ((b.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
                                   (b.mlp, ("gate_proj", "up_proj", "down_proj"))):
                 for n in names:
                     lin = getattr(parent, n)
-                    W = lin.weight.detach().float()
-                    lo = rtn_fake(W, spec.low_bits, spec).to(lin.weight.dtype)
-                    dW = (rtn_fake(W, spec.high_bits, spec) - lo.float()).to(lin.weight.dtype)
+                    lo32, hi32 = copies[i][n]
+                    lo = lo32.to(lin.weight.dtype)
+                    dW = (hi32 - lo32).to(lin.weight.dtype)
                     mu = None
                     if compensate and means is not None and n in ("o_proj", "down_proj"):
-                        mu = means[i]["o" if n == "o_proj" else "down"].to(W.device, lin.weight.dtype)
+                        mu = means[i]["o" if n == "o_proj" else "down"].to(lin.weight.device, lin.weight.dtype)
                     lin.forward = self._make(lin, i, n, lo, dW, mu, hd)
                     self._patched.append(lin)
 
