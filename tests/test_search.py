@@ -10,7 +10,7 @@ from prunequant.recipe import PruneSpec, QuantSpec, Recipe
 from prunequant.search import SearchSpace, parse_budget, search
 from prunequant.search.budget import TCR_TOLERANCE, Inventory, nominal
 from prunequant.search.space import resolve, suggest
-from prunequant.search.study import feasible
+from prunequant.search.study import feasible, measures
 from tiny import TRAIN_TEXT, save_tiny, tiny_model
 
 TEXT = ("Alpha beta gamma delta. " * 40 + "\n") * 30
@@ -111,7 +111,7 @@ def test_search_is_reproducible_and_within_budget(files, tmp_path):
     done = [t for t in ta if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(done) == 4
     for t in done:  # tcr budgets are met by construction, and checked on the measured rate
-        assert feasible(t) and t.user_attrs["tcr"] >= 0.875 - TCR_TOLERANCE
+        assert feasible(t) and measures(t)["tcr"] >= 0.875 - TCR_TOLERANCE
     assert a.best is not None and a.best["tcr"] >= 0.875 - TCR_TOLERANCE
     for name in ("recipe", "trials", "plot"):
         assert a.paths[name].is_file()
@@ -155,8 +155,9 @@ def test_size_budget_is_a_hard_constraint(files, tmp_path, monkeypatch):
     ok = run_search(files, tmp_path / "ok", 3, budget="size=0.12MB", full_eval_top_k=0)
     for t in trials(ok):
         if t.state.name == "COMPLETE":
-            assert t.user_attrs["constraint"] == t.user_attrs["bytes"] - 0.12e6
-            assert feasible(t) == (t.user_attrs["bytes"] <= 0.12e6)
+            m = measures(t)
+            assert m["constraint"] == m["bytes"] - 0.12e6
+            assert feasible(t) == (m["bytes"] <= 0.12e6)
     # real bytes above the budget: every trial is kept, marked infeasible, and never picked as best
     from prunequant.search import trial as trial_mod
 
@@ -164,7 +165,7 @@ def test_size_budget_is_a_hard_constraint(files, tmp_path, monkeypatch):
     monkeypatch.setattr(trial_mod, "compact_bytes", lambda res: real(res) + 10**6)
     bad = run_search(files, tmp_path / "bad", 2, budget="size=0.12MB", full_eval_top_k=1)
     done = [t for t in trials(bad) if t.state.name == "COMPLETE"]
-    assert len(done) == 2 and all(t.user_attrs["constraint"] > 0 and not feasible(t) for t in done)
+    assert len(done) == 2 and all(measures(t)["constraint"] > 0 and not feasible(t) for t in done)
     assert bad.best is None and "recipe" not in bad.paths
 
 

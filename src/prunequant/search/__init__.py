@@ -122,7 +122,7 @@ def search(
         con.print(report.front_table(front, report.full_evals_of(study), budget,
                                      f"Pareto front ({budget.describe()}, study {study_name})"))
         if best is not None:
-            con.print(f"best: trial {best.number}: {best.user_attrs['describe']} → {paths['recipe']}")
+            con.print(f"best: trial {best.number}: {best.user_attrs['plan']['describe']} → {paths['recipe']}")
         else:
             con.print("no feasible trial yet: raise --n-trials or loosen the budget")
     all_full = report.full_evals_of(study)

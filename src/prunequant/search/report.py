@@ -7,11 +7,11 @@ from pathlib import Path
 import optuna
 
 from .budget import Budget
-from .study import FULL_EVAL_PREFIX, feasible, full_score
+from .study import FULL_EVAL_PREFIX, feasible, full_score, measures
 
 
 def trial_row(t, full: dict | None = None) -> dict:
-    ua = t.user_attrs
+    ua = measures(t)
     row = {"number": t.number, "state": t.state.name, "params": t.params, "values": t.values,
            "feasible": feasible(t), "describe": ua.get("describe"), "short": ua.get("short"), "recipe": ua.get("recipe"),
            "config": ua.get("config"), "derived": ua.get("derived")}
@@ -43,7 +43,7 @@ def write_best_recipe(trial, path: Path, setup: dict, budget: Budget, full: dict
     """A YAML recipe ``prunequant compress --recipe`` takes; the header says how it was found and scored."""
     import yaml
 
-    ua = trial.user_attrs
+    ua = measures(trial)
     score = f"proxy retention exp(-KL) {trial.values[0]:.5f} (KL {ua['kl']:.5f}, top-1 {ua['top1']:.4f})"
     lines = [
         f"# best configuration found by `prunequant search` for {budget.describe()} (trial {trial.number})",
@@ -72,7 +72,7 @@ def front_table(front, full: dict[int, dict], budget: Budget, title: str):
         if col:
             t.add_column(col, justify="left" if col == "configuration" else "right")
     for tr in front:
-        ua, ev = tr.user_attrs, full.get(tr.number)
+        ua, ev = measures(tr), full.get(tr.number)
         cells = [str(tr.number), ua.get("short") or ua.get("describe", ""), f"{ua['tcr']:.4f}", f"{ua['rate_with_overheads']:.4f}"]
         if budget.kind == "size":
             cells.append(f"{ua['bytes'] / 1e6:.2f}")
@@ -94,13 +94,13 @@ def plot(study, front, best, budget: Budget, path: Path) -> None:
     for ok, color, label in ((True, "tab:blue", "feasible"), (False, "tab:gray", "infeasible")):
         pts = [t for t in done if feasible(t) == ok]
         if pts:
-            ax.scatter([t.user_attrs["tcr"] for t in pts], [t.values[0] for t in pts], c=color, s=22, alpha=0.7,
+            ax.scatter([measures(t)["tcr"] for t in pts], [t.values[0] for t in pts], c=color, s=22, alpha=0.7,
                        label=f"{label} trials", marker="o" if ok else "x")
     if front:
-        ax.plot([t.user_attrs["tcr"] for t in front], [t.values[0] for t in front], "-o", c="tab:red", ms=5,
+        ax.plot([measures(t)["tcr"] for t in front], [t.values[0] for t in front], "-o", c="tab:red", ms=5,
                 label="Pareto front")
     if best is not None:
-        ax.scatter([best.user_attrs["tcr"]], [best.values[0]], s=160, facecolors="none", edgecolors="k",
+        ax.scatter([measures(best)["tcr"]], [best.values[0]], s=160, facecolors="none", edgecolors="k",
                    label=f"best (trial {best.number})")
     if budget.kind == "tcr":
         ax.axvline(budget.value, ls="--", c="k", lw=0.8, label=f"budget TCr {budget.value:g}")

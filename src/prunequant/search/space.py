@@ -77,8 +77,7 @@ class Resolved:
 
 def _cats(trial, name: str, choices):
     choices = list(choices)
-    if len(choices) == 1:
-        trial.set_user_attr(f"fixed:{name}", choices[0])
+    if len(choices) == 1:  # nothing to choose (recorded in the trial's plan, not as a parameter)
         return choices[0]
     return trial.suggest_categorical(name, choices)
 

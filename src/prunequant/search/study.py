@@ -28,13 +28,22 @@ BASE_EVAL_ATTR = "base_eval"
 FULL_EVAL_PREFIX = "full_eval:"
 
 
+def measures(trial) -> dict:
+    """A trial's plan (recipe, derived variable, nominal figures) and measurements in one mapping.
+
+    They are stored as two user attributes ("plan", "result"): every attribute is a database commit."""
+    ua = trial.user_attrs
+    return {**ua.get("plan", {}), **ua.get("result", {}),
+            **{k: ua[k] for k in ("error", "infeasible", "duplicate_of") if k in ua}}
+
+
 def constraint_of(trial) -> tuple[float]:
     """optuna constraints_func: the budget violation recorded by the driver (≤ 0 feasible)."""
-    return (float(trial.user_attrs.get("constraint", 0.0)),)
+    return (float(trial.user_attrs.get("result", {}).get("constraint", 0.0)),)
 
 
 def feasible(trial) -> bool:
-    return trial.state == optuna.trial.TrialState.COMPLETE and trial.user_attrs.get("constraint", 0.0) <= 0
+    return trial.state == optuna.trial.TrialState.COMPLETE and constraint_of(trial)[0] <= 0
 
 
 # optuna >= 5 reads constraints set on the trial; optuna 4 needs the sampler's constraints_func
@@ -54,13 +63,14 @@ def make_sampler(name: str, seed: int, n_existing: int):
     raise PrunequantError(f"unknown sampler {name!r}; choose tpe, nsga2 or random")
 
 
-def open_study(storage: str, name: str, config: dict, sampler: str, seed: int) -> optuna.Study:
+def open_study(storage, name: str, config: dict, sampler: str, seed: int) -> optuna.Study:
     """Create the study, or load it and check that it was created by the same search settings."""
     import warnings
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
+        storage = optuna.storages.get_storage(storage)  # one connection for the summaries and the study
         existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     except Exception as e:  # noqa: BLE001 - a bad URL or unreachable database is the user's to fix
         raise PrunequantError(f"cannot open optuna storage {storage!r}: {e}") from None
@@ -74,7 +84,7 @@ def open_study(storage: str, name: str, config: dict, sampler: str, seed: int) -
         study.set_metric_names(["proxy_retention", "compression"])
     elif old != config:
         diff = sorted(k for k in set(old) | set(config) if old.get(k) != config.get(k))
-        raise PrunequantError(f"study {name!r} in {storage} was created with different search settings "
+        raise PrunequantError(f"study {name!r} in this storage was created with different search settings "
                               f"({', '.join(diff)}); re-run with the same settings to continue it, or use another "
                               "--study-name")
     fail_orphans(study)
@@ -89,7 +99,7 @@ def fail_orphans(study) -> None:
     """Trials left RUNNING by a driver of this host that no longer runs (killed hard) are marked FAIL."""
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        owner = t.user_attrs.get("driver", "")
+        owner = t.user_attrs.get("plan", {}).get("driver", "")
         h, _, pid = owner.partition(":")
         if h == host and pid.isdigit() and not _alive(int(pid)):
             study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -111,7 +121,7 @@ def _complete(study) -> list:
 
 def _duplicate_of(study, params: dict):
     for t in _complete(study):
-        if t.params == params and "kl" in t.user_attrs:
+        if t.params == params and "kl" in t.user_attrs.get("result", {}):
             return t
     return None
 
@@ -138,26 +148,20 @@ def run_trials(study, executor, res: Resolved, inv: Inventory, budget: Budget, n
             while len(in_flight) < executor.size and n_done() + len(in_flight) < n_trials and asks < max_asks:
                 asks += 1
                 trial = study.ask()
-                trial.set_user_attr("driver", _owner())
                 try:
                     recipe, info = suggest(trial, res, inv, budget)
                 except Infeasible as e:  # nothing to compress: recorded as pruned with the reason
                     trial.set_user_attr("infeasible", str(e))
                     study.tell(trial, state=TrialState.PRUNED)
                     continue
-                trial.set_user_attr("recipe", recipe.to_dict())
-                trial.set_user_attr("describe", recipe.describe())
-                for k, v in info.items():
-                    trial.set_user_attr(k, v)
+                trial.set_user_attr("plan", {"driver": _owner(), "recipe": recipe.to_dict(),
+                                             "describe": recipe.describe(), **info})
                 dup = _duplicate_of(study, trial.params)
                 if dup is not None:  # same configuration, deterministic result: reuse it
-                    for k in ("tcr", "rate_with_overheads", "bytes", "kl", "top1", "proxy_retention", "constraint",
-                              "mean_sparsity", "allocation"):
-                        if k in dup.user_attrs:
-                            trial.set_user_attr(k, dup.user_attrs[k])
+                    trial.set_user_attr("result", dup.user_attrs["result"])
                     trial.set_user_attr("duplicate_of", dup.number)
                     if SET_CONSTRAINT:
-                        trial.set_constraint("budget", dup.user_attrs["constraint"])
+                        trial.set_constraint("budget", constraint_of(dup)[0])
                     study.tell(trial, list(dup.values))
                     continue
                 in_flight[trial.number] = (trial, recipe)
@@ -174,19 +178,17 @@ def run_trials(study, executor, res: Resolved, inv: Inventory, budget: Budget, n
                 study.tell(trial, state=TrialState.FAIL)
                 continue
             m = out["result"]
-            for k, v in m.items():
-                trial.set_user_attr(k, v)
             violation = budget.violation(m["tcr"], m.get("bytes"))
-            trial.set_user_attr("constraint", violation)
+            trial.set_user_attr("result", {**m, "constraint": violation})
             if SET_CONSTRAINT:
                 trial.set_constraint("budget", violation)
             values = _objectives(budget, m, inv)
             study.tell(trial, values)
             if progress:
-                print(f"trial {trial.number}: {trial.user_attrs['short']} | TCr {m['tcr']:.4f}"
+                print(f"trial {trial.number}: {info['short']} | TCr {m['tcr']:.4f}"
                       + (f" | {m['bytes'] / 1e6:.2f} MB" if "bytes" in m else "")
                       + f" | KL {m['kl']:.4f} top-1 {m['top1']:.3f} | {m['seconds']:.0f}s"
-                      + ("" if trial.user_attrs["constraint"] <= 0 else " | INFEASIBLE")
+                      + ("" if violation <= 0 else " | INFEASIBLE")
                       + f" [{n_done()}/{n_trials}, {time.time() - t_start:.0f}s]", file=sys.stderr)
     except BaseException:
         for trial, _ in in_flight.values():  # interrupted: the unfinished trials are failed, not left running
@@ -224,7 +226,7 @@ def full_evaluations(study, executor, top_k: int, progress: bool = True) -> dict
     if todo:
         base = ensure_base_eval(study, executor)
         for t in todo:
-            executor.submit(t.number, "full_eval", t.user_attrs["recipe"], base)
+            executor.submit(t.number, "full_eval", t.user_attrs["plan"]["recipe"], base)
         for _ in todo:
             out = executor.next_result()
             if not out["ok"]:
@@ -269,4 +271,4 @@ def pareto_front(trials) -> list:
 
 
 def recipe_of(trial) -> Recipe:
-    return Recipe.from_dict(trial.user_attrs["recipe"])
+    return Recipe.from_dict(trial.user_attrs["plan"]["recipe"])
