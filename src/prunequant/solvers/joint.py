@@ -6,23 +6,24 @@ damped H⁻¹ (see hessian.py). Here a single sweep does both jobs:
 - at the start of every *mask window* (``prune.blocksize`` columns, or every ``m`` columns for N:M)
   the mask of the window is chosen with SparseGPT's saliency w²/U_jj² on the weights *as updated so far*
   — they already carry the pruning AND quantization errors of every earlier column;
-- a group's grid is fitted when the group starts, on the current weights, pruned weights excluded
-  from min/max. Where the group reaches past the windows selected so far, the not-yet-selected part is
-  excluded by a *provisional* mask: the same rule applied now to those windows (the final choice, made
-  later on further-updated weights, may differ slightly; a kept weight outside the range clamps to the
-  grid's end, it never leaves the grid);
+- a group's grid is fitted when the group starts, on its kept weights as they will be once the group's
+  own pruned weights are removed and compensated (a look-ahead: what SparseGPT would hand to GPTQ);
+  pruned weights are excluded from min/max. Where the group reaches past the windows selected so far, the
+  not-yet-selected part uses a *provisional* mask (the same rule applied now; the final choice, made on
+  further-updated weights, may differ slightly — a kept weight outside the range clamps to the grid's end);
 - per column, pruned entries get the zero point as code (they dequantize to exactly 0) and kept entries
   the nearest grid point; the error of both is spread over the columns not yet processed through U,
   with GPTQ's lazy block updates (blocks of ``quant.blocksize`` columns).
 
-With a fixed mask this sweep is *algebraically identical* to sequential case B (SparseGPT, then GPTQ with
-the mask kept): the OBS updates are linear, so the pruning compensation that SparseGPT applies first and
-the quantization compensation that GPTQ applies afterwards add up to the same total update, and GPTQ's
-mask-aware grids see the same kept weights. The one-pass solver therefore differs from case B only in
-*which* mask it picks — a mask chosen on weights that have already absorbed earlier quantization errors.
+With a FIXED mask the sweep equals sequential case B (SparseGPT, then GPTQ with the mask kept): OBS
+updates are linear, so SparseGPT's pruning compensation plus GPTQ's quantization compensation is the
+same total update as one sweep, up to where group grids are fitted (exactly equal for per-channel
+grids). The one-pass solver therefore gains over case B through *which* mask it picks: a mask chosen on
+weights that have absorbed the quantization errors of earlier columns. The gain is largest where
+quantization error is a large share of the total (low bits, light pruning, N:M's small windows).
 
 Static grids (per-channel, or act-order with its static groups) are fitted before the sweep, on the
-weights with a provisional mask chosen by the same rule on the initial weights.
+weights after a provisional prune (same rule, initial weights) and its compensation.
 """
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ def _n_pruned(sparsity: float, size: int) -> int:
     return int(sparsity * size + 0.5)
 
 
-def _lowest_k_per_row(score: torch.Tensor, k: int) -> torch.Tensor:
+def _prune_lowest(score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """Mask with the k lowest scores pruned, in each row or over the whole window."""
     keep = torch.ones_like(score, dtype=torch.bool)
     if k > 0:
-        keep.scatter_(1, torch.argsort(score, dim=1)[:, :k], False)
+        if per_row:
+            keep.scatter_(1, torch.argsort(score, dim=1)[:, :k], False)
+        else:
+            keep.view(-1)[torch.argsort(score.reshape(-1))[:k]] = False
     return keep
 
 
@@ -61,18 +66,25 @@ def _windows(cols: int, prune: PruneSpec) -> list[tuple[int, int]]:
     return [(a, min(a + size, cols)) for a in range(0, cols, size)]
 
 
-def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: PruneSpec,
+def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: PruneSpec, per_row: bool,
             deq: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask of the window [a, b): prune the lowest saliency (n per m-group, or a count per row that keeps
-    every row's running total at round(sparsity · columns so far)). Saliency w²/U_jj² (SparseGPT), or with
-    ``deq`` (the values the weights would be rounded to) the marginal cost (w² − (w − deq)²)/U_jj², ties
-    (e.g. every weight that rounds to 0 costs 0) broken by w²/U_jj²."""
+    """Mask of the window [a, b): prune the lowest saliency — n per m-group, or for unstructured a count
+    that keeps the running total at round(sparsity · weights so far), per row (``per_row``) or over the
+    whole window (SparseGPT's reference threshold). Saliency w²/U_jj² (SparseGPT), or with ``deq`` (the
+    values the weights would be rounded to) the marginal cost (w² − (w − deq)²)/U_jj², ties (e.g. every
+    weight that rounds to 0 costs 0) broken by w²/U_jj²."""
     sal = cur ** 2 * inv_d2
     if deq is not None:
-        sal = _lexicographic_rank((cur ** 2 - (cur - deq) ** 2) * inv_d2, sal)
+        marginal = (cur ** 2 - (cur - deq) ** 2) * inv_d2
+        if prune.structured or per_row:
+            sal = _lexicographic_rank(marginal, sal)
+        else:
+            sal = _lexicographic_rank(marginal.reshape(1, -1), sal.reshape(1, -1)).reshape(sal.shape)
     if prune.structured:
         return _nm_keep(sal, prune.n, prune.m)
-    return _lowest_k_per_row(sal, _n_pruned(prune.sparsity, b) - _n_pruned(prune.sparsity, a))
+    size = 1 if per_row else cur.shape[0]
+    k = _n_pruned(prune.sparsity, b * size) - _n_pruned(prune.sparsity, a * size)
+    return _prune_lowest(sal, k, per_row)
 
 
 def _lexicographic_rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -140,8 +152,9 @@ class _Sweep:
     """State of one joint sweep over the columns (in sweep order; permuted under act-order)."""
 
     def __init__(self, Wp, U, prune: PruneSpec, quant: QuantSpec, col_group: list[int], rule: str,
-                 mask: torch.Tensor | None):
+                 per_row: bool, mask: torch.Tensor | None):
         self.Wp, self.U, self.prune, self.quant, self.col_group, self.rule = Wp, U, prune, quant, col_group, rule
+        self.per_row = per_row
         rows, cols = Wp.shape
         self.cols, self.gs = cols, quant.group_size
         self.maxq = maxq_of(quant.bits)
@@ -183,7 +196,7 @@ class _Sweep:
         k = self.win_of[max(a, sel)]
         while k < len(self.windows) and self.windows[k][0] < b:
             wa, wb = self.windows[k]
-            prov = _select(self.current(wa, wb), self.inv_d2[wa:wb], wa, wb, self.prune)
+            prov = _select(self.current(wa, wb), self.inv_d2[wa:wb], wa, wb, self.prune, self.per_row)
             lo, hi = max(wa, a, sel), min(wb, b)
             parts.append(prov[:, lo - wa:hi - wa])
             k += 1
@@ -231,7 +244,7 @@ class _Sweep:
         if self.rule == "quant":
             s, z = self.grid_of_columns(a, b)
             deq = s * (quantize_to_grid(cur, s, z, self.maxq) - z)
-        self.keep[:, a:b] = _select(cur, self.inv_d2[a:b], a, b, self.prune, deq)
+        self.keep[:, a:b] = _select(cur, self.inv_d2[a:b], a, b, self.prune, self.per_row, deq)
         self.sel_end = b
 
     def run(self) -> torch.Tensor:
@@ -267,7 +280,7 @@ MASK_RULES = ("obs", "quant")
 
 
 def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: QuantSpec, *,
-              mask: torch.Tensor | None = None, mask_rule: str = "obs") -> LayerResult:
+              mask: torch.Tensor | None = None, mask_rule: str = "obs", per_row: bool = False) -> LayerResult:
     """Prune and quantize one weight (out, in) in a single OBS sweep (see the module docstring).
 
     Returns a LayerResult with the dequantized weight (pruned entries exactly 0), the mask (True = kept),
@@ -278,6 +291,9 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
     ``mask_rule``: "obs" prunes the lowest w²/U_jj² (SparseGPT's rule); "quant" the lowest *marginal*
     cost of pruning over keeping, (w² − (w − q(w))²)/U_jj², with q the grid the weight would be rounded to
     (a weight that rounds to 0 anyway is free to prune).
+    ``per_row``: unstructured windows prune the same count in every row (each row ends at exactly
+    round(sparsity · in)); False (default, as the dispatched SparseGPT) selects over the whole window with
+    one threshold, as the reference SparseGPT does (same layer total, rows may differ).
     ``mask`` (True = kept) fixes the mask instead of choosing it (then the sweep equals SparseGPT with that
     mask followed by GPTQ with the mask kept, case B, up to where group grids are fitted).
     """
@@ -296,7 +312,7 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
     if mask is not None:
         mask = (mask if perm is None else mask[:, perm]).to(device=W.device, dtype=torch.bool)
 
-    sweep = _Sweep(Wp, U, prune, quant, col_group, mask_rule, mask)
+    sweep = _Sweep(Wp, U, prune, quant, col_group, mask_rule, per_row, mask)
     if sweep.static:
         sweep.fit_static(inv)
     codes = sweep.run()
