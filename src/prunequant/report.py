@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .evaluate.retention import flatten_metrics, sr as mean_ratio
@@ -66,11 +67,11 @@ def table_rows(results) -> tuple[list[str], list[list[str]]]:
 
 def print_report(results, console: Console | None = None, title: str = "prunequant evaluation") -> None:
     header, rows = table_rows(results)
-    t = Table(title=title, caption="raw value [retention ratio vs. the original; 1 = nothing lost]")
+    t = Table(title=escape(title), caption=escape("raw value [retention ratio vs. the original; 1 = nothing lost]"))
     for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i == 0 else "right")
+        t.add_column(escape(h), justify="left" if i == 0 else "right")
     for row in rows:
-        t.add_row(*row)
+        t.add_row(*map(escape, row))
     (console or Console()).print(t)
 
 
@@ -146,7 +147,7 @@ def plot_pareto(results, path: str | Path, quality: str = "sr") -> Path:
         ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     front = pareto_front(pts)
     if len(front) > 1:
-        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="post", color="C3", lw=1.2,
+        ax.step([pts[i][0] for i in front], [pts[i][1] for i in front], where="pre", color="C3", lw=1.2,
                 label="Pareto front")
         ax.legend(fontsize=8)
     ax.set_xlabel("theoretical compression rate (TCr)")
