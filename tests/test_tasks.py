@@ -191,3 +191,21 @@ def test_malformed_arrow_row_names_file_and_row(tmp_path, monkeypatch):
     assert len(task_data.get_task("piqa").load(1)) == 1
     with pytest.raises(DataError, match=r"piqa/plain_text/validation: row 1"):
         task_data.get_task("piqa").load(None)
+
+
+def test_lm_eval_adapter():
+    from prunequant.errors import PrunequantError
+    from prunequant.evaluate import lmeval_adapter as la
+
+    out = {"results": {"arc_easy": {"acc,none": 0.6, "acc_norm,none": 0.55, "acc_stderr,none": 0.03},
+                       "mmlu_anatomy": {"acc,none": 0.3}, "wikitext": {"word_perplexity,none": 30.0}},
+           "n-samples": {"arc_easy": {"original": 570, "effective": 200}}}
+    r = la.to_task_results(out)
+    assert r["arc_easy"] == {"acc": 0.6, "acc_norm": 0.55, "n": 200, "chance": 0.25, "source": "lm-evaluation-harness"}
+    assert r["mmlu_anatomy"]["chance"] == 0.25 and "wikitext" not in r
+    with pytest.raises(DataError, match="chance level"):
+        la.to_task_results({"results": {"mytask": {"acc,none": 0.5}}})
+    if la.lm_eval_available():
+        pytest.skip("lm-eval installed: the missing-package message is not reachable")
+    with pytest.raises(PrunequantError, match="pip install lm-eval"):
+        la.run_lm_eval(None, None, ["arc_easy"])
