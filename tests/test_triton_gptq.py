@@ -53,6 +53,40 @@ def _compare_all() -> list[dict]:
     return out
 
 
+JOINT_CASES = [
+    (0.5, 0, 0, 32, 64, False),   # unstructured windows = blocks, dynamic groups inside them
+    (0.5, 2, 4, 64, 64, False),   # 2:4, a window every 4 columns
+    (0.3, 0, 0, 32, 48, True),    # act-order static groups, block not a power of two
+]
+
+
+def _compare_joint() -> list[dict]:
+    import torch
+
+    from prunequant.recipe import PruneSpec, QuantSpec
+    from prunequant.solvers import triton_gptq
+    from prunequant.solvers.base import LayerStats
+    from prunequant.solvers.joint import joint_obs
+
+    out = []
+    for sp, n, m, gs, blocksize, act in JOINT_CASES:
+        g = torch.Generator().manual_seed(gs + blocksize + n)
+        W = torch.randn(24, 128, generator=g)
+        X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3
+        stats = LayerStats(hessian=X.T @ X / X.shape[0], sq_norm=None, n_tokens=X.shape[0])
+        prune = PruneSpec(method="sparsegpt", sparsity=sp, n=n, m=m, blocksize=blocksize)
+        quant = QuantSpec(method="gptq", bits=3, group_size=gs, blocksize=blocksize, act_order=act)
+        os.environ.pop("PRUNEQUANT_NO_TRITON", None)
+        used = triton_gptq.available(W)
+        fast = joint_obs(W, stats, prune, quant)
+        os.environ["PRUNEQUANT_NO_TRITON"] = "1"
+        ref = joint_obs(W, stats, prune, quant)
+        out.append({"used": used, "same_codes": float((fast.quant.codes == ref.quant.codes).float().mean()),
+                    "same_mask": float((fast.mask == ref.mask).float().mean()),
+                    "err_fast": fast.info["error"], "err_ref": ref.info["error"]})
+    return out
+
+
 def test_triton_loop_matches_torch_loop():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PRUNEQUANT_NO_TRITON", None)
@@ -67,3 +101,17 @@ def test_triton_loop_matches_torch_loop():
         assert r["err_fast"] == pytest.approx(r["err_ref"], rel=2e-3), (case, r)
         assert r["scale_diff"] < 1e-4, (case, r)
         assert not r["pruned_nonzero"], (case, r)
+
+
+def test_triton_loop_matches_torch_loop_in_joint_solver():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PRUNEQUANT_NO_TRITON", None)
+    code = "import json, test_triton_gptq as t; print(json.dumps(t._compare_joint()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, r in zip(JOINT_CASES, results):
+        assert r["used"], case
+        assert r["same_mask"] > 0.995 and r["same_codes"] > 0.995, (case, r)
+        assert r["err_fast"] == pytest.approx(r["err_ref"], rel=2e-3), (case, r)

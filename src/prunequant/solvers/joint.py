@@ -250,11 +250,17 @@ class _Sweep:
     def run(self) -> torch.Tensor:
         codes = torch.empty_like(self.Wp)
         B, U = self.quant.blocksize, self.U
+        kernel = _triton_columns(self.Wp, B)
         for i1 in range(0, self.cols, B):
             i2 = min(i1 + B, self.cols)
             W1 = self.Wp[:, i1:i2]  # a view: updated in place
             U1 = U[i1:i2, i1:i2]
             self.i1, self.i2, self.Err1 = i1, i2, torch.empty_like(W1)
+            if kernel is not None:  # the loop below as one Triton launch per run between window/group starts
+                self._run_block_triton(kernel, W1, U1, codes, i1, i2)
+                if i2 < self.cols:
+                    self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
+                continue
             for i in range(i2 - i1):
                 c = self.c = i1 + i
                 if c in self.win_at:
@@ -274,6 +280,28 @@ class _Sweep:
             if i2 < self.cols:  # lazy batch update of everything right of the block
                 self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
         return codes
+
+    def _run_block_triton(self, kernel, W1, U1, codes, i1, i2) -> None:
+        cuts = [c for c in range(i1, i2) if c == i1 or c in self.win_at or (not self.static and c % self.gs == 0)]
+        groups = torch.tensor(self.col_group[i1:i2], dtype=torch.int32, device=self.Wp.device)
+        for a, b in zip(cuts, cuts[1:] + [i2]):
+            self.c = a
+            if a in self.win_at:
+                self.select_window(a, self.win_at[a])
+            if not self.static and a % self.gs == 0:
+                g = self.col_group[a]
+                s1, z1 = self.fit(a, min(a + self.gs, self.cols))
+                self.scale[:, g], self.zero[:, g] = s1[:, 0], z1[:, 0]
+                self.fitted_upto = g
+            kernel(W1, U1, self.scale, self.zero, groups, self.keep[:, i1:i2].to(torch.uint8), codes[:, i1:i2],
+                   self.Err1, a - i1, b - i1, self.maxq)
+
+
+def _triton_columns(Wp: torch.Tensor, blocksize: int):
+    """solvers/triton_gptq.py's column-loop kernel when it applies (CUDA float32), else None."""
+    from .quant import _triton_columns as pick
+
+    return pick(Wp, blocksize)
 
 
 MASK_RULES = ("obs", "quant")
