@@ -107,3 +107,15 @@ def test_states_for_missing_layer_rejected(tmp_path):
     with pytest.raises(ExportError, match="layers.9"):
         save_compact(model, states, tmp_path / "m")
     assert not (tmp_path / "m").exists() and not list(tmp_path.iterdir())
+
+
+def test_tcr_of_mixed_bits_counts_no_sparsity(tmp_path):
+    """Low-bit grids round some weights to exactly 0 (the 2-bit layers are even stored sparse because
+    that is smaller), but TCr follows the recorded recipe: quantization only."""
+    model = tiny_llama()
+    states = compress(model, "mixed-2/4bit")
+    rep = size_report(save_compact(model, states, tmp_path / "m"))
+    n = {r["name"]: r["n_params"] for r in rep["layers"]}
+    q = {name: 2 if "mlp" in name else 4 for name in n}
+    assert rep["compressed"]["tcr"] == pytest.approx(1 - sum(n[k] * q[k] for k in n) / (16 * sum(n.values())))
+    assert all(r["sparsity"] == 0 for r in rep["layers"])

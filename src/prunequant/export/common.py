@@ -98,7 +98,12 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
             notes.append("recorded mask inconsistent with the weight")
             mask = None
     nonzero = W != 0
-    sparsity = 1.0 - float(mask.float().mean()) if mask is not None else 1.0 - float(nonzero.float().mean())
+    # recorded sparsity (for TCr): the mask's; a quantized layer without a mask counts as dense, as in the
+    # engine's layer summary, even though its grid rounds some weights to exactly 0
+    if mask is not None:
+        sparsity = 1.0 - float(mask.float().mean())
+    else:
+        sparsity = 0.0 if qs is not None else 1.0 - float(nonzero.float().mean())
 
     q = qs if _uniform_ok(qs) else None
     if qs is not None and q is None:
@@ -125,7 +130,7 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
 
     record = {
         "shape": [out_f, in_f], "n_params": out_f * in_f, "transposed": transposed, "sparsity": sparsity,
-        "bits": theoretical_bits(qs.bits) if qs is not None else 16.0,
+        "bits": _recorded_bits(qs, state),
         "quant_bits": qs.bits if qs is not None else None,
         "group_size": qs.group_size if qs is not None else None,
         "symmetric": qs.symmetric if qs is not None else None,
@@ -135,6 +140,14 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if notes:
         record["note"] = "; ".join(notes)
     return LinearExport(name, W, chosen, q, transposed, record)
+
+
+def _recorded_bits(qs: QuantState | None, state: LayerResult | None) -> float:
+    """Bits per kept weight for TCr: the solver's own average (e.g. BiLLM's) when it gives one."""
+    if qs is None:
+        return 16.0
+    avg = (state.info or {}).get("avg_bits") if state is not None else None
+    return float(avg) if avg else theoretical_bits(qs.bits)
 
 
 def _nm_of(mask: torch.Tensor | None):
