@@ -1,0 +1,83 @@
+"""llm-compressor side of benchmarks/peer_llmcompressor.py. Runs in the PEER virtual environment
+(its own torch/transformers/llmcompressor), never imports prunequant.
+
+    <peer-venv>/bin/python benchmarks/_peer_worker.py JOB.json
+
+JOB.json: {"model_dir", "calib_ids" (a .pt (N, L) LongTensor), "modifiers": [{"type", ...kwargs}],
+"batch_size", "threads", "out_weights" (.safetensors), "out_json", "pipeline"}.
+Writes the compressed block weights (dense float32, as the model computes with them) and a JSON
+record with the oneshot wall time and library versions.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _modifier(spec: dict):
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    kind = spec["type"]
+    kw = {k: v for k, v in spec.items() if k != "type"}
+    if kind == "SparseGPTModifier":
+        from llmcompressor.modifiers.obcq import SparseGPTModifier
+
+        return SparseGPTModifier(**kw)
+    if kind == "WandaPruningModifier":
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+        return WandaPruningModifier(**kw)
+    if kind == "GPTQModifier":
+        from llmcompressor.modifiers.quantization import GPTQModifier
+
+        w = kw.pop("weights")
+        targets = kw.pop("targets")
+        scheme = QuantizationScheme(targets=targets, weights=QuantizationArgs(**w))
+        return GPTQModifier(config_groups={"group_0": scheme}, **kw)
+    raise ValueError(f"unknown modifier type {kind}")
+
+
+def main(job_path: str) -> None:
+    job = json.loads(open(job_path).read())
+    import torch
+
+    torch.set_num_threads(int(job["threads"]))
+    import compressed_tensors
+    import llmcompressor
+    import transformers
+    from llmcompressor import oneshot
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ids = torch.load(job["calib_ids"])
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(job["model_dir"])
+    model.eval()
+    # The exact token windows prunequant uses: no re-tokenisation, no shuffling, no padding.
+    rows = [{"input_ids": ids[i]} for i in range(ids.shape[0])]
+    loader = DataLoader(rows, batch_size=int(job["batch_size"]), shuffle=False)
+    recipe = [_modifier(m) for m in job["modifiers"]]
+
+    t0 = time.perf_counter()
+    oneshot(model=model, tokenizer=tok, dataset=loader, recipe=recipe, num_calibration_samples=ids.shape[0],
+            max_seq_length=ids.shape[1], shuffle_calibration_samples=False, pipeline=job.get("pipeline", "independent"))
+    seconds = time.perf_counter() - t0
+
+    weights = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
+            weights[name + ".weight"] = mod.weight.detach().to(torch.float32).contiguous().clone()
+    save_file(weights, job["out_weights"])
+    record = {"seconds": seconds, "threads": torch.get_num_threads(), "n_weights": len(weights),
+              "versions": {"llmcompressor": llmcompressor.__version__,
+                           "compressed_tensors": compressed_tensors.__version__,
+                           "transformers": transformers.__version__, "torch": torch.__version__,
+                           "python": sys.version.split()[0]},
+              "recipe": [repr(m) for m in recipe]}
+    open(job["out_json"], "w").write(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
