@@ -148,6 +148,9 @@ def print_size_report(report: dict | str | Path, per_layer: bool = True, console
 
     if not isinstance(report, dict):
         report = size_report(report)
-    console = console or Console()
+    if console is None:
+        import sys
+
+        console = Console() if sys.stdout.isatty() else Console(width=160)  # pipes/files: no truncated names
     for t in size_tables(report, per_layer):
         console.print(t)
