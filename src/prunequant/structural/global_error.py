@@ -4,7 +4,7 @@ The LLM stays frozen. Mask logits (directly, or emitted per layer by a small hyp
 layer embedding) are relaxed with hard Gumbel-sigmoid samples and a straight-through gradient; both bit
 widths are simulated by cached round-to-nearest copies (simulate.py). The loss is the KL divergence to
 the uncompressed model's next-token distribution (and/or next-token cross-entropy) plus a Lagrangian
-budget term on the expected bits per original weight, whose multiplier rises while over budget and
+budget term on the bits per original weight of the sampled masks, whose multiplier rises while over budget and
 falls while under. At the end the logits are thresholded to meet the budget exactly (allocation.py).
 """
 from __future__ import annotations
@@ -167,12 +167,8 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
                 sim.set_allocation(masks)
                 ids, fin = bs[step % len(bs)], finals[step % len(finals)]
                 loss = _objective(model, ids, fin, objective)
-                probs = [{k: torch.sigmoid(v) for k, v in lg.items()} for lg in logits]
-                if not spec.allow_prune:
-                    for p in probs:
-                        p["keep_heads"] = torch.ones_like(p["keep_heads"])
-                        p["keep_mlp"] = torch.ones_like(p["keep_mlp"])
-                bits = sum(layer_bits(d, p, spec, exact=False) for d, p in zip(dims, probs)) / n_w
+                # cost of the sampled hard masks (what discretization will count), straight-through gradient
+                bits = sum(layer_bits(d, m, spec, exact=False) for d, m in zip(dims, masks)) / n_w
                 if lam is None:  # the multiplier starts on the scale of the objective, and stays near it
                     lam0 = lam = budget_weight * max(float(loss.detach()), 1e-4)
                 over = bits / avg_bits - 1
