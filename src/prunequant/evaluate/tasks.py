@@ -12,6 +12,7 @@ logits of the continuation positions only. The data sources are listed in ``task
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import time
@@ -103,7 +104,7 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size
         if kind == "plain":
             _run_plain(model, accepted, chunk, plain, out)
         else:
-            _run_shared(model, chunk, shared, out)
+            _run_shared(model, chunk, shared, out, batch_size)
     return out  # type: ignore[return-value]
 
 
@@ -113,16 +114,9 @@ def _plain_batches(rows: dict, batch_size: int) -> list:
 
 
 def _shared_batches(groups: dict, batch_size: int) -> list:
-    """Contexts, longest first, packed so that the continuation rows of one batch are <= batch_size."""
-    out, cur, rows = [], [], 0
-    for ctx in sorted(groups, key=len, reverse=True):
-        n = sum(len(c) > 1 for _, c in groups[ctx])
-        if cur and (rows + n > batch_size or len(cur) >= batch_size):
-            out.append(("shared", cur))
-            cur, rows = [], 0
-        cur.append(ctx)
-        rows += n
-    return out + ([("shared", cur)] if cur else [])
+    """Up to ``batch_size`` contexts per batch, longest first."""
+    order = sorted(groups, key=len, reverse=True)
+    return [("shared", order[b: b + batch_size]) for b in range(0, len(order), batch_size)]
 
 
 def _left_pad(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +160,7 @@ def _run_plain(model, accepted: set[str], chunk: list, rows: dict, out: list) ->
             out[i] = _gather(logp[r, keep - len(cont):], greedy[r, keep - len(cont):], cont)
 
 
-def _run_shared(model, chunk: list, groups: dict, out: list) -> None:
+def _run_shared(model, chunk: list, groups: dict, out: list, batch_size: int) -> None:
     """Contexts once (left-padded, cache kept); then all continuations on a copy of their context's cache."""
     device = next(model.parameters()).device
     ids, mask = _left_pad(chunk, device)
@@ -181,25 +175,30 @@ def _run_shared(model, chunk: list, groups: dict, out: list) -> None:
             out[i] = _gather(first_logp[b, None], first_greedy[b, None], cont)
     if not longer:
         return
-    sel = torch.tensor([b for b, _, _ in longer], device=device)
+    # continuations longest first, in chunks of batch_size rows, each on its own copy of the context cache
+    longer.sort(key=lambda row: len(row[2]), reverse=True)
     cache = res.past_key_values
-    cache.batch_select_indices(sel)
-    width = max(len(c) - 1 for _, _, c in longer)
-    ids2 = torch.zeros(len(longer), width, dtype=torch.long, device=device)
-    mask2 = torch.zeros(len(longer), width, dtype=torch.long, device=device)
-    for r, (_, _, cont) in enumerate(longer):  # right padding after the context: pads are never attended
-        ids2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        mask2[r, : len(cont) - 1] = 1
-    pos2 = mask.sum(1)[sel][:, None] + torch.arange(width, device=device)
-    logits = model(ids2, attention_mask=torch.cat([mask[sel], mask2], 1), position_ids=pos2,
-                   past_key_values=cache, use_cache=True).logits
-    logits = _upcast(logits)
-    logp, greedy = torch.log_softmax(logits, dim=-1), logits.argmax(-1)
-    for r, (b, i, cont) in enumerate(longer):
-        n = len(cont)
-        lp = torch.cat([first_logp[b, None], logp[r, : n - 1]])
-        gr = torch.cat([first_greedy[b, None], greedy[r, : n - 1]])
-        out[i] = _gather(lp, gr, cont)
+    for c0 in range(0, len(longer), batch_size):
+        part = longer[c0: c0 + batch_size]
+        sel = torch.tensor([b for b, _, _ in part], device=device)
+        part_cache = cache if c0 + batch_size >= len(longer) else copy.deepcopy(cache)
+        part_cache.batch_select_indices(sel)
+        width = len(part[0][2]) - 1
+        ids2 = torch.zeros(len(part), width, dtype=torch.long, device=device)
+        mask2 = torch.zeros(len(part), width, dtype=torch.long, device=device)
+        for r, (_, _, cont) in enumerate(part):  # right padding after the context: pads are never attended
+            ids2[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            mask2[r, : len(cont) - 1] = 1
+        pos2 = mask.sum(1)[sel][:, None] + torch.arange(width, device=device)
+        logits = model(ids2, attention_mask=torch.cat([mask[sel], mask2], 1), position_ids=pos2,
+                       past_key_values=part_cache, use_cache=True).logits
+        logits = _upcast(logits)
+        logp, greedy = torch.log_softmax(logits, dim=-1), logits.argmax(-1)
+        for r, (b, i, cont) in enumerate(part):
+            n = len(cont)
+            lp = torch.cat([first_logp[b, None], logp[r, : n - 1]])
+            gr = torch.cat([first_greedy[b, None], greedy[r, : n - 1]])
+            out[i] = _gather(lp, gr, cont)
 
 
 def score_examples(examples: list[Example], results: list[tuple[float, bool]]) -> dict:
