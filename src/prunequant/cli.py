@@ -131,7 +131,7 @@ def cmd_compress(a) -> int:
         base_eval = _cached_eval(a.model, model, tok, _texts(a), eval_len, a.max_tokens, a.batch_size, a.device)
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits)
+                       act_bits=a.act_bits, work_dir=Path(str(a.out) + ".prunequant-work"))
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:
