@@ -8,8 +8,8 @@ An evaluation result (the ``metrics`` of a run) is a dict with any of:
 
 Ratios (1.0 = nothing lost):
   ppl:<text>   ppl_base / ppl
-  task:<name>  (acc − chance) / (acc_base − chance), with acc_norm where the task has it (the harness's
-               usual headline for ARC, HellaSwag, PIQA, OpenBookQA, SciQ, COPA), acc otherwise; a task on
+  task:<name>  (acc − chance) / (acc_base − chance), with acc_norm where the task reports it (as the
+               harness: ARC, HellaSwag, PIQA, OpenBookQA, SciQ, user files), acc otherwise; a task on
                which the base model is not clearly above chance is left out (see ``skipped_measures``)
   kl           exp(−KL(base ‖ model))
   top1         top-1 agreement as is

@@ -98,11 +98,12 @@ def _check(ex: Example) -> None:
             raise ValueError("empty or non-text continuation")
 
 
-def mc(context: str, choices: list[str], label: int) -> Example:
-    """A plain multiple-choice item: the same context, each choice appended after the delimiter."""
+def mc(context: str, choices: list[str], label: int, norm: bool = True) -> Example:
+    """A plain multiple-choice item: the same context, each choice appended after the delimiter.
+    ``norm=False`` where the harness's task reports acc only (BoolQ, COPA, MMLU)."""
     if any(not isinstance(c, str) for c in choices):
         raise TypeError("choices must be strings")
-    return Example([(context, DELIM + c) for c in choices], int(label), [len(c) for c in choices])
+    return Example([(context, DELIM + c) for c in choices], int(label), [len(c) for c in choices] if norm else None)
 
 
 # --- the tasks ------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _boolq(limit):
     def build(r):
         if not isinstance(r["answer"], bool):
             raise TypeError("answer must be a boolean")
-        return mc(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"]))
+        return mc(f"{r['passage']}\nQuestion: {r['question']}?\nAnswer:", ["no", "yes"], int(r["answer"]), norm=False)
     return _rows("boolq/none/validation", limit, build)
 
 
@@ -162,7 +163,7 @@ def _copa(limit):
     def build(r):
         connector = {"cause": "because", "effect": "therefore"}[r["question"]]
         return mc(r["premise"].strip()[:-1] + f" {connector}", [lower_first(r["choice1"]), lower_first(r["choice2"])],
-                  r["label"])
+                  r["label"], norm=False)
     return _rows("super_glue/copa/validation", limit, build)
 
 
@@ -198,7 +199,7 @@ def _mmlu(subjects: list[str] | None):
                 if len(c) != 4:
                     raise ValueError(f"{len(c)} choices, MMLU has 4")
                 ctx = f"{head}{r['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:"
-                return mc(ctx, ["A", "B", "C", "D"], r["answer"])
+                return mc(ctx, ["A", "B", "C", "D"], r["answer"], norm=False)
             per.append(_rows(f"hails/mmlu_no_train/{sub}/test", limit, build))
         # Round-robin over subjects, so that the first N items cover many subjects evenly.
         mixed = [ex for k in range(max(map(len, per), default=0)) for lst in per if k < len(lst) for ex in [lst[k]]]
