@@ -124,8 +124,9 @@ def run(args) -> None:
     ids = tokenize(tok, wiki, AGREE_WINDOWS * SEQ)
     inputs = {"agree_ids": ids[: ids.numel() // SEQ * SEQ].reshape(-1, SEQ),
               "prompts": held_out_prompts(wiki.text, N_PROMPTS)}
+    t_loop = time.time()
     for name in todo:
-        if time.time() - START > args.budget:
+        if time.time() - t_loop > args.budget:
             print(f"stopping before {name}: time budget of {args.budget}s used", file=sys.stderr)
             break
         point, kind, recipe = CONFIGS[name]
@@ -267,17 +268,20 @@ def plot(rows: dict, sc: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"quant": ("o", "tab:blue", "quantization only"), "joint": ("^", "tab:red", "joint (one pass)"),
-             "caseB": ("s", "tab:orange", "SparseGPT → GPTQ (case B)"), "base": ("*", "k", "uncompressed")}
+             "caseB": ("s", "tab:orange", "SparseGPT → GPTQ (case B)")}
+    base_ppl = rows["baseline"]["metrics"]["texts"]["wiki"]["perplexity"]
     for ax, key, label in ((axes[0], "sr", "Sr (mean retention)"), (axes[1], "ppl", "perplexity, wiki (log)")):
         seen = set()
+        ax.axhline(1.0 if key == "sr" else base_ppl, color="k", ls="--", lw=0.8, label="uncompressed")
         for name, row in rows.items():
+            if row["kind"] not in style:
+                continue
             mk, col, lab = style[row["kind"]]
             y = sc[name]["sr"] if key == "sr" else row["metrics"]["texts"]["wiki"]["perplexity"]
             ax.scatter(row["rates"]["tcr"], y, marker=mk, color=col, s=50, label=None if lab in seen else lab)
             seen.add(lab)
-            if row["kind"] != "base":
-                ax.annotate(name.split("_", 1)[1], (row["rates"]["tcr"], y), fontsize=6, xytext=(3, 3),
-                            textcoords="offset points")
+            ax.annotate(name.split("_", 1)[1], (row["rates"]["tcr"], y), fontsize=6, xytext=(4, 2),
+                        textcoords="offset points")
         ax.set_xlabel("theoretical compression rate (TCr)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -307,8 +311,6 @@ def report(args) -> None:
     print(md)
 
 
-START = time.time()
-
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["run", "report"])
@@ -317,6 +319,7 @@ if __name__ == "__main__":
     ap.add_argument("--device")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--calib", type=int, default=CALIB)
-    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds; stop starting new configs after")
+    ap.add_argument("--budget", type=float, default=float("inf"),
+                    help="seconds after the model is loaded; no new configuration starts after that")
     a = ap.parse_args()
     run(a) if a.command == "run" else report(a)
