@@ -133,10 +133,12 @@ def test_resume_continues_the_study(files, tmp_path):
 def test_best_recipe_reruns_to_the_same_score(files, tmp_path):
     from prunequant import api
     from prunequant.models import load_model
-    from prunequant.search.trial import TrialSetup, kl_top1, proxy_ids
+    from prunequant.search.trial import TrialSetup, logit_agreement, proxy_ids
 
     res = run_search(files, tmp_path / "o", 3)
     assert res.study.user_attrs["base_eval"]  # the original model's evaluation is cached in the study
+    full = res.best["full_eval"]
+    assert full["sr"] > 0 and full["srcr"] == pytest.approx(full["sr"] / (1 - full["tcr"]))
     recipe = Recipe.load(res.paths["recipe"])
     assert recipe.to_dict() == res.best["recipe"]
     base, tok = load_model(str(files / "tiny"))
@@ -146,7 +148,7 @@ def test_best_recipe_reruns_to_the_same_score(files, tmp_path):
     setup = TrialSetup(model="", calib_text=str(files / "calib.txt"), eval_texts=(str(files / "eval.txt"),),
                        eval_max_tokens=256, proxy_samples=4, proxy_seq_len=32)
     ids, _ = proxy_ids(tok, setup)
-    kl = kl_top1(model, base, ids)["kl"]
+    kl = logit_agreement(model, base, ids)["kl"]
     assert kl == pytest.approx(res.best["kl"], rel=1e-5, abs=1e-9)
     assert math.exp(-kl) == pytest.approx(res.best["values"][0], rel=1e-5)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import optuna
 
 from .budget import Budget
-from .study import FULL_EVAL_PREFIX, feasible, full_score, measures
+from .study import FULL_EVAL_PREFIX, feasible, measures
 
 
 def trial_row(t, full: dict | None = None) -> dict:
@@ -53,7 +53,7 @@ def write_best_recipe(trial, path: Path, setup: dict, budget: Budget, full: dict
     ]
     if full:
         lines.append(f"# perplexity {json.dumps({k: round(v, 4) for k, v in full['perplexity'].items()})}, "
-                     f"retention {full_score(full):.4f}")
+                     f"Sr {full['sr']:.4f}, SrCr {full['srcr']:.4f}")
     lines += [
         "# reproduce with the same calibration protocol:",
         f"#   prunequant compress {setup['model']} --recipe {path.name} --calib-text {setup['calib_text']} "
@@ -68,7 +68,7 @@ def front_table(front, full: dict[int, dict], budget: Budget, title: str):
 
     t = Table(title=title)
     for col in ("trial", "configuration", "TCr", "rate+ovh", "MB" if budget.kind == "size" else None,
-                "KL", "top-1", "proxy ret.", "ppl retention", "perplexity"):
+                "KL", "top-1", "proxy ret.", "Sr", "SrCr", "perplexity"):
         if col:
             t.add_column(col, justify="left" if col == "configuration" else "right")
     for tr in front:
@@ -77,7 +77,7 @@ def front_table(front, full: dict[int, dict], budget: Budget, title: str):
         if budget.kind == "size":
             cells.append(f"{ua['bytes'] / 1e6:.2f}")
         cells += [f"{ua['kl']:.4f}", f"{ua['top1']:.3f}", f"{tr.values[0]:.4f}",
-                  f"{full_score(ev):.4f}" if ev else "—",
+                  f"{ev['sr']:.4f}" if ev else "—", f"{ev['srcr']:.3f}" if ev else "—",
                   ", ".join(f"{v:.2f}" for v in ev["perplexity"].values()) if ev else "—"]
         t.add_row(*cells)
     return t

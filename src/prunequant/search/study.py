@@ -164,12 +164,12 @@ def run_trials(study, executor, res: Resolved, inv: Inventory, budget: Budget, n
                         trial.set_constraint("budget", constraint_of(dup)[0])
                     study.tell(trial, list(dup.values))
                     continue
-                in_flight[trial.number] = (trial, recipe)
+                in_flight[trial.number] = (trial, info)
                 executor.submit(trial.number, "run", recipe.to_dict(), budget.kind == "size")
             if not in_flight:
                 break
             out = executor.next_result()
-            trial, recipe = in_flight.pop(out["token"])
+            trial, info = in_flight.pop(out["token"])
             if not out["ok"]:
                 trial.set_user_attr("error", out["error"])
                 if not out.get("user_error"):
@@ -236,15 +236,17 @@ def full_evaluations(study, executor, top_k: int, progress: bool = True) -> dict
             study.set_user_attr(FULL_EVAL_PREFIX + str(out["token"]), out["result"])
             if progress:
                 r = out["result"]
-                print(f"full eval trial {out['token']}: perplexity {r['perplexity']} retention "
-                      f"{r['ppl_retention']:.4f}", file=sys.stderr)
+                ppl = ", ".join(f"{k} {v:.3f}" for k, v in r["perplexity"].items())
+                print(f"full eval trial {out['token']}: perplexity {ppl} | Sr {r['sr']:.4f} SrCr {r['srcr']:.3f}",
+                      file=sys.stderr)
     attrs = study.user_attrs
     return {t.number: attrs[FULL_EVAL_PREFIX + str(t.number)] for t in top if FULL_EVAL_PREFIX + str(t.number) in attrs}
 
 
 def full_score(ev: dict) -> float:
-    """SrCr-family score of a full evaluation: Sr when the retention module gave one, else perplexity retention."""
-    return float(ev["sr"]) if "sr" in ev else float(ev["ppl_retention"])
+    """What ranks fully evaluated trials: Sr (under a budget the compression is fixed, so Sr orders as SrCr
+    would without rewarding configurations that overshoot the budget)."""
+    return float(ev["sr"])
 
 
 def pick_best(study, full: dict[int, dict]):
@@ -252,8 +254,8 @@ def pick_best(study, full: dict[int, dict]):
     cands = ranked(study)
     if not cands:
         return None
-    if full:
-        evaluated = [t for t in cands if t.number in full]
+    evaluated = [t for t in cands if t.number in full]
+    if evaluated:
         return max(evaluated, key=lambda t: (full_score(full[t.number]), t.values[0], -t.number))
     return cands[0]
 

@@ -4,7 +4,7 @@
 same calibration protocol as ``prunequant compress``), measures TCr and — for size budgets — the real
 bytes of the compact export, and scores the cheap proxy: KL(original ‖ compressed) of next-token
 distributions on a few sequences disjoint from the calibration data (other articles of the corpus,
-and past the tokens used for perplexity). ``full_eval`` adds perplexity on the evaluation texts.
+and past the tokens used for perplexity). ``full_eval`` adds perplexity on the evaluation texts, retention ratios, Sr and SrCr.
 """
 from __future__ import annotations
 
@@ -53,48 +53,23 @@ class TrialSetup:
         return self.eval_texts[0]
 
 
-def kl_top1(model, base, ids: torch.Tensor, batch_size: int = 8) -> dict:
-    """Mean KL(base ‖ model) per predicted token (nats) and top-1 agreement of next-token distributions."""
-    dev = next(model.parameters()).device
-    kl_sum, agree, count = 0.0, 0, 0
-    with torch.no_grad():
-        for i in range(0, ids.shape[0], batch_size):
-            x = ids[i: i + batch_size].to(dev)
-            lp = F.log_softmax(model(x, use_cache=False).logits.float(), dim=-1)
-            lb = F.log_softmax(base(x, use_cache=False).logits.float(), dim=-1)
-            kl_sum += float((lb.exp() * (lb - lp)).sum())
-            agree += int((lp.argmax(-1) == lb.argmax(-1)).sum())
-            count += x.numel()
-    return {"kl": kl_sum / count, "top1": agree / count}
-
-
 def logit_agreement(model, base, ids: torch.Tensor, batch_size: int = 8) -> dict:
-    """evaluate/semantic.py's measure when it is there; our own KL/top-1 otherwise (same definition)."""
-    try:
-        from ..evaluate.semantic import logit_agreement as shared
-    except ImportError:
-        return kl_top1(model, base, ids, batch_size)
-    out = shared(model, base, ids, batch_size=batch_size)
+    """KL(original ‖ compressed) per predicted token (nats) and top-1 agreement (evaluate/semantic.py)."""
+    from ..evaluate.semantic import logit_agreement as agreement
+
+    out = agreement(model, base, ids, batch_size=batch_size, progress=False)
     return {"kl": float(out["kl"]), "top1": float(out["top1"])}
 
 
-def retention_scores(base_eval: dict, comp_eval: dict, tcr: float) -> dict:
-    """Perplexity retention (mean over texts of base/compressed perplexity, 1 = no loss), and Sr / SrCr
-    from evaluate/retention.py and evaluate/srcr.py when those modules are there."""
-    ratios = {t: base_eval["texts"][t]["perplexity"] / v["perplexity"] for t, v in comp_eval["texts"].items()}
-    out = {"ppl_ratio": ratios, "ppl_retention": sum(ratios.values()) / len(ratios)}
-    try:
-        from ..evaluate.retention import retention
-        from ..evaluate.srcr import srcr
-    except ImportError:
-        return out
-    try:  # the shared modules' exact signatures are settling; never let them break a finished search
-        sr = retention(base_eval, comp_eval)
-        sr_value = float(sr["Sr"] if isinstance(sr, dict) else sr)
-        out.update(sr=sr_value, srcr=float(srcr(sr_value, tcr)))
-    except Exception as e:  # noqa: BLE001
-        out["sr_error"] = f"{type(e).__name__}: {e}"
-    return out
+def retention_scores(base_eval: dict, comp_eval: dict, agreement: dict, tcr: float) -> dict:
+    """Retention ratios (evaluate/retention.py: ppl_base/ppl per text, exp(−KL), top-1), their mean Sr, and
+    SrCr = Sr / (1 − TCr) (evaluate/srcr.py, λ = 1)."""
+    from ..evaluate.retention import retention, sr
+    from ..evaluate.srcr import srcr_from_rate
+
+    ratios = retention(base_eval, {**comp_eval, "agreement": agreement})
+    s = sr(ratios)
+    return {"ratios": ratios, "sr": s, "srcr": srcr_from_rate(s, tcr)}
 
 
 def proxy_ids(tokenizer, setup: TrialSetup) -> tuple[torch.Tensor, dict]:
@@ -183,9 +158,11 @@ class TrialRunner:
         ev = api.evaluate(res.model, self.tokenizer, texts=list(s.eval_texts), seq_len=s.eval_seq_len,
                           max_tokens=s.eval_max_tokens, batch_size=s.batch_size, device=self.device,
                           progress=False, calib_text=s.calib_text)
+        agreement = logit_agreement(res.model.to(self.device), self.base, self.proxy, s.batch_size)
         ppl = {t: v["perplexity"] for t, v in ev["texts"].items()}
-        return {"perplexity": ppl, "tcr": float(res.rates["tcr"]),
-                **retention_scores(base_eval, ev, float(res.rates["tcr"])), "seconds": round(time.time() - t0, 2)}
+        tcr = float(res.rates["tcr"])
+        return {"perplexity": ppl, "tcr": tcr, **agreement, **retention_scores(base_eval, ev, agreement, tcr),
+                "seconds": round(time.time() - t0, 2)}
 
     def call(self, token, method: str, *args) -> dict:
         """Run a method and never raise (Ray's pool loses track of a task that raises): errors come back as data."""
