@@ -161,7 +161,8 @@ def test_loaders_read_the_offline_data(name):
 @needs_data
 def test_loader_contents_follow_the_harness_prompts():
     arc = task_data.get_task("arc_easy").load(1)[0]
-    assert arc.requests[0] == ("Question: Which technology was developed most recently?\nAnswer:", " cellular telephone")
+    q = "Question: Which technology was developed most recently?\nAnswer:"
+    assert arc.requests[0] == (q, " cellular telephone")
     assert arc.label == 0 and arc.norm_lengths == [len("cellular telephone"), 10, 12, 8]
     wino = task_data.get_task("winogrande").load(1)[0]
     assert wino.requests[0][0].endswith("so Sarah") and wino.requests[1][0].endswith("so Maria")

