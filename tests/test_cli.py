@@ -161,3 +161,24 @@ def test_act_quant_is_recorded_and_restored_on_load(tiny_dir, texts, tmp_path, c
     with torch.no_grad():
         d = (model(ids).logits - plain(ids).logits).abs().max()
     assert 0 < d < 1.0  # W8A8 simulated: close to the original, not identical
+
+
+def test_structured_and_global_commands_reload(tiny_dir, texts, tmp_path, capsys):
+    from prunequant.models import load_model
+
+    out = tmp_path / "st"
+    code, stdout, err = run(capsys, "structured", tiny_dir, "--heads", "0.5", "--mlp", "0.25", "--calib-text",
+                            texts[0], "--calib-samples", 2, "--seq-len", 16, "--out", out)
+    assert code == 0, err
+    model, _ = load_model(str(out))
+    assert model.model.layers[0].mlp.down_proj.weight.shape[1] == 96
+    out2 = tmp_path / "gl"
+    code, stdout, err = run(capsys, "global", tiny_dir, "--avg-bits", "3", "--steps", 3, "--calib-text", texts[0],
+                            "--calib-samples", 4, "--seq-len", 16, "--out", out2)
+    assert code == 0, err
+    rec = json.loads((out2 / "prunequant.json").read_text())
+    assert rec["avg_bits"] <= 3.0 + 1e-6
+    load_model(str(out2))
+    code, _, err = run(capsys, "structured", tiny_dir, "--heads", "1.5", "--calib-text", texts[0], "--out",
+                       tmp_path / "x")
+    assert code == 2 and "outside [0, 1)" in err

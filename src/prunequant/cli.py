@@ -43,6 +43,19 @@ def _add_eval_args(p, default_texts="wiki,lambada"):
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
 
 
+def _add_job_args(p):
+    p.add_argument("--calib-text", default="wiki")
+    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--eval", action="store_true")
+    _add_eval_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunequant", description="Joint pruning + quantization of causal LMs")
     ap.add_argument("-v", "--verbose", action="store_true")
@@ -83,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (e.g. arc_easy,piqa)")
     e.add_argument("--limit", type=int, default=None, help="examples per task")
 
+    st = sub.add_parser("structured", help="structural pruning: attention heads, MLP channels, whole blocks")
+    st.add_argument("model")
+    st.add_argument("--heads", type=float, default=0.0, help="fraction of attention heads to remove (GQA-aware)")
+    st.add_argument("--mlp", type=float, default=0.0, help="fraction of MLP intermediate channels to remove")
+    st.add_argument("--remove-blocks", type=int, default=0, help="remove N whole blocks by block influence")
+    st.add_argument("--metric", default="flap", choices=["flap", "wanda", "magnitude"])
+    _add_job_args(st)
+
+    gl = sub.add_parser("global", help="learn structural pruning + channel-level mixed precision against the "
+                        "model's own output under one average-bit budget")
+    gl.add_argument("model")
+    gl.add_argument("--avg-bits", type=float, required=True, help="stored bits per original block-linear weight")
+    gl.add_argument("--choices", default="prune:0,low:2,high:4", help="per-channel options, e.g. prune:0,low:4,high:8")
+    gl.add_argument("--steps", type=int, default=100)
+    gl.add_argument("--layerwise", action="store_true", help="layer-wise allocation instead of the learnt global one")
+    _add_job_args(gl)
+
     s = sub.add_parser("size", help="bytes on disk, bits per parameter, TCr and real compression rate")
     s.add_argument("dir")
     return ap
@@ -94,7 +124,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size}[a.cmd](a)
+        return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
+                "global": cmd_global}[a.cmd](a)
     except PrunequantError as err:
         print(f"prunequant: error: {err}", file=sys.stderr)
         return 2
@@ -181,6 +212,103 @@ def cmd_eval(a) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0
+
+
+def _job_setup(a):
+    from . import api
+    from .data import calibration_ids, load_text
+    from .models import load_model
+
+    api.check_output_dir(a.out, a.overwrite)
+    model, tok = load_model(a.model)
+    ids = calibration_ids(tok, load_text(a.calib_text, "calib"), a.calib_samples, a.seq_len, a.seed)
+    base = None
+    if a.eval:
+        base = _cached_eval(a.model, model, tok, _texts(a), a.eval_seq_len or a.seq_len, a.max_tokens,
+                            a.batch_size, a.device)
+    if a.device:
+        model.to(a.device)
+    return model, tok, ids, base
+
+
+def _job_finish(a, model, tok, base, record: dict) -> int:
+    import shutil
+
+    from . import api
+    from .structural import save_structured
+
+    if a.eval:
+        comp = api.evaluate(model, tok, texts=_texts(a), seq_len=a.eval_seq_len or a.seq_len,
+                            max_tokens=a.max_tokens, batch_size=a.batch_size, device=a.device)
+        record["evaluation"] = {"base": base, "compressed": comp}
+        for name, r in comp["texts"].items():
+            b = base["texts"][name]["perplexity"]
+            print(f"perplexity {r['text']} (L={r['seq_len']}, {r['tokens']} tok): {b:.3f} -> {r['perplexity']:.3f}")
+    model.to("cpu")
+    out = Path(a.out)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_structured(model, tmp)
+        tok.save_pretrained(tmp)
+        record.update(source_model=a.model, versions=api.library_versions(),
+                      calibration={"text": a.calib_text, "samples": a.calib_samples, "seq_len": a.seq_len,
+                                   "seed": a.seed})
+        (tmp / "prunequant.json").write_text(json.dumps(record, indent=2, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"saved to {out}")
+    return 0
+
+
+def cmd_structured(a) -> int:
+    from dataclasses import asdict
+
+    from .structural import prune_structured, remove_blocks
+
+    for name, v in (("--heads", a.heads), ("--mlp", a.mlp)):
+        if not 0 <= v < 1:
+            raise PrunequantError(f"{name} {v} is outside [0, 1); e.g. 0.25 removes a quarter")
+    if a.remove_blocks < 0:
+        raise PrunequantError("--remove-blocks must be >= 0")
+    if not (a.heads or a.mlp or a.remove_blocks):
+        raise PrunequantError("nothing to do: give --heads, --mlp and/or --remove-blocks")
+    model, tok, ids, base = _job_setup(a)
+    reports = {}
+    if a.remove_blocks:
+        reports["blocks"] = asdict(remove_blocks(model, ids, a.remove_blocks, batch_size=a.batch_size))
+    if a.heads or a.mlp:
+        r = prune_structured(model, ids, head_sparsity=a.heads, mlp_sparsity=a.mlp, metric=a.metric,
+                             batch_size=a.batch_size)
+        reports["structured"] = asdict(r)
+        print(f"parameters: {r.params_before:,} -> {r.params_after:,} ({r.param_reduction:.1%} fewer)")
+    return _job_finish(a, model, tok, base, {"structural": reports, "command": "structured"})
+
+
+def cmd_global(a) -> int:
+    from dataclasses import asdict
+
+    from .structural import apply_allocation, layerwise_allocation, learn_global_allocation
+
+    try:
+        choices = tuple((k, int(v)) for k, v in (c.split(":") for c in a.choices.split(",")))
+    except ValueError:
+        raise PrunequantError(f"cannot read --choices {a.choices!r}: use e.g. prune:0,low:2,high:4") from None
+    model, tok, ids, base = _job_setup(a)
+    if a.layerwise:
+        alloc = layerwise_allocation(model, ids, a.avg_bits, choices=choices, batch_size=a.batch_size)
+    else:
+        alloc = learn_global_allocation(model, ids, a.avg_bits, choices=choices, steps=a.steps, seed=a.seed,
+                                        batch_size=min(a.batch_size, 4))
+    rep = apply_allocation(model, alloc, ids, batch_size=a.batch_size)
+    print(f"stored bits per original block-linear weight: {rep.avg_bits:.3f} (target {a.avg_bits})")
+    return _job_finish(a, model, tok, base, {"command": "global", "avg_bits": rep.avg_bits,
+                                             "planned_bits": rep.planned_bits, "choices": a.choices,
+                                             "layer_errors": rep.layer_errors, "allocation_info": alloc.info})
 
 
 def cmd_size(a) -> int:

@@ -149,7 +149,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     kw = {"gguf_file": gguf} if gguf else {}
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
+        if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
+            from .structural import load_structured
+
+            model = load_structured(where, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except OSError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not Path(where).exists():
@@ -167,6 +172,17 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     model.eval()
     _restore_act_quant(model, where if not gguf else None)
     return model.to(device), tok
+
+
+def _is_structured(where: str) -> bool:
+    cfg = Path(where) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        c = json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+    return bool(c.get("prunequant_layer_shapes") or c.get("prunequant_removed_blocks"))
 
 
 def _restore_act_quant(model, where: str | None) -> None:
