@@ -115,3 +115,22 @@ def test_triton_loop_matches_torch_loop_in_joint_solver():
         assert r["used"], case
         assert r["same_mask"] > 0.995 and r["same_codes"] > 0.995, (case, r)
         assert r["err_fast"] == pytest.approx(r["err_ref"], rel=2e-3), (case, r)
+
+
+def test_kernel_reads_no_module_globals():
+    """Compiled Triton (unlike its CPU interpreter) rejects non-constexpr module globals inside a kernel
+    (seen on the H100 with Triton 3.6): every name the kernel reads is a parameter, a local, or tl/range."""
+    import ast
+    import inspect
+
+    from prunequant.solvers import triton_gptq
+
+    fn = triton_gptq._gptq_cols_kernel
+    src = inspect.getsource(getattr(fn, "fn", fn))
+    tree = ast.parse(src.lstrip() if not src.startswith(" ") else "if True:\n" + src)
+    func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))
+    params = {a.arg for a in func.args.args}
+    body = [n for stmt in func.body for n in ast.walk(stmt)]  # not the @triton.jit decorator
+    stored = {n.id for n in body if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+    loaded = {n.id for n in body if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert loaded - params - stored <= {"tl", "range"}, loaded - params - stored

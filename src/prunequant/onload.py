@@ -17,17 +17,40 @@ log = logging.getLogger(__name__)
 
 
 class BlockIO:
-    """Moves decoder block i to the compute device before it is compressed and back after."""
+    """Moves decoder block i to the compute device before it is compressed and back after.
+
+    The way back writes into the block's original host tensors instead of allocating new ones: fresh
+    host memory is slow to first touch (seen on the lent H100 VM: the D2H "offload" of a 7B model took
+    11.5 s of a 111 s run), and the model keeps one host copy throughout.
+    """
 
     def __init__(self):
-        self._home: dict[int, torch.device] = {}
+        self._home: dict[int, dict[str, torch.Tensor]] = {}
+
+    @staticmethod
+    def _tensors(block: nn.Module):
+        yield from block.named_parameters()
+        yield from block.named_buffers()
 
     def load(self, i: int, block: nn.Module, device: torch.device) -> None:
-        self._home[i] = next(block.parameters()).device
-        block.to(device)
+        home = {}
+        for name, t in self._tensors(block):
+            home[name] = t.data
+            if t.device != device:
+                t.data = t.data.to(device, non_blocking=t.is_pinned())
+        self._home[i] = home
 
     def unload(self, i: int, block: nn.Module) -> None:
-        block.to(self._home.pop(i))
+        home = self._home.pop(i)
+        for name, t in self._tensors(block):
+            src = home[name]
+            if src.device == t.device:
+                continue
+            if src.shape == t.shape and src.dtype == t.dtype:
+                src.copy_(t.data)
+                t.data = src
+            else:  # the block was reshaped on the device (e.g. structured pruning): take the new tensor home
+                t.data = t.data.to(src.device)
 
 
 def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:

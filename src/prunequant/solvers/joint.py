@@ -27,6 +27,8 @@ weights after a provisional prune (same rule, initial weights) and its compensat
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from ..errors import NumericalError, RecipeError
@@ -34,6 +36,8 @@ from ..recipe import PruneSpec, QuantSpec
 from .base import LayerResult, LayerStats, QuantState
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_to_grid
 from .hessian import layer_objective, prepare_hessian
+
+log = logging.getLogger(__name__)
 
 
 def _n_pruned(sparsity: float, size: int) -> int:
@@ -173,6 +177,7 @@ class _Sweep:
         self.scale = torch.empty(rows, max(1, 1 + max(col_group)), dtype=Wp.dtype, device=Wp.device)
         self.zero = torch.empty_like(self.scale)
         self.fitted_upto = -1  # last group whose final grid is fitted (dynamic groups)
+        self._launched = False  # has the Triton column loop run (then a later failure is a real error)
 
     def current(self, a: int, b: int) -> torch.Tensor:
         """Weights of columns [a, b) as the sweep at column c sees them (lazy update applied beyond the block)."""
@@ -257,10 +262,19 @@ class _Sweep:
             U1 = U[i1:i2, i1:i2]
             self.i1, self.i2, self.Err1 = i1, i2, torch.empty_like(W1)
             if kernel is not None:  # the loop below as one Triton launch per run between window/group starts
-                self._run_block_triton(kernel, W1, U1, codes, i1, i2)
-                if i2 < self.cols:
-                    self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
-                continue
+                try:
+                    self._run_block_triton(kernel, W1, U1, codes, i1, i2)
+                    if i2 < self.cols:
+                        self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    # a kernel that does not compile fails at its first launch, before any column changed
+                    # (window selection and grid fits redone below give the same result): go on in torch
+                    if not type(e).__module__.startswith("triton") or self._launched:
+                        raise
+                    log.warning("Triton column-loop kernel unavailable (%s: %s); using the torch loop",
+                                type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+                    kernel = None
             for i in range(i2 - i1):
                 c = self.c = i1 + i
                 if c in self.win_at:
@@ -295,6 +309,7 @@ class _Sweep:
                 self.fitted_upto = g
             kernel(W1, U1, self.scale, self.zero, groups, self.keep[:, i1:i2].to(torch.uint8), codes[:, i1:i2],
                    self.Err1, a - i1, b - i1, self.maxq)
+            self._launched = True
 
 
 def _triton_columns(Wp: torch.Tensor, blocksize: int):

@@ -22,10 +22,10 @@ try:  # triton is optional: CPU installs and CI have no need for it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-# Adding then subtracting 1.5·2^23 rounds a float32 |x| < 2^22 to the nearest integer, ties to even
-# (exactly torch.round); larger |x| is clamped to [0, maxq] right after anyway.
-_RNE_MAGIC = 12582912.0
 MAX_BLOCK = 256
+# In the kernel, adding then subtracting 12582912.0 = 1.5·2^23 rounds a float32 |x| < 2^22 to the nearest
+# integer, ties to even (exactly torch.round); larger |x| is clamped to [0, maxq] right after anyway.
+# (A literal: Triton refuses module-level globals that are not constexpr inside a kernel.)
 
 
 def available(t: torch.Tensor) -> bool:
@@ -54,7 +54,7 @@ if triton is not None:
             s = tl.load(S + r * ss0 + g * ss1, mask=rm, other=1.0)
             z = tl.load(Z + r * ss0 + g * ss1, mask=rm, other=0.0)
             x = tl.math.div_rn(w, s)
-            x = (x + _RNE_MAGIC) - _RNE_MAGIC
+            x = (x + 12582912.0) - 12582912.0
             q = tl.minimum(tl.maximum(x + z, 0.0), maxq)
             if HAS_MASK:
                 keep = tl.load(M + r * sm0 + i * sm1, mask=rm, other=1)
