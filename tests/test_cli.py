@@ -182,3 +182,18 @@ def test_structured_and_global_commands_reload(tiny_dir, texts, tmp_path, capsys
     code, _, err = run(capsys, "structured", tiny_dir, "--heads", "1.5", "--calib-text", texts[0], "--out",
                        tmp_path / "x")
     assert code == 2 and "outside [0, 1)" in err
+
+
+def test_eval_against_base_reports_retention(tiny_dir, texts, tmp_path, capsys):
+    task = tmp_path / "mc.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"Question {i}:", "choices": ["yes", "no"], "label": i % 2})
+                              for i in range(8)) + "\n")
+    js, rep = tmp_path / "e.json", tmp_path / "report"
+    code, stdout, err = run(capsys, "eval", tiny_dir, "--against", tiny_dir, "--text", texts[1], "--seq-len", 32,
+                            "--max-tokens", 256, "--tasks", f"file:{task}", "--agree-tokens", 128, "--json", js,
+                            "--report-dir", rep)
+    assert code == 0, err
+    res = json.loads(js.read_text())
+    assert res["agreement"]["kl"] == pytest.approx(0.0, abs=1e-6) and res["agreement"]["top1"] == 1.0
+    assert all(v == pytest.approx(1.0) for v in res["retention"].values()) and res["sr"] == pytest.approx(1.0)
+    assert any(p.suffix == ".png" for p in rep.iterdir()) and any(p.suffix == ".md" for p in rep.iterdir())

@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
     c.add_argument("--overwrite", action="store_true")
-    c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model")
+    c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
+                   "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
+    c.add_argument("--tasks", default=None, help="with --eval: zero-shot tasks, e.g. arc_easy,piqa,hellaswag")
+    c.add_argument("--limit", type=int, default=None, help="examples per task (default 200)")
+    c.add_argument("--prompts", type=int, default=0, help="with --eval: held-out prompts for continuation similarity")
+    c.add_argument("--agree-tokens", type=int, default=8192)
     _add_eval_args(c)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity; tasks and retention with --tasks/--against)")
@@ -94,7 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", help="write results as JSON here")
     e.add_argument("--against", help="baseline model for retention measures")
     e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (e.g. arc_easy,piqa)")
-    e.add_argument("--limit", type=int, default=None, help="examples per task")
+    e.add_argument("--limit", type=int, default=None, help="examples per task (default 200)")
+    e.add_argument("--prompts", type=int, default=0, help="held-out prompts for continuation similarity (MiniLM)")
+    e.add_argument("--agree-tokens", type=int, default=8192, help="tokens for KL / top-1 against --against")
+    e.add_argument("--report-dir", help="write JSON, Markdown and PNG plots here")
 
     st = sub.add_parser("structured", help="structural pruning: attention heads, MLP channels, whole blocks")
     st.add_argument("model")
@@ -146,8 +154,20 @@ def _texts(a) -> list[str]:
     return [t for t in a.texts.split(",") if t]
 
 
+def _suite_cfg(a):
+    from .evaluate.suite import SuiteConfig
+
+    tasks = tuple(t for t in (getattr(a, "tasks", None) or "").split(",") if t)
+    return SuiteConfig(texts=tuple(_texts(a)), seq_len=a.eval_seq_len or a.seq_len, max_tokens=a.max_tokens,
+                       tasks=tasks, task_limit=getattr(a, "limit", None) or 200, batch_size=a.batch_size,
+                       agree_tokens=getattr(a, "agree_tokens", 8192), prompts=getattr(a, "prompts", 0))
+
+
 def cmd_compress(a) -> int:
+    import copy
+
     from . import api
+    from .evaluate.suite import run_suite
     from .models import load_model
     from .tables import print_compression_table
 
@@ -156,62 +176,70 @@ def cmd_compress(a) -> int:
     print(f"recipe: {recipe.describe()}")
     model, tok = load_model(a.model)
     api.validate_recipe_for_model(model, recipe)
-    eval_len = a.eval_seq_len or a.seq_len
-    base_eval = None
-    if a.eval:
-        base_eval = _cached_eval(a.model, model, tok, _texts(a), eval_len, a.max_tokens, a.batch_size, a.device)
+    base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
                        act_bits=a.act_bits, work_dir=Path(str(a.out) + ".prunequant-work"))
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:
-        comp_eval = api.evaluate(res.model, tok, texts=_texts(a), seq_len=eval_len, max_tokens=a.max_tokens,
-                                 batch_size=a.batch_size, device=a.device, calib_text=a.calib_text)
-        extra = {"evaluation": {"base": base_eval, "compressed": comp_eval}}
+        dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        res.model.to(dev)
+        base.to(dev)
+        suite = run_suite(res.model, tok, _suite_cfg(a), base=base, rates=res.rates)
+        res.model.to("cpu")
+        del base
+        extra = {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
+                                "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
+                                "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra)
     print_compression_table(res.record, extra.get("evaluation"))
     print(f"saved to {a.out}")
     return 0
 
 
-def _cached_eval(spec, model, tok, texts, seq_len, max_tokens, batch_size, device) -> dict:
-    """The original model's evaluation, cached per model file and settings (it is evaluated once)."""
-    import hashlib
-
-    from . import api
-    from .data import cache_dir
-    from .models import resolve_model
-
-    where, gguf = resolve_model(spec)
-    p = Path(where) / gguf if gguf else Path(where)
-    stamp = f"{p.stat().st_size}:{p.stat().st_mtime}" if p.is_file() else str(p)
-    key = hashlib.sha256(json.dumps([spec, stamp, texts, seq_len, max_tokens]).encode()).hexdigest()[:16]
-    f = cache_dir() / f"base-eval-{key}.json"
-    if f.is_file():
-        return json.loads(f.read_text())
-    res = api.evaluate(model, tok, texts=texts, seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
-                       device=device)
-    model.to("cpu")
-    f.write_text(json.dumps(res))
-    return res
-
-
 def cmd_eval(a) -> int:
-    from . import api
+    from .evaluate.suite import run_suite
     from .models import load_model
     from .tables import print_eval_table
 
     model, tok = load_model(a.model)
-    res = api.evaluate(model, tok, texts=_texts(a), seq_len=a.eval_seq_len or a.seq_len, max_tokens=a.max_tokens,
-                       batch_size=a.batch_size, device=a.device)
-    res["model"] = a.model
-    flat = next(iter(res["texts"].values()))
+    base = None
+    if a.against:
+        base, _ = load_model(a.against)
+    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    model.to(dev)
+    if base is not None:
+        base.to(dev)
+    suite = run_suite(model, tok, _suite_cfg(a), base=base, rates=_rates_of(a.model))
+    res = {"model": a.model, "against": a.against, **suite.metrics, "protocol": _suite_cfg(a).settings()}
+    flat = next(iter(suite.metrics["texts"].values()))
     res.update({k: flat[k] for k in ("perplexity", "tokens", "seq_len")})  # the first text, at top level
+    if base is not None:
+        res.update(base=suite.base_metrics, retention=suite.retention, sr=suite.sr, srcr=suite.srcr)
     print_eval_table(res)
+    if a.report_dir:
+        from .report import write_report
+
+        runs = [{"name": a.model, "tcr": (_rates_of(a.model) or {}).get("tcr", 0.0), "metrics": suite.metrics,
+                 "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr}]
+        if base is not None:
+            runs.insert(0, {"name": a.against, "tcr": 0.0, "metrics": suite.base_metrics,
+                            "retention": {k: 1.0 for k in suite.retention}, "sr": 1.0, "srcr": 1.0})
+        write_report(runs, a.report_dir)
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        Path(a.json).write_text(json.dumps(res, indent=2, default=str))
     return 0
+
+
+def _rates_of(spec: str) -> dict | None:
+    rec = Path(spec) / "prunequant.json"
+    if rec.is_file():
+        try:
+            return json.loads(rec.read_text()).get("rates")
+        except json.JSONDecodeError:
+            return None
+    return None
 
 
 def _job_setup(a):
@@ -224,8 +252,9 @@ def _job_setup(a):
     ids = calibration_ids(tok, load_text(a.calib_text, "calib"), a.calib_samples, a.seq_len, a.seed)
     base = None
     if a.eval:
-        base = _cached_eval(a.model, model, tok, _texts(a), a.eval_seq_len or a.seq_len, a.max_tokens,
-                            a.batch_size, a.device)
+        import copy
+
+        base = copy.deepcopy(model)
     if a.device:
         model.to(a.device)
     return model, tok, ids, base
@@ -238,12 +267,18 @@ def _job_finish(a, model, tok, base, record: dict) -> int:
     from .structural import save_structured
 
     if a.eval:
-        comp = api.evaluate(model, tok, texts=_texts(a), seq_len=a.eval_seq_len or a.seq_len,
-                            max_tokens=a.max_tokens, batch_size=a.batch_size, device=a.device)
-        record["evaluation"] = {"base": base, "compressed": comp}
-        for name, r in comp["texts"].items():
-            b = base["texts"][name]["perplexity"]
+        from .evaluate.suite import run_suite
+
+        dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        model.to(dev)
+        base.to(dev)
+        suite = run_suite(model, tok, _suite_cfg(a), base=base)
+        record["evaluation"] = {"base": suite.base_metrics, "compressed": suite.metrics,
+                                "retention": suite.retention, "sr": suite.sr}
+        for name, r in suite.metrics["texts"].items():
+            b = suite.base_metrics["texts"][name]["perplexity"]
             print(f"perplexity {r['text']} (L={r['seq_len']}, {r['tokens']} tok): {b:.3f} -> {r['perplexity']:.3f}")
+        print(f"Sr (mean retention ratio): {suite.sr:.4f}")
     model.to("cpu")
     out = Path(a.out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -26,9 +26,20 @@ def print_compression_table(record: dict, evaluation: dict | None = None) -> Non
             b = base.get(name, {})
             label = f"perplexity {c.get('text', name)} (L={c['seq_len']}, {c['tokens']} tok)"
             t.add_row(label, f"{b.get('perplexity', float('nan')):.3f}", f"{c['perplexity']:.3f}")
-        for key in ("sr", "srcr"):
-            if key in evaluation:
-                t.add_row(key.upper().replace("SRCR", "SrCr").replace("SR", "Sr"), "1", f"{evaluation[key]:.4f}")
+        comp_m = evaluation.get("compressed") or {}
+        ag = comp_m.get("agreement") or {}
+        if ag:
+            t.add_row("KL(original ‖ compressed), nats/token", "0", f"{ag['kl']:.4f}")
+            t.add_row("top-1 agreement with original", "1", f"{ag['top1']:.4f}")
+        for task, r in (comp_m.get("tasks") or {}).items():
+            b = ((evaluation.get("base") or {}).get("tasks") or {}).get(task, {})
+            t.add_row(f"{task} acc (n={r['n']})", f"{b.get('acc', float('nan')):.3f}", f"{r['acc']:.3f}")
+        if comp_m.get("similarity"):
+            t.add_row("continuation similarity (MiniLM cosine)", "1", f"{comp_m['similarity']['similarity']:.4f}")
+        if evaluation.get("sr") is not None:
+            t.add_row("Sr (mean retention ratio)", "1", f"{evaluation['sr']:.4f}")
+        if evaluation.get("srcr") is not None:
+            t.add_row("SrCr = Sr / (1 - TCr)  [docs/srcr.md]", "1", f"{evaluation['srcr']:.4f}")
     t.add_row("compression time (s)", "", f"{record['seconds']:.1f}")
     con.print(t)
 
@@ -40,3 +51,9 @@ def print_eval_table(res: dict) -> None:
     for name, r in res["texts"].items():
         t.add_row(r.get("text", name), str(r["seq_len"]), str(r["tokens"]), f"{r['perplexity']:.3f}", f"{r['seconds']:.1f}")
     Console().print(t)
+    if res.get("tasks") or res.get("retention"):
+        from .report import print_report
+
+        print_report([{"name": str(res.get("model")), "metrics": {k: res[k] for k in ("texts", "tasks", "agreement",
+                                                                                    "similarity") if k in res},
+                       "retention": res.get("retention") or {}, "sr": res.get("sr"), "srcr": res.get("srcr")}])
