@@ -100,7 +100,7 @@ REQS = [("The quick brown fox", " jumps over the lazy dog."), ("The quick brown 
         ("pruning removes weights and quantization", " rounds them."), ("a", " b"), ("a", " c d e f g")]
 
 
-@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("share", [False, True, None])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
 def test_batched_scores_equal_unbatched_reference(tiny_llama, share, batch_size):
     model, tok = tiny_llama
