@@ -197,3 +197,27 @@ def test_eval_against_base_reports_retention(tiny_dir, texts, tmp_path, capsys):
     assert res["agreement"]["kl"] == pytest.approx(0.0, abs=1e-6) and res["agreement"]["top1"] == 1.0
     assert all(v == pytest.approx(1.0) for v in res["retention"].values()) and res["sr"] == pytest.approx(1.0)
     assert any(p.suffix == ".png" for p in rep.iterdir()) and any(p.suffix == ".md" for p in rep.iterdir())
+
+
+@pytest.mark.parametrize("fmt", ["compact", "compressed-tensors"])
+def test_formats_reload_same_perplexity_size_and_corruption(tiny_dir, texts, tmp_path, capsys, fmt):
+    calib, ev = texts
+    out = tmp_path / fmt
+    code, _, err = run(capsys, "compress", tiny_dir, "--prune", "sparsegpt:2:4", "--quant", "gptq:4:g32",
+                       "--calib-text", calib, "--calib-samples", 4, "--seq-len", 32, "--out", out, "--format", fmt,
+                       "--eval", "--text", ev, "--max-tokens", 256, "--agree-tokens", 0)
+    assert code == 0, err
+    rec = json.loads((out / "prunequant.json").read_text())
+    js = tmp_path / "e.json"
+    code, _, err = run(capsys, "eval", out, "--text", ev, "--seq-len", 32, "--max-tokens", 256, "--json", js)
+    assert code == 0, err
+    mem = rec["evaluation"]["compressed"]["texts"][str(ev)]["perplexity"]
+    assert json.loads(js.read_text())["perplexity"] == pytest.approx(mem, rel=1e-3)
+    code, stdout, err = run(capsys, "size", out)
+    assert code == 0, err and "TCr" in stdout
+    shard = next(p for p in out.iterdir() if p.suffix == ".safetensors")
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    code, _, err = run(capsys, "eval", out, "--text", ev, "--seq-len", 32)
+    assert code == 2 and shard.name in err

@@ -224,28 +224,22 @@ def compress(
 
 
 def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",
-         extra: dict | None = None) -> Path:
-    """Write atomically: everything goes to a temporary sibling, renamed when complete."""
+         extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write ``result`` in a format of prunequant.export (dense, compact, compressed-tensors).
+
+    Every format is written to a temporary sibling, gets a SHA-256 manifest, and is renamed into place
+    when complete; prunequant.json (recipe, seeds, hashes, versions, results) goes in with it. Dense keeps
+    the model's own dtype by default, so reloading gives back exactly the evaluated weights.
+    """
+    from .export import export as export_fn
+
     out = Path(out)
     check_output_dir(out, overwrite)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        if fmt == "dense":
-            result.model.save_pretrained(tmp)
-            result.tokenizer.save_pretrained(tmp)
-        else:
-            from .export import export as export_fn
-
-            export_fn(result.model, result.report.states, tmp, fmt=fmt, tokenizer=result.tokenizer)
-        rec = {**result.record, **(extra or {}), "format": fmt}
-        (tmp / "prunequant.json").write_text(json.dumps(rec, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    dtype = dtype or next(result.model.parameters()).dtype
+    rec = {**result.record, **(extra or {}), "format": fmt}
+    export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
+              tokenizer=result.tokenizer,
+              extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})
     return out
 
 

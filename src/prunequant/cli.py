@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
     c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
+    c.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="dtype of stored floats (default: the model's, so reload is exact)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
                    "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
@@ -150,6 +152,12 @@ def main(argv=None) -> int:
         raise
 
 
+def _dtype(name):
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
 def _texts(a) -> list[str]:
     return [t for t in a.texts.split(",") if t]
 
@@ -192,7 +200,7 @@ def cmd_compress(a) -> int:
         extra = {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
                                 "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
                                 "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
-    api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra)
+    api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
     print_compression_table(res.record, extra.get("evaluation"))
     print(f"saved to {a.out}")
     return 0

@@ -147,6 +147,8 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
 
     where, gguf = resolve_model(spec)
     kw = {"gguf_file": gguf} if gguf else {}
+    if not gguf and (Path(where) / "prunequant-manifest.json").is_file():
+        return _load_export(where, dtype, device)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
@@ -171,6 +173,21 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         tok.pad_token = tok.eos_token
     model.eval()
     _restore_act_quant(model, where if not gguf else None)
+    return model.to(device), tok
+
+
+def _load_export(where: str, dtype, device):
+    """A prunequant export: every file is checked against its SHA-256 manifest before loading."""
+    from transformers import AutoTokenizer
+
+    from .export import load_exported
+
+    model, _fmt = load_exported(where, dtype=dtype)  # raises ModelLoadError naming a corrupt file
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model.eval()
+    _restore_act_quant(model, where)
     return model.to(device), tok
 
 
