@@ -171,6 +171,20 @@ def test_size_budget_is_a_hard_constraint(files, tmp_path, monkeypatch):
     assert bad.best is None and "recipe" not in bad.paths
 
 
+def test_trials_orphaned_by_a_dead_driver_are_failed(tmp_path):
+    import socket
+
+    from prunequant.search.study import fail_orphans
+
+    storage = f"sqlite:///{tmp_path / 'o.db'}"
+    study = optuna.create_study(storage=storage, study_name="s", directions=["maximize", "maximize"])
+    dead, alive = study.ask(), study.ask()
+    dead.set_user_attr("plan", {"driver": f"{socket.gethostname()}:99999999"})
+    alive.set_user_attr("plan", {"driver": f"{socket.gethostname()}:{__import__('os').getpid()}"})
+    fail_orphans(optuna.load_study(storage=storage, study_name="s"))
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "RUNNING"]
+
+
 def test_workers_need_ray(files, tmp_path):
     try:
         import ray  # noqa: F401
@@ -196,3 +210,17 @@ def test_cli_parser_and_command(files, tmp_path):
     assert cmd_search(a) == 0
     assert (tmp_path / "o" / "best_recipe.yaml").is_file() and (tmp_path / "r.json").is_file()
     Recipe.load(tmp_path / "o" / "best_recipe.yaml")
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_inline_results(files, tmp_path):
+    """Two Ray workers (each loading the model itself) report the same trials as the in-process run."""
+    pytest.importorskip("ray")
+    inline = run_search(files, tmp_path / "a", 3, full_eval_top_k=0)
+    ray_run = run_search(files, tmp_path / "b", 3, workers=2, full_eval_top_k=1)
+    a = sorted((t.number, t.params, t.values) for t in trials(inline) if t.state.name == "COMPLETE")
+    b = sorted((t.number, t.params, t.values) for t in trials(ray_run) if t.state.name == "COMPLETE")
+    assert [x[:2] for x in a] == [x[:2] for x in b]  # startup draws do not depend on the order results arrive
+    for (_, _, va), (_, _, vb) in zip(a, b):
+        assert va == pytest.approx(vb, rel=1e-4)
+    assert ray_run.best is not None and "sr" in ray_run.best["full_eval"]

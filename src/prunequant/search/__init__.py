@@ -97,7 +97,7 @@ def search(
         config = {"model": str(model), "budget": {"kind": budget.kind, "value": budget.value},
                   "setup": {k: v for k, v in setup.to_dict().items() if k not in ("device", "threads", "batch_size")},
                   "space": space.to_dict(), "sampler": sampler, "seed": seed}
-        study = st.open_study(storage, study_name, config, sampler, seed)
+        study = st.open_study(storage, study_name, config, sampler, seed, n_trials)
         resolved = resolve(space, inv, budget)
         st.run_trials(study, executor, resolved, inv, budget, n_trials, progress=progress)
         full = st.full_evaluations(study, executor, full_eval_top_k, progress=progress)

@@ -50,12 +50,13 @@ def feasible(trial) -> bool:
 SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 
 
-def make_sampler(name: str, seed: int, n_existing: int):
+def make_sampler(name: str, seed: int, n_existing: int, n_trials: int = 24):
     # seed offset by the trials already there: a resumed study must not replay its first random draws
     s = seed + 7919 * n_existing
+    startup = max(4, min(8, n_trials // 3))  # small budgets: leave most trials to the model, not random draws
     cons = {} if SET_CONSTRAINT else {"constraints_func": constraint_of}
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=s, multivariate=True, group=True, n_startup_trials=8, **cons)
+        return optuna.samplers.TPESampler(seed=s, multivariate=True, group=True, n_startup_trials=startup, **cons)
     if name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s, population_size=12, **cons)
     if name == "random":
@@ -63,7 +64,7 @@ def make_sampler(name: str, seed: int, n_existing: int):
     raise PrunequantError(f"unknown sampler {name!r}; choose tpe, nsga2 or random")
 
 
-def open_study(storage, name: str, config: dict, sampler: str, seed: int) -> optuna.Study:
+def open_study(storage, name: str, config: dict, sampler: str, seed: int, n_trials: int = 24) -> optuna.Study:
     """Create the study, or load it and check that it was created by the same search settings."""
     import warnings
 
@@ -77,7 +78,7 @@ def open_study(storage, name: str, config: dict, sampler: str, seed: int) -> opt
     n_existing = existing[name].n_trials if name in existing else 0
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                 directions=["maximize", "maximize"],
-                                sampler=make_sampler(sampler, seed, n_existing))
+                                sampler=make_sampler(sampler, seed, n_existing, n_trials))
     old = study.user_attrs.get(CONFIG_ATTR)
     if old is None:
         study.set_user_attr(CONFIG_ATTR, config)
@@ -102,7 +103,7 @@ def fail_orphans(study) -> None:
         owner = t.user_attrs.get("plan", {}).get("driver", "")
         h, _, pid = owner.partition(":")
         if h == host and pid.isdigit() and not _alive(int(pid)):
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
 
 
 def _alive(pid: int) -> bool:
