@@ -60,17 +60,17 @@ def main(job_path: str) -> None:
     loader = DataLoader(rows, batch_size=int(job["batch_size"]), shuffle=False)
     recipe = [_modifier(m) for m in job["modifiers"]]
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(model=model, tokenizer=tok, dataset=loader, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False, pipeline=job.get("pipeline", "independent"))
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
     weights = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers."):
             weights[name + ".weight"] = mod.weight.detach().to(torch.float32).contiguous().clone()
     save_file(weights, job["out_weights"])
-    record = {"seconds": seconds, "threads": torch.get_num_threads(), "n_weights": len(weights),
+    record = {"seconds": seconds, "cpu_seconds": cpu_seconds, "threads": torch.get_num_threads(), "n_weights": len(weights),
               "versions": {"llmcompressor": llmcompressor.__version__,
                            "compressed_tensors": compressed_tensors.__version__,
                            "transformers": transformers.__version__, "torch": torch.__version__,

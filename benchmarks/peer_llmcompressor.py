@@ -177,14 +177,14 @@ def evaluate(model, eval_ids: dict, seq_len: int, batch_size: int) -> dict:
 def run_ours(cfg: Config, recipe: Recipe, base: Path, args, calib_sha: str, eval_ids) -> dict:
     model, tok = load_model(str(base))
     load = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = compress(model, recipe, tokenizer=tok, calib_text="wiki", calib_samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, device="cpu", batch_size=args.batch_size, progress=False)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     got = res.record["calibration"]["token_ids_sha256"]
     if got != calib_sha:
         raise SystemExit(f"calibration ids differ between the sides ({got} vs {calib_sha})")
-    out = {"seconds": seconds, "engine_seconds": res.report.seconds, "load_avg_1m": load,
+    out = {"seconds": seconds, "cpu_seconds": cpu_seconds, "engine_seconds": res.report.seconds, "load_avg_1m": load,
            "recipe": recipe.describe(), "true_sequential": recipe.true_sequential, **weight_stats(model, cfg.bits)}
     out["ppl"] = evaluate(model, eval_ids, args.seq_len, args.batch_size)
     return out
@@ -216,7 +216,7 @@ def run_theirs(cfg: Config, base: Path, args, ids_path: Path, work: Path, eval_i
     with torch.no_grad():
         for n, w in block_weights(model).items():
             w.copy_(weights[n])
-    out = {"seconds": rec["seconds"], "load_avg_1m": load, "versions": rec["versions"], "recipe": rec["recipe"],
+    out = {"seconds": rec["seconds"], "cpu_seconds": rec.get("cpu_seconds"), "load_avg_1m": load, "versions": rec["versions"], "recipe": rec["recipe"],
            **weight_stats(model, cfg.bits)}
     out["ppl"] = evaluate(model, eval_ids, args.seq_len, args.batch_size)
     return out
@@ -254,7 +254,13 @@ def merge_write(out: Path, data: dict, name: str, run: dict) -> dict:
 def ratios(ours: dict, theirs: dict) -> dict:
     r = {f"ppl_{t}": ours["ppl"][t]["perplexity"] / theirs["ppl"][t]["perplexity"] for t in ours["ppl"]}
     r["time"] = ours["seconds"] / theirs["seconds"]
+    if ours.get("cpu_seconds") and theirs.get("cpu_seconds"):
+        r["cpu_time"] = ours["cpu_seconds"] / theirs["cpu_seconds"]
     return r
+
+
+def _cpu(side: dict) -> str:
+    return f"{side['cpu_seconds']:.0f}" if side.get("cpu_seconds") else "–"
 
 
 def write_markdown(data: dict, path: Path) -> None:
@@ -266,22 +272,25 @@ def write_markdown(data: dict, path: Path) -> None:
         f"{m['seq_len']} tokens of the embedded Wikipedia calib split (seed {m['seed']}, same token ids for both, "
         f"sha256 {m['calib_sha256'][:12]}); perplexity on non-overlapping {m['seq_len']}-token windows, first "
         f"{m['eval_tokens']} tokens of each eval text; CPU, {m['threads']} threads each, batch {m['batch_size']}. "
-        "Time = compression call only (ours: `compress()` incl. its calibration tokenisation; theirs: `oneshot()`).",
+        "Time = compression call only (ours: `compress()` incl. its calibration tokenisation; theirs: `oneshot()`), "
+        "wall clock and process CPU time (user+sys of all threads; less sensitive to the shared CPU's load).",
         f"Dense baseline: wiki {base.get('wiki', {}).get('perplexity', float('nan')):.3f}, "
         f"lambada {base.get('lambada', {}).get('perplexity', float('nan')):.3f}.", "",
         "| config | ours variant | llm-compressor | ppl wiki ours / theirs | ratio | ppl lambada ours / theirs | "
-        "ratio | time s ours / theirs | ratio | sparsity ours / theirs | first |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "ratio | wall s ours / theirs | ratio | CPU s ours / theirs | ratio | sparsity ours / theirs | first |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, run in data["runs"].items():
         th = run["theirs"]
         for var, o in run["ours"].items():
             r = run["ratios"][var]
+            cpu_ratio = f"{r['cpu_time']:.2f}" if "cpu_time" in r else "–"
             lines.append(
                 f"| {run['label']} | {var} | {th['versions']['llmcompressor']} | "
                 f"{o['ppl']['wiki']['perplexity']:.3f} / {th['ppl']['wiki']['perplexity']:.3f} | {r['ppl_wiki']:.4f} | "
                 f"{o['ppl']['lambada']['perplexity']:.3f} / {th['ppl']['lambada']['perplexity']:.3f} | "
                 f"{r['ppl_lambada']:.4f} | {o['seconds']:.0f} / {th['seconds']:.0f} | {r['time']:.2f} | "
+                f"{_cpu(o)} / {_cpu(th)} | {cpu_ratio} | "
                 f"{o['sparsity']:.3f} / {th['sparsity']:.3f} | {run['first']} |")
     lines += ["", "Differences that remain between the two sides:", ""] + [f"- {d}" for d in m["differences"]]
     lines += ["", "Command: `" + m["command"] + "`", "", "Versions: " + json.dumps(m["versions"]), ""]
