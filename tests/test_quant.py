@@ -50,8 +50,8 @@ def test_degenerate_groups_finite():
             r = rtn_quantize(W, QuantSpec(method="rtn", bits=4, group_size=16, symmetric=sym, mse_clip=mse))
             assert torch.isfinite(r.weight).all()
             assert not r.weight[0].any()
-            if not sym:  # asymmetric grids hit a constant row exactly (symmetric: within half a step)
-                assert torch.allclose(r.weight[1], W[1])
+            if not sym:  # asymmetric grids hit a constant row up to the fp16 rounding of the stored scale
+                assert torch.allclose(r.weight[1], W[1], rtol=1e-3)
             assert (r.weight[1] - W[1]).abs().max() <= r.quant.scale[1].max() / 2 + 1e-6
 
 

@@ -43,16 +43,29 @@ def group_index(in_features: int, group_size: int, device=None) -> torch.Tensor:
     return torch.zeros_like(idx) if group_size <= 0 else idx // group_size
 
 
+_FP16_MIN = 2.0 ** -24  # smallest positive fp16 (subnormal)
+
+
 def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetric: bool):
     """scale/zero for ranges with xmin <= 0 <= xmax (elementwise)."""
     if symmetric:
         amax = torch.maximum(xmin.abs(), xmax)
-        scale = (2 * amax / maxq).clamp_min(_MIN_SCALE)
+        scale = _fp16_ceil(2 * amax / maxq)
         zero = torch.full_like(scale, (maxq + 1) // 2)
     else:
-        scale = ((xmax - xmin) / maxq).clamp_min(_MIN_SCALE)
+        scale = _fp16_ceil((xmax - xmin) / maxq)
         zero = torch.round(-xmin / scale).clamp(0, maxq)
     return scale, zero
+
+
+def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest fp16 value >= scale: every export stores scales in fp16, so codes are chosen for the scale
+    that is stored (a reload is bit-exact), and rounding up keeps the whole range on the grid."""
+    s = scale.clamp(_FP16_MIN, 65504.0)
+    h = s.to(torch.float16)
+    low = h.to(s.dtype) < s
+    h = torch.where(low, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return h.to(scale.dtype)
 
 
 def quantize_to_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
