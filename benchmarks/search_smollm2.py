@@ -81,6 +81,38 @@ def markdown(summary: dict) -> str:
     return "\n".join(L) + "\n"
 
 
+def study_name(a) -> str:
+    return f"smollm2-135m-tcr0.875-c{a.calib}x{a.seq_len}"
+
+
+def hand_rows_only(a, out: Path, common: dict) -> None:
+    """Hand-picked rows with the search's protocol; the original model's evaluation is shared through the study."""
+    import optuna
+
+    from prunequant.search.study import ensure_base_eval
+    from prunequant.search.executors import InlineExecutor
+    from prunequant.search.trial import TrialRunner, TrialSetup
+
+    study = optuna.load_study(storage=f"sqlite:///{(out / 'study.db').resolve()}", study_name=study_name(a))
+    runner = TrialRunner(TrialSetup(model=a.model, device=a.device, **common))
+    base = ensure_base_eval(study, InlineExecutor(runner))
+    f = out / "summary.json"
+    rows = []
+    for name, (kind, recipe) in hand_picked(a.hand_group).items():
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        done = {r["config"]: r for r in old.get("rows", [])}
+        if name in done:
+            rows.append(done[name])
+            continue
+        proxy = runner.run(recipe.to_dict())
+        full = runner.full_eval(recipe.to_dict(), base)
+        rows.append(row_of(name, kind, recipe.to_dict(), proxy, full))
+        print(f"{name}: {rows[-1]['perplexity']} Sr {rows[-1]['sr']:.4f}", file=sys.stderr, flush=True)
+        old = json.loads(f.read_text()) if f.is_file() else {}
+        if "protocol" not in old:  # the search has not written its summary yet: leave ours for it to pick up
+            f.write_text(json.dumps({"rows": rows, "partial": True}, indent=1, default=str))
+
+
 def main() -> None:
     from prunequant.search import search
     from prunequant.search.trial import TrialRunner, TrialSetup
@@ -98,6 +130,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default=None, help="results subfolder (default: cpu or gpu)")
     ap.add_argument("--results", default=None)
+    ap.add_argument("--hand-only", action="store_true",
+                    help="only the hand-picked rows (e.g. in a second process while the search runs); they are "
+                         "cached in summary.json, where the search's run picks them up")
     a = ap.parse_args()
     on_gpu = (a.device or "").startswith("cuda") or (a.device is None and torch.cuda.is_available())
     out = Path(a.results) if a.results else RESULTS / (a.tag or ("gpu" if on_gpu else "cpu"))
@@ -106,9 +141,11 @@ def main() -> None:
                   proxy_seq_len=a.proxy_len, eval_texts=("wiki", "lambada"), eval_seq_len=512,
                   eval_max_tokens=a.eval_tokens)
 
+    if a.hand_only:
+        return hand_rows_only(a, out, common)
     t0 = time.time()
     res = search(a.model, BUDGET, a.n_trials, storage=f"sqlite:///{(out / 'study.db').resolve()}",
-                 study_name=f"smollm2-135m-tcr0.875-c{a.calib}x{a.seq_len}", full_eval_top_k=a.top_k, out=out,
+                 study_name=study_name(a), full_eval_top_k=a.top_k, out=out,
                  device=a.device, **common)
     search_seconds = time.time() - t0
     if res.best is None:

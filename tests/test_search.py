@@ -195,21 +195,21 @@ def test_workers_need_ray(files, tmp_path):
         run_search(files, tmp_path / "o", 2, workers=2)
 
 
-def test_cli_parser_and_command(files, tmp_path):
-    import argparse
+def test_cli_search(files, tmp_path, capsys):
+    from prunequant.cli import main
 
-    from prunequant.search import add_search_parser, cmd_search
-
-    ap = argparse.ArgumentParser()
-    add_search_parser(ap.add_subparsers(dest="cmd"))
-    a = ap.parse_args(["search", str(files / "tiny"), "--budget", "tcr=0.8", "--n-trials", "2", "--out",
-                       str(tmp_path / "o"), "--calib-text", str(files / "calib.txt"), "--calib-samples", "4",
-                       "--seq-len", "32", "--text", str(files / "eval.txt"), "--max-tokens", "256",
-                       "--eval-seq-len", "32", "--proxy-samples", "4", "--proxy-seq-len", "32",
-                       "--full-eval-top-k", "0", "--json", str(tmp_path / "r.json")])
-    assert cmd_search(a) == 0
+    common = ["--calib-text", files / "calib.txt", "--calib-samples", 4, "--seq-len", 32, "--text", files / "eval.txt",
+              "--max-tokens", 256, "--eval-seq-len", 32, "--proxy-samples", 4, "--proxy-seq-len", 32]
+    args = ["search", files / "tiny", "--budget", "tcr=0.8", "--n-trials", 2, "--out", tmp_path / "o",
+            "--full-eval-top-k", 0, "--json", tmp_path / "r.json", *common]
+    assert main([str(x) for x in args]) == 0
     assert (tmp_path / "o" / "best_recipe.yaml").is_file() and (tmp_path / "r.json").is_file()
     Recipe.load(tmp_path / "o" / "best_recipe.yaml")
+    capsys.readouterr()
+    # a user mistake is one line and exit code 2
+    assert main(["search", str(files / "tiny"), "--budget", "bits=4", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "budget" in err
 
 
 @pytest.mark.slow

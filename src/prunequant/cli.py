@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import PrunequantError
+from .search import add_search_parser, cmd_search
 
 
 def _recipe_from_args(a) -> "Recipe":
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("size", help="bytes on disk, bits per parameter, TCr and real compression rate")
     s.add_argument("dir")
+    add_search_parser(sub)
     return ap
 
 
@@ -135,7 +137,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
-                "global": cmd_global}[a.cmd](a)
+                "global": cmd_global, "search": cmd_search}[a.cmd](a)
     except PrunequantError as err:
         print(f"prunequant: error: {err}", file=sys.stderr)
         return 2
