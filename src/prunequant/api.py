@@ -60,8 +60,8 @@ def check_output_dir(out: str | Path | None, overwrite: bool) -> None:
     out = Path(out)
     if out.exists() and not overwrite:
         raise PrunequantError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    if not out.parent.exists():
-        raise PrunequantError(f"parent directory {out.parent} of --out does not exist")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise PrunequantError(f"{out.parent} is not a directory; choose another --out")
 
 
 def linear_param_counts(model) -> list[tuple[str, int]]:
@@ -236,6 +236,7 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
     out = Path(out)
     check_output_dir(out, overwrite)
     dtype = dtype or next(result.model.parameters()).dtype
+    out.parent.mkdir(parents=True, exist_ok=True)
     rec = {**result.record, **(extra or {}), "format": fmt}
     export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
               tokenizer=result.tokenizer,
