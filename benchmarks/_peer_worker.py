@@ -79,5 +79,34 @@ def main(job_path: str) -> None:
     open(job["out_json"], "w").write(json.dumps(record, indent=2))
 
 
+def layer_check(job: dict) -> None:
+    """Theirs on single layers (W, H given): GPTQ with the observer's grid, and SparseGPT (llm-compressor 0.14 API)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_sparsify import sparsify_weight
+    from llmcompressor.observers import Observer
+
+    torch.set_num_threads(int(job["threads"]))
+    layers = torch.load(job["layers"])
+    out = {}
+    for name, d in layers.items():
+        W, H = d["W"], d["H"]
+        for bits in job["bits"]:
+            qa = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group",
+                                  group_size=job["group_size"], actorder=None)
+            qp = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=qa)(W).get_qparams()
+            q, _, _ = quantize_weight(W[None].clone(), H[None].clone(), qp["scale"][None], qp["zero_point"][None],
+                                      None, qa, job["block_size"], job["damp"])
+            out[f"{name}|gptq{bits}"] = q[0]
+        for tag, (n, m) in (("sgpt50", (0, 0)), ("sgpt24", (2, 4))):
+            lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+            lin.weight.data = W.clone()
+            res = sparsify_weight(lin, {lin: H.clone()}, 0.5, n, m, job["block_size"], job["damp"], False)
+            out[f"{name}|{tag}"] = (res[1] if isinstance(res, tuple) else res).detach()
+    torch.save(out, job["out"])
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    _job = json.loads(open(sys.argv[1]).read())
+    layer_check(_job) if _job.get("mode") == "layers" else main(sys.argv[1])
