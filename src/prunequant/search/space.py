@@ -212,6 +212,30 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
     return r
 
 
+def preflight(recipe: Recipe, inv: Inventory) -> None:
+    """Run every distinct layer plan of ``recipe`` once on a small random matrix of the layer's width, so that
+    a combination the solvers refuse (RecipeError) costs milliseconds here, not a calibration pass later."""
+    import torch
+
+    from ..errors import RecipeError
+    from ..solvers import solve_layer
+    from ..solvers.base import LayerStats
+
+    seen = set()
+    for layer in inv.layers:
+        plan = recipe.plan_for(layer.name)
+        if plan.is_identity or (plan, layer.in_features) in seen:
+            continue
+        seen.add((plan, layer.in_features))
+        n = layer.in_features
+        g = torch.Generator().manual_seed(0)
+        stats = LayerStats(hessian=torch.eye(n), sq_norm=torch.ones(n), n_tokens=n)
+        try:
+            solve_layer(torch.randn(2, n, generator=g), stats, plan)
+        except RecipeError as e:
+            raise Infeasible(f"the solvers refuse {recipe.describe()}: {e}") from None
+
+
 def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recipe, dict]:
     """Ask the trial for a configuration; derive the last variable. Raises Infeasible."""
     sp = res.space
@@ -223,12 +247,14 @@ def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recip
     if fam in ("joint", "quant"):
         cfg["quant_method"] = _cats(trial, "quant_method", sp.quant_methods)
         cfg["group_size"] = _cats(trial, "group_size", res.group_sizes)
-        if cfg["quant_method"] == "gptq":
-            cfg["act_order"] = _cats(trial, "act_order", sp.act_order)
     if fam == "joint":
         obs = cfg["prune_method"] == "sparsegpt" and cfg["quant_method"] == "gptq"
         modes = [m for m in sp.joint_modes if obs or m != "onepass"]
         cfg["joint"] = _cats(trial, "joint" if obs else "joint_sequential", modes)
+    # GPTQ act-order: not with the one-pass joint solver on N:M groups (it visits columns out of order)
+    nm_onepass = fam == "joint" and cfg["pattern"] != "unstructured" and cfg["joint"] == "onepass"
+    if cfg.get("quant_method") == "gptq" and not nm_onepass:
+        cfg["act_order"] = _cats(trial, "act_order", sp.act_order)
     allocs = _allocations(sp, cfg)
     cfg["allocation"] = _cats(trial, "allocation:" + ",".join(allocs), allocs)
     if cfg["allocation"] == "owl":
@@ -256,6 +282,7 @@ def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recip
     cfg["edges"] = _cats(trial, "edges:" + ",".join(offer), offer)
     x = values[cfg["edges"]]
     recipe = build_recipe(cfg, inv, x)
+    preflight(recipe, inv)
     fig = nominal(recipe, inv)
     info = {"short": short_describe(recipe), "config": {k: v for k, v in cfg.items() if k != "alloc_choices"}, "derived": {kind: x},
             "nominal_tcr": fig["tcr"], "predicted_bytes": fig["predicted_bytes"]}
