@@ -1,6 +1,8 @@
 """SmolLM2-135M quality suite for issues 2, 4, 5 and 6: every hand-picked configuration, one JSON each.
 
-python benchmarks/quality_suite.py [--group foundation|prune|quant|joint|all] [--only NAME ...] [--device cuda]
+python benchmarks/quality_suite.py [--group foundation|prune|quant|joint|all] [--only NAME ...] [--out DIR]
+
+Runs on the GPU when one is present (compress and evaluate pick CUDA by default).
 
 Protocol (stated beside every number in BENCHMARKS.md; CPU-sized because the 2-core machine is the only
 one left): calibration = 32 windows x 512 tokens from the 'wiki' calibration split (seed 0); perplexity =
@@ -76,11 +78,12 @@ if __name__ == "__main__":
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--out", default="quality", help="results folder under benchmarks/results, or an absolute path")
     a = ap.parse_args()
-    groups = GROUPS if a.group == "all" else {a.group: GROUPS[a.group]}
+    groups = GROUPS if a.group == "all" else {g: GROUPS[g] for g in a.group.split(",")}
     for gname, configs in groups.items():
         if a.only:
             configs = {k: v for k, v in configs.items() if k in a.only}
-        res = run_configs("smollm2-135m", configs, "quality", calib_samples=a.calib_samples, max_tokens=a.max_tokens)
+        res = run_configs("smollm2-135m", configs, a.out, calib_samples=a.calib_samples, max_tokens=a.max_tokens)
         print(f"\n### {gname}\n")
         print(markdown_table(res))

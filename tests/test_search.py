@@ -229,3 +229,25 @@ def test_ray_workers_give_the_inline_results(files, tmp_path):
     for (_, _, va), (_, _, vb) in zip(a, b):
         assert va == pytest.approx(vb, rel=1e-4)
     assert ray_run.best is not None and "sr" in ray_run.best["full_eval"]
+
+
+def test_warm_start_seeds_are_the_standard_recipes():
+    from prunequant.search.space import seed_params
+
+    inv = Inventory.of(tiny_model())
+    b = parse_budget("tcr=0.875")
+    seeds = seed_params(resolve(SearchSpace(), inv, b), inv, b)
+    assert seeds[0]["family"] == "joint" and seeds[0]["bits"] == 4  # SparseGPT 50% + GPTQ 4-bit, one pass
+    assert {s["family"] for s in seeds} == {"joint", "quant"}
+    assert len({tuple(sorted(s.items())) for s in seeds}) == len(seeds)
+
+
+def test_new_study_runs_the_seeds_first(files, tmp_path):
+    res = run_search(files, tmp_path / "s", 2, full_eval_top_k=0)
+    first = sorted(res.study.trials, key=lambda t: t.number)[0]
+    plan = first.user_attrs["plan"]
+    assert first.user_attrs.get("seed") is True
+    assert plan["recipe"]["prune"]["method"] == "sparsegpt" and plan["recipe"]["quant"]["bits"] == 4
+    assert abs(plan["nominal_tcr"] - 0.875) <= TCR_TOLERANCE + 1e-9
+    off = run_search(files, tmp_path / "n", 1, full_eval_top_k=0, warm_start=False)
+    assert not any(t.user_attrs.get("seed") for t in off.study.trials)

@@ -63,12 +63,15 @@ def search(
     device: str | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    warm_start: bool = True,
 ) -> SearchResult:
     """Search compression configurations of ``model`` (hub id, directory, .gguf or 'smollm2-135m') under a budget.
 
     ``n_trials`` is the number of completed trials the study should hold: re-running with the same
     ``storage`` and ``study_name`` continues an interrupted search (or extends it with a larger count).
-    Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``.
+    Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``. With ``warm_start`` a new
+    study first tries the standard recipes that meet the budget (SparseGPT + GPTQ joint at the two widest
+    bit widths, GPTQ alone, 2:4 + GPTQ; see space.SEED_PREFERENCES), so it starts from the hand-picker's answer.
     """
     from . import report, study as st
     from .executors import InlineExecutor, RayExecutor, import_ray
@@ -99,6 +102,8 @@ def search(
                   "space": space.to_dict(), "sampler": sampler, "seed": seed}
         study = st.open_study(storage, study_name, config, sampler, seed, n_trials)
         resolved = resolve(space, inv, budget)
+        if warm_start:
+            st.enqueue_seeds(study, resolved, inv, budget)
         st.run_trials(study, executor, resolved, inv, budget, n_trials, progress=progress)
         full = st.full_evaluations(study, executor, full_eval_top_k, progress=progress)
     finally:

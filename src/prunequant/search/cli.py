@@ -30,6 +30,8 @@ def add_search_parser(subparsers):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="directory for best_recipe.yaml, trials.json, pareto.png")
+    p.add_argument("--no-warm-start", dest="warm_start", action="store_false",
+                   help="do not start a new study from the standard recipes at the budget")
     p.add_argument("--json", default=None, help="also write the best trial and the front here")
     return p
 
@@ -59,7 +61,8 @@ def cmd_search(a) -> int:
                  proxy_seq_len=a.proxy_seq_len, full_eval_top_k=a.full_eval_top_k, calib_text=a.calib_text,
                  calib_samples=a.calib_samples, seq_len=a.seq_len, eval_texts=[t for t in a.texts.split(",") if t],
                  eval_seq_len=a.eval_seq_len, eval_max_tokens=a.max_tokens, space=_load_space(a.space),
-                 sampler=a.sampler, out=a.out, device=a.device, batch_size=a.batch_size)
+                 sampler=a.sampler, out=a.out, device=a.device, batch_size=a.batch_size,
+                 warm_start=a.warm_start)
     if a.json:
         from pathlib import Path
 

@@ -287,3 +287,58 @@ def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recip
     info = {"short": short_describe(recipe), "config": {k: v for k, v in cfg.items() if k != "alloc_choices"}, "derived": {kind: x},
             "nominal_tcr": fig["tcr"], "predicted_bytes": fig["predicted_bytes"]}
     return recipe, info
+
+
+# Warm start: the standard recipes of the literature at this budget (SparseGPT + GPTQ at 4 or 3 bits with the
+# sparsity that meets the budget, GPTQ alone, 2:4 + GPTQ), tried first so that the search starts
+# where a careful hand-picker would and can only improve on them (TPE models the rest from these points).
+SEED_PREFERENCES = (
+    {"family": "joint", "prune_method": "sparsegpt", "pattern": "unstructured", "quant_method": "gptq",
+     "group_size": 128, "joint": "onepass", "act_order": False, "allocation": "uniform", "edges": "none",
+     "bits": (4,)},
+    {"family": "joint", "prune_method": "sparsegpt", "pattern": "unstructured", "quant_method": "gptq",
+     "group_size": 128, "joint": "onepass", "act_order": False, "allocation": "uniform", "edges": "none",
+     "bits": (3,)},
+    {"family": "quant", "quant_method": "gptq", "group_size": 128, "act_order": False, "allocation": "uniform",
+     "edges": "none"},
+    {"family": "joint", "prune_method": "sparsegpt", "pattern": "2:4", "quant_method": "gptq", "group_size": 128,
+     "joint": "onepass", "allocation": "uniform", "edges": "none"},
+)
+
+
+class _SeedTrial:
+    """Stands in for an optuna trial: answers each question from a preference, records the parameters."""
+
+    def __init__(self, prefs: dict):
+        self.prefs, self.params = prefs, {}
+
+    def suggest_categorical(self, name, choices):
+        key = name.split(":")[0]
+        want = self.prefs.get(key, choices[0])
+        if isinstance(want, tuple):  # preferences in order: the first on offer
+            want = next((w for w in want if w in choices), None)
+        if key == "group_size" and want not in choices:  # narrow model: the widest group it has
+            want = max(choices, key=lambda g: (g != 0, g))
+        if want not in choices:
+            raise Infeasible(f"seed wants {key}={want!r}, not on offer ({list(choices)})")
+        self.params[name] = want
+        return want
+
+    def suggest_float(self, name, low, high, step=None):
+        v = self.prefs.get(name, low)
+        self.params[name] = v
+        return v
+
+
+def seed_params(res: Resolved, inv: Inventory, budget: Budget) -> list[dict]:
+    """optuna parameter sets of the standard recipes that this model and budget admit (duplicates dropped)."""
+    out = []
+    for prefs in SEED_PREFERENCES:
+        t = _SeedTrial(prefs)
+        try:
+            suggest(t, res, inv, budget)
+        except Infeasible:
+            continue
+        if t.params not in out:
+            out.append(t.params)
+    return out

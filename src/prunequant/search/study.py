@@ -204,6 +204,18 @@ def run_trials(study, executor, res: Resolved, inv: Inventory, budget: Budget, n
                     n_done())
 
 
+def enqueue_seeds(study, res: Resolved, inv: Inventory, budget: Budget) -> int:
+    """A new study starts with the standard recipes at its budget (space.seed_params); returns how many."""
+    from .space import seed_params
+
+    if study.get_trials(deepcopy=False):
+        return 0
+    seeds = seed_params(res, inv, budget)
+    for params in seeds:
+        study.enqueue_trial(params, user_attrs={"seed": True})
+    return len(seeds)
+
+
 def ranked(study) -> list:
     """Feasible completed trials, best proxy first (ties: more compression, then earlier)."""
     return sorted((t for t in _complete(study) if feasible(t) and "duplicate_of" not in t.user_attrs),
