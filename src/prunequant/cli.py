@@ -42,6 +42,10 @@ def _add_eval_args(p, default_texts="wiki,lambada"):
                    help="comma-separated evaluation texts: wiki, lambada, a .txt/.jsonl file, wikitext2/c4/ptb (network)")
     p.add_argument("--max-tokens", type=int, default=20_000, help="evaluate the first N tokens of each text")
     p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window (default: --seq-len)")
+    p.add_argument("--fewshot", type=int, default=None,
+                   help="generative tasks (mmlu_pro, bbh, math): exemplars per prompt (default 5 / 3 / 4)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="generative tasks: max new tokens per answer")
+    p.add_argument("--task-seed", type=int, default=0, help="generative tasks: seed of the per-subtask sample")
 
 
 def _add_job_args(p):
@@ -87,8 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
                    "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
-    c.add_argument("--tasks", default=None, help="with --eval: zero-shot tasks, e.g. arc_easy,piqa,hellaswag")
-    c.add_argument("--limit", type=int, default=None, help="examples per task (default 200)")
+    c.add_argument("--tasks", default=None, help="with --eval: zero-shot tasks, e.g. arc_easy,piqa,hellaswag; "
+                   "generative: mmlu_pro,bbh,math (network) or SUITE:file:PATH.jsonl")
+    c.add_argument("--limit", type=int, default=None, help="examples per task, per subtask for generative tasks "
+                   "(default 200)")
     c.add_argument("--prompts", type=int, default=0, help="with --eval: held-out prompts for continuation similarity")
     c.add_argument("--agree-tokens", type=int, default=8192)
     _add_eval_args(c)
@@ -101,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--json", help="write results as JSON here")
     e.add_argument("--against", help="baseline model for retention measures")
-    e.add_argument("--tasks", default=None, help="comma-separated zero-shot tasks (e.g. arc_easy,piqa)")
-    e.add_argument("--limit", type=int, default=None, help="examples per task (default 200)")
+    e.add_argument("--tasks", default=None, help="comma-separated tasks: zero-shot (e.g. arc_easy,piqa) and "
+                   "generative (mmlu_pro,bbh,math with a network; SUITE:file:PATH.jsonl offline)")
+    e.add_argument("--limit", type=int, default=None, help="examples per task, per subtask for generative tasks "
+                   "(default 200)")
     e.add_argument("--prompts", type=int, default=0, help="held-out prompts for continuation similarity (MiniLM)")
     e.add_argument("--agree-tokens", type=int, default=8192, help="tokens for KL / top-1 against --against")
     e.add_argument("--report-dir", help="write JSON, Markdown and PNG plots here")
@@ -170,7 +178,9 @@ def _suite_cfg(a):
     tasks = tuple(t for t in (getattr(a, "tasks", None) or "").split(",") if t)
     return SuiteConfig(texts=tuple(_texts(a)), seq_len=a.eval_seq_len or a.seq_len, max_tokens=a.max_tokens,
                        tasks=tasks, task_limit=getattr(a, "limit", None) or 200, batch_size=a.batch_size,
-                       agree_tokens=getattr(a, "agree_tokens", 8192), prompts=getattr(a, "prompts", 0))
+                       agree_tokens=getattr(a, "agree_tokens", 8192), prompts=getattr(a, "prompts", 0),
+                       fewshot=getattr(a, "fewshot", None), gen_tokens=getattr(a, "gen_tokens", 256),
+                       task_seed=getattr(a, "task_seed", 0))
 
 
 def cmd_compress(a) -> int:

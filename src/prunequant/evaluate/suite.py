@@ -27,9 +27,27 @@ class SuiteConfig:
     prompts: int = 0  # held-out prompts for continuation similarity (0 = off; needs the MiniLM package)
     max_new_tokens: int = 32
     batch_size: int = 8
+    # generative tasks (mmlu_pro, bbh, math; see generative.py): exemplars per prompt (None: the suite's
+    # default), tokens generated per answer, seed of the per-subtask sample
+    fewshot: int | None = None
+    gen_tokens: int = 256
+    task_seed: int = 0
 
     def settings(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if not any(_is_generative(t) for t in self.tasks):  # keep the base-result cache keys of older runs
+            for k in ("fewshot", "gen_tokens", "task_seed"):
+                out.pop(k)
+        return out
+
+    def generation(self) -> dict:
+        return {"fewshot": self.fewshot, "max_new_tokens": self.gen_tokens, "seed": self.task_seed}
+
+
+def _is_generative(name: str) -> bool:
+    from .generative import is_generative
+
+    return is_generative(name)
 
 
 @dataclass
@@ -58,7 +76,8 @@ def _own_metrics(model, tok, cfg: SuiteConfig, progress: bool) -> dict:
         from .tasks import evaluate_tasks
 
         out["tasks"] = evaluate_tasks(model, tok, list(cfg.tasks), limit=cfg.task_limit,
-                                      batch_size=max(cfg.batch_size, 16), progress=progress)
+                                      batch_size=max(cfg.batch_size, 16), progress=progress,
+                                      generation=cfg.generation())
     return out
 
 

@@ -297,5 +297,6 @@ def get_task(name: str) -> TaskSpec:
         return _spec(name, _mmlu(subjects), f"MMLU test, subjects {', '.join(subjects)} (Hendrycks et al. 2021)",
                      "hf_datasets/hails/mmlu_no_train", "mmlu")
     if name not in TASKS:
-        raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, mmlu:SUBJECTS or file:PATH.jsonl")
+        raise DataError(f"unknown task {name!r}; choose from {', '.join(TASKS)}, mmlu:SUBJECTS or file:PATH.jsonl, "
+                        "or the generative mmlu_pro, bbh, math, math500 (SUITE:file:PATH.jsonl offline)")
     return TASKS[name]

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .task_data import TASKS, Example, get_task
+from .task_data import TASKS, Example, TaskSpec, get_task
 
 # Tasks on which even SmolLM2-135M is clearly above chance (WinoGrande, BoolQ, OpenBookQA, COPA and MMLU are
 # within noise of chance for it, so retention leaves them out); ~6 min of one contended CPU core at limit=200.
@@ -248,23 +248,33 @@ def _argmax(xs: list[float]) -> int:
 
 def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
                    limit: int | None = DEFAULT_LIMIT, batch_size: int = 16, progress: bool = True,
-                   share_context: bool | None = None) -> dict[str, dict]:
+                   share_context: bool | None = None, generation: dict | None = None) -> dict[str, dict]:
     """Zero-shot accuracy on each task: {task: {"acc", "acc_norm", "n", "chance", "seconds", "source"}}.
 
     Task names: see ``task_data.TASKS`` (arc_easy, arc_challenge, hellaswag, piqa, boolq, openbookqa, sciq,
     copa, winogrande, mmlu, lambada), ``mmlu:SUBJ1,SUBJ2`` or ``file:PATH.jsonl``. ``limit`` keeps the
     first N examples of each task (deterministic). ``acc_norm`` is None where the harness has none.
+    The generative suites (mmlu_pro, bbh, math, math500 and their ``SUITE:...`` forms, see ``generative``)
+    run by greedy generation and exact match, ``limit`` items per subtask; ``generation`` passes their
+    options (fewshot, max_new_tokens, seed, cot) to ``generative.run_gen_task``.
     """
+    from .generative import get_gen_task, is_generative, run_gen_task
+
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     if limit is not None and limit < 1:
         raise DataError(f"limit {limit} must be a positive number of examples (or None for all)")
-    specs = [get_task(t) for t in tasks]  # fail on a bad name before any scoring
+    # fail on a bad name before any scoring
+    specs = [get_gen_task(t) if is_generative(t) else get_task(t) for t in tasks]
     was_training = model.training
     model.eval()
     out = {}
     try:
         for spec in specs:
+            if not isinstance(spec, TaskSpec):
+                out[spec.name] = run_gen_task(model, tokenizer, spec, limit=limit, batch_size=batch_size,
+                                              progress=progress, **(generation or {}))
+                continue
             t0 = time.time()
             examples = spec.load(limit)
             if not examples:
