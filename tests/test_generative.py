@@ -430,3 +430,34 @@ def test_batched_generation_equals_unbatched(kind, tok):
             continue
         cut = generate_greedy(model, tok, [p], max_new_tokens=12, stop=[stop, "\x00never"], progress=False)
         assert cut == [text[: text.find(stop)]]
+
+
+def test_cli_eval_runs_generative_tasks_from_files(tmp_path, capsys, monkeypatch):
+    """`prunequant eval DIR --tasks bbh:file:...,math:file:...` on a tiny saved model; a missing hub dataset
+    fails with one line naming the file option."""
+    from prunequant.cli import main
+    from tiny import TRAIN_TEXT, save_tiny
+
+    model_dir = tmp_path / "tiny"
+    save_tiny(model_dir)
+    text = tmp_path / "eval.txt"
+    text.write_text(TRAIN_TEXT * 20)
+    bbh = write_jsonl(tmp_path / "b.jsonl", bbh_rows())
+    math = write_jsonl(tmp_path / "m.jsonl", [{"problem": f"{i}+{i}?", "answer": str(2 * i)} for i in range(4)])
+    js = tmp_path / "e.json"
+    code = main(["eval", str(model_dir), "--against", str(model_dir), "--text", str(text), "--seq-len", "32",
+                 "--max-tokens", "256", "--agree-tokens", "64", "--tasks", f"bbh:file:{bbh},math:file:{math}",
+                 "--fewshot", "1", "--gen-tokens", "6", "--limit", "2", "--json", str(js)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads(js.read_text())
+    b = res["tasks"][f"bbh:file:{bbh}"]
+    assert b["n"] == 4 and b["subtasks"]["navigate"]["n"] == 2 and b["max_new_tokens"] == 6 and b["fewshot"] == 1
+    assert res["tasks"][f"math:file:{math}"]["chance"] == 0.0
+    assert res["protocol"]["gen_tokens"] == 6
+    capsys.readouterr()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as without the package (or a network)
+    generative._hub_rows.cache_clear()
+    code = main(["eval", str(model_dir), "--text", str(text), "--seq-len", "32", "--max-tokens", "64",
+                 "--tasks", "bbh:snarks", "--gen-tokens", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bbh:file:PATH.jsonl" in err and "Traceback" not in err
