@@ -42,7 +42,8 @@ def test_math_equal_rejects_different_answers(a, b):
 
 
 @pytest.mark.parametrize("raw,norm", [
-    (r"\dfrac{3}{4}", r"\frac{3}{4}"), (r"\frac12", r"\frac{1}{2}"), (r"\frac1{2}", r"\frac{1}{2}"), ("1/2", r"\frac{1}{2}"),
+    (r"\dfrac{3}{4}", r"\frac{3}{4}"), (r"\frac12", r"\frac{1}{2}"), (r"\frac1{2}", r"\frac{1}{2}"),
+    ("1/2", r"\frac{1}{2}"),
     (r"\left[0, 1\right)", "[0,1)"), ("2.50", "2.5"), (".25", "0.25"), ("007", "7"), (r"5\text{ cm}^2", "5"),
     (r"\sqrt[3]{2}", r"\sqrt[3]{2}"), (r"\text{east}", "east"), ("x = 3", "3"), ("y=2x+1", "2x+1"),
     (r"a = b = 3", "a=b=3"), (r"\{1, 2\}", r"\{1,2\}"), ("1,234,567", "1234567"),
@@ -183,7 +184,8 @@ def test_bbh_exemplars_are_the_first_k_items_and_not_scored(tmp_path):
     assert [e.question for e in exs] == ["Is statement 0 true?", "Is statement 1 true?"]
     assert [r.question for r in rest] == [f"Is statement {i} true?" for i in range(2, 6)]
     p = build_prompt(SUITES["bbh"], exs, rest[0], cot=False)
-    assert "Q: Is statement 0 true?\nA: The answer is True.\n\nQ: Is statement 1 true?\nA: The answer is False.\n\n" in p
+    assert ("Q: Is statement 0 true?\nA: The answer is True.\n\n"
+            "Q: Is statement 1 true?\nA: The answer is False.\n\n") in p
     assert p.endswith("Q: Is statement 2 true?\nA:")
     # limit per subtask and a seeded, reproducible sample; seed=None keeps source order
     a = select(scored, shots, k=2, limit=3, seed=1)
@@ -252,9 +254,9 @@ def test_hub_rows_map_to_items(monkeypatch):
     served = {
         ("TIGER-Lab/MMLU-Pro", None, "test"): [{"question": "q", "options": ["a", "b", "N/A"], "answer": "B",
                                                 "answer_index": 1, "category": "computer science", "cot_content": ""}],
-        ("TIGER-Lab/MMLU-Pro", None, "validation"): [{"question": "d", "options": ["a", "b"], "answer": "A",
-                                                      "category": "computer science",
-                                                      "cot_content": "A: Let's think step by step. The answer is (A)."}],
+        ("TIGER-Lab/MMLU-Pro", None, "validation"): [
+            {"question": "d", "options": ["a", "b"], "answer": "A", "category": "computer science",
+             "cot_content": "A: Let's think step by step. The answer is (A)."}],
         ("lukaemon/bbh", "navigate", "test"): [{"input": f"n{i}", "target": "Yes"} for i in range(5)],
         ("EleutherAI/hendrycks_math", "counting_and_probability", "test"):
             [{"problem": "p", "solution": r"\boxed{3}", "type": "Counting & Probability", "level": "Level 1"}],
@@ -317,7 +319,8 @@ def tok():
 def test_mmlu_pro_scores_right_answers_one_and_wrong_zero(tmp_path, tok):
     path = write_jsonl(tmp_path / "m.jsonl", mmlu_rows())
     # gold letters of the 4 test questions: A, B, C, A
-    replies = {"Test question 0?": " Because of p. The answer is (A).\nQuestion: Test question 9?",  # right; cut at stop
+    # right, and cut at the stop string
+    replies = {"Test question 0?": " Because of p. The answer is (A).\nQuestion: Test question 9?",
                "Test question 1?": " The answer is (C).",   # wrong
                "Test question 2?": " Clearly (C)",           # right, by the "(X)" fallback
                "Test question 3?": " I cannot tell."}        # nothing extractable
@@ -353,8 +356,8 @@ def test_math_end_to_end_with_equivalent_forms(tmp_path, tok):
     rows = [{"problem": f"Problem number {i}", "answer": a} for i, a in enumerate(["0", r"\frac{1}{2}", "10", "3"])]
     replies = {"number 1": r" So it is $\boxed{0.5}$.", "number 2": r" $\boxed{10\text{ cm}}$",
                "number 3": " The final answer is $4$."}
-    res = run_gen_task(ScriptedLM(tok, replies, "Problem:"), tok, "math:file:" + write_jsonl(tmp_path / "m.jsonl", rows),
-                       fewshot=1, progress=False)
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    res = run_gen_task(ScriptedLM(tok, replies, "Problem:"), tok, "math:file:" + path, fewshot=1, progress=False)
     assert res["n"] == 3 and res["exact_match"] == pytest.approx(2 / 3) and res["chance"] == 0.0
 
 

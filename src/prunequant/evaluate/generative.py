@@ -295,7 +295,8 @@ def get_gen_task(name: str) -> GenTask:
 
 @functools.lru_cache(maxsize=64)
 def _hub_rows(task_name: str, suite_name: str, repo: str, config: str | None, split: str) -> tuple[dict, ...]:
-    hint = f"offline, give a local file instead: --tasks {suite_name}:file:PATH.jsonl (schema: prunequant.evaluate.generative)"
+    hint = (f"offline, give a local file instead: --tasks {suite_name}:file:PATH.jsonl "
+            "(schema: prunequant.evaluate.generative)")
     try:
         from datasets import load_dataset
     except ImportError:
@@ -561,8 +562,8 @@ def score(suite: Suite, items: list[Item], generations: list[str]) -> tuple[dict
         pred = suite.extract(text, it)
         ok = suite.correct(pred, it)
         per.setdefault(it.subtask, []).append((ok, suite.chance(it), pred is None))
-        records.append({"subtask": it.subtask, "question": it.question, "gold": it.answer, "extracted": pred, "correct": ok,
-                        "generation": text})
+        records.append({"subtask": it.subtask, "question": it.question, "gold": it.answer, "extracted": pred,
+                        "correct": ok, "generation": text})
     n = len(items)
     flat = [r for rs in per.values() for r in rs]
     res = {"exact_match": sum(r[0] for r in flat) / n, "n": n, "chance": sum(r[1] for r in flat) / n,
