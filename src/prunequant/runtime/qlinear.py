@@ -1,0 +1,421 @@
+"""Inference linears that keep our quantized weights packed and multiply with low-bit kernels.
+
+A ``QuantLinear`` computes ``y = x · Wᵀ + b`` from one or two *segments*: a uniform-grid QuantState
+(solvers/base.py: ``w = scale[:, g] · (code − zero[:, g])``) over some input columns. A plain quantized
+layer is one segment over all columns; a channel-mixed layer (structural/mixed.py splits the *input*
+columns into a high-bit and a low-bit part) is two, whose products are added.
+
+Segment backends (``BACKENDS``), tried in the order asked for, each checked against the dequantized
+weight on a probe input before it is kept (what failed, and why, is recorded):
+
+- ``triton``: our codes packed ``8 // bits`` per byte, fp16 scales and uint8 zero points; the Triton
+  kernel of triton_wmm.py dequantizes tiles in registers (CUDA). Both segments of a mixed layer run in
+  one launch, gathering their input columns in the kernel. Above ``small_m`` input rows the weight is
+  dequantized once into a dense buffer and multiplied by cuBLAS (``large_m = "reconstruct"``), or the
+  kernel runs with large tiles (``large_m = "kernel"``).
+- ``packed``: the same storage, dequantized with torch ops at every call (the CPU path; the fallback
+  where Triton is missing).
+- ``tinygemm``: 4-bit, torch's own int4 kernel (``aten._weight_int4pack_mm`` on CUDA, bf16 only;
+  ``_weight_int4pack_mm_for_cpu``). Its grid is ``(q − 8)·s + m``; ours maps to it exactly in real
+  numbers (``m = s·(8 − zero)``), but scale and offset are stored in the activation dtype (bf16 on
+  CUDA), so its weights differ from the grid by that rounding. Group sizes 32..256 (ours are re-expressed
+  in the largest that divides them, input padded with zeros when the columns do not fill the last group);
+  N must be a multiple of 8 (CUDA) / 16 (CPU).
+- ``int8pack``: 8-bit per-channel symmetric grids on ``torch._weight_int8pack_mm`` (a real kernel on the
+  CPU; on CUDA torch ships a naive one-thread-per-output reference kernel — ask for it explicitly).
+- ``dense``: the dequantized weight in the activation dtype (always works; saves no memory).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..solvers.base import QuantState
+from . import triton_wmm
+
+BACKENDS = ("triton", "packed", "tinygemm", "int8pack", "dense")
+SMALL_M = 64  # input rows up to which the low-bit kernels run; above, see QuantLinear.large_m
+
+
+class Unsupported(Exception):
+    """A backend cannot hold this segment (shape, bit width, grid or device); the reason is the message."""
+
+
+# ---- packing -------------------------------------------------------------------------------------
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """(N, K) integer codes → (N, ceil(K / per)) uint8, per = 8 // bits; code k sits in byte k // per at
+    bit (k % per)·bits (little-endian, the order of export/bitpack.py's streams)."""
+    if bits not in triton_wmm.SUPPORTED_BITS:
+        raise Unsupported(f"{bits}-bit codes cannot be packed whole into bytes (2, 4 and 8 bits can)")
+    per = 8 // bits
+    n, k = codes.shape
+    c = codes.to(torch.int32)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+        raise ValueError(f"codes outside [0, {(1 << bits) - 1}] do not fit {bits} bits")
+    pad = (-k) % per
+    if pad:
+        c = F.pad(c, (0, pad))
+    c = c.reshape(n, -1, per)
+    shifts = torch.arange(per, device=c.device, dtype=torch.int32) * bits
+    return (c << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """Inverse of pack_codes: (N, k) uint8 codes."""
+    per = 8 // bits
+    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
+    c = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return c.reshape(packed.shape[0], -1)[:, :k]
+
+
+def _group_index(k: int, group_size: int, device) -> torch.Tensor:
+    idx = torch.arange(k, device=device)
+    return torch.zeros_like(idx) if group_size <= 0 else idx // group_size
+
+
+def check_state(q: QuantState, k: int) -> None:
+    """Raise Unsupported unless ``q`` is a uniform grid with contiguous groups over ``k`` columns."""
+    if q.kind != "uniform" or q.codes is None or q.scale is None or q.zero is None:
+        raise Unsupported(f"quantization kind {q.kind!r} is not a plain uniform grid")
+    if float(q.bits) != int(q.bits):
+        raise Unsupported(f"{q.bits}-bit codes (ternary) have no packed kernel")
+    if tuple(q.codes.shape)[1] != k:
+        raise ValueError(f"codes have {q.codes.shape[1]} columns, the segment {k}")
+    if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), _group_index(k, q.group_size, "cpu")):
+        raise Unsupported("groups are not contiguous (act-order): no kernel reads a g_idx")
+
+
+def dequantize_state(q: QuantState) -> torch.Tensor:
+    """The float32 weight of a uniform QuantState, computed as its own ``dequantize`` does."""
+    return q.dequantize()
+
+
+# ---- segments ------------------------------------------------------------------------------------
+
+class Segment(nn.Module):
+    """One uniform-grid part of a weight: (N, k) over input columns ``cols`` (None = all, in order)."""
+
+    backend = "?"
+
+    def __init__(self, n: int, k: int, bits: int, group_size: int, cols: torch.Tensor | None):
+        super().__init__()
+        self.n, self.k, self.bits, self.group_size = n, k, int(bits), int(group_size)
+        self.register_buffer("cols", None if cols is None else cols.to(torch.int32).contiguous())
+
+    def gather(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 if self.cols is None else x2.index_select(1, self.cols)
+
+    def extra_repr(self) -> str:
+        return f"{self.backend}, {self.bits}-bit, g{self.group_size}, ({self.n}, {self.k})"
+
+
+class PackedSegment(Segment):
+    """Codes packed into bytes, fp16 (or fp32) scales, uint8 (or fp32) zero points."""
+
+    def __init__(self, q: QuantState, cols, device, use_triton: bool):
+        n, k = q.codes.shape
+        super().__init__(n, k, int(q.bits), q.group_size, cols)
+        check_state(q, k)
+        self.register_buffer("codes", pack_codes(q.codes.to(device), self.bits).contiguous())
+        scale = q.scale.to(device, torch.float32)
+        s16 = scale.to(torch.float16)
+        self.register_buffer("scale", (s16 if torch.equal(s16.float(), scale) else scale).contiguous())
+        zero = q.zero.to(device, torch.float32)
+        exact = bool(((zero == zero.round()) & (zero >= 0) & (zero <= 255)).all())
+        self.register_buffer("zero", (zero.to(torch.uint8) if exact else zero).contiguous())
+        self.use_triton = use_triton
+        self.backend = "triton" if use_triton else "packed"
+
+    def dequantize_torch(self, dtype) -> torch.Tensor:
+        c = unpack_codes(self.codes, self.bits, self.k).float()
+        g = _group_index(self.k, self.group_size, c.device)
+        return ((c - self.zero.float()[:, g]) * self.scale.float()[:, g]).to(dtype)
+
+    def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
+        if out is None:
+            out = torch.empty(self.n, self.k, device=self.codes.device, dtype=dtype)
+            col0 = 0
+        if self.use_triton and triton_wmm.available(self.codes):
+            return triton_wmm.dequantize_into(self, out, col0)
+        out[:, col0:col0 + self.k] = self.dequantize_torch(out.dtype)
+        return out
+
+    def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
+        if self.use_triton and x2.shape[0] <= small_m and triton_wmm.available(x2):
+            return triton_wmm.matmul(x2, [self], self.n)
+        return F.linear(self.gather(x2), self.dequantize(x2.dtype))
+
+
+class TinyGemmSegment(Segment):
+    """4-bit codes in torch's tinygemm layout (``_convert_weight_to_int4pack``), scale/offset per group."""
+
+    backend = "tinygemm"
+    _order: dict[str, str] = {}  # device type → nibble order that matched the reference
+
+    def __init__(self, q: QuantState, cols, device, dtype):
+        n, k = q.codes.shape
+        super().__init__(n, k, int(q.bits), q.group_size, cols)
+        check_state(q, k)
+        if self.bits != 4:
+            raise Unsupported(f"tinygemm holds 4-bit codes only, not {self.bits}-bit")
+        cuda = torch.device(device).type == "cuda"
+        if cuda and not hasattr(torch.ops.aten, "_weight_int4pack_mm"):
+            raise Unsupported("this torch has no aten._weight_int4pack_mm")
+        if not cuda and not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            raise Unsupported("this torch has no aten._weight_int4pack_mm_for_cpu")
+        if cuda and dtype != torch.bfloat16:
+            raise Unsupported(f"tinygemm on CUDA takes bfloat16 activations, not {dtype}")
+        mult = 8 if cuda else 16
+        if n % mult:
+            raise Unsupported(f"{n} output rows are not a multiple of {mult}")
+        gs = q.group_size
+        cands = [g for g in (256, 128, 64, 32) if gs <= 0 or gs % g == 0]
+        if not cands:
+            raise Unsupported(f"group size {gs} is not a multiple of 32 (tinygemm groups: 32, 64, 128, 256)")
+        exact = [g for g in cands if k % g == 0]
+        self.tg_group = exact[0] if exact else cands[0]
+        self.kpad = math.ceil(k / self.tg_group) * self.tg_group
+        self.inner_k_tiles = next(t for t in (8, 4, 2) if self.kpad % (16 * t) == 0)
+        codes = q.codes.to(device, torch.int32)
+        if self.kpad > k:  # padded columns meet zero-padded inputs
+            codes = F.pad(codes, (0, self.kpad - k), value=8)
+        n_tg = self.kpad // self.tg_group
+        ours = torch.arange(n_tg, device=device) * self.tg_group
+        ours = torch.zeros_like(ours) if gs <= 0 else (ours // gs).clamp_max(q.scale.shape[1] - 1)
+        scale = q.scale.to(device, torch.float32)[:, ours]
+        offset = scale * (8 - q.zero.to(device, torch.float32)[:, ours])
+        self.register_buffer("scale_offset", torch.stack([scale, offset], -1).transpose(0, 1).contiguous().to(dtype))
+        self.cuda_kernel = cuda
+        if cuda:
+            order = self._order.get("cuda") or self._probe_order(device)
+            self.register_buffer("packed", self._pack_cuda(codes, order))
+        else:
+            self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                codes.contiguous(), self.inner_k_tiles))
+
+    def _pack_cuda(self, codes: torch.Tensor, order: str) -> torch.Tensor:
+        even, odd = codes[:, ::2], codes[:, 1::2]
+        u8 = (even << 4 | odd) if order == "even-high" else (odd << 4 | even)
+        return torch.ops.aten._convert_weight_to_int4pack(u8.to(torch.uint8).contiguous(), self.inner_k_tiles)
+
+    @classmethod
+    def _probe_order(cls, device) -> str:
+        """Which nibble of the (N, K/2) uint8 input holds the even column (torch documents even-high)."""
+        g = torch.Generator(device="cpu").manual_seed(0)
+        codes = torch.randint(0, 16, (16, 128), generator=g, dtype=torch.int32).to(device)
+        x = torch.randn(3, 128, generator=g).to(device, torch.bfloat16)
+        sz = torch.stack([torch.full((2, 16), 0.01), torch.zeros(2, 16)], -1).to(device, torch.bfloat16)
+        ref = x.float() @ ((codes.float() - 8) * 0.01).t()
+        for order in ("even-high", "even-low"):
+            even, odd = codes[:, ::2], codes[:, 1::2]
+            u8 = (even << 4 | odd) if order == "even-high" else (odd << 4 | even)
+            w = torch.ops.aten._convert_weight_to_int4pack(u8.to(torch.uint8).contiguous(), 8)
+            y = torch.ops.aten._weight_int4pack_mm(x, w, 64, sz).float()
+            if float((y - ref).norm() / ref.norm()) < 2e-2:
+                cls._order["cuda"] = order
+                return order
+        raise Unsupported("tinygemm matches its reference with neither nibble order on this device")
+
+    def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
+        xg = self.gather(x2)
+        if self.kpad > self.k:
+            xg = F.pad(xg, (0, self.kpad - self.k))
+        xg = xg.contiguous()
+        if self.cuda_kernel:
+            return torch.ops.aten._weight_int4pack_mm(xg, self.packed, self.tg_group, self.scale_offset)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(xg, self.packed, self.tg_group, self.scale_offset)
+
+
+class Int8PackSegment(Segment):
+    """8-bit per-channel symmetric codes as int8 (code − 128) with one scale per row."""
+
+    backend = "int8pack"
+
+    def __init__(self, q: QuantState, cols, device, dtype):
+        n, k = q.codes.shape
+        super().__init__(n, k, int(q.bits), q.group_size, cols)
+        check_state(q, k)
+        if self.bits != 8 or q.scale.shape[1] != 1:
+            raise Unsupported("torch's int8 weight-only kernel takes 8-bit codes with one scale per row")
+        if not bool((q.zero == 128).all()):
+            raise Unsupported("torch's int8 weight-only kernel takes symmetric grids (zero point 128)")
+        w = (q.codes.to(device, torch.int16) - 128).to(torch.int8)
+        self.register_buffer("weight_int8", w.contiguous())
+        self.register_buffer("scales", q.scale.to(device, torch.float32)[:, 0].to(dtype).contiguous())
+
+    def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
+        return torch._weight_int8pack_mm(self.gather(x2).contiguous(), self.weight_int8, self.scales)
+
+
+class DenseSegment(Segment):
+    """The dequantized weight in the activation dtype (the fallback; no memory saved)."""
+
+    backend = "dense"
+
+    def __init__(self, q: QuantState, cols, device, dtype):
+        n, k = q.codes.shape if q.codes is not None else (None, None)
+        super().__init__(n, k, int(q.bits) if float(q.bits).is_integer() else 16, q.group_size, cols)
+        self.register_buffer("weight", dequantize_state(q).to(device, dtype).contiguous())
+
+    def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
+        return F.linear(self.gather(x2), self.weight)
+
+
+def make_segment(backend: str, q: QuantState, cols, device, dtype) -> Segment:
+    dev = torch.device(device)
+    if backend == "triton":
+        probe = torch.empty(0, device=dev)
+        if not triton_wmm.available(probe):
+            raise Unsupported("triton is not installed or cannot run on " + dev.type)
+        return PackedSegment(q, cols, dev, use_triton=True)
+    if backend == "packed":
+        return PackedSegment(q, cols, dev, use_triton=False)
+    if backend == "tinygemm":
+        return TinyGemmSegment(q, cols, dev, dtype)
+    if backend == "int8pack":
+        return Int8PackSegment(q, cols, dev, dtype)
+    if backend == "dense":
+        return DenseSegment(q, cols, dev, dtype)
+    raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+
+
+# ---- the layer -----------------------------------------------------------------------------------
+
+class QuantLinear(nn.Module):
+    """``y = x · Wᵀ + b`` with W held as packed segments (see the module docstring)."""
+
+    def __init__(self, in_features: int, out_features: int, segments: list[Segment],
+                 bias: torch.Tensor | None = None, small_m: int = SMALL_M, large_m: str = "reconstruct"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.segs = nn.ModuleList(segments)
+        self.register_buffer("bias", None if bias is None else bias.contiguous())
+        self.small_m, self.large_m = small_m, large_m
+        self.fused = len(segments) <= 2 and all(isinstance(s, PackedSegment) and s.use_triton for s in segments)
+        self.reconstructable = all(isinstance(s, PackedSegment) for s in segments)
+        perm = None
+        if any(s.cols is not None for s in segments):
+            perm = torch.cat([s.cols if s.cols is not None else torch.arange(in_features, device=s.codes.device,
+                                                                            dtype=torch.int32)
+                              for s in segments]) if self.reconstructable else None
+        self.register_buffer("perm", perm)
+
+    @property
+    def backend(self) -> str:
+        names = "+".join(s.backend for s in self.segs)
+        return f"{names} (fused)" if self.fused and len(self.segs) > 1 else names
+
+    def dense_weight(self, dtype) -> torch.Tensor:
+        """The weight over ``perm``'s column order (the original order for one segment without cols)."""
+        out = torch.empty(self.out_features, sum(s.k for s in self.segs), device=self.segs[0].codes.device,
+                          dtype=dtype)
+        col = 0
+        for s in self.segs:
+            s.dequantize(dtype, out, col)
+            col += s.k
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        m = x2.shape[0]
+        if self.fused and (m <= self.small_m or self.large_m == "kernel") and triton_wmm.available(x2):
+            y = triton_wmm.matmul(x2, list(self.segs), self.out_features, self.bias)
+        elif self.reconstructable and m > self.small_m:
+            xp = x2 if self.perm is None else x2.index_select(1, self.perm)
+            y = F.linear(xp, self.dense_weight(x2.dtype), self.bias)
+        else:
+            y = self.segs[0](x2, self.small_m)
+            for s in self.segs[1:]:
+                y = y + s(x2, self.small_m)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def _tolerance(dtype) -> float:
+    return {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 5e-3}.get(dtype, 2e-2)
+
+
+def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@torch.no_grad()
+def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_features: int, out_features: int,
+                       bias: torch.Tensor | None, *, device, dtype, prefer: dict[int, list[str]],
+                       check: bool = True, seed: int = 0) -> tuple[QuantLinear, list[dict]]:
+    """A QuantLinear for segments ``parts`` ((state, input columns or None)), each on the first backend of
+    ``prefer[bits]`` that takes it and passes the probe check; returns it and a record per segment."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    probe = torch.randn(3, in_features, generator=g).to(device, dtype)
+    segs, records = [], []
+    ref_total = None
+    for q, cols in parts:
+        cols_dev = None if cols is None else cols.to(device)
+        W_ref = dequantize_state(q).to(device, dtype)
+        xg = probe if cols_dev is None else probe.index_select(1, cols_dev.long())
+        ref = xg.float() @ W_ref.float().t()
+        ref_total = ref if ref_total is None else ref_total + ref
+        bits = int(q.bits) if float(q.bits).is_integer() else 16
+        tried = []
+        chosen = None
+        for backend in list(prefer.get(bits, [])) + ["dense"]:
+            try:
+                seg = make_segment(backend, q, cols_dev, device, dtype).to(device)
+                if check and backend != "dense":
+                    err = _rel_err(seg(probe), ref)
+                    if not err <= _tolerance(dtype):
+                        raise Unsupported(f"probe output differs from the dequantized weight's (rel. error {err:.2e})")
+                    if isinstance(seg, PackedSegment) and not torch.equal(seg.dequantize(dtype), W_ref):
+                        raise Unsupported("dequantized packed weight differs from the grid's")
+                chosen = seg
+                break
+            except Unsupported as e:
+                tried.append(f"{backend}: {e}")
+            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # kernel refused the input
+                tried.append(f"{backend}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+        segs.append(chosen)
+        records.append({"bits": bits, "group_size": q.group_size, "k": q.codes.shape[1] if q.codes is not None else None,
+                        "backend": chosen.backend, "fallbacks": tried})
+    ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype)).to(device)
+    if check and ql.fused and len(segs) > 1:
+        err = _rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
+        if not err <= _tolerance(dtype):
+            ql.fused = False
+            records[0]["fallbacks"].append(f"fused two-segment kernel: rel. error {err:.2e}, runs per segment")
+    return ql, records
+
+
+def set_runtime_mode(model: nn.Module, small_m: int | None = None, large_m: str | None = None) -> None:
+    """Set, on every QuantLinear of ``model``, up to how many input rows the low-bit kernels run and what
+    larger inputs do ("reconstruct": dequantize the weight, then cuBLAS; "kernel": the Triton kernel)."""
+    if large_m is not None and large_m not in ("reconstruct", "kernel"):
+        raise ValueError(f"large_m {large_m!r}: use 'reconstruct' or 'kernel'")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            if small_m is not None:
+                m.small_m = small_m
+            if large_m is not None:
+                m.large_m = large_m
+
+
+def module_bytes(model: nn.Module) -> int:
+    """Bytes of all parameters and buffers, each storage counted once (tied weights once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t is None or t.device.type == "meta":
+            continue
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        total += t.untyped_storage().nbytes()
+    return total

@@ -1,0 +1,177 @@
+"""Packed inference linears (prunequant.runtime): packing round-trips exactly on the grid, and every backend
+computes the dequantized weight's matmul (the Triton kernel through Triton's CPU interpreter)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prunequant.runtime import build_quant_linear, pack_codes, pack_model, unpack_codes
+from prunequant.runtime.convert import segments_of
+from prunequant.runtime.qlinear import PackedSegment
+from prunequant.solvers.base import QuantState
+from prunequant.solvers.grid import fit_grid, group_index, quantize_grouped
+from prunequant.structural.mixed import MixSpec, mixed_quantize
+
+
+def _uniform(W: torch.Tensor, bits: int, gs: int, sym: bool = False) -> QuantState:
+    s, z = fit_grid(W, bits, gs, sym)
+    g = group_index(W.shape[1], gs)
+    codes = quantize_grouped(W, s, z, 2 ** bits - 1, g)
+    return QuantState("uniform", bits, gs, sym, codes.to(torch.uint8), s.float(), z.float(), g)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_codes_round_trip(bits):
+    g = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2 ** bits, (7, 37), generator=g, dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, -(-37 * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, 37), codes)
+
+
+@pytest.mark.parametrize("bits,gs,sym", [(4, 128, False), (8, 0, True), (2, 16, False), (8, 24, False)])
+def test_packed_weight_is_exactly_the_grid(bits, gs, sym):
+    W = torch.randn(24, 200, generator=torch.Generator().manual_seed(1))
+    q = _uniform(W, bits, gs, sym)
+    seg = PackedSegment(q, None, "cpu", use_triton=False)
+    assert torch.equal(seg.dequantize(torch.float32), q.dequantize())
+    assert torch.equal(seg.dequantize(torch.bfloat16), q.dequantize().to(torch.bfloat16))
+    assert seg.scale.dtype == torch.float16 and seg.zero.dtype == torch.uint8  # fp16 grids, integer zeros
+
+
+def _reference(x, W, bias, dtype):
+    return F.linear(x.float(), W.to(dtype).float(), None if bias is None else bias.to(dtype).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend,bits,gs,sym,shape", [
+    ("packed", 4, 128, False, (32, 576)),   # ragged last group (576 = 4·128 + 64)
+    ("packed", 8, 0, True, (24, 96)),
+    ("tinygemm", 4, 128, False, (32, 576)),  # re-expressed as groups of 64, no padding
+    ("tinygemm", 4, 32, False, (16, 100)),   # input padded to 128 columns
+    ("int8pack", 8, 0, True, (24, 96)),
+])
+def test_quant_linear_equals_dequantized_matmul(backend, bits, gs, sym, shape, dtype):
+    n, k = shape
+    g = torch.Generator().manual_seed(n + k)
+    q = _uniform(torch.randn(n, k, generator=g), bits, gs, sym)
+    bias = torch.randn(n, generator=g)
+    ql, rec = build_quant_linear([(q, None)], k, n, bias, device="cpu", dtype=dtype, prefer={bits: [backend]})
+    assert rec[0]["backend"] == backend, rec
+    x = torch.randn(2, 5, k, generator=g).to(dtype)
+    y = ql(x)
+    assert y.shape == (2, 5, n) and y.dtype == dtype
+    ref = _reference(x, q.dequantize(), bias, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert float((y.float() - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("backends", [{4: ["packed"], 8: ["packed"]}, {4: ["tinygemm"], 8: ["int8pack", "packed"]}])
+def test_channel_mixed_layer(backends):
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(48, 320, generator=g)
+    high = torch.rand(320, generator=g) < 0.3
+    res = mixed_quantize(W, high, MixSpec(low_bits=4, high_bits=8, group_size=64, allow_prune=False))
+    ql, rec = build_quant_linear(segments_of(res.quant), 320, 48, None, device="cpu", dtype=torch.float32,
+                                 prefer=backends)
+    assert [r["bits"] for r in rec] == [8, 4]
+    assert rec[1]["backend"] == backends[4][0]
+    x = torch.randn(6, 320, generator=g)
+    ref = x @ res.weight.float().t()
+    for small_m in (64, 0):  # kernels per segment, then the dequantize-once path for large inputs
+        ql.small_m = small_m
+        assert float((ql(x) - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_unsupported_shape_falls_back_with_a_reason():
+    q = _uniform(torch.randn(20, 64, generator=torch.Generator().manual_seed(4)), 4, 32)
+    ql, rec = build_quant_linear([(q, None)], 64, 20, None, device="cpu", dtype=torch.float32,
+                                 prefer={4: ["tinygemm"]})
+    assert rec[0]["backend"] == "dense"
+    assert "multiple of 16" in rec[0]["fallbacks"][0]
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(ql(x), x @ q.dequantize().t())
+
+
+def test_pack_model_gives_the_dequantized_models_logits():
+    from structural_models import calib, tiny_model
+
+    model = tiny_model(layers=2, hidden=64, inter=96, heads=4, kv=2)
+    states = {}
+    g = torch.Generator().manual_seed(5)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            W = mod.weight.data.float()
+            if name.endswith(("o_proj", "down_proj")):  # channel-mixed 4/8
+                high = torch.rand(W.shape[1], generator=g) < 0.25
+                res = mixed_quantize(W, high, MixSpec(low_bits=4, high_bits=8, group_size=32, allow_prune=False))
+                states[name], new = res.quant, res.weight
+            else:
+                q = _uniform(W, 4, 32)
+                states[name], new = q, q.dequantize()
+            mod.weight.data.copy_(new)
+    ids = calib(2, 12)
+    with torch.no_grad():
+        ref = model(ids).logits
+        rec = pack_model(model, states)
+        out = model(ids).logits
+    assert rec["weights_differing_from_state"] == 0 and rec["layers"] == 14
+    assert sum(rec["segments"].values()) == 14 + 4
+    assert float((out - ref).abs().max()) < 1e-4
+
+
+# ---- the Triton kernels, through the interpreter (it decides at import, hence a child process) ----------
+
+def _interpreted() -> list[dict]:
+    from prunequant.runtime import triton_wmm
+
+    out = []
+    g = torch.Generator().manual_seed(0)
+    cases = [([(4, 128, False, 300)], torch.float32), ([(8, 0, True, 100)], torch.float16),
+             ([(2, 16, False, 64)], torch.float32), ([(8, 24, False, 90)], torch.float32),
+             ("mixed", torch.float32), ("mixed", torch.float16)]
+    for spec, dtype in cases:
+        n = 40
+        if spec == "mixed":
+            W = torch.randn(n, 300, generator=g)
+            res = mixed_quantize(W, torch.rand(300, generator=g) < 0.3,
+                                 MixSpec(low_bits=4, high_bits=8, group_size=64, allow_prune=False))
+            parts, k, Wq = segments_of(res.quant), 300, res.weight.float()
+        else:
+            bits, gs, sym, k = spec[0]
+            q = _uniform(torch.randn(n, k, generator=g), bits, gs, sym)
+            parts, Wq = [(q, None)], q.dequantize()
+        bias = torch.randn(n, generator=g)
+        ql, rec = build_quant_linear(parts, k, n, bias, device="cpu", dtype=dtype,
+                                     prefer={b: ["triton"] for b in (2, 4, 8)})
+        errs = {}
+        for m, mode in ((3, "reconstruct"), (40, "reconstruct"), (130, "kernel"), (130, "reconstruct")):
+            ql.large_m = mode
+            x = torch.randn(m, k, generator=g).to(dtype)
+            ref = _reference(x, Wq, bias, dtype)
+            errs[f"{m}-{mode}"] = float((ql(x).float() - ref).norm() / ref.norm())
+        out.append({"case": str(spec), "dtype": str(dtype), "available": triton_wmm.available(torch.empty(0)),
+                    "backends": [r["backend"] for r in rec], "fused": ql.fused, "errs": errs})
+    return out
+
+
+def test_triton_kernels_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    code = ("import json, torch; torch.set_num_threads(1); import test_runtime as t; "
+            "print(json.dumps(t._interpreted()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    for r in rows:
+        assert r["available"] and set(r["backends"]) == {"triton"}, r
+        if r["case"] == "mixed":
+            assert r["fused"], r
+        tol = 1e-5 if "float32" in r["dtype"] else 5e-3
+        assert max(r["errs"].values()) < tol, r
