@@ -1,7 +1,12 @@
-"""Issue 6: joint pruning + quantization vs quantization alone at equal TCr, on SmolLM2-135M.
+"""Issue 6: joint pruning + quantization vs quantization alone at equal TCr, on SmolLM2-135M (or --model).
 
     python benchmarks/joint_vs_quant.py run    [--device cuda] [--results DIR] [--only NAME ...]
     python benchmarks/joint_vs_quant.py report [--results DIR]        (CPU: similarity, Sr, SrCr, table, plot)
+
+Second model, reduced protocol for a CPU: ``run --model gemma3-270m --results benchmarks/results/joint_vs_quant_gemma3
+--calib 32 --eval-tokens 8192 --tasks arc_easy,piqa,lambada --task-limit 150 --agree-windows 8 --prompts 16
+--batch-size 2`` (every protocol option defaults to the values below; the JSONs record what ran and the report
+prints it). The report goes next to the results folder: DIR.md and DIR.png.
 
 ``run`` compresses and measures each configuration and writes one JSON per configuration (resumable: a
 configuration with a JSON is skipped). ``report`` embeds the stored continuations with all-MiniLM-L6-v2
@@ -13,7 +18,7 @@ split (seed 0); perplexity = non-overlapping 512-token windows, token level, fir
 the 'wiki' and 'lambada' evaluation splits (disjoint from calibration); zero-shot tasks = first TASK_LIMIT
 examples of each task, lm-evaluation-harness conventions; KL / top-1 agreement with the base model on
 AGREE_WINDOWS x 512 tokens of the wiki evaluation split; semantic similarity = cosine of MiniLM embeddings
-of 32-token greedy continuations of N_PROMPTS held-out wiki prompts. The model ships as GGUF Q4_1
+of 32-token greedy continuations of N_PROMPTS held-out wiki prompts. SmolLM2 ships as GGUF Q4_1
 (4-bit asymmetric, blocks of 32): every number is relative to that dequantized model, and 4-bit g32 would
 be lossless on it, so groups are 128 (ragged: 576 = 4 x 128 + 64, 1536 = 12 x 128).
 """
@@ -41,6 +46,18 @@ TASKS = ("arc_easy", "hellaswag", "piqa", "sciq", "lambada")
 TASK_LIMIT = 500
 AGREE_WINDOWS = 32
 N_PROMPTS, NEW_TOKENS = 32, 32
+BATCH = 8  # perplexity and KL windows per forward (tasks 4x, continuations 2x); lower it for 262k-token vocabularies
+# model short name -> (display name, what the baseline is, plot title)
+MODELS = {
+    "smollm2-135m": ("SmolLM2-135M", "SmolLM2-135M-Instruct, dequantized from its GGUF Q4_1 release", "dequantized Q4_1"),
+    "gemma3-270m": ("Gemma-3-270M", "Gemma-3-270M (base), dequantized from its GGUF Q4_K_M release (q/k/v, gate, up "
+                    "Q5_0; v of half the blocks Q8_0; o_proj and half of down_proj Q4_K; other down_proj Q6_K; "
+                    "embedding Q8_0)", "dequantized Q4_K_M"),
+}
+
+
+def _model_info(name: str) -> tuple[str, str, str]:
+    return MODELS.get(name, (name, name, "uncompressed"))
 
 
 def Q(bits, method="gptq", **kw):
@@ -79,7 +96,7 @@ def _write(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
-def measure(model, base, tok, device, inputs: dict) -> dict:
+def measure(model, base, tok, device, inputs: dict, proto: dict) -> dict:
     """Perplexities, task accuracies, agreement with the base, and greedy continuations (texts)."""
     from prunequant.api import evaluate
     from prunequant.evaluate.semantic import greedy_continuations, logit_agreement
@@ -88,15 +105,17 @@ def measure(model, base, tok, device, inputs: dict) -> dict:
     model.to(device).eval()
     t = {}
     t0 = time.time()
-    out = evaluate(model, tok, texts=("wiki", "lambada"), seq_len=SEQ, max_tokens=EVAL_TOKENS, device=device,
-                   progress=False)
+    bs = proto["batch_size"]
+    out = evaluate(model, tok, texts=("wiki", "lambada"), seq_len=SEQ, max_tokens=proto["eval_tokens"],
+                   batch_size=bs, device=device, progress=False)
     t["ppl"] = time.time() - t0
     t0 = time.time()
-    out["tasks"] = evaluate_tasks(model, tok, TASKS, limit=TASK_LIMIT, batch_size=32, progress=False)
+    out["tasks"] = evaluate_tasks(model, tok, proto["tasks"], limit=proto["task_limit"], batch_size=4 * bs,
+                                  progress=False)
     t["tasks"] = time.time() - t0
     t0 = time.time()
-    out["agreement"] = logit_agreement(model, base, inputs["agree_ids"], batch_size=8, progress=False)
-    out["continuations"] = greedy_continuations(model, tok, inputs["prompts"], NEW_TOKENS, batch_size=16,
+    out["agreement"] = logit_agreement(model, base, inputs["agree_ids"], batch_size=bs, progress=False)
+    out["continuations"] = greedy_continuations(model, tok, inputs["prompts"], NEW_TOKENS, batch_size=2 * bs,
                                                 progress=False)
     t["semantic"] = time.time() - t0
     out["eval_seconds"] = {k: round(v, 1) for k, v in t.items()}
@@ -118,12 +137,15 @@ def run(args) -> None:
     if not todo:
         print("all configurations done", file=sys.stderr)
         return
+    proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
+             "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
+             "new_tokens": NEW_TOKENS}
     base, tok = load_model(args.model)
     base.to(device).eval()
     wiki = load_text("wiki", "eval")
-    ids = tokenize(tok, wiki, AGREE_WINDOWS * SEQ)
+    ids = tokenize(tok, wiki, args.agree_windows * SEQ)
     inputs = {"agree_ids": ids[: ids.numel() // SEQ * SEQ].reshape(-1, SEQ),
-              "prompts": held_out_prompts(wiki.text, N_PROMPTS)}
+              "prompts": held_out_prompts(wiki.text, args.prompts)}
     t_loop = time.time()
     for name in todo:
         if time.time() - t_loop > args.budget:
@@ -133,7 +155,7 @@ def run(args) -> None:
         t0 = time.time()
         row = {"config": name, "point": point, "kind": kind, "model": args.model,
                "recipe": recipe.to_dict() if recipe else None,
-               "describe": recipe.describe() if recipe else "uncompressed (dequantized Q4_1)"}
+               "describe": recipe.describe() if recipe else f"uncompressed ({_model_info(args.model)[2]})"}
         if recipe is None:
             model = base
             row["rates"] = {"tcr": 0.0, "rate_with_overheads": 0.0, "mean_sparsity": 0.0}
@@ -144,14 +166,12 @@ def run(args) -> None:
             model = res.model
             row.update(rates=res.rates, compress_seconds=round(res.report.seconds, 1),
                        calibration=res.record["calibration"])
-        row["metrics"] = measure(model, base, tok, device, inputs)
+        row["metrics"] = measure(model, base, tok, device, inputs, {**proto, "batch_size": args.batch_size})
         row["metrics"]["prompts"] = inputs["prompts"]
         row.update(total_seconds=round(time.time() - t0, 1), device=str(device),
                    gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None,
                    versions=library_versions(), date=time.strftime("%Y-%m-%d"),
-                   protocol={"calib": [args.calib, SEQ], "eval_tokens": EVAL_TOKENS, "tasks": TASKS,
-                             "task_limit": TASK_LIMIT, "agree_windows": AGREE_WINDOWS, "prompts": N_PROMPTS,
-                             "new_tokens": NEW_TOKENS})
+                   protocol=proto, threads=torch.get_num_threads())
         _write(out_dir / f"{name}.json", row)
         ppl = {k: round(v["perplexity"], 2) for k, v in row["metrics"]["texts"].items()}
         print(f"{name}: tcr={row['rates']['tcr']:.4f} ppl={ppl} ({row['total_seconds']}s)", file=sys.stderr, flush=True)
@@ -211,11 +231,18 @@ def markdown(rows: dict, sc: dict) -> str:
     proto = any_row["protocol"]
     tasks = list(any_row["metrics"]["tasks"])
     skipped = skipped_measures(any_row["metrics"])
-    L = ["# Joint pruning + quantization vs quantization alone (SmolLM2-135M)", "",
-         f"Model: SmolLM2-135M-Instruct, dequantized from its GGUF Q4_1 release (all numbers relative to it). "
-         f"Device: {any_row.get('gpu') or any_row['device']}. Calibration: {proto['calib'][0]} x {proto['calib'][1]} "
+    short, what, _ = _model_info(any_row.get("model", MODEL))
+    bos = "BOS first" in any_row["metrics"]["texts"]["wiki"].get("protocol", "")
+    differ = [n for n, r in rows.items() if json.dumps(r["protocol"], sort_keys=True) != json.dumps(proto, sort_keys=True)]
+    L = [f"# Joint pruning + quantization vs quantization alone ({short})", "",
+         f"Model: {what} (all numbers relative to it). "
+         f"Device: {any_row.get('gpu') or any_row['device']}"
+         + (f", {any_row['threads']} threads" if any_row.get("threads") and not any_row.get("gpu") else "")
+         + f". Calibration: {proto['calib'][0]} x {proto['calib'][1]} "
          f"tokens of the wiki calibration split, seed 0. Perplexity: token level, {SEQ}-token non-overlapping windows, "
-         f"first {proto['eval_tokens']:,} tokens of the wiki and LAMBADA evaluation splits. Tasks: first "
+         f"first {proto['eval_tokens']:,} tokens of the wiki and LAMBADA evaluation splits"
+         + (" (a BOS token in front of every window, calibration and task context: the model needs it)" if bos else "")
+         + ". Tasks: first "
          f"{proto['task_limit']} examples each of {', '.join(tasks)} (zero-shot, acc_norm where the harness reports it, "
          f"else acc). Agreement: KL(base‖model) and top-1 on {proto['agree_windows']} x {SEQ} wiki evaluation tokens. "
          f"Similarity: all-MiniLM-L6-v2 cosine of {proto['new_tokens']}-token greedy continuations of "
@@ -224,7 +251,8 @@ def markdown(rows: dict, sc: dict) -> str:
          "Retention ratios (1 = nothing lost): ppl_base/ppl, chance-adjusted accuracy, exp(−KL), top-1, "
          "similarity. Sr = their mean; SrCr = Sr·16/b (λ = 1, b = stored bits per weight, docs/srcr.md); "
          "'SrCr real' uses the overhead-inclusive rate; 'sqrt/log' is the reconstruction of the paper's form "
-         "(not its verified formula)." + (f" Left out of Sr (base at chance): {', '.join(skipped)}." if skipped else ""),
+         "(not its verified formula)." + (f" Left out of Sr (base at chance): {', '.join(skipped)}." if skipped else "")
+         + (f" Warning: measured with a different protocol: {', '.join(differ)}." if differ else ""),
          "",
          "| config | kind | TCr | rate real | ppl wiki | ppl lambada | " + " | ".join(tasks)
          + " | KL | top-1 | sim | Sr | SrCr | SrCr real | sqrt/log | Sr vs quant-only |",
@@ -258,14 +286,20 @@ def markdown(rows: dict, sc: dict) -> str:
         L.append(f"| {point:g} | {q} ({sc[q]['sr']:.3f}) | {j} ({sc[j]['sr']:.3f}) | "
                  f"{relative_gain(sc[j]['sr'], sc[q]['sr']):+.1%} | {pq:.2f} → {pj:.2f} |")
     L += ["", "Verdict (Sr at equal TCr, the paper's measure): "
-          + "; ".join(_verdict(rows, sc, by_point, p) for p in sorted(by_point) if p > 0) + ".",
-          "", "Caveat: the model was released as GGUF Q4_1, so its weights already sit on a 4-bit grid per block of "
-          "32; 4-bit groups of 128 are not lossless but start from a favourable point, and every joint configuration "
-          "here uses 4 (or 8) bits while quantization-only uses 3 or 2. A model not distributed at 4 bits "
-          "(e.g. Gemma-3-270M, mostly Q8_0/Q5_0) is the cross-check. How large the head start is, measured separately "
-          "(RTN, CPU, first 8,192 wiki evaluation tokens, same windows): base 23.79, 8-bit g128 23.85, 4-bit g32 29.93, "
-          "4-bit g128 31.56, 3-bit g128 129.4 — with our grids (range always includes 0) even 4-bit g32 is not "
-          "lossless here, so the Q4_1 origin does not make 4-bit free."]
+          + "; ".join(_verdict(rows, sc, by_point, p) for p in sorted(by_point) if p > 0) + "."]
+    if any_row.get("model", MODEL) == MODEL:
+        L += ["", "Caveat: the model was released as GGUF Q4_1, so its weights already sit on a 4-bit grid per block "
+              "of 32; 4-bit groups of 128 are not lossless but start from a favourable point, and every joint "
+              "configuration here uses 4 (or 8) bits while quantization-only uses 3 or 2. A model not distributed at "
+              "4 bits (e.g. Gemma-3-270M, mostly Q8_0/Q5_0) is the cross-check. How large the head start is, measured "
+              "separately (RTN, CPU, first 8,192 wiki evaluation tokens, same windows): base 23.79, 8-bit g128 23.85, "
+              "4-bit g32 29.93, 4-bit g128 31.56, 3-bit g128 129.4 — with our grids (range always includes 0) even "
+              "4-bit g32 is not lossless here, so the Q4_1 origin does not make 4-bit free."]
+    elif any_row.get("model") == "gemma3-270m":
+        L += ["", "Origin: the GGUF is mixed precision. q/k/v, gate and up (65% of the compressed weights) are Q5_0 or "
+              "Q8_0 (up to 32 or 256 levels per block of 32), and half of the down_proj (12%) Q6_K, so 4-bit has no "
+              "head start there; o_proj and the other half of the down_proj (24%) are Q4_K (16 levels per sub-block "
+              "of 32), where 4-bit g128 starts from a 4-bit grid."]
     missing = [n for n in CONFIGS if n not in rows]
     if missing:
         L += ["", f"Not run yet (resumable: `python benchmarks/joint_vs_quant.py run --only ...`): {', '.join(missing)}."]
@@ -313,7 +347,8 @@ def plot(rows: dict, sc: dict, path: Path) -> None:
         if key == "ppl":
             ax.set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.suptitle("SmolLM2-135M: joint pruning + quantization vs quantization alone at equal TCr", fontsize=9)
+    fig.suptitle(f"{_model_info(rows['baseline'].get('model', MODEL))[0]}: joint pruning + quantization vs "
+                 "quantization alone at equal TCr", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
 
@@ -331,8 +366,8 @@ def report(args) -> None:
         _write(out_dir / f"{name}.json", row)
     sc = scores(rows)
     md = markdown(rows, sc)
-    (RESULTS / "joint_vs_quant.md").write_text(md)
-    plot(rows, sc, RESULTS / "joint_vs_quant.png")
+    out_dir.with_suffix(".md").write_text(md)  # benchmarks/results/joint_vs_quant{,_gemma3}.md next to the folder
+    plot(rows, sc, out_dir.with_suffix(".png"))
     print(md)
 
 
@@ -344,6 +379,13 @@ if __name__ == "__main__":
     ap.add_argument("--device")
     ap.add_argument("--model", default=MODEL)
     ap.add_argument("--calib", type=int, default=CALIB)
+    ap.add_argument("--eval-tokens", type=int, default=EVAL_TOKENS, help="perplexity tokens per text")
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated task names")
+    ap.add_argument("--task-limit", type=int, default=TASK_LIMIT, help="first N examples of each task")
+    ap.add_argument("--agree-windows", type=int, default=AGREE_WINDOWS, help="512-token windows for KL / top-1")
+    ap.add_argument("--prompts", type=int, default=N_PROMPTS, help="held-out prompts for the continuations")
+    ap.add_argument("--batch-size", type=int, default=BATCH,
+                    help="windows per forward for perplexity/KL (tasks 4x, continuations 2x)")
     ap.add_argument("--budget", type=float, default=float("inf"),
                     help="seconds after the model is loaded; no new configuration starts after that")
     a = ap.parse_args()

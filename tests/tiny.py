@@ -1,4 +1,4 @@
-"""Tiny random causal LMs from transformers configs (Llama, Qwen2, Mistral, OPT, GPT-2 shapes) and a tiny
+"""Tiny random causal LMs from transformers configs (Llama, Qwen2, Mistral, OPT, Gemma 3, GPT-2 shapes) and a tiny
 tokenizer trained in memory, so tests run in seconds with no hub."""
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ CONFIGS = {
                                         max_position_embeddings=256),
     "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
                                 vocab_size=VOCAB, max_position_embeddings=256, word_embed_proj_dim=64),
+    # Gemma 3: sliding and full attention blocks (different masks and rotary tables), q/k norms, scaled and tied
+    # embeddings, BOS first; a window of 8 so that 16-token calibration windows tell the two kinds apart
+    "gemma3": lambda: tf.Gemma3TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                          num_attention_heads=4, num_key_value_heads=1, head_dim=16, vocab_size=VOCAB,
+                                          max_position_embeddings=256, sliding_window=8,
+                                          layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
     "gpt2": lambda: tf.GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256,
                                   bos_token_id=0, eos_token_id=0),
 }

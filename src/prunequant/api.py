@@ -17,7 +17,8 @@ from .data import calibration_ids, check_disjoint, load_text, tokenize
 from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
 from .evaluate.perplexity import perplexity
-from .models import all_linear_names, arch_of, block_linears, get_blocks, get_weight, load_model, set_weight
+from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
+                     set_weight)
 from .solvers import needs, solve_layer
 from .rates import summarize
 from .recipe import Recipe
@@ -177,7 +178,7 @@ def compress(
     validate_recipe_for_model(model, recipe)
     torch.manual_seed(seed)
     calib = load_text(calib_text, "calib")
-    ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed)
+    ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed, bos=bos_first(model))
     act_info = smooth_activations(model, ids, smooth_alpha, batch_size) if act_bits else None
     plan_recipe = recipe
     alloc_info = None

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it")
-    c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-135m'")
+    c.add_argument("model", help="hub id, local directory, .gguf file, or 'smollm2-135m' / 'gemma3-270m'")
     c.add_argument("--recipe", help="recipe file (.yaml/.json)")
     c.add_argument("--prune", help="METHOD:SPARSITY (sparsegpt:0.5) or METHOD:N:M with N of every M pruned (wanda:2:4)")
     c.add_argument("--quant", help="METHOD:BITS[:gGROUP|pc][:sym][:actorder][:mse], e.g. gptq:4:g128, rtn:8, billm:1")
@@ -265,11 +265,11 @@ def _rates_of(spec: str) -> dict | None:
 def _job_setup(a):
     from . import api
     from .data import calibration_ids, load_text
-    from .models import load_model
+    from .models import bos_first, load_model
 
     api.check_output_dir(a.out, a.overwrite)
     model, tok = load_model(a.model)
-    ids = calibration_ids(tok, load_text(a.calib_text, "calib"), a.calib_samples, a.seq_len, a.seed)
+    ids = calibration_ids(tok, load_text(a.calib_text, "calib"), a.calib_samples, a.seq_len, a.seed, bos=bos_first(model))
     base = None
     if a.eval:
         import copy

@@ -224,8 +224,10 @@ def tokenize(tokenizer, text: Text, max_tokens: int | None = None) -> torch.Tens
     return ids[:max_tokens] if max_tokens else ids
 
 
-def calibration_ids(tokenizer, text: Text, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """N windows of L tokens at seeded random offsets: (N, L) LongTensor."""
+def calibration_ids(tokenizer, text: Text, n_samples: int, seq_len: int, seed: int = 0,
+                    bos: int | None = None) -> torch.Tensor:
+    """N windows of L tokens at seeded random offsets: (N, L) LongTensor. With ``bos`` (models that need
+    one first, ``models.bos_first``) each window is that token followed by L−1 tokens of text."""
     if n_samples < 1 or seq_len < 2:
         raise DataError(f"need at least 1 calibration sample of >= 2 tokens (got {n_samples} x {seq_len})")
     ids = tokenize(tokenizer, text, max_tokens=max(n_samples * seq_len * 4, 200_000))
@@ -234,4 +236,7 @@ def calibration_ids(tokenizer, text: Text, n_samples: int, seq_len: int, seed: i
                         f"{seq_len}; give more text or a smaller --seq-len")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
-    return torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    out = torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
+    if bos is not None:
+        out = torch.cat([out.new_full((n_samples, 1), bos), out[:, :-1]], 1)
+    return out

@@ -12,6 +12,7 @@ With a distributed.DistContext the work is spread over processes (one per GPU).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -58,19 +59,44 @@ def _to(obj, device):
     return to_device(obj, device)
 
 
+def block_layer_types(model) -> list[str] | None:
+    """Per block, its attention type where the model mixes several (Gemma 2/3, Qwen with sliding windows:
+    ``config.layer_types``); such blocks get different masks and rotary tables. None when all are alike."""
+    lt = getattr(model.config, "layer_types", None)
+    return list(lt) if lt and len(set(lt)) > 1 else None
+
+
 @torch.no_grad()
-def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store: torch.device):
-    """Run the model up to its first decoder block; return per-batch (hidden_states, kwargs)."""
+def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store: torch.device,
+                         layer_types: list[str] | None = None):
+    """Run the model up to its first decoder block; return per-batch (hidden_states, kwargs).
+
+    With ``layer_types`` (``block_layer_types``) kwargs is {layer type: kwargs of the first block of that
+    type}: the model runs up to the first block of the last type to appear (blocks before it run in full)."""
     blocks = get_blocks(model)
     inputs: list[tuple[torch.Tensor, dict]] = []
+    first = {}
+    for j, t in enumerate(layer_types or []):
+        first.setdefault(t, j)
+    stop_at = max(first.values(), default=0)
+    current: dict = {}
 
-    def grab(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kw = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        inputs.append((to_store(hidden, store), store_nest(kw, store)))
-        raise _Stop
+    def grab(_module, args, kwargs, j=0):
+        hidden = args[0] if args else kwargs["hidden_states"]  # read only: blocks before the last one still run
+        kw = store_nest({k: v for k, v in kwargs.items()
+                         if k not in ("past_key_values", "past_key_value", "use_cache", "hidden_states")}, store)
+        if not layer_types:
+            inputs.append((to_store(hidden, store), kw))
+            raise _Stop
+        if j == 0:
+            current["hidden"] = to_store(hidden, store)
+        current.setdefault("kw", {})[layer_types[j]] = kw
+        if j == stop_at:
+            inputs.append((current.pop("hidden"), current.pop("kw")))
+            raise _Stop
 
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hooked = sorted(first.values()) if layer_types else [0]
+    handles = [blocks[j].register_forward_pre_hook(functools.partial(grab, j=j), with_kwargs=True) for j in hooked]
     dev = next(p for p in model.parameters() if p.device.type != "meta").device
     try:
         for i in range(0, calib_ids.shape[0], batch_size):
@@ -79,7 +105,8 @@ def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store:
             except _Stop:
                 pass
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return inputs
 
 
@@ -247,23 +274,25 @@ def compress_model(
     done = resume.done() if resume else 0
 
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
+    types = block_layer_types(model)
     with clock("capture"):
-        inputs = capture_block_inputs(model, calib_ids, batch_size, store)
+        inputs = capture_block_inputs(model, calib_ids, batch_size, store, layer_types=types)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
+        block_inputs = inputs if types is None else [(h, kw[types[i]]) for h, kw in inputs]
         with clock("onload"):
             block_io.load(i, block, device)
         if i < done:
             resume.load_block(i, block, report)
             report.resumed_blocks += 1
         else:
-            _compress_block(i, block, arch, inputs, plan_for, device, true_sequential, solver, report,
+            _compress_block(i, block, arch, block_inputs, plan_for, device, true_sequential, solver, report,
                             keep_states, clock, dist)
             if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
         with clock("forward_out"):
-            inputs_next = _run_block(block, inputs, device, outputs=True)
+            inputs_next = _run_block(block, block_inputs, device, outputs=True)
             inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
         with clock("offload"):
             block_io.unload(i, block)

@@ -1,6 +1,7 @@
 """Perplexity, GPTQ protocol: the text joined, cut into non-overlapping windows of L tokens, each window
 scored on its own (no context carried across windows), token-level exp(mean NLL) over L−1 predictions
-per window. The protocol (L, tokens, text hash) is returned beside the number."""
+per window. The protocol (L, tokens, text hash) is returned beside the number. Models that need a BOS first
+(``models.BOS_FIRST``, e.g. Gemma) get one in front of each window; the scored predictions stay the same L−1."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..models import bos_first
 
 
 @torch.no_grad()
@@ -24,18 +26,23 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, devi
                         "give a longer text or a smaller --seq-len")
     device = device or next(model.parameters()).device
     windows = ids[: n_win * seq_len].view(n_win, seq_len)
+    bos = bos_first(model)
     total_nll, count = 0.0, 0
     t0 = time.time()
     for i in tqdm(range(0, n_win, batch_size), desc="perplexity", unit="batch", disable=not progress):
         x = windows[i: i + batch_size].to(device)
-        logits = model(x, use_cache=False).logits[:, :-1].float()
+        if bos is None:
+            logits = model(x, use_cache=False).logits[:, :-1].float()
+        else:
+            xb = torch.cat([x.new_full((x.shape[0], 1), bos), x], 1)
+            logits = model(xb, use_cache=False).logits[:, 1:-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total_nll += float(nll)
         count += x[:, 1:].numel()
     mean = total_nll / count
     out = {"perplexity": math.exp(mean), "nll": mean, "tokens": int(n_win * seq_len), "predicted_tokens": count,
            "seq_len": seq_len, "windows": n_win, "seconds": round(time.time() - t0, 2),
-           "protocol": "non-overlapping windows, token-level exp(mean NLL)"}
+           "protocol": "non-overlapping windows, token-level exp(mean NLL)" + (", BOS first" if bos is not None else "")}
     if text_sha256:
         out["text_sha256"] = text_sha256
     return out

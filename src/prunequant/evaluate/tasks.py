@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..models import bos_first
 from .task_data import TASKS, Example, TaskSpec, get_task
 
 # Tasks on which even SmolLM2-135M is clearly above chance (WinoGrande, BoolQ, OpenBookQA, COPA and MMLU are
@@ -90,11 +91,12 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size
     accepted = _forward_kwargs(model)
     ctx_cache: dict[str, list[int]] = {}
     encoded = []
+    bos = bos_first(model)  # models that need a BOS first: every context starts with it (harness: add_bos_token)
     for i, (context, continuation) in enumerate(requests):
         ctx, cont = encode_pair(tokenizer, context, continuation, ctx_cache)
         if not cont:
             raise DataError(f"request {i} has a continuation that tokenizes to nothing: {continuation!r}")
-        encoded.append((ctx or [_prefix_token(tokenizer)], cont))
+        encoded.append(([bos] + ctx if bos is not None else ctx or [_prefix_token(tokenizer)], cont))
     plain: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # model input -> [(request, cont ids)]
     shared: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # context -> [(request, cont ids)]
     for i, (ctx, cont) in enumerate(encoded):
