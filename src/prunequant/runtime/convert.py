@@ -37,6 +37,21 @@ def segments_of(q: QuantState) -> list[tuple[QuantState, torch.Tensor | None]]:
     return [(q, None)]
 
 
+def state_to(q: QuantState, device) -> QuantState:
+    """A copy of ``q`` with its tensors (and those of its parts) on ``device``."""
+    import dataclasses
+
+    def mv(v):
+        if isinstance(v, torch.Tensor):
+            return v.to(device)
+        if isinstance(v, QuantState):
+            return state_to(v, device)
+        return v
+
+    return dataclasses.replace(q, codes=mv(q.codes), scale=mv(q.scale), zero=mv(q.zero), g_idx=mv(q.g_idx),
+                               extra={k: mv(v) for k, v in q.extra.items()})
+
+
 def state_weight(q: QuantState) -> torch.Tensor:
     """Float32 weight a state describes, in the layer's own column order."""
     if q.kind == "channel-mixed":
@@ -65,6 +80,7 @@ def pack_model(model: nn.Module, states: dict[str, QuantState], *, prefer: dict[
             continue
         w = lin.weight
         device, dtype = w.device, w.dtype
+        q = state_to(q, device)
         if verify_weights:
             ref = state_weight(q).to(device).to(dtype)
             mismatched += int((ref != w).sum())

@@ -85,7 +85,7 @@ def check_state(q: QuantState, k: int) -> None:
         raise Unsupported(f"{q.bits}-bit codes (ternary) have no packed kernel")
     if tuple(q.codes.shape)[1] != k:
         raise ValueError(f"codes have {q.codes.shape[1]} columns, the segment {k}")
-    if q.g_idx is not None and not torch.equal(q.g_idx.long().cpu(), _group_index(k, q.group_size, "cpu")):
+    if q.g_idx is not None and not torch.equal(q.g_idx.long(), _group_index(k, q.group_size, q.g_idx.device)):
         raise Unsupported("groups are not contiguous (act-order): no kernel reads a g_idx")
 
 
@@ -380,8 +380,9 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
                 break
             except Unsupported as e:
                 tried.append(f"{backend}: {e}")
-            except (RuntimeError, ValueError, TypeError, NotImplementedError) as e:  # kernel refused the input
-                tried.append(f"{backend}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            except Exception as e:  # noqa: BLE001 - a kernel that refuses the input or fails to compile
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                tried.append(f"{backend}: {type(e).__name__}: {first}")
         segs.append(chosen)
         records.append({"bits": bits, "group_size": q.group_size, "k": q.codes.shape[1] if q.codes is not None else None,
                         "backend": chosen.backend, "fallbacks": tried})

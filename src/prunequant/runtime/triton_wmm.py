@@ -115,8 +115,22 @@ if triton is not None:
         tl.store(OUT + rn[:, None] * son + (col0 + rk)[None, :], w.to(OUT.dtype.element_ty), mask=mask)
 
 
+def _override(M: int) -> dict | None:
+    """PRUNEQUANT_WMM_TILES="BM,BN,BK,warps,stages" (for M <= 16) / PRUNEQUANT_WMM_TILES_LARGE (M > 64):
+    tile sizes to try without editing the code."""
+    key = "PRUNEQUANT_WMM_TILES" if M <= 16 else ("PRUNEQUANT_WMM_TILES_LARGE" if M > 64 else None)
+    val = os.environ.get(key) if key else None
+    if not val:
+        return None
+    bm, bn, bk, w, st = (int(v) for v in val.split(","))
+    return {"BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}
+
+
 def launch_config(M: int, N: int) -> dict:
     """Tile sizes by the number of input rows: skinny (decode) tiles spread N over many programs."""
+    cfg = _override(M)
+    if cfg is not None:
+        return cfg
     if M <= 16:
         bn = 16 if N <= 2048 else (32 if N <= 4096 else 64)
         return {"BM": 16, "BN": bn, "BK": 128, "num_warps": 4, "num_stages": 4}
