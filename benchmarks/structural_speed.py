@@ -117,7 +117,8 @@ def token_data(args, src: Source) -> dict:
     if args.ids:
         saved = torch.load(args.ids)
         return {"calib": saved["calib"][: args.calib_n, : args.calib_len].long(),
-                "eval": saved["eval"][: args.ppl_windows * args.ppl_len].long(), "source": f"file {args.ids}"}
+                "eval": saved["eval"][: args.ppl_windows * args.ppl_len].long(),
+                "source": f"{saved.get('source', '?')} (from {args.ids})"}
     if src.tokenizer is not None:
         try:
             from prunequant.data import calibration_ids, load_text, tokenize
@@ -443,8 +444,8 @@ def measure(model, args, device, ids, prefill_modes) -> dict:
     for b in args.batch:
         prompt = ids["speed"][:b, : args.decode_prompt].to(device)
         with Peak(device) as pk:
-            out["decode_eager_tok_s"][b] = round(decode_eager_tps(model, prompt, args.new_tokens, device, 1 if args.warmup
-                                                                  else 0, args.decode_repeats), 2)
+            tps = decode_eager_tps(model, prompt, args.new_tokens, device, int(args.warmup > 0), args.decode_repeats)
+            out["decode_eager_tok_s"][b] = round(tps, 2)
         out["peak_bytes"][f"decode_eager_b{b}"] = pk.value
         if cuda and args.graphs:
             try:
@@ -615,7 +616,19 @@ def _ratio(a, b):
     return "–" if not a or not b else f"{a / b:.2f}×"
 
 
+def _from_json(row: dict) -> dict:
+    """JSON turned the batch-size keys into strings: back to ints."""
+    for k in ("prefill_tok_s", "decode_eager_tok_s", "decode_graph_tok_s"):
+        row[k] = {int(b): v for b, v in row.get(k, {}).items()}
+    return row
+
+
+def _mib(x):
+    return "–" if x is None else f"{x / 2**20:,.1f}"
+
+
 def markdown(rows: list[dict]) -> str:
+    """One table per model: sizes, throughputs, peak memory, the packed-vs-dense checks, ratios to ``base``."""
     lines = []
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
@@ -624,42 +637,43 @@ def markdown(rows: list[dict]) -> str:
         lo, hi = bs[0], bs[-1]
         graph = any(v for r in rs for v in r["decode_graph_tok_s"].values())
         dec = "decode_graph_tok_s" if graph else "decode_eager_tok_s"
-        lines.append(f"\n**{model}** on {rs[0]['device']} ({rs[0]['dtype']}); prefill {rs[0]['settings']['prefill_len']} "
-                     f"tokens, decode {rs[0]['settings']['new_tokens']} tokens after {rs[0]['settings']['decode_prompt']}; "
-                     f"decode columns: {'CUDA graph (eager in brackets)' if graph else 'eager'}\n")
-        lines.append(f"| config | kernel | avg bits | params M | weights MiB | compact MiB | prefill b{lo} tok/s | "
-                     f"prefill b{hi} tok/s | decode b{lo} tok/s | decode b{hi} tok/s | peak GiB | ppl dense → packed | "
-                     f"decode logits Δ | × weights | × prefill b{hi} | × decode b{lo} | × decode b{hi} | × peak |")
-        lines.append("|" + "---|" * 18)
+        st = rs[0]["settings"]
+        lines.append(f"\n**{model}** on {rs[0]['device']} ({rs[0]['dtype']}); prefill {st['prefill_len']} tokens, "
+                     f"decode {st['new_tokens']} tokens after {st['decode_prompt']}; decode columns: "
+                     f"{'CUDA graph (eager in brackets)' if graph else 'eager'}\n")
+        head = ["config", "kernel", "avg bits", "params M", "weights MiB", "linears MiB", "compact MiB",
+                f"prefill b{lo} tok/s", f"prefill b{hi} tok/s", f"decode b{lo} tok/s", f"decode b{hi} tok/s",
+                "peak GiB", "ppl dense → packed", "decode logits Δ", "× weights", f"× prefill b{hi}",
+                f"× decode b{lo}", f"× decode b{hi}", "× peak"]
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
         for r in rs:
-            p_lo, m_lo = _best_prefill(r, lo)
+            p_lo, _ = _best_prefill(r, lo)
             p_hi, m_hi = _best_prefill(r, hi)
             kern = ", ".join(f"{k}×{v}" for k, v in r["backends"].items()) if r["backends"] else "dense"
             if m_hi in ("reconstruct", "kernel"):
                 kern += f"; large inputs: {'dequantize + dense matmul' if m_hi == 'reconstruct' else 'Triton kernel'}"
 
-            def dec_cell(b):
-                g = r["decode_graph_tok_s"].get(b)
-                e = r["decode_eager_tok_s"].get(b)
+            def dec_cell(b, r=r):
+                g, e = r["decode_graph_tok_s"].get(b), r["decode_eager_tok_s"].get(b)
                 return f"{_fmt(g, 1)} ({_fmt(e, 1)})" if graph else _fmt(e, 1)
 
             bd = (base or {}).get(dec, {})
-            lines.append(
-                f"| {r['config']}{'' if r['variant'] in ('dense', 'default', 'triton') else ' [' + r['variant'] + ']'} "
-                f"| {kern} | {r['avg_bits']:.3f} | {r['params_logical'] / 1e6:,.1f} | {r['weight_bytes'] / 2**20:,.1f} | "
-                f"{_fmt(r['compact_export_bytes'] and r['compact_export_bytes'] / 2**20, 1)} | {_fmt(p_lo)} | {_fmt(p_hi)} | "
-                f"{dec_cell(lo)} | {dec_cell(hi)} | {r['peak_bytes_max'] / 2**30:.2f} | "
-                f"{r['ppl_dense']:.3f} → {r['ppl_packed']:.3f} | "
-                f"{_fmt_sci(r.get('decode_logits_rel_diff'))} | "
-                f"{_ratio(r['weight_bytes'], base and base['weight_bytes'])} | "
-                f"{_ratio(p_hi, base and _best_prefill(base, hi)[0])} | {_ratio(r[dec].get(lo), bd.get(lo))} | "
-                f"{_ratio(r[dec].get(hi), bd.get(hi))} | {_ratio(r['peak_bytes_max'], base and base['peak_bytes_max'])} |")
+            label = r["config"] + ("" if r["variant"] in ("dense", "default", "triton") else f" [{r['variant']}]")
+            cells = [label, kern, f"{r['avg_bits']:.3f}", f"{r['params_logical'] / 1e6:,.1f}", _mib(r["weight_bytes"]),
+                     _mib(r["block_linear_bytes"]), _mib(r["compact_export_bytes"]), _fmt(p_lo), _fmt(p_hi),
+                     dec_cell(lo), dec_cell(hi), f"{r['peak_bytes_max'] / 2**30:.2f}",
+                     f"{r['ppl_dense']:.3f} → {r['ppl_packed']:.3f}", _fmt_sci(r.get("decode_logits_rel_diff")),
+                     _ratio(r["weight_bytes"], base and base["weight_bytes"]),
+                     _ratio(p_hi, base and _best_prefill(base, hi)[0]), _ratio(r[dec].get(lo), bd.get(lo)),
+                     _ratio(r[dec].get(hi), bd.get(hi)), _ratio(r["peak_bytes_max"], base and base["peak_bytes_max"])]
+            lines.append("| " + " | ".join(cells) + " |")
         fb = [(r["config"], r["variant"], f) for r in rs if r["pack"] for f in r["pack"]["fallbacks"]]
         if fb:
             lines.append("\nFallbacks: " + "; ".join(f"{c} [{v}] {f['count']}× {f['reason']}" for c, v, f in fb[:12]))
-        errs = [(r["config"], e) for r in rs for e in r.get("graph_errors", [])]
+        errs = [(r["config"], e) for r in rs for e in r.get("graph_errors", []) + r.get("prefill_errors", [])]
         if errs:
-            lines.append("\nCUDA-graph decode failed: " + "; ".join(f"{c} {e}" for c, e in errs[:6]))
+            lines.append("\nErrors: " + "; ".join(f"{c} {e}" for c, e in errs[:8]))
     return "\n".join(lines)
 
 
@@ -701,7 +715,11 @@ def main(argv=None):
     ap.add_argument("--save-ids", default=None, help="write --model's calibration / evaluation ids here and exit")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (the CPU machine is shared)")
     ap.add_argument("--out", default=None, help="append one JSON line per configuration here")
+    ap.add_argument("--render", default=None, help="print the Markdown tables of a JSON-lines file and exit")
     args = ap.parse_args(argv)
+    if args.render:
+        print(markdown([_from_json(json.loads(line)) for line in open(args.render) if line.strip()]))
+        return
     if not args.model and not args.shape:
         args.model = "smollm2-135m"
     if args.model and args.shape:
@@ -728,7 +746,8 @@ def main(argv=None):
     if args.save_ids:
         src = Source(args, "cpu")
         ids = token_data(args, src)
-        torch.save({"calib": ids["calib"].to(torch.int32), "eval": ids["eval"].to(torch.int32)}, args.save_ids)
+        torch.save({"calib": ids["calib"].to(torch.int32), "eval": ids["eval"].to(torch.int32),
+                    "source": f"{src.name}: {ids['source']}"}, args.save_ids)
         print(f"wrote {args.save_ids}: calib {tuple(ids['calib'].shape)}, eval {ids['eval'].numel()} ({ids['source']})")
         return
     if args.export == "auto":

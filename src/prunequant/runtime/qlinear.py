@@ -384,8 +384,8 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
                 tried.append(f"{backend}: {type(e).__name__}: {first}")
         segs.append(chosen)
-        records.append({"bits": bits, "group_size": q.group_size, "k": q.codes.shape[1] if q.codes is not None else None,
-                        "backend": chosen.backend, "fallbacks": tried})
+        records.append({"bits": bits, "group_size": q.group_size, "k": q.codes.shape[1], "backend": chosen.backend,
+                        "fallbacks": tried})
     ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype)).to(device)
     if check and ql.fused and len(segs) > 1:
         err = _rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
