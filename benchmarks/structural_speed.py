@@ -482,6 +482,7 @@ def variants_of(name: str, device, backends: list[str] | None = None) -> list[tu
 
 def run_model(args, device, dtype, out_rows: list) -> None:
     from prunequant.runtime import QuantLinear, backend_summary, module_bytes, pack_model
+    from prunequant.runtime.convert import state_to
 
     src = Source(args, device)
     ids = token_data(args, src)
@@ -520,8 +521,15 @@ def run_model(args, device, dtype, out_rows: list) -> None:
             except Exception as e:  # noqa: BLE001
                 info["export_error"] = f"{type(e).__name__}: {str(e)[:200]}"
         variants = variants_of(name, device, args.backends)
+        # nothing but the model being measured stays on the device: states wait on the CPU, and with several
+        # variants the dense model too (each variant gets a copy)
+        states = {n: state_to(q, "cpu") for n, q in states.items()}
+        if len(variants) > 1:
+            model = model.to("cpu")
         for vi, (label, prefer) in enumerate(variants):
-            m = copy.deepcopy(model) if vi < len(variants) - 1 else model
+            m = (copy.deepcopy(model) if vi < len(variants) - 1 else model).to(device)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
             t1 = time.time()
             pack = pack_model(m, states, prefer=prefer) if states else None
             pack_s = time.time() - t1
@@ -672,6 +680,8 @@ def markdown(rows: list[dict]) -> str:
         if fb:
             lines.append("\nFallbacks: " + "; ".join(f"{c} [{v}] {f['count']}× {f['reason']}" for c, v, f in fb[:12]))
         errs = [(r["config"], e) for r in rs for e in r.get("graph_errors", []) + r.get("prefill_errors", [])]
+        errs += [(r["config"], f"{r['pack']['weights_differing_from_state']} weights differ from their states")
+                 for r in rs if r["pack"] and r["pack"].get("weights_differing_from_state")]
         if errs:
             lines.append("\nErrors: " + "; ".join(f"{c} {e}" for c, e in errs[:8]))
     return "\n".join(lines)
