@@ -31,7 +31,8 @@ compute the same function); prefill tokens/s at each --batch × --prefill-len (K
 last position only; inputs above 64 rows either dequantize the layer once and call cuBLAS, or run the
 Triton kernel with large tiles: both timed, JSON has both); greedy decode tokens/s of --new-tokens after a
 --decode-prompt prompt, eager (DynamicCache) and with the step captured in a CUDA graph (StaticCache);
-peak GPU memory (torch.cuda.max_memory_allocated, reset per configuration, base model never resident).
+peak GPU memory (torch.cuda.max_memory_allocated, reset before each phase; the table gives the largest over
+the prefill and decode phases; only the model being measured is on the GPU).
 Timings: CUDA-synchronised, --warmup untimed runs, median of --repeats.
 
     python benchmarks/structural_speed.py --model smollm2-135m --out results.jsonl
@@ -44,7 +45,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import os
 import statistics
 import sys
