@@ -61,10 +61,16 @@ def run_configs(model_name: str, configs: dict[str, Recipe | None], out_name: st
 
 
 def markdown_table(results: dict, texts=("wiki", "lambada")) -> str:
-    head = "| config | TCr | rate incl. overheads | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s |"
-    lines = [head, "|" + "---|" * (4 + len(texts))]
+    head = "| config | recipe | TCr | rate incl. overheads | " + " | ".join(f"ppl {t}" for t in texts) + " | compress s |"
+    lines = [head, "|" + "---|" * (5 + len(texts))]
     for name, r in results.items():
         ppl = " | ".join(f"{r['eval']['texts'][t]['perplexity']:.3f}" for t in texts)
-        lines.append(f"| {r['describe']} | {r['rates']['tcr']:.4f} | {r['rates'].get('rate_with_overheads', 0):.4f} | "
+        desc = r["describe"]
+        alloc = r.get("allocation") or {}
+        if alloc.get("method") == "bits":
+            desc += f", bits allocated per layer (avg {alloc.get('avg_bits', 0):.3f})"
+        elif alloc.get("method") == "owl":
+            desc += ", OWL per-block sparsity"
+        lines.append(f"| {name} | {desc} | {r['rates']['tcr']:.4f} | {r['rates'].get('rate_with_overheads', 0):.4f} | "
                      f"{ppl} | {r.get('compress_seconds', '')} |")
     return "\n".join(lines)

@@ -2,9 +2,13 @@
 
 - ``owl``: outlier-weighted layerwise sparsity (blocks with more Wanda-score outliers keep more weights,
   same global sparsity), measured in one pass over the *uncompressed* model.
-- ``bits``: layer-wise mixed precision: every layer's output-error increase ``tr(ΔW H ΔWᵀ)`` at each
-  candidate bit-width is measured on the calibration data, then a multiple-choice knapsack picks the
-  bits per layer that minimise the total error under the average-bit budget.
+- ``bits``: layer-wise mixed precision: every layer's output-error increase at each candidate bit-width is
+  measured on the calibration data, then a multiple-choice knapsack picks the bits per layer that minimise
+  the total error under the average-bit budget. The error is Fisher-weighted by default,
+  Σ_o F_o (ΔW H ΔWᵀ)_oo with F_o the mean squared loss gradient at output channel o (one backward pass
+  over the uncompressed model): by a second-order expansion it estimates the model-loss increase, so errors
+  of different layers become comparable (an unweighted tr(ΔW H ΔWᵀ) ignores how much the rest of the
+  network amplifies or damps each layer's output error; ``weighting: none`` restores it).
 
 The recipe's ``allocation`` mapping holds the method and its options, e.g.
 ``{"method": "owl", "lam": 0.08, "M": 5}`` or ``{"method": "bits", "avg_bits": 3.0, "choices": [2, 3, 4, 8]}``.
@@ -92,6 +96,54 @@ def _owl(model, recipe, calib_ids, device, batch_size):
     return out, {"method": "owl", "outlier_ratio": ratios, "sparsity": sp}
 
 
+def output_fisher(model, calib_ids, names: list[str], device=None, max_samples: int = 16,
+                  batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """Per output channel of each named linear: the mean over tokens of (∂ loss / ∂ output)², loss = the
+    next-token cross-entropy of the uncompressed model on ``calib_ids`` (the empirical Fisher's diagonal in
+    output space). Weights get no gradients; only activations are kept for the backward pass."""
+    from .engine import default_device
+
+    dev = torch.device(device) if device else default_device()
+    home = next(model.parameters()).device
+    flags = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    acc = {n: None for n in names}
+    count = 0
+    handles = []
+
+    def hook_for(name):
+        def fwd(module, inputs, output):
+            def grad_hook(g):
+                sq = g.detach().float().pow(2).reshape(-1, g.shape[-1]).sum(0)
+                acc[name] = sq if acc[name] is None else acc[name] + sq
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+        return fwd
+
+    ids = calib_ids[:max_samples]
+    try:
+        model.to(dev)
+        for n in names:
+            handles.append(model.get_submodule(n).register_forward_hook(hook_for(n)))
+        with torch.enable_grad():
+            for i in range(0, len(ids), batch_size):
+                x = ids[i:i + batch_size].to(dev)
+                emb = model.get_input_embeddings()(x).detach().requires_grad_(True)
+                logits = model(inputs_embeds=emb).logits[:, :-1].float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1),
+                                                         reduction="sum")
+                loss.backward()
+                count += x[:, 1:].numel()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+        model.to(home)
+    return {n: (v / max(count, 1)).cpu() for n, v in acc.items() if v is not None}
+
+
 def _bits(model, recipe, calib_ids, device, batch_size):
     from .allocate_bits import allocate_bits
     from .solvers import run_quantize
@@ -104,15 +156,26 @@ def _bits(model, recipe, calib_ids, device, batch_size):
     choices = [c for c in opts.get("choices", [2, 3, 4, 8])]
     base = recipe.quant
     proxy = opts.get("proxy", "rtn")  # rtn is fast; gptq measures the solver that will be used
+    weighting = opts.get("weighting", "fisher")
+    if weighting not in ("fisher", "none"):
+        raise RecipeError(f"unknown bit-allocation weighting {weighting!r}; choose fisher or none")
+    fisher = {}
+    if weighting == "fisher":
+        from .models import all_linear_names
+
+        touched = [n for n in all_linear_names(model) if not recipe.plan_for(n).is_identity]
+        fisher = output_fisher(model, calib_ids, touched, device=device)
 
     def probe(name, w, stats):
         errs = {}
         h = stats.hessian.to(w.device)
+        f = fisher[name].to(w.device) if name in fisher else None
         for b in choices:
             spec = QuantSpec(**{**base.__dict__, "bits": b, "method": proxy})
             q = run_quantize(w, stats, spec).weight
             d = (w - q).float()
-            errs[b] = float(torch.einsum("ij,jk,ik->", d, h, d))
+            per_row = torch.einsum("ij,jk,ik->i", d, h, d)
+            errs[b] = float(per_row.sum() if f is None else (f * per_row).sum())
         return errs
 
     sens = measure(model, calib_ids, recipe, probe, "hessian", device, batch_size)
@@ -130,6 +193,6 @@ def _bits(model, recipe, calib_ids, device, batch_size):
     out = copy.deepcopy(recipe)
     out.overrides = [Override(pattern=n, quant={"bits": b}) for n, b in assign.items()] + list(recipe.overrides)
     achieved = sum(n_params[n] * b for n, b in assign.items()) / sum(n_params.values())
-    return out, {"method": "bits", "avg_bits_target": float(opts["avg_bits"]), "avg_bits": achieved,
+    return out, {"method": "bits", "weighting": weighting, "avg_bits_target": float(opts["avg_bits"]), "avg_bits": achieved,
                  "avg_bits_with_overhead": with_overhead, "bits": assign,
                  "sensitivity": sens}
