@@ -26,6 +26,13 @@ from .recipe import LayerPlan, Override, PruneSpec, QuantSpec, Recipe
 from .solvers.base import LayerResult
 
 
+def touched_layers(model, recipe: Recipe) -> list[str]:
+    """Names of the block linears the recipe changes, in engine order."""
+    from .models import all_linear_names
+
+    return [n for n in all_linear_names(model) if not recipe.plan_for(n).is_identity]
+
+
 def measure(model, calib_ids, recipe: Recipe, probe, stat: str, device=None, batch_size: int = 8) -> dict:
     """One pass over the unmodified model: ``probe(name, W, stats)`` for every layer the recipe touches."""
     out: dict = {}
@@ -35,17 +42,13 @@ def measure(model, calib_ids, recipe: Recipe, probe, stat: str, device=None, bat
         plan = recipe.plan_for(name)
         return LayerPlan() if plan.is_identity else dummy
 
-    names = iter([])
+    names = iter(touched_layers(model, recipe))  # the engine visits the touched layers in this order
 
     def solver(w, stats, plan):
         name = next(names)
         out[name] = probe(name, w, stats)
         return LayerResult(weight=w)  # identity: the model stays the original
 
-    from .models import all_linear_names
-
-    touched = [n for n in all_linear_names(model) if not recipe.plan_for(n).is_identity]
-    names = iter(touched)
     compress_model(model, calib_ids, plan_for, device=device, batch_size=batch_size,
                    true_sequential=False, keep_states=False, solver=solver, progress=False)
     return out
@@ -161,10 +164,7 @@ def _bits(model, recipe, calib_ids, device, batch_size):
         raise RecipeError(f"unknown bit-allocation weighting {weighting!r}; choose fisher or none")
     fisher = {}
     if weighting == "fisher":
-        from .models import all_linear_names
-
-        touched = [n for n in all_linear_names(model) if not recipe.plan_for(n).is_identity]
-        fisher = output_fisher(model, calib_ids, touched, device=device)
+        fisher = output_fisher(model, calib_ids, touched_layers(model, recipe), device=device)
 
     def probe(name, w, stats):
         errs = {}

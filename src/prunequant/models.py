@@ -139,6 +139,11 @@ def bos_first(model) -> int | None:
     return int(bos) if isinstance(bos, int) else None
 
 
+def prepend_bos(x: torch.Tensor, bos: int) -> torch.Tensor:
+    """(B, L) token ids → (B, L + 1) with ``bos`` in front of every row."""
+    return torch.cat([x.new_full((x.shape[0], 1), bos), x], 1)
+
+
 def _assembled_gguf(spec: str) -> tuple[str, str]:
     """Reassemble (once; the package checks the SHA-256 on every call) a GGUF shipped in chunk packages."""
     pkg, n_parts, install = ASSEMBLED[spec]

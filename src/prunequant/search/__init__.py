@@ -70,8 +70,8 @@ def search(
     ``n_trials`` is the number of completed trials the study should hold: re-running with the same
     ``storage`` and ``study_name`` continues an interrupted search (or extends it with a larger count).
     Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``. With ``warm_start`` a new
-    study first tries the standard recipes that meet the budget (SparseGPT + GPTQ joint at the two widest
-    bit widths, GPTQ alone, 2:4 + GPTQ; see space.SEED_PREFERENCES), so it starts from the hand-picker's answer.
+    study first tries the standard recipes that meet the budget (SparseGPT + GPTQ joint at 4 and at 3 bits,
+    GPTQ alone, 2:4 + GPTQ; see space.SEED_PREFERENCES), so it starts from the hand-picker's answer.
     """
     from . import report, study as st
     from .executors import InlineExecutor, RayExecutor, import_ray
