@@ -10,7 +10,6 @@ import torch
 from ..errors import NumericalError, RecipeError
 from ..recipe import QuantSpec
 from .base import LayerResult, LayerStats, QuantState
-from .billm import billm_dequantize, billm_quantize  # noqa: F401  (1-bit solver, re-exported here)
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped
 from .hessian import layer_objective, prepare_hessian
 from .obs import GridRule, Sweep, fixed_blocks
