@@ -28,7 +28,7 @@ from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
 from .recipe import LayerPlan
-from .solvers import needs, solve_layer
+from .solvers import needs, row_separable, solve_layer
 from .solvers.base import LayerResult, LayerStats, QuantState
 from .solvers.hessian import layer_objective
 
@@ -313,16 +313,13 @@ def compress_model(
     return report
 
 
-_ROW_SEPARABLE = {"gptq"}  # rows solved independently given H: stacking q/k/v changes nothing
-
-
 def _stackable(plans: list[LayerPlan], solver) -> bool:
-    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans,
-    and methods whose rows are independent (SparseGPT's block-wide mask threshold is not)."""
+    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans, and
+    Hessian quantizers whose rows are independent (stacking then changes nothing but the launch count)."""
     p = plans[0]
     if solver is not solve_layer or len(plans) < 2 or any(q != p for q in plans) or p.prune is not None:
         return False
-    return p.quant is not None and p.quant.method in _ROW_SEPARABLE
+    return p.quant is not None and needs(p) == "hessian" and row_separable(p)
 
 
 def _split_result(res: LayerResult, sizes: list[int]) -> list[LayerResult]:
