@@ -189,7 +189,7 @@ def _one_line(err: BaseException) -> tuple[str, int]:
         what = f" ({err.filename})" if err.filename else ""
         hint = "; free some space and re-run (it resumes)" if err.errno == errno.ENOSPC else ""
         return f"error: {err.strerror or err}{what}{hint}", 1
-    first = (str(err).splitlines() or [""])[0][:300]
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:300]
     return f"internal error: {type(err).__name__}: {first} (re-run with --debug for the traceback)", 1
 
 
