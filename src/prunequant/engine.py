@@ -250,7 +250,8 @@ def compress_model(
     each block); only the block being compressed is moved to ``device``. ``offload_activations``:
     True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
     the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
-    with the same ``fingerprint`` resumes from it instead of starting over. ``dist`` spreads the work
+    with the same ``fingerprint`` resumes from it instead of starting over; it is kept after the last
+    block (the caller removes it once the result is saved). ``dist`` spreads the work
     over processes (see distributed.py).
     """
     t0 = time.time()
@@ -272,6 +273,15 @@ def compress_model(
 
     resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
+
+    if done >= len(blocks):  # every block was compressed before (killed during evaluation or save)
+        for i, block in enumerate(blocks):
+            block_io.load(i, block, device)
+            resume.load_block(i, block, report)
+            block_io.unload(i, block)
+        report.resumed_blocks = len(blocks)
+        report.seconds = time.time() - t0
+        return report
 
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
     types = block_layer_types(model)
@@ -298,8 +308,7 @@ def compress_model(
             block_io.unload(i, block)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if resume and dist.rank == 0:
-        resume.clear()
+    # the work dir stays until the output is saved (api.save removes it after the final rename)
     report.seconds = time.time() - t0
     return report
 
