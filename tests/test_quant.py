@@ -245,7 +245,7 @@ def test_gptq_codes_pack_round_trip():
 
 # ---- BiLLM (1 bit) ----------------------------------------------------------------------------------
 from prunequant.solvers.billm import _fit_block  # noqa: E402
-from prunequant.solvers.quant import billm_dequantize, billm_quantize  # noqa: E402
+from prunequant.solvers.billm import billm_dequantize, billm_quantize  # noqa: E402
 
 _B1 = QuantSpec(method="billm", bits=1, blocksize=32)
 

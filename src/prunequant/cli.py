@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from .errors import PrunequantError
@@ -32,6 +34,7 @@ def _recipe_from_args(a) -> "Recipe":
         r.allocation = {"method": a.allocation}
         if a.avg_bits is not None:
             r.allocation["avg_bits"] = a.avg_bits
+        r.__post_init__()
     if a.no_true_sequential:
         r.true_sequential = False
     if getattr(a, "refine", None):
@@ -57,6 +60,14 @@ def _add_eval_args(p, default_texts="wiki,lambada"):
                    help="generative tasks (mmlu_pro, bbh, math): exemplars per prompt (default 5 / 3 / 4)")
     p.add_argument("--gen-tokens", type=int, default=256, help="generative tasks: max new tokens per answer")
     p.add_argument("--task-seed", type=int, default=0, help="generative tasks: seed of the per-subtask sample")
+    p.add_argument("--encoding", default=None, help="encoding of local .txt/.jsonl texts (default: UTF-8, strictly)")
+
+
+def _add_load_args(p):
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="load a prunequant output whose files do not match (or lack) its manifest, with a warning")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let a hub model run the Python code it ships (off by default)")
 
 
 def _add_job_args(p):
@@ -70,11 +81,13 @@ def _add_job_args(p):
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--eval", action="store_true")
     _add_eval_args(p)
+    _add_load_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="prunequant", description="Joint pruning + quantization of causal LMs")
     ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     c = sub.add_parser("compress", help="compress a model with a recipe and save it")
@@ -114,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--prompts", type=int, default=0, help="with --eval: held-out prompts for continuation similarity")
     c.add_argument("--agree-tokens", type=int, default=8192)
     _add_eval_args(c)
+    _add_load_args(c)
 
     e = sub.add_parser("eval", help="evaluate a model (perplexity; tasks and retention with --tasks/--against)")
     e.add_argument("model")
@@ -130,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", type=int, default=0, help="held-out prompts for continuation similarity (MiniLM)")
     e.add_argument("--agree-tokens", type=int, default=8192, help="tokens for KL / top-1 against --against")
     e.add_argument("--report-dir", help="write JSON, Markdown and PNG plots here")
+    _add_load_args(e)
 
     st = sub.add_parser("structured", help="structural pruning: attention heads, MLP channels, whole blocks")
     st.add_argument("model")
@@ -150,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("size", help="bytes on disk, bits per parameter, TCr and real compression rate")
     s.add_argument("dir")
+    s.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="measure a directory whose files do not match (or lack) its manifest, with a warning")
     add_search_parser(sub)
     return ap
 
@@ -160,22 +177,90 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
-                "global": cmd_global, "search": cmd_search}[a.cmd](a)
-    except PrunequantError as err:
-        print(f"prunequant: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("prunequant: interrupted; no output was written (re-run the same command to resume)", file=sys.stderr)
-        return 130
-    except MemoryError:
-        print("prunequant: error: out of CPU memory; use fewer --calib-samples or a smaller --batch-size", file=sys.stderr)
-        return 3
-    except RuntimeError as err:  # CUDA OOM arrives as a RuntimeError subclass
-        if "out of memory" in str(err).lower():
-            print("prunequant: error: out of GPU memory; use a smaller --batch-size or --device cpu", file=sys.stderr)
-            return 3
-        raise
+        check_args(a)
+        with _output_lock_of(a):
+            return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
+                    "global": cmd_global, "search": cmd_search}[a.cmd](a)
+    except BaseException as err:  # noqa: BLE001 - every failure becomes one line (--debug: the traceback too)
+        if isinstance(err, SystemExit):
+            raise
+        if a.debug:
+            traceback.print_exc()
+        msg, code = _one_line(err)
+        print(f"prunequant: {msg}", file=sys.stderr)
+        return code
+
+
+def _one_line(err: BaseException) -> tuple[str, int]:
+    """(message, exit code): 2 for a usage error, 1 for a failed run, 3 out of memory, 130 interrupted."""
+    if isinstance(err, PrunequantError):
+        return f"error: {err}", err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted; no output was written (re-run the same command to resume)", 130
+    if isinstance(err, MemoryError):
+        return "error: out of CPU memory; use fewer --calib-samples or a smaller --batch-size", 3
+    if isinstance(err, RuntimeError) and "out of memory" in str(err).lower():  # CUDA OOM
+        return "error: out of GPU memory; use a smaller --batch-size or --device cpu", 3
+    if isinstance(err, OSError):
+        what = f" ({err.filename})" if err.filename else ""
+        hint = "; free some space and re-run (it resumes)" if err.errno == errno.ENOSPC else ""
+        return f"error: {err.strerror or err}{what}{hint}", 1
+    first = (str(err).splitlines() or [""])[0][:300]
+    return f"internal error: {type(err).__name__}: {first} (re-run with --debug for the traceback)", 1
+
+
+_POSITIVE = ("seq_len", "eval_seq_len", "calib_samples", "batch_size", "max_tokens", "n_trials", "workers",
+             "proxy_samples", "proxy_seq_len", "steps")
+
+
+def check_args(a) -> None:
+    """Numbers that can never work fail here, before anything is loaded."""
+    for name in _POSITIVE:
+        v = getattr(a, name, None)
+        if v is None:
+            continue
+        least = 2 if name.endswith("seq_len") else 1
+        if v < least:
+            raise PrunequantError(f"--{name.replace('_', '-')} {v} must be at least {least}")
+    from .data import check_source
+
+    for src in [getattr(a, "calib_text", None)] + (getattr(a, "texts", None) or "").split(","):
+        if src:
+            check_source(src)
+    if getattr(a, "encoding", None):
+        import codecs
+
+        try:
+            codecs.lookup(a.encoding)
+        except LookupError:
+            raise PrunequantError(f"unknown --encoding {a.encoding!r}; use e.g. latin-1 or utf-8") from None
+    out = getattr(a, "out", None)
+    if out and a.cmd in _WRITERS:
+        from .outputs import check_output_path
+
+        check_output_path(out, a.overwrite)
+
+
+_WRITERS = ("compress", "structured", "global")
+
+
+def _output_lock_of(a):
+    """The lock of the output directory, held from before the model is loaded to the final rename."""
+    import contextlib
+
+    if a.cmd not in _WRITERS:
+        return contextlib.nullcontext()
+    from .outputs import output_lock
+
+    return output_lock(a.out)
+
+
+def check_seq_len(model, *pairs) -> None:
+    """Windows longer than the model's context give meaningless numbers: refuse them."""
+    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    for flag, v in pairs:
+        if ctx and v and v > ctx:
+            raise PrunequantError(f"{flag} {v} is longer than the model's context of {ctx} tokens; use at most {ctx}")
 
 
 def _dtype(name):
@@ -196,38 +281,32 @@ def _suite_cfg(a):
                        tasks=tasks, task_limit=getattr(a, "limit", None) or 200, batch_size=a.batch_size,
                        agree_tokens=getattr(a, "agree_tokens", 8192), prompts=getattr(a, "prompts", 0),
                        fewshot=getattr(a, "fewshot", None), gen_tokens=getattr(a, "gen_tokens", 256),
-                       task_seed=getattr(a, "task_seed", 0))
+                       task_seed=getattr(a, "task_seed", 0), encoding=getattr(a, "encoding", None))
 
 
 def cmd_compress(a) -> int:
     import copy
 
     from . import api
-    from .evaluate.suite import run_suite
     from .models import load_model
+    from .outputs import work_root
     from .tables import print_compression_table
 
     recipe = _recipe_from_args(a)
     api.check_output_dir(a.out, a.overwrite)
     print(f"recipe: {recipe.describe()}")
-    model, tok = load_model(a.model)
-    api.validate_recipe_for_model(model, recipe)
+    model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
+    api.validate_recipe_for_model(model, recipe, fmt=a.format, announce=False)  # compress() says it
     base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits, work_dir=Path(str(a.out) + ".prunequant-work"))
+                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding)
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:
-        dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
-        res.model.to(dev)
-        base.to(dev)
-        suite = run_suite(res.model, tok, _suite_cfg(a), base=base, rates=res.rates)
-        res.model.to("cpu")
+        extra = _evaluate_once(res, a, lambda: _evaluate_compressed(res, base, tok, a))
         del base
-        extra = {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
-                                "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
-                                "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
     print_compression_table(res.record, extra.get("evaluation"))
     if res.record.get("refine"):
@@ -252,15 +331,48 @@ def _refine_line(info: dict) -> str:
             f"({info['time_ratio']:.2f}x the one-shot {info['seconds_one_shot']:.1f} s)")
 
 
+def _evaluate_compressed(res, base, tok, a) -> dict:
+    from .evaluate.suite import run_suite
+
+    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    res.model.to(dev)
+    base.to(dev)
+    suite = run_suite(res.model, tok, _suite_cfg(a), base=base, rates=res.rates)
+    res.model.to("cpu")
+    base.to("cpu")
+    return {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
+                           "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
+                           "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
+
+
+def _evaluate_once(res, a, run) -> dict:
+    """The evaluation is kept beside the resume checkpoints until the output is saved, so a run killed
+    during the save does not evaluate again."""
+    from .checkpoint import _Checkpoint
+
+    if res.work_dir is None:
+        return run()
+    ck = _Checkpoint(res.work_dir, "")
+    saved = ck.read_json("evaluation.json")
+    protocol = json.loads(json.dumps(_suite_cfg(a).settings(), default=str))
+    if saved and saved.get("evaluation", {}).get("protocol") == protocol:
+        print(f"evaluation: reusing the result recorded in {res.work_dir}")
+        return saved
+    extra = run()
+    ck.write_json("evaluation.json", extra)
+    return extra
+
+
 def cmd_eval(a) -> int:
     from .evaluate.suite import run_suite
     from .models import load_model
     from .tables import print_eval_table
 
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len))
     base = None
     if a.against:
-        base, _ = load_model(a.against)
+        base, _ = load_model(a.against, verify=a.verify, trust_remote_code=a.trust_remote_code)
     dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model.to(dev)
     if base is not None:
@@ -302,8 +414,10 @@ def _job_setup(a):
     from .models import bos_first, load_model
 
     api.check_output_dir(a.out, a.overwrite)
-    model, tok = load_model(a.model)
-    ids = calibration_ids(tok, load_text(a.calib_text, "calib"), a.calib_samples, a.seq_len, a.seed, bos=bos_first(model))
+    model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
+    ids = calibration_ids(tok, load_text(a.calib_text, "calib", a.encoding), a.calib_samples, a.seq_len, a.seed,
+                          bos=bos_first(model))
     base = None
     if a.eval:
         import copy
@@ -315,9 +429,8 @@ def _job_setup(a):
 
 
 def _job_finish(a, model, tok, base, record: dict) -> int:
-    import shutil
-
     from . import api
+    from .export.integrity import atomic_output
     from .structural import save_structured
 
     if a.eval:
@@ -335,21 +448,13 @@ def _job_finish(a, model, tok, base, record: dict) -> int:
         print(f"Sr (mean retention ratio): {suite.sr:.4f}")
     model.to("cpu")
     out = Path(a.out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_output(out, a.overwrite) as tmp:  # manifest, and no replacing unless --overwrite
         save_structured(model, tmp)
         tok.save_pretrained(tmp)
         record.update(source_model=a.model, versions=api.library_versions(),
                       calibration={"text": a.calib_text, "samples": a.calib_samples, "seq_len": a.seq_len,
                                    "seed": a.seed})
         (tmp / "prunequant.json").write_text(json.dumps(record, indent=2, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved to {out}")
     return 0
 
@@ -403,7 +508,7 @@ def cmd_global(a) -> int:
 def cmd_size(a) -> int:
     from .export import size_report, print_size_report
 
-    print_size_report(size_report(a.dir))
+    print_size_report(size_report(a.dir, verify=a.verify))
     return 0
 
 

@@ -28,7 +28,7 @@ from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
 from .recipe import LayerPlan
-from .solvers import needs, solve_layer
+from .solvers import needs, row_separable, solve_layer
 from .solvers.base import LayerResult, LayerStats, QuantState
 from .solvers.hessian import layer_objective
 
@@ -251,7 +251,8 @@ def compress_model(
     each block); only the block being compressed is moved to ``device``. ``offload_activations``:
     True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
     the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
-    with the same ``fingerprint`` resumes from it instead of starting over. ``dist`` spreads the work
+    with the same ``fingerprint`` resumes from it instead of starting over; it is kept after the last
+    block (the caller removes it once the result is saved). ``dist`` spreads the work
     over processes (see distributed.py). ``block_hook(i, block, arch, inputs, solve, report, device)``, if
     given, is called instead of each block's solve and must call ``solve()`` itself (refine.BlockRefiner).
     """
@@ -276,6 +277,15 @@ def compress_model(
 
     resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
+
+    if done >= len(blocks):  # every block was compressed before (killed during evaluation or save)
+        for i, block in enumerate(blocks):
+            block_io.load(i, block, device)
+            resume.load_block(i, block, report)
+            block_io.unload(i, block)
+        report.resumed_blocks = len(blocks)
+        report.seconds = time.time() - t0
+        return report
 
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
     types = block_layer_types(model)
@@ -303,22 +313,18 @@ def compress_model(
             block_io.unload(i, block)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if resume and dist.rank == 0:
-        resume.clear()
+    # the work dir stays until the output is saved (api.save removes it after the final rename)
     report.seconds = time.time() - t0
     return report
 
 
-_ROW_SEPARABLE = {"gptq"}  # rows solved independently given H: stacking q/k/v changes nothing
-
-
 def _stackable(plans: list[LayerPlan], solver) -> bool:
-    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans,
-    and methods whose rows are independent (SparseGPT's block-wide mask threshold is not)."""
+    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans, and
+    Hessian quantizers whose rows are independent (stacking then changes nothing but the launch count)."""
     p = plans[0]
     if solver is not solve_layer or len(plans) < 2 or any(q != p for q in plans) or p.prune is not None:
         return False
-    return p.quant is not None and p.quant.method in _ROW_SEPARABLE
+    return p.quant is not None and needs(p) == "hessian" and row_separable(p)
 
 
 def _split_result(res: LayerResult, sizes: list[int]) -> list[LayerResult]:

@@ -188,14 +188,25 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id; from_pretrained decides
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               verify: bool = True, trust_remote_code: bool = False):
+    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name.
+
+    A local directory is checked first (export.check_integrity): a prunequant output must match its
+    manifest; ``verify=False`` skips that with a warning. Code shipped with a checkpoint runs only with
+    ``trust_remote_code=True``.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export.integrity import MANIFEST, check_integrity
 
     where, gguf = resolve_model(spec)
     kw = {"gguf_file": gguf} if gguf else {}
-    if not gguf and (Path(where) / "prunequant-manifest.json").is_file():
-        return _load_export(where, dtype, device)
+    kw["trust_remote_code"] = bool(trust_remote_code)
+    if not gguf and Path(where).is_dir():
+        check_integrity(where, verify)
+        if (Path(where) / MANIFEST).is_file() and not _is_structured(where):
+            return _load_export(where, dtype, device)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
@@ -224,12 +235,12 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
 
 
 def _load_export(where: str, dtype, device):
-    """A prunequant export: every file is checked against its SHA-256 manifest before loading."""
+    """A prunequant export (its files already checked against the SHA-256 manifest)."""
     from transformers import AutoTokenizer
 
     from .export import load_exported
 
-    model, _fmt = load_exported(where, dtype=dtype)  # raises ModelLoadError naming a corrupt file
+    model, _fmt = load_exported(where, dtype=dtype, verify=False)  # checked by load_model
     tok = AutoTokenizer.from_pretrained(where)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token

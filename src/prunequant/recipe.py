@@ -18,6 +18,7 @@ from .errors import RecipeError
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "billm")
 SUPPORTED_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
+ALLOCATIONS = ("uniform", "owl", "bits")
 JOINT_MODES = ("onepass", "A", "B")  # one-pass joint OBS; sequential case A (zeros quantized); case B (mask kept exact)
 REFINE_MODES = ("blockwise", "global", "both")
 
@@ -32,6 +33,7 @@ class PruneSpec:
     damp: float = 0.01
 
     def __post_init__(self):
+        _numbers(self, sparsity=float, n=int, m=int, blocksize=int, damp=float)
         if self.method not in PRUNE_METHODS:
             raise RecipeError(f"unknown pruning method {self.method!r}; choose one of {', '.join(PRUNE_METHODS)}")
         if self.n or self.m:
@@ -69,6 +71,7 @@ class QuantSpec:
     ragged: bool = False  # allow a group size that does not divide a layer (last group of a row smaller)
 
     def __post_init__(self):
+        _numbers(self, bits=_bits, group_size=int, damp=float, blocksize=int)
         if self.method not in QUANT_METHODS:
             raise RecipeError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
         if self.bits not in SUPPORTED_BITS:
@@ -106,9 +109,10 @@ class RefineSpec:
     global_batch: int = 4  # windows per global step
 
     def __post_init__(self):
+        _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int)
         if self.mode not in REFINE_MODES:
             raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
-        if int(self.steps) != self.steps or self.steps < 1 or self.global_steps < 0:
+        if self.steps < 1 or self.global_steps < 0:
             raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
         if not (self.lr_code > 0 and self.lr_scale >= 0):
             raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
@@ -156,6 +160,21 @@ class Override:
     prune: dict | None = None  # fields to change in the global PruneSpec; {} with "sparsity": 0 = dense
     quant: dict | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise RecipeError(f"override pattern {self.pattern!r} must be a non-empty string (a glob, or re:REGEX)")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as e:
+                raise RecipeError(f"override pattern {self.pattern!r} is not a valid regular expression ({e})") \
+                    from None
+        for key in ("prune", "quant"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, dict):
+                raise RecipeError(f"override {self.pattern!r}: {key} must be a mapping of fields to change, "
+                                  f"e.g. {{bits: 8}}, not {v!r}")
+
     def matches(self, name: str) -> bool:
         if self.pattern.startswith("re:"):
             return re.search(self.pattern[3:], name) is not None
@@ -173,6 +192,17 @@ class Recipe:
     refine: RefineSpec | None = None
 
     def __post_init__(self):
+        if isinstance(self.allocation, str):  # `allocation: bits` as shorthand for {method: bits}
+            self.allocation = {"method": self.allocation}
+        if not isinstance(self.allocation, dict):
+            raise RecipeError(f"allocation must be a method name or a mapping such as {{method: owl}}, "
+                              f"not {self.allocation!r}")
+        method = self.allocation.get("method", "uniform")
+        if method not in ALLOCATIONS:
+            raise RecipeError(f"unknown allocation {method!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if method == "bits" and self.allocation.get("avg_bits") is None:
+            raise RecipeError("bit allocation needs an average-bit budget: --avg-bits 3.0, or "
+                              "allocation: {method: bits, avg_bits: 3.0}")
         if self.joint not in JOINT_MODES:
             raise RecipeError(f"joint mode {self.joint!r} unknown; choose one of {', '.join(JOINT_MODES)}")
         for o in self.overrides:
@@ -223,8 +253,9 @@ class Recipe:
                 prune=PruneSpec(**d["prune"]) if d.get("prune") else None,
                 quant=QuantSpec(**d["quant"]) if d.get("quant") else None,
                 joint=d.get("joint", "onepass"),
-                allocation=dict(d.get("allocation") or {"method": "uniform"}),
-                overrides=[Override(**o) for o in d.get("overrides") or []],
+                allocation=d.get("allocation") or {"method": "uniform"},
+                overrides=[Override(**o) if isinstance(o, dict) else _bad_override(o)
+                           for o in d.get("overrides") or []],
                 true_sequential=bool(d.get("true_sequential", True)),
                 refine=_refine_of(d.get("refine")),
             )
@@ -271,7 +302,36 @@ def _refine_of(d) -> RefineSpec | None:
     """A recipe's ``refine`` key: a mode name or a mapping of RefineSpec fields."""
     if not d:
         return None
-    return RefineSpec(mode=d) if isinstance(d, str) else RefineSpec(**d)
+    if isinstance(d, str):
+        return RefineSpec(mode=d)
+    if not isinstance(d, dict):
+        raise RecipeError(f"refine must be a mode ({', '.join(REFINE_MODES)}) or a mapping such as "
+                          f"{{mode: both, steps: 100}}, not {d!r}")
+    return RefineSpec(**d)
+
+
+def _bad_override(o):
+    raise RecipeError(f"each override must be a mapping such as {{pattern: '*.k_proj', skip: true}}, not {o!r}")
+
+
+def _bits(v):
+    return float(v) if float(v) != int(float(v)) else int(float(v))
+
+
+def _numbers(spec, **kinds) -> None:
+    """Numeric fields of a frozen spec as numbers, or a RecipeError naming the field (YAML gives strings)."""
+    for name, kind in kinds.items():
+        v = getattr(spec, name)
+        if isinstance(v, bool):
+            raise RecipeError(f"{name} {v!r} must be a number")
+        try:
+            num = kind(v)
+        except (TypeError, ValueError, OverflowError):
+            raise RecipeError(f"{name} {v!r} is not a number; e.g. "
+                              f"{ {'sparsity': '0.5', 'bits': '4', 'group_size': '128'}.get(name, '1')}") from None
+        if kind is int and num != float(v):
+            raise RecipeError(f"{name} {v!r} must be a whole number")
+        object.__setattr__(spec, name, num)
 
 
 def _merge(base, changes: dict, cls):

@@ -10,7 +10,7 @@ from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
 from .common import (DTYPES, analyse_linear, dtype_name, model_tensors, read_descriptor, save_config, weight_key,
                      write_descriptor, write_extras)
-from .integrity import ShardWriter, atomic_output, parse_size, verify_manifest
+from .integrity import ShardWriter, atomic_output, parse_size, check_integrity
 
 FORMAT = "dense"
 
@@ -47,7 +47,7 @@ def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root) or {}
     dtype = dtype or DTYPES.get(desc.get("dtype", ""), None) or "auto"
     try:

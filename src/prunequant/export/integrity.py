@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "prunequant-manifest.json"
 MANIFEST_VERSION = 1
+WRITER_KEY = "writer"  # safetensors metadata of every shard we write: tells our exports apart without any JSON
 
 
 class ExportError(PrunequantError):
@@ -34,13 +35,14 @@ class ExportError(PrunequantError):
 def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool = True):
     """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir.
 
-    On any exception the temporary directory is removed and out_dir is untouched.
+    On any exception the temporary directory is removed and out_dir is untouched. An existing out_dir
+    is replaced only with ``overwrite``, and only once the new one is complete.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output directory {out} already exists; choose another one or pass overwrite=True")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory; remove it or choose another")
+    if out.exists() and not overwrite:
+        raise ExportError(f"output directory {out} already exists; choose another one or pass overwrite=True")
     if not out.parent.is_dir():
         raise ExportError(f"parent directory {out.parent} of the output does not exist; create it first")
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -49,6 +51,9 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool =
         yield tmp
         if manifest:
             write_manifest(tmp)
+        if out.exists() and not overwrite:  # it appeared while we were writing: never replace it silently
+            raise ExportError(f"{out} was created by someone else while this output was written; it was not "
+                              "replaced. Choose another --out, or pass --overwrite and run again (it resumes)")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -111,6 +116,45 @@ def verify_manifest(root: str | Path, full: bool = True) -> dict:
     return manifest
 
 
+RUN_RECORDS = ("prunequant.json", "prunequant-export.json")
+
+
+def written_by_prunequant(root: str | Path) -> bool:
+    """Does this directory come from prunequant (a run record, or a shard we wrote)? Then it had a manifest."""
+    root = Path(root)
+    if any((root / f).is_file() for f in RUN_RECORDS):
+        return True
+    for p in root.glob("*.safetensors"):
+        try:
+            meta = _full_header(p).get("__metadata__") or {}
+        except ModelLoadError:
+            continue
+        if isinstance(meta, dict) and meta.get(WRITER_KEY) == "prunequant":
+            return True
+    return False
+
+
+def check_integrity(root: str | Path, verify: bool = True) -> None:
+    """Verify a local model directory before it is loaded or measured.
+
+    With a manifest: every file is checked. Without one, a directory that prunequant wrote is refused (its
+    manifest was deleted or never copied: nothing proves the weights are the ones evaluated); other
+    checkpoints pass. ``verify=False`` (``--no-verify``) skips the check with a warning.
+    """
+    root = Path(root)
+    has_manifest = (root / MANIFEST).is_file()
+    if not verify:
+        if has_manifest or written_by_prunequant(root):
+            log.warning("%s: integrity check skipped (--no-verify); its files may not be the ones evaluated", root)
+        return
+    if has_manifest:
+        verify_manifest(root)
+    elif written_by_prunequant(root):
+        raise ModelLoadError(f"{root} was written by prunequant but has no {MANIFEST}, so its files cannot be "
+                             "checked (deleted, or an incomplete copy); copy or export it again, or pass "
+                             "--no-verify to use it unchecked")
+
+
 # ---- sharded safetensors writing --------------------------------------------------------------
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -143,7 +187,7 @@ class ShardWriter:
     def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
                  metadata: dict | None = None):
         self.root, self.prefix, self.max_bytes = Path(root), prefix, max_bytes
-        self.metadata = {"format": "pt", **(metadata or {})}
+        self.metadata = {"format": "pt", WRITER_KEY: "prunequant", **(metadata or {})}
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
@@ -189,6 +233,12 @@ class ShardWriter:
 
 def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file (tensor dtypes, shapes, byte offsets) without reading data."""
+    header = _full_header(path)
+    header.pop("__metadata__", None)
+    return header
+
+
+def _full_header(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -198,7 +248,8 @@ def read_safetensors_header(path: str | Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a readable safetensors file (bad header); re-export it")
     return header
 
 

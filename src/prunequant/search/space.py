@@ -195,7 +195,8 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
             raise PrunequantError(f"unknown family {fam!r}; choose from {', '.join(FAMILIES)}")
         cfgs = []
         if fam == "joint":
-            ok = bool(r.joint_bits) or len(r.patterns) > 1 or "bits" in space.allocations
+            ok = bool(r.joint_bits) or any(derive(c, inv, budget, space) is not None
+                                           for c in _joint_extremes(space, r, base))
         elif fam == "quant":
             cfgs = [{**base, "family": "quant", "derive": "bits", "bits": None}]
             if "bits" in space.allocations:
@@ -210,6 +211,15 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
         raise PrunequantError(f"no configuration of the search space can meet {budget.describe()}; "
                               "loosen the budget or widen the space (bits, sparsity)")
     return r
+
+
+def _joint_extremes(space: SearchSpace, r: Resolved, base: dict) -> list[dict]:
+    """The most compressing joint configurations of each kind: if none meets the budget, no joint one does."""
+    cfgs = [{**base, "family": "joint", "pattern": p, "derive": "bits"} for p in r.patterns[1:]]
+    if "bits" in space.allocations:
+        cfgs += [{**base, "family": "joint", "pattern": p, "allocation": "bits", "derive": "avg_bits",
+                  "sparsity": max(space.sparsity_range)} for p in r.patterns]
+    return cfgs
 
 
 def preflight(recipe: Recipe, inv: Inventory) -> None:
