@@ -7,7 +7,8 @@ import torch
 from prunequant.data import Text, calibration_ids, check_disjoint, load_text, tokenize
 from prunequant.errors import DataError, RecipeError
 from prunequant.evaluate.perplexity import perplexity
-from prunequant.recipe import PruneSpec, QuantSpec, Recipe, parse_prune, parse_quant, tcr, tcr_layers
+from prunequant.accounting import tcr, tcr_layers
+from prunequant.recipe import PruneSpec, QuantSpec, Recipe, parse_prune, parse_quant
 from tiny import TRAIN_TEXT, tiny_model, tiny_tokenizer
 
 

@@ -23,7 +23,7 @@ from .evaluate.perplexity import perplexity
 from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
                      set_weight)
 from .solvers import needs, solve_layer
-from .rates import summarize
+from .accounting import summarize
 from .recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ def compress(
         enable_act_quant(model, act_bits)
         act_info.update(bits=act_bits)
     n_total = sum(p.numel() for p in model.parameters())
-    rates = summarize(report.layers, n_total, linear_param_counts(model))
+    rates = summarize(report.layers, plan_recipe.plan_for, n_total, linear_param_counts(model))
     record = {
         "prunequant_version": __version__,
         "source_model": str(source),

@@ -385,22 +385,3 @@ def parse_quant(text: str) -> QuantSpec:
     if kw["bits"] == 1.58:
         kw.setdefault("symmetric", True)
     return QuantSpec(**kw)
-
-
-# ---- theoretical compression rate ---------------------------------------------------------------
-
-def effective_bits(quant: QuantSpec | None) -> float:
-    return 16.0 if quant is None else (math.log2(3) if quant.bits == 1.58 else float(quant.bits))
-
-
-def tcr(sparsity: float = 0.0, bits: float = 16.0) -> float:
-    """Theoretical compression rate against 16-bit weights: 1 − (q/16)(1 − s)."""
-    return 1.0 - (bits / 16.0) * (1.0 - sparsity)
-
-
-def tcr_layers(layers: list[tuple[int, float, float]]) -> float:
-    """Per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per compressed layer."""
-    total = sum(n for n, _, _ in layers)
-    if total == 0:
-        return 0.0
-    return 1.0 - sum(n * q * (1 - s) for n, s, q in layers) / (16.0 * total)

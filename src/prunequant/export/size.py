@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from ..recipe import tcr_layers
+from ..accounting import tcr_layers
 from .common import EXPORT_JSON, read_descriptor
 from .integrity import MANIFEST, check_integrity, read_safetensors_header
 
