@@ -228,13 +228,21 @@ def compress(
         work_dir = work_root(out)
     if work_dir is not None:
         work_dir = Path(work_dir) / fingerprint[:16]
-    if all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
+    refine = recipe.refine
+    teacher = _teacher(model, ids, refine, batch_size, device)
+    hook = None
+    if refine is not None and refine.blockwise:
+        from .refine import BlockRefiner
+
+        hook = BlockRefiner(refine, seed=seed)
+    if hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
         report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress,
                                     work_dir=work_dir, fingerprint=fingerprint)
     else:
         report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
                                 batch_size=batch_size, true_sequential=recipe.true_sequential,
-                                work_dir=work_dir, fingerprint=fingerprint, progress=progress)
+                                work_dir=work_dir, fingerprint=fingerprint, progress=progress, block_hook=hook)
+    refine_info = _refine_global(model, ids, report, refine, teacher, hook, batch_size, device, seed)
     if act_bits:
         enable_act_quant(model, act_bits)
         act_info.update(bits=act_bits)
@@ -247,6 +255,7 @@ def compress(
         "recipe_description": recipe.describe(),
         "allocation": alloc_info,
         "act_quant": act_info,
+        "refine": refine_info,
         "calibration": {**calib.record(), "samples": calib_samples, "seq_len": seq_len, "seed": seed,
                         "token_ids_sha256": _ids_sha(ids)},
         "rates": rates,
@@ -261,6 +270,40 @@ def compress(
     if out is not None:
         save(result, out, overwrite=overwrite)
     return result
+
+
+def _teacher(model, ids, refine, batch_size, device):
+    """The original model's top-k next-token log-probabilities on the calibration windows (global refinement)."""
+    if refine is None or not refine.global_stage:
+        return None
+    from .refine import teacher_topk
+
+    t = time.time()
+    out = teacher_topk(model, ids, refine.topk, batch_size, device or default_device())
+    return out, time.time() - t
+
+
+def _refine_global(model, ids, report, refine, teacher, hook, batch_size, device, seed) -> dict | None:
+    """Run the global stage (if asked) and return what refinement did and cost, beside the one-shot time."""
+    if refine is None:
+        return None
+    from dataclasses import asdict
+
+    info = {"spec": asdict(refine), "seconds_blockwise": round(hook.seconds, 2) if hook else 0.0,
+            "blocks": hook.log if hook else []}
+    seconds = info["seconds_blockwise"]
+    if teacher is not None:
+        from .refine import global_refine
+
+        lp, t_teacher = teacher
+        info["global"] = global_refine(model, ids, report.states, lp, refine, batch_size=batch_size,
+                                       device=device or default_device(), seed=seed)
+        seconds += t_teacher + info["global"].get("seconds", 0.0)
+        report.seconds += t_teacher + info["global"].get("seconds", 0.0)
+    info["seconds"] = round(seconds, 2)
+    info["seconds_one_shot"] = round(report.seconds - seconds, 2)
+    info["time_ratio"] = round(seconds / max(report.seconds - seconds, 1e-9), 3)
+    return info
 
 
 def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",

@@ -33,7 +33,7 @@ class CheckpointError(PrunequantError):
 def _flatten(obj, key: str, tensors: dict):
     """JSON-able copy of ``obj`` with every tensor moved into ``tensors`` under a unique key."""
     if torch.is_tensor(obj):
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach().cpu().clone()  # stacked solves share g_idx; safetensors wants distinct
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
@@ -125,9 +125,10 @@ class _Checkpoint:
                 block.load_state_dict(load_file(str(path)))
             except (OSError, SafetensorError, RuntimeError) as e:
                 raise self._refuse(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
-        path = self.dir / f"results_{i}.json"
+        path = self.dir / f"results_{i}.safetensors"
         try:
-            tensors = load_file(str(self.dir / f"results_{i}.safetensors"))
+            tensors = load_file(str(path))
+            path = self.dir / f"results_{i}.json"
             plain = json.loads(path.read_text())
             if plain.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {plain.get('version')!r}")

@@ -34,6 +34,17 @@ def _recipe_from_args(a) -> "Recipe":
         r.allocation = Allocation(method=a.allocation, avg_bits=a.avg_bits)
     if a.no_true_sequential:
         r.true_sequential = False
+    if getattr(a, "refine", None):
+        from dataclasses import replace
+
+        from .recipe import RefineSpec
+
+        base = r.refine or RefineSpec(mode=a.refine)
+        r.refine = replace(base, mode=a.refine, **{k: v for k, v in (("steps", a.refine_steps),
+                                                                    ("global_steps", a.refine_global_steps))
+                                                   if v is not None})
+    elif getattr(a, "refine_steps", None) is not None or getattr(a, "refine_global_steps", None) is not None:
+        raise PrunequantError("--refine-steps needs --refine blockwise|global|both")
     return r
 
 
@@ -86,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--allocation", choices=["uniform", "owl", "bits"], help="per-layer allocation")
     c.add_argument("--avg-bits", type=float, help="average-bit budget for --allocation bits")
     c.add_argument("--no-true-sequential", action="store_true", help="one stats pass per block instead of per sub-layer")
+    c.add_argument("--refine", choices=["blockwise", "global", "both"], help="end-to-end refinement after the "
+                   "layer-wise solve: match each original block's outputs, KL to the original logits, or both "
+                   "(only codes, scales and zero points move; masks, bits and format stay)")
+    c.add_argument("--refine-steps", type=int, help="optimiser steps per block (default 100)")
+    c.add_argument("--refine-global-steps", type=int, help="steps of the global KL stage (default: --refine-steps)")
     c.add_argument("--act-bits", type=int, choices=[4, 8], help="simulated per-token activation quantization "
                    "(W·A8 / W·A4) with SmoothQuant migration folded into the norms")
     c.add_argument("--calib-text", default="wiki")
@@ -186,7 +202,7 @@ def _one_line(err: BaseException) -> tuple[str, int]:
         what = f" ({err.filename})" if err.filename else ""
         hint = "; free some space and re-run (it resumes)" if err.errno == errno.ENOSPC else ""
         return f"error: {err.strerror or err}{what}{hint}", 1
-    first = (str(err).splitlines() or [""])[0][:300]
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:300]
     return f"internal error: {type(err).__name__}: {first} (re-run with --debug for the traceback)", 1
 
 
@@ -290,8 +306,26 @@ def cmd_compress(a) -> int:
         del base
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
     print_compression_table(res.record, extra.get("evaluation"))
+    if res.record.get("refine"):
+        print(_refine_line(res.record["refine"]))
     print(f"saved to {a.out}")
     return 0
+
+
+def _refine_line(info: dict) -> str:
+    parts = []
+    blocks = info.get("blocks") or []
+    if blocks:
+        import statistics
+
+        gain = statistics.median(b["error_after"] / max(b["error_before"], 1e-30) for b in blocks)
+        parts.append(f"block output error x{gain:.3f} (median over {len(blocks)} blocks, "
+                     f"{sum(b['kept'] for b in blocks)} kept)")
+    g = info.get("global")
+    if g and "kl_before" in g:
+        parts.append(f"calibration KL {g['kl_before']:.4f} -> {g['kl_after']:.4f}")
+    return (f"refinement: {'; '.join(parts) or 'nothing to refine'}; {info['seconds']:.1f} s "
+            f"({info['time_ratio']:.2f}x the one-shot {info['seconds_one_shot']:.1f} s)")
 
 
 def _evaluate_compressed(res, base, tok, a) -> dict:

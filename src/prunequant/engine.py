@@ -229,6 +229,7 @@ def compress_model(
     progress: bool = True,
     block_io: BlockIO | None = None,
     dist: DistContext | None = None,
+    block_hook: Callable | None = None,
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
@@ -238,11 +239,14 @@ def compress_model(
     the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
     with the same ``fingerprint`` resumes from it instead of starting over; it is kept after the last
     block (the caller removes it once the result is saved). ``dist`` spreads the work
-    over processes (see distributed.py).
+    over processes (see distributed.py). ``block_hook(i, block, arch, inputs, solve, report, device)``, if
+    given, is called instead of each block's solve and must call ``solve()`` itself (refine.BlockRefiner).
     """
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
     dist = dist or DistContext()
+    if block_hook is not None and dist.world > 1:
+        raise ValueError("a block hook (refinement) runs in one process; drop it or use one process")
     block_io = block_io or BlockIO()
     arch = arch_of(model)
     blocks = get_blocks(model, arch)
@@ -283,8 +287,9 @@ def compress_model(
             resume.load_block(i, block, report)
             report.resumed_blocks += 1
         else:
-            _compress_block(i, block, arch, block_inputs, plan_for, device, true_sequential, solver, report,
-                            keep_states, clock, dist)
+            solve = functools.partial(_compress_block, i, block, arch, block_inputs, plan_for, device,
+                                      true_sequential, solver, report, keep_states, clock, dist)
+            solve() if block_hook is None else block_hook(i, block, arch, block_inputs, solve, report, device)
             if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
         with clock("forward_out"):

@@ -30,6 +30,7 @@ def joint_mode(name: str) -> str:
     if mode not in JOINT_MODES:
         raise RecipeError(f"joint mode {name!r} unknown; choose one of {', '.join(JOINT_MODES)}")
     return mode
+REFINE_MODES = ("blockwise", "global", "both")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,52 @@ class QuantSpec:
         g = f"g{self.group_size}{'r' if self.ragged else ''}" if self.group_size else "per-channel"
         b = "ternary (1.58-bit)" if self.bits == 1.58 else f"{self.bits:g}-bit"
         return f"{self.method} {b} {g} {'sym' if self.symmetric else 'asym'}{' act-order' if self.act_order else ''}"
+
+
+@dataclass(frozen=True)
+class RefineSpec:
+    """End-to-end refinement after the layer-wise solve (refine/): block output matching, then KL to the
+    original logits. Only what the format stores as continuous moves; masks and bit widths stay exact.
+
+    Learning rates are in the parameters' own units: ``lr_code`` in grid steps (codes and zero points),
+    ``lr_scale`` in log-scale (relative change of each group's scale)."""
+
+    mode: str = "blockwise"
+    steps: int = 100  # optimiser steps per block (block-wise stage)
+    global_steps: int = 0  # steps of the global stage (0 = same as steps)
+    lr_code: float = 5e-3
+    lr_scale: float = 1e-3
+    topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
+    global_batch: int = 4  # windows per global step
+
+    def __post_init__(self):
+        _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int)
+        if self.mode not in REFINE_MODES:
+            raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
+        if self.steps < 1 or self.global_steps < 0:
+            raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
+        if not (self.lr_code > 0 and self.lr_scale >= 0):
+            raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
+        if self.topk < 1 or self.global_batch < 1:
+            raise RecipeError("refine topk and global_batch must be >= 1")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.mode in ("blockwise", "both")
+
+    @property
+    def global_stage(self) -> bool:
+        return self.mode in ("global", "both")
+
+    @property
+    def n_global_steps(self) -> int:
+        return self.global_steps or self.steps
+
+    def describe(self) -> str:
+        steps = f"{self.steps} steps/block" if self.blockwise else ""
+        if self.global_stage:
+            steps = ", ".join(s for s in (steps, f"{self.n_global_steps} global KL steps") if s)
+        return f"refined {self.mode} ({steps})"
 
 
 @dataclass(frozen=True)
@@ -199,6 +246,7 @@ class Recipe:
     allocation: Allocation = field(default_factory=lambda: Allocation())
     overrides: list[Override] = field(default_factory=list)
     true_sequential: bool = True
+    refine: RefineSpec | None = None
 
     def __post_init__(self):
         self.allocation = Allocation.parse(self.allocation)
@@ -235,13 +283,14 @@ class Recipe:
             "allocation": self.allocation.to_dict(),
             "overrides": [asdict(o) for o in self.overrides],
             "true_sequential": self.true_sequential,
+            **({"refine": asdict(self.refine)} if self.refine else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict):
             raise RecipeError("a recipe must be a mapping with keys such as prune, quant, overrides")
-        known = {"prune", "quant", "joint", "allocation", "overrides", "true_sequential"}
+        known = {"prune", "quant", "joint", "allocation", "overrides", "true_sequential", "refine"}
         unknown = set(d) - known
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -254,6 +303,7 @@ class Recipe:
                 overrides=[Override(**o) if isinstance(o, dict) else _bad_override(o)
                            for o in d.get("overrides") or []],
                 true_sequential=bool(d.get("true_sequential", True)),
+                refine=_refine_of(d.get("refine")),
             )
         except TypeError as e:
             raise RecipeError(f"malformed recipe: {e}") from None
@@ -289,7 +339,21 @@ class Recipe:
         s = " + ".join(p for p in parts if p) or "no compression"
         if self.prune and self.quant:
             s += f" [{self.joint}]"
+        if self.refine:
+            s += f", {self.refine.describe()}"
         return s
+
+
+def _refine_of(d) -> RefineSpec | None:
+    """A recipe's ``refine`` key: a mode name or a mapping of RefineSpec fields."""
+    if not d:
+        return None
+    if isinstance(d, str):
+        return RefineSpec(mode=d)
+    if not isinstance(d, dict):
+        raise RecipeError(f"refine must be a mode ({', '.join(REFINE_MODES)}) or a mapping such as "
+                          f"{{mode: both, steps: 100}}, not {d!r}")
+    return RefineSpec(**d)
 
 
 def _bad_override(o):
