@@ -19,6 +19,7 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "billm")
 SUPPORTED_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
 ALLOCATIONS = ("uniform", "owl", "bits")
+REFINE_MODES = ("blockwise", "global", "both")
 # one-pass joint OBS; prune then quantize every weight, zeros included (no mask kept); prune then quantize the kept
 # weights (mask kept exact). "A" and "B" are the older names of the last two.
 JOINT_MODES = ("onepass", "quantize-pruned", "keep-mask")
@@ -30,7 +31,6 @@ def joint_mode(name: str) -> str:
     if mode not in JOINT_MODES:
         raise RecipeError(f"joint mode {name!r} unknown; choose one of {', '.join(JOINT_MODES)}")
     return mode
-REFINE_MODES = ("blockwise", "global", "both")
 
 
 @dataclass(frozen=True)
