@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import PrunequantError
-from .solvers.base import LayerResult, QuantState
+from .solvers.base import LayerRecord, LayerResult, QuantState
 
 if TYPE_CHECKING:
     from .engine import EngineReport
@@ -105,7 +105,7 @@ class _Checkpoint:
             sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
             save_file(sd, str(self.dir / f"block_{i}.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
-        layers = {k: v for k, v in report.layers.items() if k.startswith(prefix)}
+        layers = {k: v.to_dict() for k, v in report.layers.items() if k.startswith(prefix)}
         states = {k: _state_to_plain(v) for k, v in report.states.items() if k.startswith(prefix)}
         plain = {"version": FORMAT_VERSION, "layers": _flatten(layers, "layers", tensors),
                  "states": _flatten(states, "states", tensors)}
@@ -132,7 +132,7 @@ class _Checkpoint:
             plain = json.loads(path.read_text())
             if plain.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {plain.get('version')!r}")
-            report.layers.update(_restore(plain["layers"], tensors))
+            report.layers.update({k: LayerRecord(**v) for k, v in _restore(plain["layers"], tensors).items()})
             report.states.update({k: _state_from_plain(v) for k, v in _restore(plain["states"], tensors).items()})
         except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise self._refuse(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
