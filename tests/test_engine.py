@@ -146,4 +146,4 @@ def test_gpt2_conv1d_is_transposed():
     w = get_weight(c_fc).detach()
     # 2 of every 4 consecutive *input* weights pruned
     assert ((w.reshape(128, 16, 4) == 0).sum(-1) == 2).all()
-    assert rep.layers["transformer.h.0.mlp.c_fc"]["shape"] == [128, 64]
+    assert rep.layers["transformer.h.0.mlp.c_fc"].shape == [128, 64]

@@ -31,14 +31,14 @@ def test_stacked_gptq_equals_one_linear_at_a_time():
     rep_s = compress_model(stacked, ids, RECIPE.plan_for, device="cpu", progress=False)
     rep_1 = compress_model(single, ids, RECIPE.plan_for, device="cpu", progress=False,
                            solver=lambda w, s, p: solve_layer(w, s, p))  # any other solver: no stacking
-    assert rep_s.layers["model.layers.0.self_attn.k_proj"].get("stacked") == 3
-    assert "stacked" not in rep_1.layers["model.layers.0.self_attn.k_proj"]
+    assert rep_s.layers["model.layers.0.self_attn.k_proj"].stacked == 3
+    assert rep_1.layers["model.layers.0.self_attn.k_proj"].stacked is None
     ws, w1 = _weights(stacked), _weights(single)
     for name in ws:
         assert rep_s.states[name].quant.codes.shape == ws[name].shape
         same = (rep_s.states[name].quant.codes == rep_1.states[name].quant.codes).float().mean()
         assert same > 0.99, name  # float summation order may flip a rare near-tie code
-        assert rep_s.layers[name]["error"] == pytest.approx(rep_1.layers[name]["error"], rel=0.05, abs=1e-6)
+        assert rep_s.layers[name].error == pytest.approx(rep_1.layers[name].error, rel=0.05, abs=1e-6)
         deq = rep_s.states[name].quant.dequantize()
         torch.testing.assert_close(ws[name], deq.to(ws[name].dtype), rtol=0, atol=1e-6)
 

@@ -12,6 +12,7 @@ import math
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    from .solvers.base import LayerRecord
     from .recipe import LayerPlan, PruneSpec, QuantSpec
 
 DENSE_BITS = 16
@@ -92,17 +93,17 @@ def tcr_layers(layers: list[tuple[int, float, float]]) -> float:
     return 1.0 - sum(n * q * (1 - s) for n, s, q in layers) / (DENSE_BITS * total)
 
 
-def summarize(layers: dict[str, dict], plan_for: Callable[[str], LayerPlan], n_params_total: int,
+def summarize(layers: dict[str, LayerRecord], plan_for: Callable[[str], LayerPlan], n_params_total: int,
               linear_names: list[tuple[str, int]] | None = None) -> dict:
     """Rates of a compressed model from the engine's per-layer records (shape, measured sparsity) and the
     plans that produced them. Block linears left untouched count as dense 16-bit in TCr."""
     rows = list(layers.values())
-    seen = {r["name"] for r in rows}
+    seen = {r.name for r in rows}
     dense = [(n, 0.0, float(DENSE_BITS)) for name, n in (linear_names or []) if name not in seen]
-    plans = {r["name"]: plan_for(r["name"]) for r in rows}
-    theo = [(r["n_params"], r.get("sparsity", 0.0), effective_bits(plans[r["name"]].quant)) for r in rows]
-    layer_total = sum(layer_bits(tuple(r["shape"]), plans[r["name"]], r.get("sparsity", 0.0)) for r in rows)
-    compressed = sum(r["n_params"] for r in rows)
+    plans = {r.name: plan_for(r.name) for r in rows}
+    theo = [(r.n_params, r.sparsity, effective_bits(plans[r.name].quant)) for r in rows]
+    layer_total = sum(layer_bits(tuple(r.shape), plans[r.name], r.sparsity) for r in rows)
+    compressed = sum(r.n_params for r in rows)
     dense_params = sum(n for n, _, _ in dense)
     linear_params = compressed + dense_params
     stored_bits = layer_total + DENSE_BITS * (n_params_total - compressed)
@@ -114,5 +115,5 @@ def summarize(layers: dict[str, dict], plan_for: Callable[[str], LayerPlan], n_p
         "total_params": n_params_total,
         "bits_per_param_linears": (layer_total + DENSE_BITS * dense_params) / max(linear_params, 1),
         "rate_with_overheads": 1 - stored_bits / (DENSE_BITS * n_params_total),
-        "mean_sparsity": sum(r["n_params"] * r.get("sparsity", 0.0) for r in rows) / max(linear_params, 1),
+        "mean_sparsity": sum(r.n_params * r.sparsity for r in rows) / max(linear_params, 1),
     }

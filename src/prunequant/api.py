@@ -134,8 +134,8 @@ def compress_data_free(model, plan_for, device=None, progress=True, work_dir: st
     from tqdm.auto import tqdm
 
     from .checkpoint import _Checkpoint
-    from .engine import _cpu_quant, _summary
-    from .solvers.base import LayerResult, LayerStats
+    from .engine import _cpu_quant
+    from .solvers.base import LayerRecord, LayerResult, LayerStats
 
     t0 = time.time()
     device = torch.device(device) if device else default_device()
@@ -159,7 +159,7 @@ def compress_data_free(model, plan_for, device=None, progress=True, work_dir: st
             t = time.time()
             res = solve_layer(w, empty, plan)
             set_weight(module, res.weight)
-            report.layers[name] = _summary(name, w, plan, res, time.time() - t)
+            report.layers[name] = LayerRecord.of(name, w, plan, res, time.time() - t)
             report.states[name] = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
                                               quant=_cpu_quant(res.quant), info=res.info)
         if resume:
@@ -217,7 +217,7 @@ def compress(
     act_info = smooth_activations(model, ids, smooth_alpha, batch_size) if act_bits else None
     plan_recipe = recipe
     alloc_info = None
-    if allocate and recipe.allocation.get("method", "uniform") != "uniform":
+    if allocate and recipe.allocation.method != "uniform":
         from .allocate import allocate as run_allocation
 
         plan_recipe, alloc_info = run_allocation(model, recipe, ids, device=device, batch_size=batch_size)
@@ -259,7 +259,7 @@ def compress(
         "calibration": {**calib.record(), "samples": calib_samples, "seq_len": seq_len, "seed": seed,
                         "token_ids_sha256": _ids_sha(ids)},
         "rates": rates,
-        "layers": report.layers,
+        "layers": {n: r.to_dict() for n, r in report.layers.items()},
         "seconds": round(report.seconds, 2),
         "resumed_blocks": report.resumed_blocks,
         "device": str(device or default_device()),

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import PrunequantError
-from .solvers.base import LayerResult, QuantState
+from .solvers.base import LayerRecord, LayerResult, QuantState
 
 if TYPE_CHECKING:
     from .engine import EngineReport
@@ -33,7 +33,7 @@ class CheckpointError(PrunequantError):
 def _flatten(obj, key: str, tensors: dict):
     """JSON-able copy of ``obj`` with every tensor moved into ``tensors`` under a unique key."""
     if torch.is_tensor(obj):
-        tensors[key] = obj.detach().cpu().contiguous()
+        tensors[key] = obj.detach().cpu().clone()  # stacked solves share g_idx; safetensors wants distinct
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
@@ -105,7 +105,7 @@ class _Checkpoint:
             sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
             save_file(sd, str(self.dir / f"block_{i}.safetensors"))
         tensors: dict[str, torch.Tensor] = {}
-        layers = {k: v for k, v in report.layers.items() if k.startswith(prefix)}
+        layers = {k: v.to_dict() for k, v in report.layers.items() if k.startswith(prefix)}
         states = {k: _state_to_plain(v) for k, v in report.states.items() if k.startswith(prefix)}
         plain = {"version": FORMAT_VERSION, "layers": _flatten(layers, "layers", tensors),
                  "states": _flatten(states, "states", tensors)}
@@ -125,13 +125,14 @@ class _Checkpoint:
                 block.load_state_dict(load_file(str(path)))
             except (OSError, SafetensorError, RuntimeError) as e:
                 raise self._refuse(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None
-        path = self.dir / f"results_{i}.json"
+        path = self.dir / f"results_{i}.safetensors"
         try:
-            tensors = load_file(str(self.dir / f"results_{i}.safetensors"))
+            tensors = load_file(str(path))
+            path = self.dir / f"results_{i}.json"
             plain = json.loads(path.read_text())
             if plain.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {plain.get('version')!r}")
-            report.layers.update(_restore(plain["layers"], tensors))
+            report.layers.update({k: LayerRecord(**v) for k, v in _restore(plain["layers"], tensors).items()})
             report.states.update({k: _state_from_plain(v) for k, v in _restore(plain["states"], tensors).items()})
         except (OSError, SafetensorError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise self._refuse(path, str(e).splitlines()[0][:200] if str(e) else type(e).__name__) from None

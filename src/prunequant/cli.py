@@ -11,11 +11,12 @@ import traceback
 from pathlib import Path
 
 from .errors import PrunequantError
+from .recipe import JOINT_ALIASES, JOINT_MODES
 from .search import add_search_parser, cmd_search
 
 
 def _recipe_from_args(a) -> "Recipe":
-    from .recipe import Recipe, parse_prune, parse_quant
+    from .recipe import Allocation, Recipe, joint_mode, parse_prune, parse_quant
 
     if a.recipe:
         r = Recipe.load(a.recipe)
@@ -28,13 +29,9 @@ def _recipe_from_args(a) -> "Recipe":
         r = Recipe(prune=parse_prune(a.prune) if a.prune else None,
                    quant=parse_quant(a.quant) if a.quant else None)
     if a.joint:
-        r.joint = a.joint
-        r.__post_init__()
+        r.joint = joint_mode(a.joint)
     if a.allocation:
-        r.allocation = {"method": a.allocation}
-        if a.avg_bits is not None:
-            r.allocation["avg_bits"] = a.avg_bits
-        r.__post_init__()
+        r.allocation = Allocation(method=a.allocation, avg_bits=a.avg_bits)
     if a.no_true_sequential:
         r.true_sequential = False
     if getattr(a, "refine", None):
@@ -95,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", help="recipe file (.yaml/.json)")
     c.add_argument("--prune", help="METHOD:SPARSITY (sparsegpt:0.5) or METHOD:N:M with N of every M pruned (wanda:2:4)")
     c.add_argument("--quant", help="METHOD:BITS[:gGROUP|pc][:sym][:actorder][:mse], e.g. gptq:4:g128, rtn:8, billm:1")
-    c.add_argument("--joint", choices=["onepass", "A", "B"], help="how pruning and quantization combine "
+    c.add_argument("--joint", choices=[*JOINT_MODES, *JOINT_ALIASES], help="how pruning and quantization combine "
                    "(onepass: one OBS pass; A: quantize zeros too; B: keep the mask exact)")
     c.add_argument("--allocation", choices=["uniform", "owl", "bits"], help="per-layer allocation")
     c.add_argument("--avg-bits", type=float, help="average-bit budget for --allocation bits")
@@ -211,7 +208,7 @@ def _one_line(err: BaseException) -> tuple[str, int]:
         what = f" ({err.filename})" if err.filename else ""
         hint = "; free some space and re-run (it resumes)" if err.errno == errno.ENOSPC else ""
         return f"error: {err.strerror or err}{what}{hint}", 1
-    first = (str(err).splitlines() or [""])[0][:300]
+    first = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), "")[:300]
     return f"internal error: {type(err).__name__}: {first} (re-run with --debug for the traceback)", 1
 
 

@@ -29,7 +29,7 @@ from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, se
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
 from .recipe import LayerPlan
 from .solvers import needs, row_separable, solve_layer
-from .solvers.base import LayerResult, LayerStats, QuantState
+from .solvers.base import LayerRecord, LayerResult, LayerStats, QuantState
 from .solvers.hessian import layer_objective
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Stop(Exception):
 
 @dataclass
 class EngineReport:
-    layers: dict[str, dict] = field(default_factory=dict)  # per-layer summary (shape, sparsity, bits, time, error)
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
     states: dict[str, LayerResult] = field(default_factory=dict)  # masks and quant states for export (weight=None)
     seconds: float = 0.0
     resumed_blocks: int = 0
@@ -194,20 +194,6 @@ def _run_block(block, inputs, device, outputs: bool):
             y = y[0] if isinstance(y, (tuple, list)) else y
             outs.append(to_store(y, hidden.device))
     return outs
-
-
-def _summary(name: str, w: torch.Tensor, plan: LayerPlan, res: LayerResult, seconds: float) -> dict:
-    q = plan.quant
-    return {
-        "name": name, "shape": list(w.shape), "n_params": w.numel(),
-        "prune": plan.prune.describe() if plan.prune else None,
-        "quant": q.describe() if q else None,
-        "sparsity": round(res.sparsity, 6) if plan.prune else 0.0,
-        "nm": [plan.prune.n, plan.prune.m] if plan.prune and plan.prune.structured else None,
-        "bits": (q.bits if q else 16), "group_size": (q.group_size if q else None),
-        "error": res.info.get("error"), "seconds": round(seconds, 4),
-        **{k: v for k, v in res.info.items() if k in ("damp", "dead", "avg_bits", "stacked")},
-    }
 
 
 class _Clock:
@@ -420,7 +406,7 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
             if keep_states:
                 state = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
                                     quant=_cpu_quant(res.quant), info=res.info)
-            records.append((name, _summary(name, w, plans[rel], res, secs), state))
+            records.append((name, LayerRecord.of(name, w, plans[rel], res, secs), state))
         else:
             weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
         set_weight(module, dist.broadcast_(weight.to(device=device, dtype=torch.float32), owner))

@@ -194,7 +194,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
 
     A local directory is checked first (export.check_integrity): a prunequant output must match its
     manifest; ``verify=False`` skips that with a warning. Code shipped with a checkpoint runs only with
-    ``trust_remote_code=True``.
+    ``trust_remote_code`` (``--trust-remote-code``).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -19,8 +19,18 @@ PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "billm")
 SUPPORTED_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
 ALLOCATIONS = ("uniform", "owl", "bits")
-JOINT_MODES = ("onepass", "A", "B")  # one-pass joint OBS; sequential case A (zeros quantized); case B (mask kept exact)
 REFINE_MODES = ("blockwise", "global", "both")
+# one-pass joint OBS; prune then quantize every weight, zeros included (no mask kept); prune then quantize the kept
+# weights (mask kept exact). "A" and "B" are the older names of the last two.
+JOINT_MODES = ("onepass", "quantize-pruned", "keep-mask")
+JOINT_ALIASES = {"A": "quantize-pruned", "B": "keep-mask"}
+
+
+def joint_mode(name: str) -> str:
+    mode = JOINT_ALIASES.get(name, name)
+    if mode not in JOINT_MODES:
+        raise RecipeError(f"joint mode {name!r} unknown; choose one of {', '.join(JOINT_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,9 @@ class LayerPlan:
     quant: QuantSpec | None = None
     joint: str = "onepass"
 
+    def __post_init__(self):
+        object.__setattr__(self, "joint", joint_mode(self.joint))
+
     @property
     def is_identity(self) -> bool:
         return (self.prune is None or self.prune.sparsity == 0) and self.quant is None
@@ -181,30 +194,63 @@ class Override:
         return fnmatch.fnmatchcase(name, self.pattern)
 
 
+@dataclass(frozen=True)
+class Allocation:
+    """How a budget is spread over the layers (allocate.py) and the allocator's options."""
+
+    method: str = "uniform"  # uniform, owl (per-block sparsity) or bits (per-layer bit widths)
+    avg_bits: float | None = None  # bits: the average-bit budget
+    choices: tuple = (2, 3, 4, 8)  # bits: candidate widths
+    proxy: str = "rtn"  # bits: the quantizer that measures each width's error (gptq: the solver itself)
+    weighting: str = "fisher"  # bits: errors weighted by the loss's output Fisher, or none
+    lam: float = 0.08  # owl: largest deviation from the mean sparsity
+    M: float = 5.0  # owl: outlier threshold, in multiples of the mean score
+
+    def __post_init__(self):
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if self.method not in ALLOCATIONS:
+            raise RecipeError(f"unknown allocation {self.method!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.method == "bits" and self.avg_bits is None:
+            raise RecipeError("bit allocation needs an average-bit budget: --avg-bits 3.0, or "
+                              "allocation: {method: bits, avg_bits: 3.0}")
+        if self.weighting not in ("fisher", "none"):
+            raise RecipeError(f"unknown bit-allocation weighting {self.weighting!r}; choose fisher or none")
+        if self.proxy not in QUANT_METHODS:
+            raise RecipeError(f"unknown bit-allocation proxy {self.proxy!r}; choose one of {', '.join(QUANT_METHODS)}")
+
+    @classmethod
+    def parse(cls, value) -> "Allocation":
+        """From a method name (``bits``), a mapping (``{method: owl, lam: 0.1}``) or an Allocation."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = {"method": value}
+        if not isinstance(value, dict):
+            raise RecipeError(f"allocation must be a method name or a mapping such as {{method: owl}}, not {value!r}")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise RecipeError(f"unknown allocation option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["choices"] = list(self.choices)
+        return d
+
+
 @dataclass
 class Recipe:
     prune: PruneSpec | None = None
     quant: QuantSpec | None = None
     joint: str = "onepass"
-    allocation: dict = field(default_factory=lambda: {"method": "uniform"})
+    allocation: Allocation = field(default_factory=lambda: Allocation())
     overrides: list[Override] = field(default_factory=list)
     true_sequential: bool = True
     refine: RefineSpec | None = None
 
     def __post_init__(self):
-        if isinstance(self.allocation, str):  # `allocation: bits` as shorthand for {method: bits}
-            self.allocation = {"method": self.allocation}
-        if not isinstance(self.allocation, dict):
-            raise RecipeError(f"allocation must be a method name or a mapping such as {{method: owl}}, "
-                              f"not {self.allocation!r}")
-        method = self.allocation.get("method", "uniform")
-        if method not in ALLOCATIONS:
-            raise RecipeError(f"unknown allocation {method!r}; choose one of {', '.join(ALLOCATIONS)}")
-        if method == "bits" and self.allocation.get("avg_bits") is None:
-            raise RecipeError("bit allocation needs an average-bit budget: --avg-bits 3.0, or "
-                              "allocation: {method: bits, avg_bits: 3.0}")
-        if self.joint not in JOINT_MODES:
-            raise RecipeError(f"joint mode {self.joint!r} unknown; choose one of {', '.join(JOINT_MODES)}")
+        self.allocation = Allocation.parse(self.allocation)
+        self.joint = joint_mode(self.joint)
         for o in self.overrides:
             for spec, cls in ((o.prune, PruneSpec), (o.quant, QuantSpec)):
                 if spec:
@@ -234,7 +280,7 @@ class Recipe:
             "prune": asdict(self.prune) if self.prune else None,
             "quant": asdict(self.quant) if self.quant else None,
             "joint": self.joint,
-            "allocation": dict(self.allocation),
+            "allocation": self.allocation.to_dict(),
             "overrides": [asdict(o) for o in self.overrides],
             "true_sequential": self.true_sequential,
             **({"refine": asdict(self.refine)} if self.refine else {}),
@@ -253,7 +299,7 @@ class Recipe:
                 prune=PruneSpec(**d["prune"]) if d.get("prune") else None,
                 quant=QuantSpec(**d["quant"]) if d.get("quant") else None,
                 joint=d.get("joint", "onepass"),
-                allocation=d.get("allocation") or {"method": "uniform"},
+                allocation=d.get("allocation") or Allocation(),
                 overrides=[Override(**o) if isinstance(o, dict) else _bad_override(o)
                            for o in d.get("overrides") or []],
                 true_sequential=bool(d.get("true_sequential", True)),

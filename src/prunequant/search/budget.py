@@ -119,7 +119,7 @@ def nominal(recipe: Recipe, inv: Inventory) -> dict:
     it touches ≤ ``avg_bits`` (so TCr is a lower bound). The search never combines an allocator with
     overrides that would break these invariants (see space.py).
     """
-    avg = recipe.allocation.get("avg_bits") if recipe.allocation.get("method") == "bits" else None
+    avg = recipe.allocation.avg_bits if recipe.allocation.method == "bits" else None
     # other tensors at 16 bits; ~1 kB per compressed layer of safetensors header and descriptor JSON, and
     # ~4 kB of config and manifest (measured on the compact format; the budget check uses the real bytes)
     rows, linear_bits = [], 0.0

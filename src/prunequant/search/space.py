@@ -45,7 +45,7 @@ class SearchSpace:
     nm_patterns: tuple = ("2:4", "4:8", "1:4")  # N of every M pruned
     bits: tuple = (2, 3, 4, 5, 6, 8)  # uniform bit widths
     group_sizes: tuple = (128, 64, 0)  # 0 = per channel; sizes that do not divide a layer are ragged
-    joint_modes: tuple = ("onepass", "B")  # "A" (zeros quantized, no mask kept) stores every weight: see notes
+    joint_modes: tuple = ("onepass", "keep-mask")  # "quantize-pruned" stores every weight: see notes
     allocations: tuple = ("uniform", "owl", "bits")
     alloc_choices: tuple = (1.58, 2, 3, 4, 8)  # bit widths the knapsack may mix
     owl_lambda: tuple = (0.02, 0.2)
@@ -153,10 +153,10 @@ def short_describe(recipe: Recipe) -> str:
         parts.append(f"{q.method} {q.bits:g}b {g}{' ao' if q.act_order else ''}")
     s = " + ".join(parts) + (f" [{recipe.joint}]" if p and q else "")
     a = recipe.allocation
-    if a.get("method") == "owl":
-        s += f" · owl λ{a['lam']:g}"
-    elif a.get("method") == "bits":
-        s += f" · bits avg {a['avg_bits']:g}"
+    if a.method == "owl":
+        s += f" · owl λ{a.lam:g}"
+    elif a.method == "bits":
+        s += f" · bits avg {a.avg_bits:g}"
     if any(o.skip for o in recipe.overrides):
         s += " · edges dense"
     elif recipe.overrides:
@@ -199,7 +199,7 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
     r.patterns = ["unstructured"] + [p for p in space.nm_patterns
                                      if all(layer.in_features % int(p.split(":")[1]) == 0 for layer in inv.layers)]
     base = {"prune_method": space.prune_methods[0], "quant_method": space.quant_methods[0],
-            "group_size": r.group_sizes[0] if r.group_sizes else 0, "joint": "B", "alloc_choices": space.alloc_choices}
+            "group_size": r.group_sizes[0] if r.group_sizes else 0, "joint": "keep-mask", "alloc_choices": space.alloc_choices}
     for b in space.bits:  # joint unstructured: bits whose derived sparsity is a real pruning level
         cfg = {**base, "family": "joint", "pattern": "unstructured", "bits": b, "derive": "sparsity"}
         s = derive(cfg, inv, budget, space)
