@@ -8,7 +8,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
-from .common import (DTYPES, analyse_linear, dtype_name, model_tensors, read_descriptor, save_config, weight_key,
+from .common import (DTYPES, analyse_linear, dtype_name, forget_mark, model_tensors, read_descriptor, save_config, weight_key,
                      write_descriptor, write_extras)
 from .integrity import ShardWriter, atomic_output, parse_size, check_integrity
 
@@ -54,4 +54,5 @@ def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str |
         model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
         raise ModelLoadError(f"cannot load {root} with transformers: {e}") from None
+    forget_mark(model)
     return model.to(device).eval()

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "prunequant-manifest.json"
 MANIFEST_VERSION = 1
-WRITER_KEY = "writer"  # safetensors metadata of every shard we write: tells our exports apart without any JSON
+CONFIG_MARK = "prunequant_export"  # a key of every export's config.json: tells our exports apart from others
 
 
 class ExportError(PrunequantError):
@@ -120,18 +120,16 @@ RUN_RECORDS = ("prunequant.json", "prunequant-export.json")
 
 
 def written_by_prunequant(root: str | Path) -> bool:
-    """Does this directory come from prunequant (a run record, or a shard we wrote)? Then it had a manifest."""
+    """Does this directory come from prunequant (a run record, or our mark in config.json)? Then it had a
+    manifest. (Not a safetensors metadata key: safetensors writes metadata in hash order, so a second key
+    would make the bytes of an export differ from run to run.)"""
     root = Path(root)
     if any((root / f).is_file() for f in RUN_RECORDS):
         return True
-    for p in root.glob("*.safetensors"):
-        try:
-            meta = _full_header(p).get("__metadata__") or {}
-        except ModelLoadError:
-            continue
-        if isinstance(meta, dict) and meta.get(WRITER_KEY) == "prunequant":
-            return True
-    return False
+    try:
+        return CONFIG_MARK in json.loads((root / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_integrity(root: str | Path, verify: bool = True) -> None:
@@ -187,7 +185,7 @@ class ShardWriter:
     def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
                  metadata: dict | None = None):
         self.root, self.prefix, self.max_bytes = Path(root), prefix, max_bytes
-        self.metadata = {"format": "pt", WRITER_KEY: "prunequant", **(metadata or {})}
+        self.metadata = {"format": "pt", **(metadata or {})}
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
