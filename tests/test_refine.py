@@ -206,3 +206,56 @@ def test_cli_compress_with_refine_records_it_and_rejects_bad_flags(tmp_path, cap
                                                                       "positive integer")):
         assert main(common + args + ["--out", str(tmp_path / "bad")]) == 2
         assert msg in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_prunequant_report_writes_the_frontier_plot_from_compression_records_and_run_files(tmp_path, capsys):
+    import json
+
+    from prunequant.cli import main
+    from prunequant.report import series_of
+
+    ev = {"compressed": {"texts": {"wiki": {"perplexity": 30.0}}}, "retention": {"ppl:wiki": 0.8}, "sr": 0.8}
+    recs = {"q2": {"recipe": {"quant": {"bits": 2}}}, "j": {"recipe": {"prune": {"sparsity": 0.5}, "quant": {}}},
+            "jr": {"recipe": {"prune": {"sparsity": 0.5}, "quant": {}, "refine": {"mode": "both"}}}}
+    paths = []
+    for name, rec in recs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "prunequant.json").write_text(json.dumps({**rec, "rates": {"tcr": 0.875}, "evaluation": ev}))
+        paths.append(str(tmp_path / name))
+    run = tmp_path / "r.json"
+    run.write_text(json.dumps({"name": "q4", "tcr": 0.75, "sr": 0.9, "series": "quantization only", "metrics": {},
+                               "retention": {"kl": 0.9}}))
+    assert [series_of(r) for r in recs.values()] == ["quantization only", "joint one-shot", "joint refined"]
+    assert main(["report", *paths, str(run), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "frontier.png").stat().st_size > 1000
+    assert main(["report", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "cannot read the runs" in capsys.readouterr().err
+
+
+def test_search_space_has_refinement_as_a_dimension_that_leaves_the_budget_unchanged():
+    import optuna
+
+    from prunequant.errors import PrunequantError
+    from prunequant.search.budget import Inventory, nominal, parse_budget
+    from prunequant.search.space import SearchSpace, resolve, short_describe, suggest
+
+    inv, b = Inventory.of(tiny_model()), parse_budget("tcr=0.875")
+    res = resolve(SearchSpace(refine=("none", "blockwise", "both"), refine_steps=7), inv, b)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = {}
+    for _ in range(40):
+        t = study.ask()
+        try:
+            recipe, info = suggest(t, res, inv, b)
+        except Exception as e:  # noqa: BLE001 - Infeasible is allowed, nothing else
+            assert type(e).__name__ == "Infeasible", e
+            continue
+        mode = t.params["refine"]
+        assert (recipe.refine.mode, recipe.refine.steps) == (mode, 7) if mode != "none" else recipe.refine is None
+        plain = Recipe.from_dict({k: v for k, v in recipe.to_dict().items() if k != "refine"})
+        assert nominal(recipe, inv) == nominal(plain, inv)
+        seen[mode] = short_describe(recipe)
+    assert set(seen) == {"none", "blockwise", "both"} and "refined both" in seen["both"]
+    assert SearchSpace().refine == ("none",)  # off unless a space file asks for it: old studies keep their space
+    with pytest.raises(PrunequantError, match="refine choices"):
+        SearchSpace(refine=("sometimes",))

@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     gl.add_argument("--layerwise", action="store_true", help="layer-wise allocation instead of the learnt global one")
     _add_job_args(gl)
 
+    rp = sub.add_parser("report", help="table, JSON, Markdown and plots (retention, Pareto, Sr-vs-TCr frontier) "
+                        "for several evaluated runs")
+    rp.add_argument("runs", nargs="+", help="compressed-model directories (compress --eval) or run JSON files")
+    rp.add_argument("--out", required=True, help="directory for report.json/.md and the PNG plots")
+    rp.add_argument("--title", default="prunequant evaluation")
+
     s = sub.add_parser("size", help="bytes on disk, bits per parameter, TCr and real compression rate")
     s.add_argument("dir")
     s.add_argument("--no-verify", dest="verify", action="store_false",
@@ -177,7 +183,7 @@ def main(argv=None) -> int:
         check_args(a)
         with _output_lock_of(a):
             return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
-                    "global": cmd_global, "search": cmd_search}[a.cmd](a)
+                    "global": cmd_global, "search": cmd_search, "report": cmd_report}[a.cmd](a)
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line (--debug: the traceback too)
         if isinstance(err, SystemExit):
             raise
@@ -526,6 +532,18 @@ def cmd_global(a) -> int:
     return _job_finish(a, model, tok, base, {"command": "global", "avg_bits": rep.avg_bits,
                                              "planned_bits": rep.planned_bits, "choices": a.choices,
                                              "layer_errors": rep.layer_errors, "allocation_info": alloc.info})
+
+
+def cmd_report(a) -> int:
+    from .report import load_runs, write_report
+
+    try:
+        runs = load_runs(a.runs)
+    except (OSError, ValueError, KeyError) as e:
+        raise PrunequantError(f"cannot read the runs: {e}") from None
+    files = write_report(runs, a.out, title=a.title)
+    print("wrote " + ", ".join(str(f) for f in files.values()))
+    return 0
 
 
 def cmd_size(a) -> int:

@@ -55,10 +55,6 @@ def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _to(obj, device):
-    return to_device(obj, device)
-
-
 def block_layer_types(model) -> list[str] | None:
     """Per block, its attention type where the model mixes several (Gemma 2/3, Qwen with sliding windows:
     ``config.layer_types``); such blocks get different masks and rotary tables. None when all are alike."""

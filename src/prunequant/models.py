@@ -300,11 +300,5 @@ def _detach_gguf_quantizer(model) -> None:
     model.is_quantized = False
 
 
-def model_summary(model) -> dict:
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"model_type": model.config.model_type, "n_params": n_params,
-            "n_blocks": len(get_blocks(model)), "hidden_size": getattr(model.config, "hidden_size", None)}
-
-
 def read_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
