@@ -247,6 +247,29 @@ def check_args(a) -> None:
 _WRITERS = ("compress", "structured", "global")
 
 
+def check_context_early(a) -> None:
+    """For a local checkpoint the context is known before its weights are read: check window lengths then."""
+    ctx = _config_context(getattr(a, "model", None))
+    if not ctx:
+        return
+    for flag in ("seq_len", "eval_seq_len"):
+        v = getattr(a, flag, None)
+        if v and v > ctx and (flag == "seq_len" or a.cmd == "eval" or getattr(a, "eval", False)):
+            raise PrunequantError(f"--{flag.replace('_', '-')} {v} is longer than the model's context of {ctx} "
+                                  f"tokens; use at most {ctx}")
+
+
+def _config_context(spec) -> int | None:
+    cfg = Path(spec) / "config.json" if spec else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        c = json.loads(cfg.read_text())
+        return int(c.get("max_position_embeddings") or c.get("n_positions") or 0) or None
+    except (ValueError, TypeError, AttributeError):
+        return None  # the loader says what is wrong with it
+
+
 def _output_lock_of(a):
     """The lock of the output directory, held from before the model is loaded to the final rename."""
     import contextlib
@@ -296,6 +319,7 @@ def cmd_compress(a) -> int:
     from .tables import print_compression_table
 
     recipe = _recipe_from_args(a)  # the output directory was checked before dispatch (_WRITERS)
+    check_context_early(a)
     print(f"recipe: {recipe.describe()}")
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
@@ -369,6 +393,7 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .tables import print_eval_table
 
+    check_context_early(a)
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len))
     base = None
@@ -414,6 +439,7 @@ def _job_setup(a):
     from .data import calibration_ids, load_text
     from .models import bos_first, load_model
 
+    check_context_early(a)
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
     ids = calibration_ids(tok, load_text(a.calib_text, "calib", a.encoding), a.calib_samples, a.seq_len, a.seed,
