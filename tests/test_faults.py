@@ -22,13 +22,13 @@ FAST = ["--calib-samples", "4", "--seq-len", "16"]
 STOP_AFTER_BLOCK_0 = """
 import pathlib, sys, time
 import prunequant.checkpoint as ck
-save = ck._Checkpoint.save_block
+save = ck.Checkpoint.save_block
 def save_then_wait(self, i, *a, **k):
     save(self, i, *a, **k)
     if i == 0:
         pathlib.Path(sys.argv[1]).write_text("block 0 saved")
         time.sleep(600)
-ck._Checkpoint.save_block = save_then_wait
+ck.Checkpoint.save_block = save_then_wait
 from prunequant.cli import main
 sys.exit(main(sys.argv[2:]))
 """

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .errors import PrunequantError
 from .recipe import JOINT_ALIASES, JOINT_MODES
-from .search import add_search_parser, cmd_search
+from .search.cli import add_search_parser, cmd_search
 
 
 def _recipe_from_args(a) -> "Recipe":
@@ -320,17 +320,15 @@ def cmd_compress(a) -> int:
     from .outputs import work_root
     from .tables import print_compression_table
 
-    recipe = _recipe_from_args(a)
-    api.check_output_dir(a.out, a.overwrite)
+    recipe = _recipe_from_args(a)  # the output directory was checked before dispatch (_WRITERS)
     check_context_early(a)
     print(f"recipe: {recipe.describe()}")
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
-    api.validate_recipe_for_model(model, recipe, fmt=a.format, announce=False)  # compress() says it
     base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding)
+                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding, fmt=a.format)
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:
@@ -377,11 +375,11 @@ def _evaluate_compressed(res, base, tok, a) -> dict:
 def _evaluate_once(res, a, run) -> dict:
     """The evaluation is kept beside the resume checkpoints until the output is saved, so a run killed
     during the save does not evaluate again."""
-    from .checkpoint import _Checkpoint
+    from .checkpoint import Checkpoint
 
     if res.work_dir is None:
         return run()
-    ck = _Checkpoint(res.work_dir, "")
+    ck = Checkpoint(res.work_dir, "")
     saved = ck.read_json("evaluation.json")
     protocol = json.loads(json.dumps(_suite_cfg(a).settings(), default=str))
     if saved and saved.get("evaluation", {}).get("protocol") == protocol:
@@ -443,7 +441,6 @@ def _job_setup(a):
     from .data import calibration_ids, load_text
     from .models import bos_first, load_model
 
-    api.check_output_dir(a.out, a.overwrite)
     check_context_early(a)
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))

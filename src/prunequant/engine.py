@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import _Checkpoint
+from .checkpoint import Checkpoint
 from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
@@ -257,7 +257,7 @@ def compress_model(
     report.offloaded = bool(offload_activations) and device.type != "cpu"
     store = torch.device("cpu") if offload_activations else device
 
-    resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
+    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
 
     if done >= len(blocks):  # every block was compressed before (killed during evaluation or save)
@@ -400,8 +400,7 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
             name = prefix + rel
             state = None
             if keep_states:
-                state = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
-                                    quant=_cpu_quant(res.quant), info=res.info)
+                state = res.for_export()
             records.append((name, LayerRecord.of(name, w, plans[rel], res, secs), state))
         else:
             weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
@@ -411,14 +410,3 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
         report.layers[name] = summary
         if state is not None:
             report.states[name] = state
-
-
-def _cpu_quant(q):
-    if q is None:
-        return None
-    for attr in ("codes", "scale", "zero", "g_idx"):
-        v = getattr(q, attr)
-        if torch.is_tensor(v):
-            setattr(q, attr, v.cpu())
-    q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
-    return q

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..models import max_length
 from . import answers
 
 log = logging.getLogger(__name__)
@@ -420,12 +421,6 @@ def build_prompt(suite: Suite, exemplars: list[Item], item: Item, cot: bool) -> 
 
 # --- generation -------------------------------------------------------------------------------------------------
 
-def _max_length(model) -> int:
-    from .tasks import _max_length as ml
-
-    return ml(model)
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -478,7 +473,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    room = max(_max_length(model) - max_new_tokens, 1)
+    room = max(max_length(model) - max_new_tokens, 1)
     enc = []
     for p in prompts:
         ids = tokenizer(p)["input_ids"]
@@ -552,7 +547,7 @@ def run_gen_task(model, tokenizer, task: GenTask | str, limit: int | None = None
         raise DataError(f"task {task.name} has no items to score")
     used = [ex for exs, _ in chosen.values() for ex in exs]
     use_cot = all(ex.rationale for ex in used) if cot == "auto" else bool(cot)
-    room = _max_length(model) - m
+    room = max_length(model) - m
     prompts, items, shortened = [], [], 0
     for sub, (exs, rest) in chosen.items():
         for it in rest:
