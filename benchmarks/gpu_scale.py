@@ -189,7 +189,7 @@ def run_one(shape, method, n_blocks, where, n_samples, seq, batch_size, true_seq
     layer_secs = {}
     for name, row in rep.layers.items():
         rel = name.split(".", 3)[-1]
-        layer_secs.setdefault(rel, []).append(row["seconds"])
+        layer_secs.setdefault(rel, []).append(row.seconds)
     out = {
         "shape": shape, "method": method, "where": where, "blocks_run": nb, "blocks_full": full_layers,
         "tokens": n_samples * seq, "batch_size": batch_size, "true_sequential": true_sequential,

@@ -67,7 +67,6 @@ BAD = [
     (["--prune", "wanda:4:2"], "N:M"),
     (["--prune", "foo:0.5"], "unknown pruning method"),
     (["--quant", "rtn:9"], "not supported"),
-    (["--quant", "rtn:4:g48"], "does not divide"),
     (["--quant", "rtn:4:g7"], "multiple of 8"),
     ([], "nothing to do"),
 ]
@@ -91,7 +90,7 @@ def test_bad_models(tmp_path, texts, capsys, tiny_dir):
         (broken / f.name).write_bytes(f.read_bytes())
     st = broken / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
-    code, _, err = run(capsys, "eval", broken, "--text", texts[1])
+    code, _, err = run(capsys, "eval", broken, "--text", texts[1], "--seq-len", 64)
     assert code == 2 and "cannot load" in err and len(err.strip().splitlines()) == 1
     unsupported = tmp_path / "bert"
     import transformers as tf
@@ -111,7 +110,8 @@ def test_bad_text_and_existing_output(tiny_dir, texts, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     out = tmp_path / "out"
-    code, _, err = run(capsys, "compress", tiny_dir, "--quant", "rtn:4:g32", "--calib-text", empty, "--out", out)
+    code, _, err = run(capsys, "compress", tiny_dir, "--quant", "rtn:4:g32", "--calib-text", empty, "--seq-len", 64,
+                       "--out", out)
     assert code == 2 and "empty" in err and not out.exists()
     short = tmp_path / "short.txt"
     short.write_text("tiny text")
@@ -214,7 +214,8 @@ def test_formats_reload_same_perplexity_size_and_corruption(tiny_dir, texts, tmp
     mem = rec["evaluation"]["compressed"]["texts"][str(ev)]["perplexity"]
     assert json.loads(js.read_text())["perplexity"] == pytest.approx(mem, rel=1e-3)
     code, stdout, err = run(capsys, "size", out)
-    assert code == 0, err and "TCr" in stdout
+    assert code == 0, err
+    assert "TCr" in stdout
     shard = next(p for p in out.iterdir() if p.suffix == ".safetensors")
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF

@@ -58,11 +58,11 @@ def test_joint_compression_keeps_gemma3_structure():
     assert len(rep.layers) == 3 * 7
     for name, row in rep.layers.items():
         w = model.get_submodule(name).weight
-        assert row["sparsity"] == pytest.approx(0.5, abs=0.02)
+        assert row.sparsity == pytest.approx(0.5, abs=0.02)
         keep = rep.states[name].mask
-        assert 1 - keep.float().mean() == pytest.approx(row["sparsity"], abs=1e-6)
+        assert 1 - keep.float().mean() == pytest.approx(row.sparsity, abs=1e-6)
         assert (w[~keep] == 0).all()  # pruned entries stay exactly zero
-        assert math.isfinite(row["error"])
+        assert math.isfinite(row.error)
     assert torch.equal(model.model.embed_tokens.weight, emb)  # tied embedding / lm_head untouched
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     for n, p in model.named_parameters():

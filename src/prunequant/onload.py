@@ -20,7 +20,7 @@ class BlockIO:
     """Moves decoder block i to the compute device before it is compressed and back after.
 
     The way back writes into the block's original host tensors instead of allocating new ones: fresh
-    host memory is slow to first touch (seen on the lent H100 VM: the D2H "offload" of a 7B model took
+    host memory is slow to first touch (seen on an H100 machine: the D2H "offload" of a 7B model took
     11.5 s of a 111 s run), and the model keeps one host copy throughout.
     """
 

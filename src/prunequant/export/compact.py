@@ -22,7 +22,7 @@ from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, 
 from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
                      write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root)
     if desc is None or desc.get("format") != FORMAT:
         raise ModelLoadError(f"{root} is not a {FORMAT} export (no or another prunequant-export.json)")

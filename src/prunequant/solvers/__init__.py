@@ -79,11 +79,11 @@ def solve_layer(w: torch.Tensor, stats: LayerStats, plan: LayerPlan) -> LayerRes
         return run_quantize(w, stats, q)
     if plan.joint == "onepass" and p.method == "sparsegpt" and q.method == "gptq":
         return joint_obs(w, stats, p, q)
-    # sequential: prune, then quantize all weights (case A) or only the survivors (case B / one-pass
-    # fallback for methods without a joint form)
+    # in sequence: prune, then quantize every weight (quantize-pruned: zeros are quantized like any weight, no
+    # mask kept) or only the kept ones (keep-mask; also one-pass for methods without a joint form)
     pruned = run_prune(w, stats, p)
-    mask = None if plan.joint == "A" else pruned.mask
+    mask = None if plan.joint == "quantize-pruned" else pruned.mask
     res = run_quantize(pruned.weight, stats, q, mask=mask)
-    res.mask = None if plan.joint == "A" else pruned.mask  # case A: zeros were quantized like any weight
+    res.mask = mask
     res.info = {**pruned.info, **res.info}
     return res

@@ -1,29 +1,7 @@
-"""One-pass joint OBS solver: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep.
+"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep (obs.py).
 
-Both SparseGPT and GPTQ walk the input columns left to right over the upper Cholesky factor U of the
-damped H⁻¹ (see hessian.py). Here a single sweep does both jobs:
-
-- at the start of every *mask window* (``prune.blocksize`` columns, or every ``m`` columns for N:M)
-  the mask of the window is chosen with SparseGPT's saliency w²/U_jj² on the weights *as updated so far*
-  — they already carry the pruning AND quantization errors of every earlier column;
-- a group's grid is fitted when the group starts, on its kept weights as they will be once the group's
-  own pruned weights are removed and compensated (a look-ahead: what SparseGPT would hand to GPTQ);
-  pruned weights are excluded from min/max. Where the group reaches past the windows selected so far, the
-  not-yet-selected part uses a *provisional* mask (the same rule applied now; the final choice, made on
-  further-updated weights, may differ slightly — a kept weight outside the range clamps to the grid's end);
-- per column, pruned entries get the zero point as code (they dequantize to exactly 0) and kept entries
-  the nearest grid point; the error of both is spread over the columns not yet processed through U,
-  with GPTQ's lazy block updates (blocks of ``quant.blocksize`` columns).
-
-With a FIXED mask the sweep equals sequential case B (SparseGPT, then GPTQ with the mask kept): OBS
-updates are linear, so SparseGPT's pruning compensation plus GPTQ's quantization compensation is the
-same total update as one sweep, up to where group grids are fitted (exactly equal for per-channel
-grids). The one-pass solver therefore gains over case B through *which* mask it picks: a mask chosen on
-weights that have absorbed the quantization errors of earlier columns. The gain is largest where
-quantization error is a large share of the total (low bits, light pruning, N:M's small windows).
-
-Static grids (per-channel, or act-order with its static groups) are fitted before the sweep, on the
-weights after a provisional prune (same rule, initial weights) and its compensation.
+Mask windows are chosen, and group grids fitted, on the weights as updated so far, so a mask sees the
+quantization errors of earlier columns. How and why: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -79,10 +57,10 @@ def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: Q
         raise ValueError(f"weight must be a non-empty (out, in) matrix, got shape {tuple(W.shape)}")
     if prune.method != "sparsegpt":
         raise RecipeError(f"the one-pass joint solver chooses masks with SparseGPT's rule, not {prune.method!r}; "
-                          "use prune method sparsegpt, or joint mode 'B' (prune, then quantize with the mask kept)")
+                          "use prune method sparsegpt, or joint mode keep-mask (prune, then quantize with the mask kept)")
     if quant.method != "gptq":
         raise RecipeError(f"the one-pass joint solver quantizes with GPTQ grids, not {quant.method!r}; "
-                          "use quant method gptq, or joint mode 'B'")
+                          "use quant method gptq, or joint mode keep-mask")
     if stats is None or stats.hessian is None:
         raise ValueError("joint_obs needs stats.hessian (collect the Hessian for this layer)")
     if stats.n_tokens <= 0:
@@ -215,7 +193,7 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
     round(sparsity · in)); False (default, as the dispatched SparseGPT) selects over the whole window with
     one threshold, as the reference SparseGPT does (same layer total, rows may differ).
     ``mask`` (True = kept) fixes the mask instead of choosing it (then the sweep equals SparseGPT with that
-    mask followed by GPTQ with the mask kept, case B, up to where group grids are fitted).
+    mask followed by GPTQ with the mask kept, keep-mask, up to where group grids are fitted).
     """
     H = _check(W, stats, prune, quant)
     if mask is not None and mask.shape != W.shape:
