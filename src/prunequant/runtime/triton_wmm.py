@@ -360,8 +360,20 @@ def _bucket(M: int) -> int:
     return M if M <= 8 else _pow2(M)
 
 
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(t: torch.Tensor) -> str:
+    if not t.is_cuda:
+        return t.device.type
+    i = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if i not in _DEVICE_NAMES:  # the query is slow; the forward of every layer asks
+        _DEVICE_NAMES[i] = torch.cuda.get_device_name(i)
+    return _DEVICE_NAMES[i]
+
+
 def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
-    dev = torch.cuda.get_device_name(x.device) if x.is_cuda else x.device.type
+    dev = _device_name(x)
     segs = ";".join(f"{s.bits}b,g{s.group_size},k{s.k},{'cols' if s.cols is not None else 'all'}" for s in segments)
     return f"{dev}|m{_bucket(x.shape[0])}|n{N}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
 
