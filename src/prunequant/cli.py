@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="measure a directory whose files do not match (or lack) its manifest, with a warning")
     add_search_parser(sub)
+    for p in sub.choices.values():  # `--debug` also after the command; SUPPRESS keeps the top-level value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return ap
 
 
