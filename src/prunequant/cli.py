@@ -437,7 +437,6 @@ def _rates_of(spec: str) -> dict | None:
 
 
 def _job_setup(a):
-    from . import api
     from .data import calibration_ids, load_text
     from .models import bos_first, load_model
 

@@ -43,14 +43,15 @@ class BlockIO:
     def unload(self, i: int, block: nn.Module) -> None:
         home = self._home.pop(i)
         for name, t in self._tensors(block):
-            src = home[name]
-            if src.device == t.device:
+            src = home.get(name)  # None: a tensor the block gained (e.g. a compensation bias)
+            where = src.device if src is not None else next(iter(home.values())).device
+            if t.device == where:
                 continue
-            if src.shape == t.shape and src.dtype == t.dtype:
+            if src is not None and src.shape == t.shape and src.dtype == t.dtype:
                 src.copy_(t.data)
                 t.data = src
-            else:  # the block was reshaped on the device (e.g. structured pruning): take the new tensor home
-                t.data = t.data.to(src.device)
+            else:  # the block was reshaped on the device (structural pruning): take the new tensor home
+                t.data = t.data.to(where)
 
 
 def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
