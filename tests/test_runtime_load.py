@@ -152,3 +152,59 @@ def test_tuned_kernels_on_cuda(tmp_path, monkeypatch):
         a, b = ref(x).logits.float(), packed(x).logits.float()
         assert float((a - b).norm() / a.norm()) < 2e-2
     assert (tmp_path / "tiles.json").is_file()
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+
+def _exports(tmp_path):
+    from tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = tiny_llama()
+    dense = tmp_path / "dense"
+    model.save_pretrained(dense)
+    tok.save_pretrained(dense)
+    out = save_compact(model, compress(model, "4bit-g128"), tmp_path / "packed", tokenizer=tok)
+    return out, dense, tok
+
+
+def test_generate_streams_the_dequantized_models_text(tmp_path, capsys):
+    from prunequant.cli import main
+
+    out, _, tok = _exports(tmp_path)
+    assert main(["generate", str(out), "--prompt", "the quick brown", "--max-new-tokens", "12", "--exact"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "4-bit:packed" in captured.err
+    ref = load_compact(out, dtype=torch.float32)
+    ids = tok("the quick brown", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        gen = ref.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    assert captured.out.strip() == tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_bench_against_the_dense_model(tmp_path, capsys):
+    from prunequant.cli import main
+
+    out, dense, _ = _exports(tmp_path)
+    js = tmp_path / "bench.json"
+    assert main(["bench", str(out), "--batch", "1,2", "--prompt-len", "16", "--decode", "4", "--decode-prompt-len", "8",
+                 "--repeats", "1", "--json", str(js), "--against", str(dense)]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["prefill"]) == {"1", "2"} and set(res["decode"]) == {"1", "2"}
+    assert res["packed_linears"] == 14 and res["against"]["packed_linears"] == 0
+    assert res["ratios"]["weights"] < 1 and all(v > 0 for v in res["ratios"]["decode"].values())
+    assert "ratios (compressed / against)" in capsys.readouterr().out
+
+
+def test_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
+    from prunequant.cli import main
+
+    out, _, _ = _exports(tmp_path)
+    assert main(["bench", str(out), "--batch", "1,x"]) == 2
+    assert "--batch" in capsys.readouterr().err
+    assert main(["generate", str(out), "--prompt", "a", "--max-new-tokens", "0"]) == 2
+    assert main(["bench", str(out), "--prompt-len", "100000", "--decode", "1"]) == 2
+    assert "context" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["bench", str(out), "--device", "cuda"]) == 2
+        assert "no CUDA device" in capsys.readouterr().err
