@@ -24,6 +24,18 @@ def batches(calib_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(check_ids(calib_ids).split(max(1, batch_size)))
 
 
+@torch.no_grad()
+def run_model(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """The whole model over the calibration batches (its hooks gather what they need); the hooks then go."""
+    dev = next(model.parameters()).device
+    try:
+        for ids in batches(calib_ids, batch_size):
+            model(input_ids=ids.to(dev), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class InputStats:
     """Running statistics of a linear layer's input vectors: mean, variance, ‖x_j‖², optionally x xᵀ."""
 

@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import RecipeError
 from . import importance as imp
 from .arch import blocks, current_shapes
-from .calib import batches, block_loop, block_stats
+from .calib import block_loop, block_stats, run_model
 from .surgery import drop_blocks, finish, prune_block
 
 
@@ -124,7 +124,6 @@ def block_influence(model: nn.Module, calib_ids: torch.Tensor, batch_size: int =
     layers = blocks(model)
     tot = [0.0] * len(layers)
     n = [0] * len(layers)
-    dev = next(model.parameters()).device
 
     def hook(mod, args, kw, out, i):
         h_in = args[0] if args else kw["hidden_states"]
@@ -135,12 +134,7 @@ def block_influence(model: nn.Module, calib_ids: torch.Tensor, batch_size: int =
 
     handles = [b.register_forward_hook(lambda m, a, k, o, i=i: hook(m, a, k, o, i), with_kwargs=True)
                for i, b in enumerate(layers)]
-    try:
-        for ids in batches(calib_ids, batch_size):
-            model(input_ids=ids.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_model(model, calib_ids, batch_size, handles)
     return [t / max(c, 1) for t, c in zip(tot, n)]
 
 
