@@ -82,13 +82,13 @@ def _placements(monkeypatch):
     import prunequant.engine as engine
 
     seen = []
-    real = engine._run_block
+    real = engine.run_block
 
     def spy(block, inputs, device, outputs):
         seen.extend((h.device.type, h.is_pinned()) for h, _ in inputs)
         return real(block, inputs, device, outputs)
 
-    monkeypatch.setattr(engine, "_run_block", spy)
+    monkeypatch.setattr(engine, "run_block", spy)
     return seen
 
 

@@ -179,7 +179,8 @@ class _StatsHook:
 
 
 @torch.no_grad()
-def _run_block(block, inputs, device, outputs: bool):
+def run_block(block, inputs, device, outputs: bool):
+    """Run ``block`` over the calibration batches ``inputs`` ([(hidden, kwargs)]); its outputs if asked."""
     outs = []
     for hidden, kw in inputs:
         try:
@@ -289,7 +290,7 @@ def compress_model(
             if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
         with clock("forward_out"):
-            inputs_next = _run_block(block, block_inputs, device, outputs=True)
+            inputs_next = run_block(block, block_inputs, device, outputs=True)
             inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
         with clock("offload"):
             block_io.unload(i, block)
@@ -366,7 +367,7 @@ def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_seq
             handles.append(linears[g[0]].register_forward_hook(hook))
         with clock("forward_stats"):
             try:
-                _run_block(block, inputs, device, outputs=False)
+                run_block(block, inputs, device, outputs=False)
             finally:
                 for h in handles:
                     h.remove()

@@ -210,7 +210,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
-            from .structural import load_structured
+            from .structural.surgery import load_structured
 
             model = load_structured(where, dtype=dtype, verify=False)  # checked above
         else:
