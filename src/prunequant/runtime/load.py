@@ -84,7 +84,7 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
 
     from ..export.common import FORMAT_VERSION, assign_tensor, empty_model, finish_model, read_descriptor, weight_key
     from ..export.compact import FORMAT, PREFIX, _layer_of
-    from ..export.integrity import shard_files, verify_manifest
+    from ..export.integrity import check_integrity, shard_files
 
     root = Path(path)
     if not root.is_dir():
@@ -107,8 +107,7 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
     if int(desc.get("format_version", 1)) > FORMAT_VERSION:
         raise ModelLoadError(f"{root} has format version {desc.get('format_version')}, newer than this prunequant "
                              f"reads ({FORMAT_VERSION}); upgrade prunequant")
-    if verify:
-        verify_manifest(root)
+    check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
     layers = desc["layers"]
     model = empty_model(root, dtype)
     shards = shard_files(root, PREFIX)

@@ -65,8 +65,7 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
     from .load import _has_bias, _place
     from .qlinear import build_quant_linear
 
-    if verify:
-        check_integrity(root)
+    check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
     qdict = dict(json.loads((root / "config.json").read_text()).get("quantization_config") or {})
     fmt = qdict.get("format")
     if fmt not in ("pack-quantized", None):
