@@ -7,7 +7,8 @@ Each recipe of the issue runs twice in one process, one-shot and refined (``--re
 matching, then KL to the original logits), on the same calibration tokens; evaluation is the
 joint_vs_quant protocol (held-out wiki/LAMBADA perplexity, zero-shot tasks, KL/top-1, continuation
 similarity) with its options. ``run`` writes one JSON per configuration (resumable; configurations start
-in priority order until ``--budget`` seconds are used). ``report`` writes DIR.md (the side-by-side table
+in priority order until ``--budget`` seconds are used; several processes with disjoint ``--only`` lists
+can share one results folder, one of them naming ``baseline``). ``report`` writes DIR.md (the side-by-side table
 against the issue's targets, refinement time as a ratio to the one-shot time, and the block and global loss
 curves) and, through ``prunequant report``, DIR/ frontier.png (Sr against TCr for quantization only,
 joint one-shot and joint refined).
@@ -71,8 +72,7 @@ def run(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps)
     cfgs = configs(refine)
-    todo = [n for n in cfgs if (not args.only or n in args.only or n == "baseline")
-            and not (out_dir / f"{n}.json").is_file()]
+    todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
     proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
              "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
              "new_tokens": 32}

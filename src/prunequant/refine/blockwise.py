@@ -2,7 +2,8 @@
 
 The engine calls a ``BlockRefiner`` once per block in place of the plain solve. It records the
 original block's outputs on the block's calibration inputs (the compressed model's own activations,
-the same inputs the solvers saw), lets the solve run, then trains the block's views (weights.py) to
+the same inputs the solvers saw) — or, with ``target="original-stream"``, on the original model's own
+activations at that depth, which it carries from block to block — lets the solve run, then trains the block's views (weights.py) to
 minimise the relative squared error ‖block'(X) − block(X)‖² / ‖block(X)‖² with Adam, one calibration
 batch per step. The refined weights are kept only if they lower the error over all calibration
 batches; otherwise the block keeps its one-shot weights. One block at a time is on the device.
@@ -48,12 +49,19 @@ class BlockRefiner:
         self.spec, self.seed, self.log_every = spec, seed, log_every
         self.log: list[dict] = []
         self.seconds = 0.0  # spent refining (targets, training, checks), beyond the one-shot solve
+        self._stream: list | None = None  # the original model's hidden states entering the next block
 
     def __call__(self, i, block, arch, inputs, solve, report, device) -> None:
         t0 = time.perf_counter()
+        stream = self.spec.target == "original-stream"
+        if stream and (self._stream is None or i == 0):
+            self._stream = [h for h, _ in inputs]
+        src = self._stream if stream else [h for h, _ in inputs]
         with torch.no_grad():
-            targets = [to_device(_block_out(block, to_device(h, device), to_device(kw, device)), h.device)
-                       for h, kw in inputs]
+            targets = [to_device(_block_out(block, to_device(x, device), to_device(kw, device)), h.device)
+                       for x, (h, kw) in zip(src, inputs)]
+        if stream:
+            self._stream = targets
         t_solve = time.perf_counter()
         solve()
         t_after = time.perf_counter()
