@@ -32,7 +32,7 @@ from joint_vs_quant import P, Q, SEQ, _model_info, _similarity, _write, measure,
 from prunequant.recipe import QuantSpec, Recipe, RefineSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REFINE = RefineSpec(mode="both", steps=100, global_steps=100)
+REFINE = RefineSpec(mode="both", steps=100, global_steps=200)
 
 # name: (TCr, kind, recipe, Sr target of the issue); refined twins ("+r") are added below
 RECIPES = {
@@ -58,6 +58,11 @@ def configs(refine: RefineSpec = REFINE) -> dict:
         out[name] = (t, kind, r, target)
         out[name + "+r"] = (t, kind + "+refined", replace(r, refine=refine), target)
     out.update(FRONTIER)
+    # ablation: block-wise targets from the original model's own activations instead of the same inputs
+    for name in ("t0.875_q2", "t0.875_s50_q4"):
+        t, kind, r, target = RECIPES[name]
+        out[name + "+rs"] = (t, kind + "+refined-stream", replace(r, refine=replace(refine, target="original-stream")),
+                             target)
     return out
 
 
@@ -200,8 +205,8 @@ def report_runs(rows: dict, sc: dict) -> list[dict]:
     out = []
     for name, row in rows.items():
         kind = row["kind"]
-        series = {"base": None, "quant": "quantization only", "joint": "joint one-shot",
-                  "quant+refined": "quantization refined", "joint+refined": "joint refined"}.get(kind)
+        series = {"quant": "quantization only", "joint": "joint one-shot", "quant+refined": "quantization refined",
+                  "joint+refined": "joint refined"}.get(kind)
         out.append({"name": name, "tcr": row["rates"]["tcr"], "sr": sc[name]["sr"], "series": series,
                     "metrics": {k: v for k, v in row["metrics"].items() if k in ("texts", "tasks", "agreement",
                                                                                    "similarity")},
