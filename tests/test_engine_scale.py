@@ -77,19 +77,60 @@ def test_meta_blocks_materialised_one_at_a_time_give_the_same_model():
             torch.testing.assert_close(saved[i][k], v, rtol=0, atol=0)
 
 
-def test_offload_flag_and_decision():
+def _placements(monkeypatch):
+    """Spy on where the engine keeps the activations it feeds each block (device, pinned)."""
+    import prunequant.engine as engine
+
+    seen = []
+    real = engine.run_block
+
+    def spy(block, inputs, device, outputs):
+        seen.extend((h.device.type, h.is_pinned()) for h, _ in inputs)
+        return real(block, inputs, device, outputs)
+
+    monkeypatch.setattr(engine, "run_block", spy)
+    return seen
+
+
+def test_offload_decision_follows_free_gpu_memory(monkeypatch):
+    block = get_blocks(tiny_model("llama"))[0]
+    need = gpu_bytes_needed(block, n_tokens=128 * 2048, batch_tokens=8 * 2048, hidden=64, act_bytes=2)
+    assert need["activations"] == 2 * 128 * 2048 * 64 * 2 and need["solver"] > 6 * 128 * 128 * 4
+    assert decide_offload(block, torch.device("cpu"), 10, 10, 64, 2) is False  # nothing to offload to
+    total = sum(need.values())
+    for free, offload in ((10 * total, False), (total // 2, True), (int(total / 0.9) + 1, False), (total, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 10 * total))
+        got = decide_offload(block, torch.device("cuda"), 128 * 2048, 8 * 2048, 64, 2)
+        assert got is offload, (free, total)
+
+
+def test_activations_stay_on_the_compute_device_on_cpu(monkeypatch):
     ids = calib()
     a, b = tiny_model("llama"), tiny_model("llama")
+    seen = _placements(monkeypatch)
     ra = compress_model(a, ids, RECIPE.plan_for, device="cpu", offload_activations=True, progress=False)
     rb = compress_model(b, ids, RECIPE.plan_for, device="cpu", offload_activations=None, progress=False)
-    assert not ra.offloaded and not rb.offloaded  # nothing to offload from a CPU device
+    assert not ra.offloaded and not rb.offloaded  # the CPU is the compute device: there is nowhere to offload
+    assert seen and set(seen) == {("cpu", False)}
     assert {"capture", "forward_stats", "solve", "forward_out"} <= set(rb.timings)
     for n, w in _weights(a).items():
         torch.testing.assert_close(w, _weights(b)[n], rtol=0, atol=0)
-    block = get_blocks(a)[0]
-    need = gpu_bytes_needed(block, n_tokens=128 * 2048, batch_tokens=8 * 2048, hidden=64, act_bytes=2)
-    assert need["activations"] == 2 * 128 * 2048 * 64 * 2 and need["solver"] > 6 * 128 * 128 * 4
-    assert decide_offload(block, torch.device("cpu"), 10, 10, 64, 2) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading needs a GPU to offload from")
+def test_offloaded_activations_live_in_pinned_cpu_memory_and_give_the_same_model(monkeypatch):
+    ids = calib()
+    out = {}
+    for offload in (True, False):
+        m = tiny_model("llama")
+        seen = _placements(monkeypatch)
+        rep = compress_model(m, ids, RECIPE.plan_for, device="cuda", offload_activations=offload, progress=False)
+        assert rep.offloaded is offload
+        assert set(seen) == ({("cpu", True)} if offload else {("cuda", False)})
+        assert all(p.device.type == "cpu" for p in m.parameters())  # blocks go back home after their turn
+        out[offload] = _weights(m)
+    for n, w in out[True].items():
+        torch.testing.assert_close(w, out[False][n], rtol=0, atol=0)
 
 
 def test_gram_is_xtx_in_float32():

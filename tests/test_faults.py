@@ -22,13 +22,13 @@ FAST = ["--calib-samples", "4", "--seq-len", "16"]
 STOP_AFTER_BLOCK_0 = """
 import pathlib, sys, time
 import prunequant.checkpoint as ck
-save = ck._Checkpoint.save_block
+save = ck.Checkpoint.save_block
 def save_then_wait(self, i, *a, **k):
     save(self, i, *a, **k)
     if i == 0:
         pathlib.Path(sys.argv[1]).write_text("block 0 saved")
         time.sleep(600)
-ck._Checkpoint.save_block = save_then_wait
+ck.Checkpoint.save_block = save_then_wait
 from prunequant.cli import main
 sys.exit(main(sys.argv[2:]))
 """
@@ -230,5 +230,5 @@ def test_output_created_meanwhile_is_never_replaced(env, tmp_path, capsys, monke
     code = main(list(map(str, ["compress", env / "tiny", "--quant", "rtn:4:g32", "--calib-text", env / "calib.txt",
                                *FAST, "--out", out])))
     err = capsys.readouterr().err
-    assert code == 2 and "was not replaced" in err and _files(out) == {"theirs.txt": b"theirs"}
+    assert code == 1 and "was not replaced" in err and _files(out) == {"theirs.txt": b"theirs"}
     assert not list(tmp_path.glob(".out.partial-*"))

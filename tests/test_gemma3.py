@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prunequant.data import calibration_ids
-from prunequant.engine import _run_block, block_layer_types, capture_block_inputs, compress_model
+from prunequant.engine import run_block, block_layer_types, capture_block_inputs, compress_model
 from prunequant.errors import ModelLoadError
 from prunequant.evaluate.perplexity import perplexity
 from prunequant.evaluate.semantic import logit_agreement
@@ -27,7 +27,7 @@ def replay(model, x, types):
     outs = []
     for i, block in enumerate(get_blocks(model)):
         blk = inputs if types is None else [(h, kw[types[i]]) for h, kw in inputs]
-        y = _run_block(block, blk, "cpu", outputs=True)
+        y = run_block(block, blk, "cpu", outputs=True)
         inputs = [(h, kw) for h, (_, kw) in zip(y, inputs)]
         outs.append(torch.cat(y))
     return outs

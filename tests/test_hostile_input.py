@@ -159,6 +159,9 @@ def test_debug_shows_the_traceback(env, capsys):
     code = main(["--debug", "eval", str(env / "tiny"), "--text", str(env / "number.jsonl"), "--seq-len", "16"])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" in err and err.strip().splitlines()[-1].startswith("prunequant: error:")
+    code = main(["eval", str(env / "tiny"), "--text", str(env / "number.jsonl"), "--seq-len", "16", "--debug"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" in err  # after the command too
 
 
 def test_encoding_flag_reads_latin1(env, capsys):

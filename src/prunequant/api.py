@@ -5,21 +5,18 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .data import calibration_ids, check_disjoint, load_text, tokenize
+from .version import __version__
+from .data import calibration_ids, check_disjoint, load_text
 from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
 from .outputs import check_output_path, output_lock, work_root
-from .evaluate.perplexity import perplexity
 from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
                      set_weight)
 from .solvers import needs, solve_layer
@@ -59,11 +56,6 @@ def library_versions() -> dict:
 
 def _ids_sha(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
-
-
-def check_output_dir(out: str | Path | None, overwrite: bool) -> None:
-    if out is not None:
-        check_output_path(out, overwrite)
 
 
 def linear_param_counts(model) -> list[tuple[str, int]]:
@@ -106,14 +98,16 @@ def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, ann
 def smooth_activations(model, ids, alpha: float, batch_size: int) -> dict:
     """SmoothQuant migration before weight compression, folded into norms only (so the saved model is a
     plain checkpoint); the weight solvers then see the smoothed weights and inputs."""
-    from .solvers.actquant import _norm_groups, apply_activation_quant, collect_act_absmax
+    from .models import norm_groups
+    from .solvers.actquant import apply_activation_quant, collect_act_absmax
 
     names = all_linear_names(model)
-    foldable = {n for _, group in _norm_groups(model, set(names)) for n in group}
+    groups = norm_groups(model, set(names))
+    foldable = {n for _, group in groups for n in group}
     dev = next(model.parameters()).device
     absmax = collect_act_absmax(model, sorted(foldable), (ids[i:i + batch_size].to(dev)
                                                           for i in range(0, ids.shape[0], batch_size)))
-    apply_activation_quant(model, absmax, bits=16, alpha=alpha, smooth=True)  # bits=16: no quant hooks yet
+    apply_activation_quant(model, absmax, bits=16, alpha=alpha, smooth=True, groups=groups)  # 16: no hooks yet
     return {"smooth_alpha": alpha, "smoothed_linears": len(foldable)}
 
 
@@ -133,16 +127,15 @@ def compress_data_free(model, plan_for, device=None, progress=True, work_dir: st
     ``fingerprint`` resumes after it (the directory is left for the caller to remove once saved)."""
     from tqdm.auto import tqdm
 
-    from .checkpoint import _Checkpoint
-    from .engine import _cpu_quant
-    from .solvers.base import LayerRecord, LayerResult, LayerStats
+    from .checkpoint import Checkpoint
+    from .solvers.base import LayerRecord, LayerStats
 
     t0 = time.time()
     device = torch.device(device) if device else default_device()
     report = EngineReport()
     empty = LayerStats(hessian=None, sq_norm=None, n_tokens=0)
     arch = arch_of(model)
-    resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
+    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
     blocks = get_blocks(model, arch)
     for i in tqdm(range(len(blocks)), desc="compress (data-free)", unit="block", disable=not progress):
@@ -160,8 +153,7 @@ def compress_data_free(model, plan_for, device=None, progress=True, work_dir: st
             res = solve_layer(w, empty, plan)
             set_weight(module, res.weight)
             report.layers[name] = LayerRecord.of(name, w, plan, res, time.time() - t)
-            report.states[name] = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
-                                              quant=_cpu_quant(res.quant), info=res.info)
+            report.states[name] = res.for_export()
         if resume:
             resume.save_block(i, blocks[i], report, arch)
     report.seconds = time.time() - t0
@@ -199,18 +191,21 @@ def compress(
     act_bits: int | None = None,
     smooth_alpha: float = 0.5,
     encoding: str | None = None,
+    fmt: str | None = None,
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
 
     Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) in a
-    subdirectory per recipe and calibration fingerprint; re-running resumes there until the result is saved."""
-    check_output_dir(out, overwrite)
+    subdirectory per recipe and calibration fingerprint; re-running resumes there until the result is saved.
+    ``fmt``: the export format the result is meant for, checked against the recipe before any work."""
+    if out is not None:
+        check_output_path(out, overwrite)
     source = model if isinstance(model, str) else getattr(model, "name_or_path", "in-memory")
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     if tokenizer is None:
         raise PrunequantError("pass tokenizer= with an in-memory model")
-    validate_recipe_for_model(model, recipe)
+    validate_recipe_for_model(model, recipe, fmt=fmt)
     torch.manual_seed(seed)
     calib = load_text(calib_text, "calib", encoding)
     ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed, bos=bos_first(model))
@@ -319,7 +314,7 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
     from .export import export as export_fn
 
     out = Path(out)
-    check_output_dir(out, overwrite)
+    check_output_path(out, overwrite)
     dtype = dtype or next(result.model.parameters()).dtype
     with output_lock(out):
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -334,20 +329,17 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
 
 def evaluate(model, tokenizer=None, *, texts=("wiki",), seq_len: int = 512, max_tokens: int | None = 20_000,
              batch_size: int = 8, device=None, progress: bool = True, calib_text: str | None = None) -> dict:
-    """Perplexity on each evaluation text (the 'eval' split of embedded corpora)."""
+    """Perplexity on each evaluation text (the 'eval' split of embedded corpora), through evaluate.suite."""
+    from .evaluate.suite import SuiteConfig, run_suite
+
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     if device is not None:
         model.to(device)
     elif torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
-    out = {}
-    for name in texts:
-        text = load_text(name, "eval")
-        if calib_text is not None and calib_text == name:
-            check_disjoint(load_text(calib_text, "calib"), text)
-        ids = tokenize(tokenizer, text, max_tokens)
-        out[name] = perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
-                               text_sha256=text.sha256)
-        out[name]["text"] = text.name
-    return {"texts": out}
+    if calib_text is not None and calib_text in texts:
+        check_disjoint(load_text(calib_text, "calib"), load_text(calib_text, "eval"))
+    cfg = SuiteConfig(texts=tuple(texts), seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                      agree_tokens=0)
+    return run_suite(model, tokenizer, cfg, progress=progress).metrics

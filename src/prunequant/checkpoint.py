@@ -70,7 +70,7 @@ def _state_from_plain(d: dict) -> LayerResult:
                        info=d.get("info") or {})
 
 
-class _Checkpoint:
+class Checkpoint:
     """Per-block checkpoints so an interrupted run resumes where it stopped."""
 
     def __init__(self, work_dir, fingerprint: str):

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .errors import PrunequantError
 from .recipe import JOINT_ALIASES, JOINT_MODES
-from .search import add_search_parser, cmd_search
+from .runtime_cli import add_serve_parsers, cmd_bench, cmd_generate
+from .search.cli import add_search_parser, cmd_search
 
 
 def _recipe_from_args(a) -> "Recipe":
@@ -171,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="measure a directory whose files do not match (or lack) its manifest, with a warning")
     add_search_parser(sub)
+    add_serve_parsers(sub)
+    for p in sub.choices.values():  # `--debug` also after the command; SUPPRESS keeps the top-level value
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return ap
 
 
@@ -183,7 +187,8 @@ def main(argv=None) -> int:
         check_args(a)
         with _output_lock_of(a):
             return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
-                    "global": cmd_global, "search": cmd_search, "report": cmd_report}[a.cmd](a)
+                    "global": cmd_global, "search": cmd_search, "report": cmd_report,
+                    "generate": cmd_generate, "bench": cmd_bench}[a.cmd](a)
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line (--debug: the traceback too)
         if isinstance(err, SystemExit):
             raise
@@ -247,6 +252,29 @@ def check_args(a) -> None:
 _WRITERS = ("compress", "structured", "global")
 
 
+def check_context_early(a) -> None:
+    """For a local checkpoint the context is known before its weights are read: check window lengths then."""
+    ctx = _config_context(getattr(a, "model", None))
+    if not ctx:
+        return
+    for flag in ("seq_len", "eval_seq_len"):
+        v = getattr(a, flag, None)
+        if v and v > ctx and (flag == "seq_len" or a.cmd == "eval" or getattr(a, "eval", False)):
+            raise PrunequantError(f"--{flag.replace('_', '-')} {v} is longer than the model's context of {ctx} "
+                                  f"tokens; use at most {ctx}")
+
+
+def _config_context(spec) -> int | None:
+    cfg = Path(spec) / "config.json" if spec else None
+    if cfg is None or not cfg.is_file():
+        return None
+    try:
+        c = json.loads(cfg.read_text())
+        return int(c.get("max_position_embeddings") or c.get("n_positions") or 0) or None
+    except (ValueError, TypeError, AttributeError):
+        return None  # the loader says what is wrong with it
+
+
 def _output_lock_of(a):
     """The lock of the output directory, held from before the model is loaded to the final rename."""
     import contextlib
@@ -295,16 +323,15 @@ def cmd_compress(a) -> int:
     from .outputs import work_root
     from .tables import print_compression_table
 
-    recipe = _recipe_from_args(a)
-    api.check_output_dir(a.out, a.overwrite)
+    recipe = _recipe_from_args(a)  # the output directory was checked before dispatch (_WRITERS)
+    check_context_early(a)
     print(f"recipe: {recipe.describe()}")
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
-    api.validate_recipe_for_model(model, recipe, fmt=a.format, announce=False)  # compress() says it
     base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding)
+                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding, fmt=a.format)
     res.record["source_model"] = a.model
     extra = {}
     if a.eval:
@@ -351,11 +378,11 @@ def _evaluate_compressed(res, base, tok, a) -> dict:
 def _evaluate_once(res, a, run) -> dict:
     """The evaluation is kept beside the resume checkpoints until the output is saved, so a run killed
     during the save does not evaluate again."""
-    from .checkpoint import _Checkpoint
+    from .checkpoint import Checkpoint
 
     if res.work_dir is None:
         return run()
-    ck = _Checkpoint(res.work_dir, "")
+    ck = Checkpoint(res.work_dir, "")
     saved = ck.read_json("evaluation.json")
     protocol = json.loads(json.dumps(_suite_cfg(a).settings(), default=str))
     if saved and saved.get("evaluation", {}).get("protocol") == protocol:
@@ -371,6 +398,7 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .tables import print_eval_table
 
+    check_context_early(a)
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len))
     base = None
@@ -412,11 +440,10 @@ def _rates_of(spec: str) -> dict | None:
 
 
 def _job_setup(a):
-    from . import api
     from .data import calibration_ids, load_text
     from .models import bos_first, load_model
 
-    api.check_output_dir(a.out, a.overwrite)
+    check_context_early(a)
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
     ids = calibration_ids(tok, load_text(a.calib_text, "calib", a.encoding), a.calib_samples, a.seq_len, a.seed,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import _Checkpoint
+from .checkpoint import Checkpoint
 from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
@@ -53,10 +53,6 @@ class EngineReport:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _to(obj, device):
-    return to_device(obj, device)
 
 
 def block_layer_types(model) -> list[str] | None:
@@ -183,7 +179,8 @@ class _StatsHook:
 
 
 @torch.no_grad()
-def _run_block(block, inputs, device, outputs: bool):
+def run_block(block, inputs, device, outputs: bool):
+    """Run ``block`` over the calibration batches ``inputs`` ([(hidden, kwargs)]); its outputs if asked."""
     outs = []
     for hidden, kw in inputs:
         try:
@@ -261,7 +258,7 @@ def compress_model(
     report.offloaded = bool(offload_activations) and device.type != "cpu"
     store = torch.device("cpu") if offload_activations else device
 
-    resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
+    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
 
     if done >= len(blocks):  # every block was compressed before (killed during evaluation or save)
@@ -293,7 +290,7 @@ def compress_model(
             if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
         with clock("forward_out"):
-            inputs_next = _run_block(block, block_inputs, device, outputs=True)
+            inputs_next = run_block(block, block_inputs, device, outputs=True)
             inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
         with clock("offload"):
             block_io.unload(i, block)
@@ -370,7 +367,7 @@ def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_seq
             handles.append(linears[g[0]].register_forward_hook(hook))
         with clock("forward_stats"):
             try:
-                _run_block(block, inputs, device, outputs=False)
+                run_block(block, inputs, device, outputs=False)
             finally:
                 for h in handles:
                     h.remove()
@@ -404,8 +401,7 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
             name = prefix + rel
             state = None
             if keep_states:
-                state = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
-                                    quant=_cpu_quant(res.quant), info=res.info)
+                state = res.for_export()
             records.append((name, LayerRecord.of(name, w, plans[rel], res, secs), state))
         else:
             weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
@@ -415,14 +411,3 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
         report.layers[name] = summary
         if state is not None:
             report.states[name] = state
-
-
-def _cpu_quant(q):
-    if q is None:
-        return None
-    for attr in ("codes", "scale", "zero", "g_idx"):
-        v = getattr(q, attr)
-        if torch.is_tensor(v):
-            setattr(q, attr, v.cpu())
-    q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
-    return q

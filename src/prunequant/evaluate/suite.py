@@ -33,9 +33,11 @@ class SuiteConfig:
     gen_tokens: int = 256
     task_seed: int = 0
     encoding: str | None = None  # of local text files (None: strict UTF-8)
+    task_batch_size: int | None = None  # None: max(batch_size, 16)
 
     def settings(self) -> dict:
         out = asdict(self)
+        out.pop("task_batch_size")  # batching does not change what is measured
         if self.encoding is None:  # keep the base-result cache keys of older runs
             out.pop("encoding")
         if not any(_is_generative(t) for t in self.tasks):  # keep the base-result cache keys of older runs
@@ -79,7 +81,7 @@ def _own_metrics(model, tok, cfg: SuiteConfig, progress: bool) -> dict:
         from .tasks import evaluate_tasks
 
         out["tasks"] = evaluate_tasks(model, tok, list(cfg.tasks), limit=cfg.task_limit,
-                                      batch_size=max(cfg.batch_size, 16), progress=progress,
+                                      batch_size=cfg.task_batch_size or max(cfg.batch_size, 16), progress=progress,
                                       generation=cfg.generation())
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError, PrunequantError
+from ..errors import ModelLoadError, PrunequantError, RunError
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,10 @@ CONFIG_MARK = "prunequant_export"  # a key of every export's config.json: tells 
 
 class ExportError(PrunequantError):
     """A model or output location that cannot be exported as asked; the message says what to change."""
+
+
+class OutputChangedError(ExportError, RunError):
+    """The output directory appeared while we were writing it (someone else's): ours is not put in place."""
 
 
 # ---- atomic output directory ------------------------------------------------------------------
@@ -52,7 +56,7 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool =
         if manifest:
             write_manifest(tmp)
         if out.exists() and not overwrite:  # it appeared while we were writing: never replace it silently
-            raise ExportError(f"{out} was created by someone else while this output was written; it was not "
+            raise OutputChangedError(f"{out} was created by someone else while this output was written; it was not "
                               "replaced. Choose another --out, or pass --overwrite and run again (it resumes)")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"

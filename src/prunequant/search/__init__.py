@@ -15,10 +15,9 @@ from pathlib import Path
 from ..errors import PrunequantError
 from ..recipe import Recipe
 from .budget import TCR_TOLERANCE, Budget, Inventory, parse_budget
-from .cli import add_search_parser, cmd_search
 from .space import SearchSpace
 
-__all__ = ["Budget", "SearchResult", "SearchSpace", "TCR_TOLERANCE", "add_search_parser", "cmd_search",
+__all__ = ["Budget", "SearchResult", "SearchSpace", "TCR_TOLERANCE",
            "parse_budget", "search"]
 
 

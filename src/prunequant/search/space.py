@@ -1,26 +1,5 @@
-"""The search space: which configurations a trial may pick, and how the last variable is derived.
-
-A configuration is a *family* (joint = prune + quantize, quant only, prune only), its methods, an N:M
-pattern or unstructured sparsity, a group size, a joint mode, a per-layer allocation (uniform; OWL
-sparsity with its λ; knapsack bit allocation) and an edge treatment (first and last decoder block left
-as they are, kept at 8 bits, or compressed like the rest). The optimiser picks these; the remaining
-variable is *derived* so that the nominal figure lands on the budget (budget.py):
-
-| family / pattern           | allocation    | optimiser picks | derived                          |
-|----------------------------|---------------|-----------------|----------------------------------|
-| joint, unstructured        | uniform / owl | bits            | sparsity (smallest that fits)    |
-| joint, unstructured        | bits          | sparsity        | average bits (largest that fits) |
-| joint, N:M                 | uniform       | —               | bits (largest supported fitting) |
-| joint, N:M / quant only    | bits          | —               | average bits                     |
-| quant only                 | uniform       | —               | bits                             |
-| prune only (unstructured)  | uniform / owl | —               | sparsity                         |
-
-Choices that cannot meet the budget at all are removed before the study starts (``resolve``), so the
-choice sets of a study are fixed, as optuna requires. Edge treatments that cannot meet the budget for
-the rest of a trial's choices are not offered to it (the parameter name lists what was on offer).
-Allocators are never combined with overrides that would break their budget invariants: OWL and bit
-allocation only with edges left as they are or skipped (skipped layers are outside the allocation). Refinement (``refine``: none,
-blockwise, global, both) is one more categorical dimension; it leaves every budget figure unchanged.
+"""The search space: which configurations a trial may pick, and how the last variable is derived so that the
+nominal figure lands on the budget (budget.py). The families, what is derived and the rules: docs/search.md.
 """
 from __future__ import annotations
 

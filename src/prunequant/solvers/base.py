@@ -76,6 +76,17 @@ class LayerResult:
     quant: QuantState | None = None
     info: dict = field(default_factory=dict)  # e.g. {"error": layer objective, "damp": used damping}
 
+    def for_export(self) -> "LayerResult":
+        """Mask, quantization state and info on the CPU, without the weight (the model holds it)."""
+        q = self.quant
+        if q is not None:
+            for attr in ("codes", "scale", "zero", "g_idx"):
+                v = getattr(q, attr)
+                if torch.is_tensor(v):
+                    setattr(q, attr, v.cpu())
+            q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
+        return LayerResult(weight=None, mask=None if self.mask is None else self.mask.cpu(), quant=q, info=self.info)
+
     @property
     def sparsity(self) -> float:
         if self.mask is None:

@@ -1,18 +1,7 @@
-"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style).
+"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style), over the OBS sweep.
 
-Per block of ``spec.blocksize`` input columns, on the weights as updated so far:
-- salient columns: the k columns of largest OBS saliency Σ_rows w² / d² (d = diag of the Cholesky
-  factor U of H⁻¹) are binarized twice (w ≈ m₁ + a₁·s₁ + m₂ + a₂·s₂, the second pass on the residual);
-- the other columns follow a bell-shaped distribution: a break point p splits them into a
-  concentrated group |w| ≤ p and a sparse group |w| > p, each binarized with its own mean and scale;
-- k and p are searched per block to minimise the d-weighted binarization error Σ (w − q)² / d².
-Means and scales are per output row and block. The block's structure and parameters are then fixed
-and its columns binarized one at a time on the *updated* weights, each column's error spread over
-the later columns as in GPTQ (lazy block updates).
-
-Storage, counted honestly in info: 1 sign per weight, a 2nd sign per salient weight, a 1-bit group
-marker per non-salient weight (concentrated/sparse), a salient-column bitmap and 8 fp16 parameters
-per row and block. BiLLM's paper counts only the signs and the column bitmap ("~1.1 bits").
+Per block: salient columns binarized twice, the rest split at a break point into two groups, each with its
+own mean and scale; then column by column with GPTQ-style error compensation. Details and storage: docs/methods.md.
 """
 from __future__ import annotations
 

@@ -1,29 +1,7 @@
-"""One-pass joint OBS solver: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep.
+"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep (obs.py).
 
-Both SparseGPT and GPTQ walk the input columns left to right over the upper Cholesky factor U of the
-damped H⁻¹ (see hessian.py). Here a single sweep does both jobs:
-
-- at the start of every *mask window* (``prune.blocksize`` columns, or every ``m`` columns for N:M)
-  the mask of the window is chosen with SparseGPT's saliency w²/U_jj² on the weights *as updated so far*
-  — they already carry the pruning AND quantization errors of every earlier column;
-- a group's grid is fitted when the group starts, on its kept weights as they will be once the group's
-  own pruned weights are removed and compensated (a look-ahead: what SparseGPT would hand to GPTQ);
-  pruned weights are excluded from min/max. Where the group reaches past the windows selected so far, the
-  not-yet-selected part uses a *provisional* mask (the same rule applied now; the final choice, made on
-  further-updated weights, may differ slightly — a kept weight outside the range clamps to the grid's end);
-- per column, pruned entries get the zero point as code (they dequantize to exactly 0) and kept entries
-  the nearest grid point; the error of both is spread over the columns not yet processed through U,
-  with GPTQ's lazy block updates (blocks of ``quant.blocksize`` columns).
-
-With a FIXED mask the sweep equals keep-mask (SparseGPT, then GPTQ with the mask kept): OBS
-updates are linear, so SparseGPT's pruning compensation plus GPTQ's quantization compensation is the
-same total update as one sweep, up to where group grids are fitted (exactly equal for per-channel
-grids). The one-pass solver therefore gains over keep-mask through *which* mask it picks: a mask chosen on
-weights that have absorbed the quantization errors of earlier columns. The gain is largest where
-quantization error is a large share of the total (low bits, light pruning, N:M's small windows).
-
-Static grids (per-channel, or act-order with its static groups) are fitted before the sweep, on the
-weights after a provisional prune (same rule, initial weights) and its compensation.
+Mask windows are chosen, and group grids fitted, on the weights as updated so far, so a mask sees the
+quantization errors of earlier columns. How and why: docs/methods.md.
 """
 from __future__ import annotations
 

@@ -169,16 +169,3 @@ class _SparseGPTRule(Rule):
         sweep.Err1[:, a - sweep.i1:b - sweep.i1] = E
         self.mask[:, a:b] = keep
         return True
-
-
-def prune_layer(W: torch.Tensor, stats: LayerStats | None, spec: PruneSpec) -> LayerResult:
-    """Dispatch on spec.method (stats may be None for magnitude)."""
-    if spec.method == "magnitude":
-        return magnitude_prune(W, spec)
-    if stats is None:
-        raise ValueError(f"{spec.method} needs input statistics for this layer")
-    if spec.method == "wanda":
-        return wanda_prune(W, stats, spec)
-    if spec.method == "sparsegpt":
-        return sparsegpt_prune(W, stats, spec)
-    raise RecipeError(f"unknown pruning method {spec.method!r}")
