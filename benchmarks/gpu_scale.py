@@ -38,6 +38,7 @@ from prunequant.recipe import PruneSpec, QuantSpec, Recipe
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab (public Llama configurations)
     "tiny": (256, 768, 2, 4, 4, 1000),
     "1b": (2048, 8192, 16, 32, 8, 128256),     # Llama-3.2-1B
+    "8b": (4096, 14336, 32, 32, 8, 128256),    # Llama-3-8B
     "7b": (4096, 11008, 32, 32, 32, 32000),    # Llama-2-7B
     "13b": (5120, 13824, 40, 40, 40, 32000),   # Llama-2-13B
     "70b": (8192, 28672, 80, 64, 8, 128256),   # Llama-3-70B

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .errors import PrunequantError
 from .recipe import JOINT_ALIASES, JOINT_MODES
+from .runtime_cli import add_serve_parsers, cmd_bench, cmd_generate
 from .search.cli import add_search_parser, cmd_search
 
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-verify", dest="verify", action="store_false",
                    help="measure a directory whose files do not match (or lack) its manifest, with a warning")
     add_search_parser(sub)
+    add_serve_parsers(sub)
     for p in sub.choices.values():  # `--debug` also after the command; SUPPRESS keeps the top-level value
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the full traceback")
     return ap
@@ -185,7 +187,8 @@ def main(argv=None) -> int:
         check_args(a)
         with _output_lock_of(a):
             return {"compress": cmd_compress, "eval": cmd_eval, "size": cmd_size, "structured": cmd_structured,
-                    "global": cmd_global, "search": cmd_search, "report": cmd_report}[a.cmd](a)
+                    "global": cmd_global, "search": cmd_search, "report": cmd_report,
+                    "generate": cmd_generate, "bench": cmd_bench}[a.cmd](a)
     except BaseException as err:  # noqa: BLE001 - every failure becomes one line (--debug: the traceback too)
         if isinstance(err, SystemExit):
             raise

@@ -186,16 +186,22 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
 
 
 def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
+    q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
+    W = q.dequantize()
+    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+
+
+def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
+    """The stored grid as a QuantState over the whole (out, in) weight. Pruned positions get the code of
+    the zero point where that is an integer code (so they dequantize to exactly 0), else 0."""
+    from ..solvers.base import QuantState
+
     cb = entry["code_bits"]
     if entry["code_encoding"] == "trits":
         sel = unpack_trits(parts[f"{base}.codes"], kept)
     else:
         sel = unpack_bits(parts[f"{base}.codes"], cb, kept)
-    if mask is None:
-        codes = sel.reshape(out_f, in_f)
-    else:
-        codes = torch.zeros(out_f, in_f, dtype=torch.int64)
-        codes[mask] = sel
     scale = parts[f"{base}.scale"].float()
     ng = entry["n_groups"]
     z = entry["zero"]
@@ -209,9 +215,43 @@ def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
         g = _contiguous_groups(in_f, entry["group_size"] or 0)
     else:
         g = parts[f"{base}.g_idx"].long()
-    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
-    W = scale[:, g] * (codes.float() - zero[:, g])
-    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+    if mask is None:
+        codes = sel.reshape(out_f, in_f).to(torch.uint8)
+    else:
+        zg = zero[:, g]
+        exact = bool(((zg == zg.round()) & (zg >= 0) & (zg < (1 << cb))).all())
+        codes = zg.to(torch.uint8) if exact else torch.zeros(out_f, in_f, dtype=torch.uint8)
+        codes[mask] = sel.to(torch.uint8)
+    bits = 1.58 if entry["code_encoding"] == "trits" else cb
+    return QuantState("uniform", bits, entry["group_size"] or 0, bool(entry.get("symmetric", False)), codes,
+                      scale, zero, g.to(torch.int32))
+
+
+def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
+    """(QuantState over the layer's (out, in) weight, mask or None, whether pruned positions dequantize to
+    exactly 0) of a layer stored as quantized codes — what a packed runtime needs, with no float weight."""
+    base = weight_key(name)
+    out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
+    me = entry["mask_encoding"]
+    try:
+        if me is None:
+            mask = None
+        elif me["type"] == "bitmask":
+            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
+        else:
+            m, k = me["m"], me["m"] - me["n"]
+            mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
+                             m, k, (out_f, in_f))
+        kept = out_f * in_f if mask is None else int(mask.sum())
+        if kept != entry["kept"]:
+            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    except KeyError as e:
+        raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
+    except ValueError as e:
+        raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
+    zeros_exact = mask is None or bool((q.dequantize()[~mask] == 0).all())
+    return q, mask, zeros_exact
 
 
 def _layer_of(key: str, layers: dict) -> str | None:
