@@ -7,7 +7,8 @@ Each recipe of the issue runs twice in one process, one-shot and refined (``--re
 matching, then KL to the original logits), on the same calibration tokens; evaluation is the
 joint_vs_quant protocol (held-out wiki/LAMBADA perplexity, zero-shot tasks, KL/top-1, continuation
 similarity) with its options. ``run`` writes one JSON per configuration (resumable; configurations start
-in priority order until ``--budget`` seconds are used). ``report`` writes DIR.md (the side-by-side table
+in priority order until ``--budget`` seconds are used; several processes with disjoint ``--only`` lists
+can share one results folder, one of them naming ``baseline``). ``report`` writes DIR.md (the side-by-side table
 against the issue's targets, refinement time as a ratio to the one-shot time, and the block and global loss
 curves) and, through ``prunequant report``, DIR/ frontier.png (Sr against TCr for quantization only,
 joint one-shot and joint refined).
@@ -31,7 +32,7 @@ from joint_vs_quant import P, Q, SEQ, _model_info, _similarity, _write, measure,
 from prunequant.recipe import QuantSpec, Recipe, RefineSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REFINE = RefineSpec(mode="both", steps=100, global_steps=100)
+REFINE = RefineSpec(mode="both", steps=100, global_steps=200)
 
 # name: (TCr, kind, recipe, Sr target of the issue); refined twins ("+r") are added below
 RECIPES = {
@@ -57,6 +58,11 @@ def configs(refine: RefineSpec = REFINE) -> dict:
         out[name] = (t, kind, r, target)
         out[name + "+r"] = (t, kind + "+refined", replace(r, refine=refine), target)
     out.update(FRONTIER)
+    # ablation: block-wise targets from the original model's own activations instead of the same inputs
+    for name in ("t0.875_q2", "t0.875_s50_q4"):
+        t, kind, r, target = RECIPES[name]
+        out[name + "+rs"] = (t, kind + "+refined-stream", replace(r, refine=replace(refine, target="original-stream")),
+                             target)
     return out
 
 
@@ -71,8 +77,7 @@ def run(args) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps)
     cfgs = configs(refine)
-    todo = [n for n in cfgs if (not args.only or n in args.only or n == "baseline")
-            and not (out_dir / f"{n}.json").is_file()]
+    todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
     proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
              "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
              "new_tokens": 32}
@@ -200,8 +205,8 @@ def report_runs(rows: dict, sc: dict) -> list[dict]:
     out = []
     for name, row in rows.items():
         kind = row["kind"]
-        series = {"base": None, "quant": "quantization only", "joint": "joint one-shot",
-                  "quant+refined": "quantization refined", "joint+refined": "joint refined"}.get(kind)
+        series = {"quant": "quantization only", "joint": "joint one-shot", "quant+refined": "quantization refined",
+                  "joint+refined": "joint refined"}.get(kind)
         out.append({"name": name, "tcr": row["rates"]["tcr"], "sr": sc[name]["sr"], "series": series,
                     "metrics": {k: v for k, v in row["metrics"].items() if k in ("texts", "tasks", "agreement",
                                                                                    "similarity")},

@@ -259,3 +259,24 @@ def test_search_space_has_refinement_as_a_dimension_that_leaves_the_budget_uncha
     assert SearchSpace().refine == ("none",)  # off unless a space file asks for it: old studies keep their space
     with pytest.raises(PrunequantError, match="refine choices"):
         SearchSpace(refine=("sometimes",))
+
+
+def test_original_stream_targets_follow_the_uncompressed_model():
+    """Block 0 sees the same inputs either way; later blocks' targets are the original model's activations."""
+    model = tiny_model("llama")
+    ids = calib()
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states  # embeddings, block 0 out, block 1 out (+norm)
+    seen = []
+
+    class Spy(BlockRefiner):
+        def _train(self, i, block, inputs, targets, views, device):
+            seen.append(torch.cat(targets))
+            return super()._train(i, block, inputs, targets, views, device)
+
+    ref = Spy(RefineSpec(steps=30, target="original-stream"))
+    compress_model(model, ids, RECIPES["2bit"].plan_for, device="cpu", batch_size=4, progress=False, block_hook=ref)
+    assert torch.allclose(seen[0], hidden[1], atol=1e-5)
+    assert all(b["kept"] and b["error_after"] < b["error_before"] for b in ref.log)
+    with pytest.raises(RecipeError, match="target"):
+        RefineSpec(target="teacher")

@@ -117,6 +117,9 @@ class RefineSpec:
     lr_scale: float = 1e-3
     topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
     global_batch: int = 4  # windows per global step
+    # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
+    # own activations at that depth (then each block also learns to undo the error of the blocks before it)
+    target: str = "same-inputs"
 
     def __post_init__(self):
         _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int)
@@ -126,6 +129,8 @@ class RefineSpec:
             raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
         if not (self.lr_code > 0 and self.lr_scale >= 0):
             raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
+        if self.target not in ("same-inputs", "original-stream"):
+            raise RecipeError(f"refine target {self.target!r} unknown; choose same-inputs or original-stream")
         if self.topk < 1 or self.global_batch < 1:
             raise RecipeError("refine topk and global_batch must be >= 1")
 

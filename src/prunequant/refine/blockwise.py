@@ -2,7 +2,8 @@
 
 The engine calls a ``BlockRefiner`` once per block in place of the plain solve. It records the
 original block's outputs on the block's calibration inputs (the compressed model's own activations,
-the same inputs the solvers saw), lets the solve run, then trains the block's views (weights.py) to
+the same inputs the solvers saw) — or, with ``target="original-stream"``, on the original model's own
+activations at that depth, which it carries from block to block — lets the solve run, then trains the block's views (weights.py) to
 minimise the relative squared error ‖block'(X) − block(X)‖² / ‖block(X)‖² with Adam, one calibration
 batch per step. The refined weights are kept only if they lower the error over all calibration
 batches; otherwise the block keeps its one-shot weights. One block at a time is on the device.
@@ -41,6 +42,11 @@ def block_error(block, inputs, targets, device) -> float:
     return num / max(den, 1e-30)
 
 
+def _adam(groups, device):
+    """Adam; the fused kernel on CUDA (one launch for all views: these models are launch-bound)."""
+    return torch.optim.Adam(groups, fused=torch.device(device).type == "cuda")
+
+
 class BlockRefiner:
     """Engine hook: ``refiner(i, block, arch, inputs, solve, report, device)``; keeps a per-block log."""
 
@@ -48,12 +54,19 @@ class BlockRefiner:
         self.spec, self.seed, self.log_every = spec, seed, log_every
         self.log: list[dict] = []
         self.seconds = 0.0  # spent refining (targets, training, checks), beyond the one-shot solve
+        self._stream: list | None = None  # the original model's hidden states entering the next block
 
     def __call__(self, i, block, arch, inputs, solve, report, device) -> None:
         t0 = time.perf_counter()
+        stream = self.spec.target == "original-stream"
+        if stream and (self._stream is None or i == 0):
+            self._stream = [h for h, _ in inputs]
+        src = self._stream if stream else [h for h, _ in inputs]
         with torch.no_grad():
-            targets = [to_device(_block_out(block, to_device(h, device), to_device(kw, device)), h.device)
-                       for h, kw in inputs]
+            targets = [to_device(_block_out(block, to_device(x, device), to_device(kw, device)), h.device)
+                       for x, (h, kw) in zip(src, inputs)]
+        if stream:
+            self._stream = targets
         t_solve = time.perf_counter()
         solve()
         t_after = time.perf_counter()
@@ -75,8 +88,8 @@ class BlockRefiner:
         was_training = block.training
         block.eval()  # no dropout: the targets were computed without it
         with views.active(block), torch.enable_grad():
-            opt = torch.optim.Adam(views.param_groups(spec))
-            running = 0.0
+            opt = _adam(views.param_groups(spec), device)
+            running = torch.zeros((), device=device)
             for step in range(spec.steps):
                 if not order:
                     order = list(range(len(inputs)))
@@ -89,10 +102,10 @@ class BlockRefiner:
                 loss.backward()
                 opt.step()
                 views.project_()
-                running += float(loss.detach())
+                running += loss.detach()  # no host sync per step
                 if (step + 1) % self.log_every == 0 or step + 1 == spec.steps:
-                    curve.append(round(running / ((step % self.log_every) + 1), 6))
-                    running = 0.0
+                    curve.append(round(float(running) / ((step % self.log_every) + 1), 6))
+                    running = torch.zeros((), device=device)
             after = block_error(block, inputs, targets, device)
         block.train(was_training)
         kept = after < before

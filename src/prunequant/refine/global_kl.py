@@ -18,6 +18,7 @@ import torch
 
 from ..models import all_linear_names
 from .attach import Attached
+from .blockwise import _adam
 
 
 @torch.no_grad()
@@ -86,8 +87,8 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
-        opt = torch.optim.Adam(views.param_groups(spec))
-        running = 0.0
+        opt = _adam(views.param_groups(spec), device)
+        running = torch.zeros((), device=device)
         try:
             for step in range(spec.n_global_steps):
                 if not order:
@@ -102,10 +103,10 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
                 loss.backward()
                 opt.step()
                 views.project_()
-                running += float(loss.detach())
+                running += loss.detach()  # no host sync per step
                 if (step + 1) % log_every == 0 or step + 1 == spec.n_global_steps:
-                    log["curve"].append(round(running / ((step % log_every) + 1), 6))
-                    running = 0.0
+                    log["curve"].append(round(float(running) / ((step % log_every) + 1), 6))
+                    running = torch.zeros((), device=device)
         finally:
             if ckpt:
                 _checkpointing(model, False)

@@ -1,4 +1,4 @@
-"""Load a ``compact`` export straight into packed modules, for serving.
+"""Load a ``compact`` export (or a compressed-tensors one: load_ctensors.py) straight into packed modules.
 
 The model skeleton is built on the meta device (no weights); each shard is then read tensor by tensor:
 plain tensors (embeddings, norms, biases, layers stored as floats) go to their place on the device, and
@@ -72,7 +72,8 @@ def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, pre
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None, *,
                 prefer: dict[int, list[str]] | None = None, check: bool = True, verify: bool = True):
-    """Load a compact export for inference: (model with QuantLinears on ``device``, load record).
+    """Load a compact (or compressed-tensors pack-quantized) export for inference: (model with QuantLinears
+    on ``device``, load record).
 
     ``prefer`` maps bit width → backends to try in order (default: ``default_backends(device)``); every
     packed layer is checked against its dequantized weight on a probe input and falls back (with the
@@ -83,27 +84,30 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
 
     from ..export.common import FORMAT_VERSION, assign_tensor, empty_model, finish_model, read_descriptor, weight_key
     from ..export.compact import FORMAT, PREFIX, layer_of
-    from ..export.integrity import shard_files, verify_manifest
+    from ..export.integrity import check_integrity, shard_files
 
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(f"{root} is not a directory; give a compact export directory (prunequant compress "
                              "--format compact)")
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    prefer = prefer or default_backends(device)
+    from .load_ctensors import is_ctensors, load_ctensors_packed
+
+    if is_ctensors(root):
+        return load_ctensors_packed(root, device, dtype, prefer, check, verify)
     desc = read_descriptor(root)
     if desc is None:
-        raise ModelLoadError(f"{root} has no prunequant-export.json; the packed runtime loads compact exports "
-                             "(prunequant compress --format compact)")
+        raise ModelLoadError(f"{root} has no prunequant-export.json; the packed runtime loads compact and "
+                             "compressed-tensors exports (prunequant compress --format compact)")
     if desc.get("format") != FORMAT:
         raise ModelLoadError(f"{root} is a {desc.get('format')!r} export; the packed runtime loads {FORMAT!r} "
                              "exports (re-export with --format compact)")
     if int(desc.get("format_version", 1)) > FORMAT_VERSION:
         raise ModelLoadError(f"{root} has format version {desc.get('format_version')}, newer than this prunequant "
                              f"reads ({FORMAT_VERSION}); upgrade prunequant")
-    if verify:
-        verify_manifest(root)
-    device = torch.device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    prefer = prefer or default_backends(device)
+    check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
     layers = desc["layers"]
     model = empty_model(root, dtype)
     shards = shard_files(root, PREFIX)

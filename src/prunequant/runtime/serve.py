@@ -1,6 +1,6 @@
 """`prunequant generate` and `prunequant bench`: run a compressed model the way it is served.
 
-A compact export loads into packed modules (``load_packed``); any other model spec (a dense export, a
+A compact or compressed-tensors export loads into packed modules (``load_packed``); any other model spec (a dense export, a
 local checkpoint, a hub id, an embedded name) loads as it is, so the same commands measure the dense
 model next to the compressed one (``bench --against``).
 
@@ -27,22 +27,24 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 EXACT = {b: ["packed"] for b in (2, 3, 4, 8)}
 
 
-def is_compact(path: str) -> bool:
+def is_packable(path: str) -> bool:
+    """A compact export or a compressed-tensors pack-quantized checkpoint: loads into packed modules."""
     from ..export.common import read_descriptor
     from ..export.compact import FORMAT
+    from .load_ctensors import is_ctensors
 
     p = Path(path)
     if not p.is_dir():
         return False
     desc = read_descriptor(p)
-    return desc is not None and desc.get("format") == FORMAT
+    return (desc is not None and desc.get("format") == FORMAT) or is_ctensors(p)
 
 
 def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, verify: bool = True):
     """(model, tokenizer or None, record): packed for a compact export, as stored otherwise."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
-    if is_compact(spec):
+    if is_packable(spec):
         model, rec = load_packed(spec, device, dtype, prefer=EXACT if exact else None, verify=verify)
         tok = None
         try:
