@@ -159,20 +159,8 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     if entry["stored_as"] == "float":
         return parts[base].float()
     out_f, in_f = entry["shape"]
-    n = out_f * in_f
-    me = entry["mask_encoding"]
     try:
-        if me is None:
-            mask = None
-        elif me["type"] == "bitmask":
-            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
-        else:
-            m, k = me["m"], me["m"] - me["n"]
-            ranks = unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], n // m)
-            mask = decode_nm(ranks, m, k, (out_f, in_f))
-        kept = n if mask is None else int(mask.sum())
-        if kept != entry["kept"]:
-            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        mask, kept = _decode_mask(base, entry, parts)
         if entry["stored_as"] == "sparse-float":
             W = torch.zeros(out_f, in_f, dtype=torch.float32)
             W[mask] = parts[f"{base}.values"].float()
@@ -183,6 +171,24 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     except ValueError as e:
         raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
     return W.t() if entry.get("transposed") else W
+
+
+def _decode_mask(base: str, entry: dict, parts: dict) -> tuple[torch.Tensor | None, int]:
+    """(mask or None, kept count) of a stored layer, checked against the descriptor."""
+    out_f, in_f = entry["shape"]
+    me = entry["mask_encoding"]
+    if me is None:
+        mask = None
+    elif me["type"] == "bitmask":
+        mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
+    else:
+        m, k = me["m"], me["m"] - me["n"]
+        mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
+                         m, k, (out_f, in_f))
+    kept = out_f * in_f if mask is None else int(mask.sum())
+    if kept != entry["kept"]:
+        raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+    return mask, kept
 
 
 def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
@@ -232,19 +238,8 @@ def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
     exactly 0) of a layer stored as quantized codes — what a packed runtime needs, with no float weight."""
     base = weight_key(name)
     out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
-    me = entry["mask_encoding"]
     try:
-        if me is None:
-            mask = None
-        elif me["type"] == "bitmask":
-            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
-        else:
-            m, k = me["m"], me["m"] - me["n"]
-            mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
-                             m, k, (out_f, in_f))
-        kept = out_f * in_f if mask is None else int(mask.sum())
-        if kept != entry["kept"]:
-            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        mask, kept = _decode_mask(base, entry, parts)
         q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
     except KeyError as e:
         raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
@@ -254,7 +249,7 @@ def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
     return q, mask, zeros_exact
 
 
-def _layer_of(key: str, layers: dict) -> str | None:
+def layer_of(key: str, layers: dict) -> str | None:
     if key.endswith(".weight") and key[:-7] in layers:
         return key[:-7]
     prefix, _, part = key.rpartition(".")
@@ -289,7 +284,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
             with safe_open(str(shard), framework="pt") as f:
                 grouped: dict[str, dict] = {}
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    name = _layer_of(key, layers)
+                    name = layer_of(key, layers)
                     if name is None:
                         assign_tensor(model, key, f.get_tensor(key), dtype, device)
                     else:

@@ -88,7 +88,7 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
     from safetensors import safe_open
 
     from ..export.common import FORMAT_VERSION, assign_tensor, empty_model, finish_model, read_descriptor, weight_key
-    from ..export.compact import FORMAT, PREFIX, _layer_of
+    from ..export.compact import FORMAT, PREFIX, layer_of
     from ..export.integrity import check_integrity, shard_files
 
     root = Path(path)
@@ -127,10 +127,10 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
             raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
         with f:
             keys = list(f.keys())  # noqa: SIM118 - safe_open is not a dict
-            n_parts = Counter(_layer_of(k, layers) for k in keys)
+            n_parts = Counter(layer_of(k, layers) for k in keys)
             grouped: dict[str, dict] = {}
             for key in keys:  # a layer is built as soon as its parts are read: one layer in memory at a time
-                name = _layer_of(key, layers)
+                name = layer_of(key, layers)
                 if name is None:
                     assign_tensor(model, key, f.get_tensor(key), dtype, device)
                 else:
