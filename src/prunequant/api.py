@@ -31,6 +31,8 @@ class CompressionResult:
     recipe: Recipe
     report: EngineReport
     record: dict = field(default_factory=dict)
+    export: object = None  # a StreamingExport still open (lazily loaded models): finished by save()
+    original: object = None  # SafetensorsFiles of the original blocks, when asked to keep them
 
     @property
     def rates(self) -> dict:
@@ -167,15 +169,47 @@ def compress(
     allocate: bool = True,
     act_bits: int | None = None,
     smooth_alpha: float = 0.5,
+    fmt: str = "dense",
+    dtype: torch.dtype | None = None,
+    save_later: bool = False,
+    keep_original: bool = False,
 ) -> CompressionResult:
-    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``."""
+    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
+
+    A lazily loaded model (``load_model(..., lazy=True)``) is compressed block by block from its files and
+    needs ``out``: each block is written (``fmt``, ``dtype``) as soon as it is done and then dropped.
+    ``save_later`` leaves the output open until ``save(result, out, extra=...)`` (e.g. after an
+    evaluation; a lazy model then keeps its compressed blocks in host memory). ``keep_original`` keeps
+    the original blocks on disk (``result.original``; the checkpoint itself for a lazy model) so that
+    ``original_model(result)`` can stream them back for comparisons without a second copy in memory.
+    """
+    from .lazy import is_lazy, lazy_source, save_blocks
+
     check_output_dir(out, overwrite)
     source = model if isinstance(model, str) else getattr(model, "name_or_path", "in-memory")
     if isinstance(model, str):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, lazy=out is not None)
     if tokenizer is None:
         raise PrunequantError("pass tokenizer= with an in-memory model")
     validate_recipe_for_model(model, recipe)
+    lazy = is_lazy(model)
+    needs_whole = act_bits or (allocate and recipe.allocation.get("method", "uniform") != "uniform")
+    if lazy and (out is None or needs_whole):  # these read the whole model: load the blocks after all
+        from .lazy import materialise
+
+        materialise(model)
+        lazy = False
+    if work_dir is None and out is not None:
+        work_dir = Path(str(out) + ".prunequant-work")
+    original = None
+    if keep_original:
+        if is_lazy(model):
+            original = lazy_source(model)
+        else:
+            import tempfile
+
+            where = Path(str(work_dir) + "-original") if work_dir else Path(tempfile.mkdtemp(prefix="prunequant-"))
+            original = save_blocks(model, where / "blocks.safetensors")
     torch.manual_seed(seed)
     calib = load_text(calib_text, "calib")
     ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed, bos=bos_first(model))
@@ -188,9 +222,23 @@ def compress(
         plan_recipe, alloc_info = run_allocation(model, recipe, ids, device=device, batch_size=batch_size)
     fingerprint = hashlib.sha256(json.dumps([plan_recipe.to_dict(), _ids_sha(ids), str(source)],
                                             sort_keys=True, default=str).encode()).hexdigest()
-    if work_dir is None and out is not None:
-        work_dir = Path(str(out) + ".prunequant-work")
-    if all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
+    stream = None
+    if lazy:
+        from .export.stream import StreamingExport
+        from .lazy import LazyBlocks
+
+        report = EngineReport()
+        stream = StreamingExport(model, report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite)
+        block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later)
+        try:
+            compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+                           batch_size=batch_size, true_sequential=recipe.true_sequential, work_dir=work_dir,
+                           fingerprint=fingerprint, progress=progress, block_io=block_io, report=report)
+        except BaseException as e:
+            stream.abort(e)
+            raise
+        report.timings["blocks_read"] = block_io.reads
+    elif all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
         report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress)
     else:
         report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
@@ -218,10 +266,27 @@ def compress(
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    result = CompressionResult(model, tokenizer, recipe, report, record)
-    if out is not None:
-        save(result, out, overwrite=overwrite)
+    result = CompressionResult(model, tokenizer, recipe, report, record, export=stream, original=original)
+    if out is not None and not save_later:
+        save(result, out, overwrite=overwrite, fmt=fmt, dtype=dtype)
     return result
+
+
+def drop_original(result: CompressionResult) -> None:
+    """Delete the original blocks kept on disk by ``keep_original`` (a lazy model's checkpoint stays)."""
+    files, result.original = result.original, None
+    if files is not None and getattr(files, "owned", False):
+        shutil.rmtree(files.root, ignore_errors=True)
+
+
+def original_model(result: CompressionResult):
+    """The model before compression, sharing everything outside the blocks with ``result.model`` and
+    reading each block from disk as it runs (needs ``compress(..., keep_original=True)``)."""
+    from .lazy import streamed_original
+
+    if result.original is None:
+        raise PrunequantError("the original was not kept: compress with keep_original=True")
+    return streamed_original(result.model, result.original)
 
 
 def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",
@@ -235,10 +300,14 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
     from .export import export as export_fn
 
     out = Path(out)
+    rec = {**result.record, **(extra or {}), "format": fmt}
+    if result.export is not None:  # written block by block during compression: add the rest and close it
+        stream, result.export = result.export, None
+        stream.finish(result.tokenizer, {"prunequant.json": json.dumps(rec, indent=2, default=str)})
+        return out
     check_output_dir(out, overwrite)
     dtype = dtype or next(result.model.parameters()).dtype
     out.parent.mkdir(parents=True, exist_ok=True)
-    rec = {**result.record, **(extra or {}), "format": fmt}
     export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
               tokenizer=result.tokenizer,
               extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})

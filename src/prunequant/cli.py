@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
     c.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of stored floats (default: the model's, so reload is exact)")
+    c.add_argument("--load-dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype the model is loaded and run in while compressing (auto: a checkpoint "
+                   "directory's own dtype on a GPU, float32 on the CPU)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
                    "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
@@ -184,8 +187,6 @@ def _suite_cfg(a):
 
 
 def cmd_compress(a) -> int:
-    import copy
-
     from . import api
     from .evaluate.suite import run_suite
     from .models import load_model
@@ -194,28 +195,43 @@ def cmd_compress(a) -> int:
     recipe = _recipe_from_args(a)
     api.check_output_dir(a.out, a.overwrite)
     print(f"recipe: {recipe.describe()}")
-    model, tok = load_model(a.model)
+    model, tok = load_model(a.model, dtype=_load_dtype(a), lazy=True)
     api.validate_recipe_for_model(model, recipe)
-    base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
-                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits, work_dir=Path(str(a.out) + ".prunequant-work"))
+                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=a.out,
+                       overwrite=a.overwrite, fmt=a.format, dtype=_dtype(a.dtype), save_later=True,
+                       keep_original=a.eval, act_bits=a.act_bits,
+                       work_dir=Path(str(a.out) + ".prunequant-work"))
     res.record["source_model"] = a.model
     extra = {}
-    if a.eval:
+    if a.eval:  # the original streams back from disk one block at a time: no second copy in memory
         dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
         res.model.to(dev)
-        base.to(dev)
-        suite = run_suite(res.model, tok, _suite_cfg(a), base=base, rates=res.rates)
+        suite = run_suite(res.model, tok, _suite_cfg(a), base=api.original_model(res), rates=res.rates)
         res.model.to("cpu")
-        del base
         extra = {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
                                 "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
                                 "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
+    if res.original is not None and a.eval:
+        api.drop_original(res)
     print_compression_table(res.record, extra.get("evaluation"))
     print(f"saved to {a.out}")
     return 0
+
+
+def _load_dtype(a):
+    """Weights as loaded for compression: float32 unless --load-dtype says otherwise; 'auto' takes a
+    checkpoint directory's own dtype on a GPU (bf16 forwards there) and float32 on the CPU."""
+    import torch
+
+    from .models import checkpoint_dtype
+
+    choice = getattr(a, "load_dtype", None) or "float32"
+    if choice != "auto":
+        return getattr(torch, choice)
+    on_gpu = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return (checkpoint_dtype(a.model) or torch.float32) if on_gpu else torch.float32
 
 
 def cmd_eval(a) -> int:

@@ -243,6 +243,7 @@ def compress_model(
     progress: bool = True,
     block_io: BlockIO | None = None,
     dist: DistContext | None = None,
+    report: EngineReport | None = None,
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
@@ -251,7 +252,8 @@ def compress_model(
     True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
     the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
     with the same ``fingerprint`` resumes from it instead of starting over. ``dist`` spreads the work
-    over processes (see distributed.py).
+    over processes (see distributed.py). ``report`` (optional) is filled in place, so a ``block_io``
+    can read each block's states as it finishes (e.g. to write it out).
     """
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
@@ -259,7 +261,7 @@ def compress_model(
     block_io = block_io or BlockIO()
     arch = arch_of(model)
     blocks = get_blocks(model, arch)
-    report = EngineReport()
+    report = report if report is not None else EngineReport()
     clock = _Clock(device, report.timings)
     calib_ids = dist.shard(calib_ids)
     if offload_activations is None:
