@@ -238,6 +238,7 @@ def compress(
             stream.abort(e)
             raise
         report.timings["blocks_read"] = block_io.reads
+        report.timings["write_blocks"] = block_io.write_seconds  # inside "offload"
     elif all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
         report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress)
     else:
@@ -262,6 +263,7 @@ def compress(
         "layers": report.layers,
         "seconds": round(report.seconds, 2),
         "resumed_blocks": report.resumed_blocks,
+        "timings": {k: round(v, 3) for k, v in report.timings.items()},
         "device": str(device or default_device()),
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from .errors import PrunequantError
@@ -195,7 +196,9 @@ def cmd_compress(a) -> int:
     recipe = _recipe_from_args(a)
     api.check_output_dir(a.out, a.overwrite)
     print(f"recipe: {recipe.describe()}")
+    t0 = time.perf_counter()
     model, tok = load_model(a.model, dtype=_load_dtype(a), lazy=True)
+    load_seconds = time.perf_counter() - t0
     api.validate_recipe_for_model(model, recipe)
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=a.out,
@@ -203,6 +206,7 @@ def cmd_compress(a) -> int:
                        keep_original=a.eval, act_bits=a.act_bits,
                        work_dir=Path(str(a.out) + ".prunequant-work"))
     res.record["source_model"] = a.model
+    res.record["timings"]["load"] = round(load_seconds, 3)
     extra = {}
     if a.eval:  # the original streams back from disk one block at a time: no second copy in memory
         dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
@@ -239,7 +243,9 @@ def cmd_eval(a) -> int:
     from .models import load_model
     from .tables import print_eval_table
 
+    t0 = time.perf_counter()
     model, tok = load_model(a.model)
+    load_seconds = time.perf_counter() - t0
     base = None
     if a.against:
         base, _ = load_model(a.against)
@@ -248,7 +254,8 @@ def cmd_eval(a) -> int:
     if base is not None:
         base.to(dev)
     suite = run_suite(model, tok, _suite_cfg(a), base=base, rates=_rates_of(a.model))
-    res = {"model": a.model, "against": a.against, **suite.metrics, "protocol": _suite_cfg(a).settings()}
+    res = {"model": a.model, "against": a.against, **suite.metrics, "protocol": _suite_cfg(a).settings(),
+           "load_seconds": round(load_seconds, 3)}
     flat = next(iter(suite.metrics["texts"].values()))
     res.update({k: flat[k] for k in ("perplexity", "tokens", "seq_len")})  # the first text, at top level
     if base is not None:

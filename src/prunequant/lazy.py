@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -187,6 +188,7 @@ class LazyBlocks(BlockIO):
         self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
         self.on_done, self.keep = on_done, keep
         self.live = self.peak_blocks = self.reads = 0
+        self.write_seconds = 0.0
 
     def load(self, i, block, device):
         load_block(self.files, f"{self.arch.blocks}.{i}.", block, device, self.dtype)
@@ -197,7 +199,9 @@ class LazyBlocks(BlockIO):
 
     def unload(self, i, block):
         if self.on_done is not None:
+            t = time.perf_counter()
             self.on_done(i, block)
+            self.write_seconds += time.perf_counter() - t
         if self.keep:
             block.to("cpu")
         else:

@@ -35,8 +35,7 @@ class DenseWriter:
     def close(self, model, tied: dict, tokenizer=None, extra_files: dict | None = None) -> None:
         save_config(model, self.root, self.dtype)
         self.writer.close()
-        layers = {n: self.layers[n] for n in self.states if n in self.layers}  # in the states' order
-        write_descriptor(self.root, FORMAT, self.dtype, layers, tied=tied)
+        write_descriptor(self.root, FORMAT, self.dtype, self.layers, tied=tied)
         write_extras(self.root, tokenizer, extra_files)
 
 

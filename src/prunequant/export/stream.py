@@ -79,6 +79,8 @@ class StreamingExport:
         for k, t in items:
             self.writer.add(base + k, t, lambda name: block.get_submodule(name[len(base):]))
         self.blocks_written += 1
+        for name in [n for n in self.writer.states if n.startswith(base)]:  # written: codes and masks can go
+            del self.writer.states[name]
 
     def finish(self, tokenizer=None, extra_files: dict | None = None) -> Path:
         try:
