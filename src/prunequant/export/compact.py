@@ -22,7 +22,7 @@ from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, 
 from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
                      write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -177,20 +177,8 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     if entry["stored_as"] == "float":
         return parts[base].float()
     out_f, in_f = entry["shape"]
-    n = out_f * in_f
-    me = entry["mask_encoding"]
     try:
-        if me is None:
-            mask = None
-        elif me["type"] == "bitmask":
-            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
-        else:
-            m, k = me["m"], me["m"] - me["n"]
-            ranks = unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], n // m)
-            mask = decode_nm(ranks, m, k, (out_f, in_f))
-        kept = n if mask is None else int(mask.sum())
-        if kept != entry["kept"]:
-            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        mask, kept = _decode_mask(base, entry, parts)
         if entry["stored_as"] == "sparse-float":
             W = torch.zeros(out_f, in_f, dtype=torch.float32)
             W[mask] = parts[f"{base}.values"].float()
@@ -203,17 +191,41 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     return W.t() if entry.get("transposed") else W
 
 
+def _decode_mask(base: str, entry: dict, parts: dict) -> tuple[torch.Tensor | None, int]:
+    """(mask or None, kept count) of a stored layer, checked against the descriptor."""
+    out_f, in_f = entry["shape"]
+    me = entry["mask_encoding"]
+    if me is None:
+        mask = None
+    elif me["type"] == "bitmask":
+        mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
+    else:
+        m, k = me["m"], me["m"] - me["n"]
+        mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
+                         m, k, (out_f, in_f))
+    kept = out_f * in_f if mask is None else int(mask.sum())
+    if kept != entry["kept"]:
+        raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+    return mask, kept
+
+
 def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
+    q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
+    W = q.dequantize()
+    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+
+
+def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
+    """The stored grid as a QuantState over the whole (out, in) weight. Pruned positions get the code of
+    the zero point where that is an integer code (so they dequantize to exactly 0), else 0."""
+    from ..solvers.base import QuantState
+
     cb = entry["code_bits"]
     if entry["code_encoding"] == "trits":
         sel = unpack_trits(parts[f"{base}.codes"], kept)
     else:
         sel = unpack_bits(parts[f"{base}.codes"], cb, kept)
-    if mask is None:
-        codes = sel.reshape(out_f, in_f)
-    else:
-        codes = torch.zeros(out_f, in_f, dtype=torch.int64)
-        codes[mask] = sel
     scale = parts[f"{base}.scale"].float()
     ng = entry["n_groups"]
     z = entry["zero"]
@@ -227,12 +239,35 @@ def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
         g = _contiguous_groups(in_f, entry["group_size"] or 0)
     else:
         g = parts[f"{base}.g_idx"].long()
-    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
-    W = scale[:, g] * (codes.float() - zero[:, g])
-    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+    if mask is None:
+        codes = sel.reshape(out_f, in_f).to(torch.uint8)
+    else:
+        zg = zero[:, g]
+        exact = bool(((zg == zg.round()) & (zg >= 0) & (zg < (1 << cb))).all())
+        codes = zg.to(torch.uint8) if exact else torch.zeros(out_f, in_f, dtype=torch.uint8)
+        codes[mask] = sel.to(torch.uint8)
+    bits = 1.58 if entry["code_encoding"] == "trits" else cb
+    return QuantState("uniform", bits, entry["group_size"] or 0, bool(entry.get("symmetric", False)), codes,
+                      scale, zero, g.to(torch.int32))
 
 
-def _layer_of(key: str, layers: dict) -> str | None:
+def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
+    """(QuantState over the layer's (out, in) weight, mask or None, whether pruned positions dequantize to
+    exactly 0) of a layer stored as quantized codes — what a packed runtime needs, with no float weight."""
+    base = weight_key(name)
+    out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
+    try:
+        mask, kept = _decode_mask(base, entry, parts)
+        q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    except KeyError as e:
+        raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
+    except ValueError as e:
+        raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
+    zeros_exact = mask is None or bool((q.dequantize()[~mask] == 0).all())
+    return q, mask, zeros_exact
+
+
+def layer_of(key: str, layers: dict) -> str | None:
     if key.endswith(".weight") and key[:-7] in layers:
         return key[:-7]
     prefix, _, part = key.rpartition(".")
@@ -252,7 +287,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root)
     if desc is None or desc.get("format") != FORMAT:
         raise ModelLoadError(f"{root} is not a {FORMAT} export (no or another prunequant-export.json)")
@@ -267,7 +302,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
             with safe_open(str(shard), framework="pt") as f:
                 grouped: dict[str, dict] = {}
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    name = _layer_of(key, layers)
+                    name = layer_of(key, layers)
                     if name is None:
                         assign_tensor(model, key, f.get_tensor(key), dtype, device)
                     else:

@@ -27,7 +27,7 @@ from ..solvers.base import LayerResult, QuantState
 from .common import (DTYPES, TERNARY_BITS, analyse_linear, assign_tensor, code_bits, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
                      write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,42 @@ def _unsupported_reason(module: nn.Module, q: QuantState | None, asymmetric: str
         contiguous = torch.zeros(in_f, dtype=torch.int64)
     if not torch.equal(q.g_idx.to("cpu", torch.int64), contiguous):
         return "act-order groups (g_idx) are not expressible in compressed-tensors >= 0.20; use the compact format"
+    ragged = ragged_problem("this layer", in_f, q.group_size)
+    if ragged:
+        return ragged.split(": ", 1)[1]
     zero = q.zero
     if not bool((zero == zero.round()).all()) or float(zero.min()) < 0 or float(zero.max()) > 2**bits - 1:
         return "zero points are not integers within the code range"
     if asymmetric == "widen" and not _is_symmetric(zero, bits) and bits == 8:
         return "an asymmetric 8-bit grid cannot be widened to 9 bits; use asymmetric='zero-point'"
     return None
+
+
+MIN_CT_GROUP = 32  # smallest group a ragged layout is re-expressed with (scale overhead, kernel support)
+
+
+def ragged_problem(name: str, in_f: int, group_size: int) -> str | None:
+    """Why a ragged group layout of this layer cannot be written as compressed-tensors (None = it can).
+
+    compressed-tensors needs the group size to divide the row. A ragged layout (g128 over 576 columns) is
+    re-expressed exactly with gcd(group size, in_features)-column groups; below MIN_CT_GROUP that would
+    multiply the stored scales (and no runtime kernel takes such groups), so it is refused instead."""
+    if group_size <= 0 or in_f % group_size == 0:
+        return None
+    g = math.gcd(group_size, in_f)
+    if g >= MIN_CT_GROUP:
+        return None
+    return (f"{name}: group size {group_size} leaves a ragged last group over its {in_f} input features, which "
+            f"compressed-tensors cannot store (it needs groups that divide the row; re-expressed, they would be "
+            f"{g} columns wide); use g{nearest_group_size(in_f, group_size)} (the nearest that divides {in_f}), "
+            "per-channel (pc), or --format compact")
+
+
+def nearest_group_size(in_f: int, group_size: int) -> int:
+    """The divisor of ``in_f`` that is a multiple of 8 and at least MIN_CT_GROUP, nearest to ``group_size``
+    (ties to the larger); ``in_f`` itself when there is none."""
+    cands = [d for d in range(MIN_CT_GROUP, in_f + 1, 8) if in_f % d == 0] or [in_f]
+    return min(cands, key=lambda d: (abs(d - group_size), -d))
 
 
 def _is_symmetric(zero: torch.Tensor, bits: int) -> bool:
@@ -265,7 +295,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     cfg = json.loads((root / "config.json").read_text())
     qdict = dict(cfg.get("quantization_config") or {})
     if not qdict:  # nothing was quantized: a plain checkpoint

@@ -8,9 +8,9 @@ import torch
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
-from .common import (DTYPES, analyse_linear, dtype_name, model_tensors, read_descriptor, save_config,
+from .common import (DTYPES, analyse_linear, dtype_name, forget_mark, model_tensors, read_descriptor, save_config,
                      write_descriptor, write_extras)
-from .integrity import ShardWriter, atomic_output, parse_size, verify_manifest
+from .integrity import ShardWriter, atomic_output, parse_size, check_integrity
 
 FORMAT = "dense"
 
@@ -63,11 +63,12 @@ def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root) or {}
     dtype = dtype or DTYPES.get(desc.get("dtype", ""), None) or "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
         raise ModelLoadError(f"cannot load {root} with transformers: {e}") from None
+    forget_mark(model)
     return model.to(device).eval()
