@@ -164,3 +164,61 @@ def test_damaged_shard_fails_with_one_line_naming_it(ckpt, calib, tmp_path, caps
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("prunequant: ")]
     assert code == 2 and len(err) == 1 and str(shard) in err[0] and damage in err[0]
     assert not out.exists()
+
+
+_PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {tests!r})
+from prunequant import api
+from prunequant.models import load_model
+from prunequant.recipe import QuantSpec, Recipe
+torch.set_num_threads(1)
+model, tok = load_model({ckpt!r}, lazy={lazy})
+api.compress(model, Recipe(quant=QuantSpec("gptq", 4, group_size=64)), tokenizer=tok, calib_text={calib!r},
+             calib_samples=2, seq_len=32, device="cpu", progress=False, out={out!r}, fmt="compact")
+print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_peak_host_memory_is_one_block_not_the_model(tmp_path, calib):
+    """Blocks of 8 MiB each: compressing lazily must peak far below holding all of them (eager)."""
+    import subprocess
+    import sys
+
+    import transformers as tf
+
+    d = tmp_path / "wide"
+    cfg = tf.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=8,
+                         num_key_value_heads=8, vocab_size=384, max_position_embeddings=256)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(d, max_shard_size="40MB")
+    tiny_tokenizer().save_pretrained(d)
+    block_bytes = (4 * 512 * 512 + 3 * 512 * 1024) * 4
+    peaks = {}
+    for lazy in (True, False):
+        code = _PEAK.format(tests=str(Path(__file__).parent), ckpt=str(d), lazy=lazy, calib=str(calib),
+                            out=str(tmp_path / f"out{lazy}"))
+        env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert p.returncode == 0, p.stderr[-2000:]
+        peaks[lazy] = int(p.stdout.split("PEAK")[1])
+    # eager holds all 16 blocks (128 MiB in float32); lazy one block, its solve and the shard being written
+    assert peaks[False] - peaks[True] > 10 * block_bytes, {k: v / 2**20 for k, v in peaks.items()}
+
+
+def test_evaluation_in_row_chunks_gives_the_batched_numbers(monkeypatch):
+    """Perplexity and agreement computed a window at a time (bounded logits memory) equal the batched run."""
+    from prunequant.evaluate import perplexity as ppl_mod
+    from prunequant.evaluate.semantic import logit_agreement
+
+    model, other = tiny_model("llama", 0), tiny_model("llama", 1)
+    ids = torch.randint(0, 384, (8 * 32,), generator=torch.Generator().manual_seed(0))
+    windows = ids.view(8, 32)
+    whole = ppl_mod.perplexity(model, ids, 32, batch_size=8, progress=False)
+    agree = logit_agreement(other, model, windows, batch_size=8, progress=False)
+    monkeypatch.setattr(ppl_mod, "LOGIT_BYTES", 1)  # one window per forward pass
+    assert ppl_mod.rows_per_pass(model, 32) == 1
+    chunked = ppl_mod.perplexity(model, ids, 32, batch_size=8, progress=False)
+    assert chunked["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-6)
+    agree_chunked = logit_agreement(other, model, windows, batch_size=8, progress=False)
+    assert agree_chunked["top1"] == agree["top1"]
+    assert agree_chunked["kl"] == pytest.approx(agree["kl"], rel=1e-6)
