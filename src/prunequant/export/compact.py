@@ -105,6 +105,48 @@ def encode_linear(lin: LinearExport, dtype: torch.dtype, scale_dtype: torch.dtyp
     return tensors, enc
 
 
+class CompactWriter:
+    """Writes tensors in the compact format as they come (whole model, or block by block)."""
+
+    def __init__(self, root: Path, states: dict[str, LayerResult], dtype: torch.dtype, *,
+                 scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB"):
+        dtype_name(dtype), dtype_name(scale_dtype)
+        self.root, self.states, self.dtype, self.scale_dtype = root, states, dtype, scale_dtype
+        self.writer = ShardWriter(root, PREFIX, parse_size(max_shard_size), metadata={"prunequant_format": FORMAT})
+        self.layers: dict[str, dict] = {}
+        self.rounded: list[float] = []
+
+    def add(self, key: str, t: torch.Tensor, module_of) -> None:
+        name = key[:-7] if key.endswith(".weight") and key[:-7] in self.states else None
+        if name is None:
+            self.writer.add({key: t.to(self.dtype) if t.is_floating_point() else t})
+            return
+        lin = analyse_linear(name, module_of(name), self.states[name])
+        tensors, enc = encode_linear(lin, self.dtype, self.scale_dtype)
+        self.writer.add(tensors)
+        self.layers[name] = {**lin.record, **enc}
+        if enc.get("scale_rounding"):
+            self.rounded.append(enc["scale_rounding"])
+
+    def close(self, model, tied: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+        bad = sorted(weight_key(n) for n in self.states if weight_key(n) in tied)
+        if bad:
+            raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
+        missing = sorted(set(self.states) - set(self.layers))
+        if missing:
+            raise ExportError(f"states name {missing[0]}, which has no weight in the model; pass the model they "
+                              "were computed on")
+        if self.rounded:
+            log.warning("%d layer scales are not exactly representable in %s (largest relative change %.2g); "
+                        "pass scale_dtype=torch.float32 for a bit-exact export", len(self.rounded),
+                        dtype_name(self.scale_dtype), max(self.rounded))
+        save_config(model, self.root, self.dtype)
+        shards = self.writer.close()
+        write_descriptor(self.root, FORMAT, self.dtype, self.layers, scale_dtype=dtype_name(self.scale_dtype),
+                         tied=tied, shards=shards)
+        write_extras(self.root, tokenizer, extra_files)
+
+
 def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
                  scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB",
                  overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
@@ -114,40 +156,16 @@ def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dty
     gives back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales).
     """
     dtype_name(dtype), dtype_name(scale_dtype)
+    items, tied = model_tensors(model)
+    bad = sorted(weight_key(n) for n in states if weight_key(n) in tied)
+    if bad:
+        raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
-        save_config(model, tmp, dtype)
-        writer = ShardWriter(tmp, PREFIX, parse_size(max_shard_size), metadata={"prunequant_format": FORMAT})
-        items, tied = model_tensors(model)
-        by_key = {weight_key(n): n for n in states}
-        bad = sorted(k for k in by_key if k in tied)
-        if bad:
-            raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
-        layers: dict[str, dict] = {}
-        rounded = []
+        w = CompactWriter(tmp, states, dtype, scale_dtype=scale_dtype, max_shard_size=max_shard_size)
         for key, t in items:
-            name = by_key.get(key)
-            if name is None:
-                writer.add({key: t.to(dtype) if t.is_floating_point() else t})
-                continue
-            lin = analyse_linear(name, model.get_submodule(name), states[name])
-            tensors, enc = encode_linear(lin, dtype, scale_dtype)
-            writer.add(tensors)
-            layers[name] = {**lin.record, **enc}
-            if enc.get("scale_rounding"):
-                rounded.append(enc["scale_rounding"])
-            del lin, tensors
-        missing = sorted(set(states) - set(layers))
-        if missing:
-            raise ExportError(f"states name {missing[0]}, which has no weight in the model; pass the model they "
-                              "were computed on")
-        if rounded:
-            log.warning("%d layer scales are not exactly representable in %s (largest relative change %.2g); "
-                        "pass scale_dtype=torch.float32 for a bit-exact export", len(rounded),
-                        dtype_name(scale_dtype), max(rounded))
-        shards = writer.close()
-        write_descriptor(tmp, FORMAT, dtype, layers, scale_dtype=dtype_name(scale_dtype), tied=tied, shards=shards)
-        write_extras(tmp, tokenizer, extra_files)
+            w.add(key, t, model.get_submodule)
+        w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 
