@@ -91,6 +91,7 @@ def main(argv=None):
                 same = [greedy(packed, tok, p, args.new_tokens) == g for p, g in zip(PROMPTS, gens)]
                 row[mode] = {"ppl": ppl, "ppl_rel_diff": abs(ppl / row["ppl_dequantized"] - 1),
                              "identical_generations": f"{sum(same)}/{len(same)}", "modules": rec["modules"]}
+                print(json.dumps({"config": name, "mode": mode, **row[mode]}), flush=True)
                 del packed
             row["seconds"] = round(time.time() - t, 1)
         print(json.dumps(row), flush=True)
