@@ -37,3 +37,22 @@ def test_size_report_and_budget_agree(recipe, tmp_path):
     assert extra <= 5 * n_layers
     if recipe.quant is None or recipe.quant.bits != 1.58:
         assert extra >= 0
+
+
+def test_layer_bits_by_hand():
+    from prunequant.accounting import layer_bits
+    from prunequant.recipe import LayerPlan
+
+    q4 = QuantSpec("rtn", 4, 128)
+    # 4-bit codes, per group an fp16 scale and a 4-bit zero point
+    assert layer_bits((256, 512), LayerPlan(quant=q4)) == 256 * 512 * 4 + 256 * 4 * (16 + 4)
+    sym = QuantSpec("rtn", 4, 128, symmetric=True)
+    assert layer_bits((256, 512), LayerPlan(quant=sym)) == 256 * 512 * 4 + 256 * 4 * 16
+    # 50% unstructured: half the codes and a 1-bit mask; 2:4: 3 bits name the kept pair of every 4 weights
+    half = LayerPlan(prune=PruneSpec("sparsegpt", 0.5), quant=q4, joint="keep-mask")
+    assert layer_bits((256, 512), half) == 256 * 512 * (2 + 1) + 256 * 4 * 20
+    nm = LayerPlan(prune=PruneSpec("sparsegpt", n=2, m=4))
+    assert layer_bits((256, 512), nm) == 256 * 512 * (8 + 3 / 4)
+    # quantize-pruned keeps no mask: every weight is a code
+    a = LayerPlan(prune=PruneSpec("sparsegpt", 0.5), quant=q4, joint="quantize-pruned")
+    assert layer_bits((256, 512), a) == layer_bits((256, 512), LayerPlan(quant=q4))

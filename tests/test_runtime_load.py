@@ -208,3 +208,33 @@ def test_commands_refuse_bad_input_in_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert main(["bench", str(out), "--device", "cuda"]) == 2
         assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("config,asym", [("4bit-g128", "zero-point"), ("8bit-pc", "zero-point"),
+                                         ("mixed-2/4bit-sym", "zero-point"), ("2:4+4bit", "widen")])
+def test_compressed_tensors_load_packed(tmp_path, config, asym):
+    pytest.importorskip("compressed_tensors")
+    from prunequant.export.ctensors import load_compressed_tensors, save_compressed_tensors
+
+    model = tiny_llama()
+    states = compress(model, config)
+    out = save_compressed_tensors(model, states, tmp_path / "m", torch.float32, asymmetric=asym)
+    ref = load_compressed_tensors(out, dtype=torch.float32)
+    packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
+    assert rec["format"] == "compressed-tensors" and rec["layers"] == len(states)
+    if asym == "zero-point":  # widened grids are 5-bit: no packed layout, dense with the reason recorded
+        assert sum(isinstance(m, QuantLinear) and m.segs[0].backend == "packed" for m in packed.modules()) \
+            == len(states), rec
+    assert_same_logits(logits(ref), logits(packed))
+
+
+def test_kernel_choice_falls_back_with_the_reason(tmp_path):
+    from prunequant.runtime.serve import load_for_serving
+
+    out, _, _ = _exports(tmp_path)
+    model, _, rec = load_for_serving(str(out), "cpu", torch.float32, kernel="triton")
+    if not torch.cuda.is_available():
+        assert rec["modules"] == {"4-bit:tinygemm": 14}, rec
+        assert any(f["reason"].startswith("triton:") for f in rec["fallbacks"]), rec
+    _, _, rec = load_for_serving(str(out), "cpu", torch.float32, exact=True)
+    assert rec["modules"] == {"4-bit:packed": 14}

@@ -70,6 +70,8 @@ def layer_bits(shape: tuple[int, int], plan: LayerPlan, sparsity: float | None =
     n = out_f * in_f
     p, q = plan.prune, plan.quant
     s = (p.sparsity if p else 0.0) if sparsity is None else sparsity
+    if q is not None and p is not None and plan.joint == "quantize-pruned":
+        p, s = None, 0.0  # zeros are stored as codes like any weight, and no mask is kept
     kept = n * (1 - s)
     if q is None:
         values = DENSE_BITS * kept

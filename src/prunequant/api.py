@@ -33,6 +33,8 @@ class CompressionResult:
     recipe: Recipe
     report: EngineReport
     record: dict = field(default_factory=dict)
+    export: object = None  # a StreamingExport still open (lazily loaded models): finished by save()
+    original: object = None  # SafetensorsFiles of the original blocks, when asked to keep them
     work_dir: Path | None = None  # resume checkpoints; removed by save() once the output is in place
 
     @property
@@ -192,20 +194,49 @@ def compress(
     smooth_alpha: float = 0.5,
     encoding: str | None = None,
     fmt: str | None = None,
+    dtype: torch.dtype | None = None,
+    save_later: bool = False,
+    keep_original: bool = False,
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
 
     Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) in a
     subdirectory per recipe and calibration fingerprint; re-running resumes there until the result is saved.
-    ``fmt``: the export format the result is meant for, checked against the recipe before any work."""
+    ``fmt``: the export format the result is meant for, checked against the recipe before any work.
+
+    A lazily loaded model (``load_model(..., lazy=True)``) is compressed block by block from its files and
+    needs ``out``: each block is written (``fmt``, ``dtype``) as soon as it is done and then dropped.
+    ``save_later`` leaves the output open until ``save(result, out, extra=...)`` (e.g. after an
+    evaluation; a lazy model then keeps its compressed blocks in host memory). ``keep_original`` keeps
+    the original blocks on disk (``result.original``; the checkpoint itself for a lazy model) so that
+    ``original_model(result)`` can stream them back for comparisons without a second copy in memory.
+    """
+    from .lazy import is_lazy, lazy_source, save_blocks
+
     if out is not None:
         check_output_path(out, overwrite)
     source = model if isinstance(model, str) else getattr(model, "name_or_path", "in-memory")
     if isinstance(model, str):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, lazy=out is not None)
     if tokenizer is None:
         raise PrunequantError("pass tokenizer= with an in-memory model")
     validate_recipe_for_model(model, recipe, fmt=fmt)
+    lazy = is_lazy(model)
+    needs_whole = act_bits or recipe.refine is not None or (allocate and recipe.allocation.method != "uniform")
+    if lazy and (out is None or needs_whole):  # these read the whole model: load the blocks after all
+        from .lazy import materialise
+
+        materialise(model)
+        lazy = False
+    original = None
+    if keep_original:
+        if is_lazy(model):
+            original = lazy_source(model)
+        else:
+            import tempfile
+
+            where = Path(str(out) + ".prunequant-original") if out else Path(tempfile.mkdtemp(prefix="prunequant-"))
+            original = save_blocks(model, where / "blocks.safetensors")
     torch.manual_seed(seed)
     calib = load_text(calib_text, "calib", encoding)
     ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed, bos=bos_first(model))
@@ -230,7 +261,25 @@ def compress(
         from .refine import BlockRefiner
 
         hook = BlockRefiner(refine, seed=seed)
-    if hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
+    stream = None
+    if lazy:
+        from .export.stream import StreamingExport
+        from .lazy import LazyBlocks
+
+        report = EngineReport()
+        stream = StreamingExport(model, report.states, out, fmt=fmt or "dense", dtype=dtype, overwrite=overwrite)
+        block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later)
+        try:
+            compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+                           batch_size=batch_size, true_sequential=recipe.true_sequential, work_dir=work_dir,
+                           fingerprint=fingerprint, progress=progress, block_io=block_io, report=report,
+                           block_hook=hook)
+        except BaseException as e:
+            stream.abort(e)
+            raise
+        report.timings["blocks_read"] = block_io.reads
+        report.timings["write_blocks"] = block_io.write_seconds  # inside "offload"
+    elif hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
         report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress,
                                     work_dir=work_dir, fingerprint=fingerprint)
     else:
@@ -257,14 +306,33 @@ def compress(
         "layers": {n: r.to_dict() for n, r in report.layers.items()},
         "seconds": round(report.seconds, 2),
         "resumed_blocks": report.resumed_blocks,
+        "timings": {k: round(v, 3) for k, v in report.timings.items()},
         "device": str(device or default_device()),
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    result = CompressionResult(model, tokenizer, recipe, report, record, work_dir=work_dir)
-    if out is not None:
-        save(result, out, overwrite=overwrite)
+    result = CompressionResult(model, tokenizer, recipe, report, record, work_dir=work_dir, export=stream,
+                               original=original)
+    if out is not None and not save_later:
+        save(result, out, overwrite=overwrite, fmt=fmt or "dense", dtype=dtype)
     return result
+
+
+def drop_original(result: CompressionResult) -> None:
+    """Delete the original blocks kept on disk by ``keep_original`` (a lazy model's checkpoint stays)."""
+    files, result.original = result.original, None
+    if files is not None and getattr(files, "owned", False):
+        shutil.rmtree(files.root, ignore_errors=True)
+
+
+def original_model(result: CompressionResult):
+    """The model before compression, sharing everything outside the blocks with ``result.model`` and
+    reading each block from disk as it runs (needs ``compress(..., keep_original=True)``)."""
+    from .lazy import streamed_original
+
+    if result.original is None:
+        raise PrunequantError("the original was not kept: compress with keep_original=True")
+    return streamed_original(result.model, result.original)
 
 
 def _teacher(model, ids, refine, batch_size, device):
@@ -314,14 +382,19 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
     from .export import export as export_fn
 
     out = Path(out)
-    check_output_path(out, overwrite)
-    dtype = dtype or next(result.model.parameters()).dtype
-    with output_lock(out):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        rec = {**result.record, **(extra or {}), "format": fmt}
-        export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
-                  tokenizer=result.tokenizer,
-                  extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})
+    rec = {**result.record, **(extra or {}), "format": fmt}
+    if result.export is not None:  # written block by block during compression: add the rest and close it
+        stream, result.export = result.export, None
+        with output_lock(out):
+            stream.finish(result.tokenizer, {"prunequant.json": json.dumps(rec, indent=2, default=str)})
+    else:
+        check_output_path(out, overwrite)
+        dtype = dtype or next(result.model.parameters()).dtype
+        with output_lock(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
+                      tokenizer=result.tokenizer,
+                      extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})
     if result.work_dir is not None:
         clear_work_dir(result.work_dir)
     return out

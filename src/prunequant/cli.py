@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
     c.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of stored floats (default: the model's, so reload is exact)")
+    c.add_argument("--load-dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype the model is loaded and run in while compressing (auto: a checkpoint "
+                   "directory's own dtype on a GPU, float32 on the CPU)")
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
                    "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
@@ -316,8 +320,6 @@ def _suite_cfg(a):
 
 
 def cmd_compress(a) -> int:
-    import copy
-
     from . import api
     from .models import load_model
     from .outputs import work_root
@@ -326,23 +328,42 @@ def cmd_compress(a) -> int:
     recipe = _recipe_from_args(a)  # the output directory was checked before dispatch (_WRITERS)
     check_context_early(a)
     print(f"recipe: {recipe.describe()}")
-    model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    t0 = time.perf_counter()
+    model, tok = load_model(a.model, dtype=_load_dtype(a), verify=a.verify, trust_remote_code=a.trust_remote_code,
+                            lazy=True)
+    load_seconds = time.perf_counter() - t0
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len if a.eval else None))
-    base = copy.deepcopy(model) if a.eval else None
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
-                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=None,
-                       act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding, fmt=a.format)
+                       seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=a.out,
+                       overwrite=a.overwrite, fmt=a.format, dtype=_dtype(a.dtype), save_later=True,
+                       keep_original=a.eval, act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding)
     res.record["source_model"] = a.model
+    res.record["timings"]["load"] = round(load_seconds, 3)
     extra = {}
-    if a.eval:
-        extra = _evaluate_once(res, a, lambda: _evaluate_compressed(res, base, tok, a))
-        del base
+    if a.eval:  # the original streams back from disk one block at a time: no second copy in memory
+        extra = _evaluate_once(res, a, lambda: _evaluate_compressed(res, tok, a))
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
+    if res.original is not None and a.eval:
+        api.drop_original(res)
     print_compression_table(res.record, extra.get("evaluation"))
     if res.record.get("refine"):
         print(_refine_line(res.record["refine"]))
     print(f"saved to {a.out}")
     return 0
+
+
+def _load_dtype(a):
+    """Weights as loaded for compression: float32 unless --load-dtype says otherwise; 'auto' takes a
+    checkpoint directory's own dtype on a GPU (bf16 forwards there) and float32 on the CPU."""
+    import torch
+
+    from .models import checkpoint_dtype
+
+    choice = getattr(a, "load_dtype", None) or "float32"
+    if choice != "auto":
+        return getattr(torch, choice)
+    on_gpu = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    return (checkpoint_dtype(a.model) or torch.float32) if on_gpu else torch.float32
 
 
 def _refine_line(info: dict) -> str:
@@ -361,15 +382,14 @@ def _refine_line(info: dict) -> str:
             f"({info['time_ratio']:.2f}x the one-shot {info['seconds_one_shot']:.1f} s)")
 
 
-def _evaluate_compressed(res, base, tok, a) -> dict:
+def _evaluate_compressed(res, tok, a) -> dict:
+    from . import api
     from .evaluate.suite import run_suite
 
     dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     res.model.to(dev)
-    base.to(dev)
-    suite = run_suite(res.model, tok, _suite_cfg(a), base=base, rates=res.rates)
+    suite = run_suite(res.model, tok, _suite_cfg(a), base=api.original_model(res), rates=res.rates)
     res.model.to("cpu")
-    base.to("cpu")
     return {"evaluation": {"base": suite.base_metrics, "compressed": suite.metrics,
                            "retention": suite.retention, "sr": suite.sr, "srcr": suite.srcr,
                            "srcr_real": suite.srcr_real, "protocol": _suite_cfg(a).settings()}}
@@ -399,7 +419,9 @@ def cmd_eval(a) -> int:
     from .tables import print_eval_table
 
     check_context_early(a)
+    t0 = time.perf_counter()
     model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    load_seconds = time.perf_counter() - t0
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len))
     base = None
     if a.against:
@@ -409,7 +431,8 @@ def cmd_eval(a) -> int:
     if base is not None:
         base.to(dev)
     suite = run_suite(model, tok, _suite_cfg(a), base=base, rates=_rates_of(a.model))
-    res = {"model": a.model, "against": a.against, **suite.metrics, "protocol": _suite_cfg(a).settings()}
+    res = {"model": a.model, "against": a.against, **suite.metrics, "protocol": _suite_cfg(a).settings(),
+           "load_seconds": round(load_seconds, 3)}
     flat = next(iter(suite.metrics["texts"].values()))
     res.update({k: flat[k] for k in ("perplexity", "tokens", "seq_len")})  # the first text, at top level
     if base is not None:

@@ -227,6 +227,7 @@ def compress_model(
     block_io: BlockIO | None = None,
     dist: DistContext | None = None,
     block_hook: Callable | None = None,
+    report: EngineReport | None = None,
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
@@ -238,6 +239,8 @@ def compress_model(
     block (the caller removes it once the result is saved). ``dist`` spreads the work
     over processes (see distributed.py). ``block_hook(i, block, arch, inputs, solve, report, device)``, if
     given, is called instead of each block's solve and must call ``solve()`` itself (refine.BlockRefiner).
+    ``report`` (optional) is filled in place, so a ``block_io`` can read each block's states as it
+    finishes (e.g. to write it out).
     """
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
@@ -247,7 +250,7 @@ def compress_model(
     block_io = block_io or BlockIO()
     arch = arch_of(model)
     blocks = get_blocks(model, arch)
-    report = EngineReport()
+    report = report if report is not None else EngineReport()
     clock = _Clock(device, report.timings)
     calib_ids = dist.shard(calib_ids)
     if offload_activations is None:

@@ -189,12 +189,14 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-               verify: bool = True, trust_remote_code: bool = False):
+               verify: bool = True, trust_remote_code: bool = False, lazy: bool = False):
     """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name.
 
     A local directory is checked first (export.check_integrity): a prunequant output must match its
     manifest; ``verify=False`` skips that with a warning. Code shipped with a checkpoint runs only with
-    ``trust_remote_code`` (``--trust-remote-code``).
+    ``trust_remote_code`` (``--trust-remote-code``). ``lazy``: for a safetensors checkpoint (a hub id is
+    downloaded first), return a skeleton whose decoder blocks stay on the meta device, read one at a time
+    when compressed (prunequant.lazy); other sources load in full.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -207,6 +209,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
         check_integrity(where, verify)
         if (Path(where) / MANIFEST).is_file() and not _is_structured(where):
             return _load_export(where, dtype, device)
+    if lazy and not gguf and not trust_remote_code:
+        lazy_where = _local_checkpoint(where, spec)
+        if lazy_where is not None:
+            return _load_lazy(lazy_where, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
@@ -232,6 +238,46 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     model.eval()
     _restore_act_quant(model, where if not gguf else None)
     return model.to(device), tok
+
+
+def _local_checkpoint(where: str, spec: str) -> str | None:
+    """The local directory of a checkpoint that can be read lazily (a hub id is downloaded), else None."""
+    from .lazy import lazy_eligible
+
+    if not Path(where).exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            where = snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as e:  # noqa: BLE001 - no network, unknown id: the eager loader says why
+            log.info("lazy loading of %s skipped: %s", spec, str(e).splitlines()[0] if str(e) else e)
+            return None
+    return where if lazy_eligible(where) else None
+
+
+def checkpoint_dtype(spec: str) -> torch.dtype | None:
+    """The dtype a local checkpoint directory's config declares (None when it is not one)."""
+    cfg = Path(spec) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        c = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    name = c.get("dtype") or c.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+
+
+def _load_lazy(where: str, dtype):
+    from transformers import AutoTokenizer
+
+    from .lazy import load_lazy
+
+    tok = AutoTokenizer.from_pretrained(where)
+    model = load_lazy(where, dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
 
 
 def _load_export(where: str, dtype, device):

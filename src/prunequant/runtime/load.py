@@ -1,10 +1,15 @@
-"""Load a ``compact`` export straight into packed modules, for serving.
+"""Load a ``compact`` export (or a compressed-tensors one: load_ctensors.py) straight into packed modules.
 
 The model skeleton is built on the meta device (no weights); each shard is then read tensor by tensor:
 plain tensors (embeddings, norms, biases, layers stored as floats) go to their place on the device, and
 each quantized linear becomes a QuantLinear built from its codes, grids and mask — no float copy of the
 model's weights is ever made, only one layer's dequantized weight at a time, for the check that the
 packed layer computes what its dequantized weight computes (``build_quant_linear``'s probe).
+
+Sparse + quantized layers (2:4, N:M or unstructured masks) run on the same packed codes, their pruned
+positions set to the zero point's code (exactly 0): on an H200, torch's semi-structured 2:4 kernels were
+3-140× slower than dense bf16 at these shapes (BENCHMARKS.md, issue 14), so no sparse kernel is used.
+Layers a compact export stores as floats (pruned only, act-order grids, ternary, channel-mixed) load dense.
 """
 from __future__ import annotations
 
@@ -72,7 +77,8 @@ def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, pre
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None, *,
                 prefer: dict[int, list[str]] | None = None, check: bool = True, verify: bool = True):
-    """Load a compact export for inference: (model with QuantLinears on ``device``, load record).
+    """Load a compact (or compressed-tensors pack-quantized) export for inference: (model with QuantLinears
+    on ``device``, load record).
 
     ``prefer`` maps bit width → backends to try in order (default: ``default_backends(device)``); every
     packed layer is checked against its dequantized weight on a probe input and falls back (with the
@@ -82,17 +88,24 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
     from safetensors import safe_open
 
     from ..export.common import FORMAT_VERSION, assign_tensor, empty_model, finish_model, read_descriptor, weight_key
-    from ..export.compact import FORMAT, PREFIX, _layer_of
+    from ..export.compact import FORMAT, PREFIX, layer_of
     from ..export.integrity import check_integrity, shard_files
 
     root = Path(path)
     if not root.is_dir():
         raise ModelLoadError(f"{root} is not a directory; give a compact export directory (prunequant compress "
                              "--format compact)")
+    device = torch.device(device or default_device())
+    dtype = dtype or default_dtype(device)
+    prefer = prefer or default_backends(device)
+    from .load_ctensors import is_ctensors, load_ctensors_packed
+
+    if is_ctensors(root):
+        return load_ctensors_packed(root, device, dtype, prefer, check, verify)
     desc = read_descriptor(root)
     if desc is None:
-        raise ModelLoadError(f"{root} has no prunequant-export.json; the packed runtime loads compact exports "
-                             "(prunequant compress --format compact)")
+        raise ModelLoadError(f"{root} has no prunequant-export.json; the packed runtime loads compact and "
+                             "compressed-tensors exports (prunequant compress --format compact)")
     if desc.get("format") != FORMAT:
         raise ModelLoadError(f"{root} is a {desc.get('format')!r} export; the packed runtime loads {FORMAT!r} "
                              "exports (re-export with --format compact)")
@@ -100,9 +113,6 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
         raise ModelLoadError(f"{root} has format version {desc.get('format_version')}, newer than this prunequant "
                              f"reads ({FORMAT_VERSION}); upgrade prunequant")
     check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
-    device = torch.device(device or default_device())
-    dtype = dtype or default_dtype(device)
-    prefer = prefer or default_backends(device)
     layers = desc["layers"]
     model = empty_model(root, dtype)
     shards = shard_files(root, PREFIX)
@@ -117,10 +127,10 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
             raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
         with f:
             keys = list(f.keys())  # noqa: SIM118 - safe_open is not a dict
-            n_parts = Counter(_layer_of(k, layers) for k in keys)
+            n_parts = Counter(layer_of(k, layers) for k in keys)
             grouped: dict[str, dict] = {}
             for key in keys:  # a layer is built as soon as its parts are read: one layer in memory at a time
-                name = _layer_of(key, layers)
+                name = layer_of(key, layers)
                 if name is None:
                     assign_tensor(model, key, f.get_tensor(key), dtype, device)
                 else:

@@ -1,6 +1,6 @@
 """`prunequant generate` and `prunequant bench`: run a compressed model the way it is served.
 
-A compact export loads into packed modules (``load_packed``); any other model spec (a dense export, a
+A compact or compressed-tensors export loads into packed modules (``load_packed``); any other model spec (a dense export, a
 local checkpoint, a hub id, an embedded name) loads as it is, so the same commands measure the dense
 model next to the compressed one (``bench --against``).
 
@@ -27,23 +27,41 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 EXACT = {b: ["packed"] for b in (2, 3, 4, 8)}
 
 
-def is_compact(path: str) -> bool:
+def is_packable(path: str) -> bool:
+    """A compact export or a compressed-tensors pack-quantized checkpoint: loads into packed modules."""
     from ..export.common import read_descriptor
     from ..export.compact import FORMAT
+    from .load_ctensors import is_ctensors
 
     p = Path(path)
     if not p.is_dir():
         return False
     desc = read_descriptor(p)
-    return desc is not None and desc.get("format") == FORMAT
+    return (desc is not None and desc.get("format") == FORMAT) or is_ctensors(p)
 
 
-def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, verify: bool = True):
-    """(model, tokenizer or None, record): packed for a compact export, as stored otherwise."""
+def backends_for(kernel: str, device, exact: bool = False) -> dict[int, list[str]]:
+    """Backend order per bit width for --kernel / --exact (every order ends in the exact path)."""
+    from .convert import default_backends
+
+    if exact:
+        return dict(EXACT)
+    prefer = default_backends(device)
+    if kernel == "tinygemm":
+        prefer[4] = ["tinygemm"] + [b for b in prefer.get(4, []) if b != "tinygemm"]
+    elif kernel == "triton":
+        prefer = {b: ["triton"] + [x for x in order if x != "triton"] for b, order in prefer.items()}
+    return prefer
+
+
+def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, kernel: str = "auto",
+                     verify: bool = True):
+    """(model, tokenizer or None, record): packed for a compact / compressed-tensors export, as stored
+    otherwise."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
-    if is_compact(spec):
-        model, rec = load_packed(spec, device, dtype, prefer=EXACT if exact else None, verify=verify)
+    if is_packable(spec):
+        model, rec = load_packed(spec, device, dtype, prefer=backends_for(kernel, device, exact), verify=verify)
         tok = None
         try:
             from transformers import AutoTokenizer
