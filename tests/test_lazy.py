@@ -224,3 +224,22 @@ def test_evaluation_in_row_chunks_gives_the_batched_numbers(monkeypatch):
     agree_chunked = logit_agreement(other, model, windows, batch_size=8, progress=False)
     assert agree_chunked["top1"] == agree["top1"]
     assert agree_chunked["kl"] == pytest.approx(agree["kl"], rel=1e-6)
+
+
+def test_in_memory_model_keeps_its_original_on_disk_then_drops_it(ckpt, calib, tmp_path):
+    """An eager model (e.g. from a GGUF) writes its original blocks once; the comparison model streams them."""
+    eager, tok = load_model(str(ckpt))
+    x = torch.randint(0, 384, (2, 16))
+    with torch.no_grad():
+        want = eager(x).logits
+    out = tmp_path / "out"
+    res = api.compress(eager, RECIPES["gptq"], tokenizer=tok, calib_text=str(calib), calib_samples=4, seq_len=32,
+                       device="cpu", progress=False, out=out, fmt="compact", save_later=True, keep_original=True)
+    kept = res.original.root
+    assert kept.is_dir() and res.original.owned
+    with torch.no_grad():
+        assert torch.equal(api.original_model(res)(x).logits, want)
+        assert not torch.equal(res.model(x).logits, want)
+    api.save(res, out, fmt="compact")
+    api.drop_original(res)
+    assert not kept.exists() and (out / "prunequant.json").is_file()
