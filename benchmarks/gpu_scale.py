@@ -38,6 +38,7 @@ from prunequant.recipe import PruneSpec, QuantSpec, Recipe
 SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab (public Llama configurations)
     "tiny": (256, 768, 2, 4, 4, 1000),
     "1b": (2048, 8192, 16, 32, 8, 128256),     # Llama-3.2-1B
+    "8b": (4096, 14336, 32, 32, 8, 128256),    # Llama-3-8B
     "7b": (4096, 11008, 32, 32, 32, 32000),    # Llama-2-7B
     "13b": (5120, 13824, 40, 40, 40, 32000),   # Llama-2-13B
     "70b": (8192, 28672, 80, 64, 8, 128256),   # Llama-3-70B
@@ -188,7 +189,7 @@ def run_one(shape, method, n_blocks, where, n_samples, seq, batch_size, true_seq
     layer_secs = {}
     for name, row in rep.layers.items():
         rel = name.split(".", 3)[-1]
-        layer_secs.setdefault(rel, []).append(row["seconds"])
+        layer_secs.setdefault(rel, []).append(row.seconds)
     out = {
         "shape": shape, "method": method, "where": where, "blocks_run": nb, "blocks_full": full_layers,
         "tokens": n_samples * seq, "batch_size": batch_size, "true_sequential": true_sequential,

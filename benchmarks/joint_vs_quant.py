@@ -98,21 +98,18 @@ def _write(path: Path, obj: dict) -> None:
 
 def measure(model, base, tok, device, inputs: dict, proto: dict) -> dict:
     """Perplexities, task accuracies, agreement with the base, and greedy continuations (texts)."""
-    from prunequant.api import evaluate
     from prunequant.evaluate.semantic import greedy_continuations, logit_agreement
-    from prunequant.evaluate.tasks import evaluate_tasks
+    from prunequant.evaluate.suite import SuiteConfig, run_suite
 
     model.to(device).eval()
     t = {}
     t0 = time.time()
     bs = proto["batch_size"]
-    out = evaluate(model, tok, texts=("wiki", "lambada"), seq_len=SEQ, max_tokens=proto["eval_tokens"],
-                   batch_size=bs, device=device, progress=False)
-    t["ppl"] = time.time() - t0
-    t0 = time.time()
-    out["tasks"] = evaluate_tasks(model, tok, proto["tasks"], limit=proto["task_limit"], batch_size=4 * bs,
-                                  progress=False)
-    t["tasks"] = time.time() - t0
+    cfg = SuiteConfig(texts=("wiki", "lambada"), seq_len=SEQ, max_tokens=proto["eval_tokens"], batch_size=bs,
+                      tasks=tuple(proto["tasks"]), task_limit=proto["task_limit"], task_batch_size=4 * bs,
+                      agree_tokens=0)
+    out = run_suite(model, tok, cfg, progress=False).metrics  # perplexities and task accuracies
+    t["ppl_tasks"] = time.time() - t0
     t0 = time.time()
     out["agreement"] = logit_agreement(model, base, inputs["agree_ids"], batch_size=bs, progress=False)
     out["continuations"] = greedy_continuations(model, tok, inputs["prompts"], NEW_TOKENS, batch_size=2 * bs,

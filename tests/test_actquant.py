@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prunequant.errors import RecipeError
-from prunequant.models import all_linear_names
+from prunequant.models import all_linear_names, norm_groups
 from prunequant.solvers.actquant import apply_activation_quant, collect_act_absmax, fake_quant_per_token, smooth_scales
 from tiny import tiny_model
 
@@ -67,7 +67,7 @@ def test_smoothing_alone_keeps_outputs(kind):
     names = all_linear_names(model)
     ref = _logits(model)
     amax = collect_act_absmax(model, names, [IDS])
-    h = apply_activation_quant(model, amax, bits=16, smooth=True)
+    h = apply_activation_quant(model, amax, bits=16, smooth=True, groups=norm_groups(model, set(amax)))
     assert len(h.folded) == 4 and len(h.divided) == 4  # 2 blocks × (attn-in, mlp-in) folded; o/down hooked
     assert torch.allclose(_logits(model), ref, atol=1e-4, rtol=1e-4)
     h.remove()
@@ -89,7 +89,7 @@ def test_w8a8_and_smoothing_help():
     errs = {}
     for bits in (8, 4):
         for smooth in (False, True):
-            h = apply_activation_quant(model, amax, bits=bits, smooth=smooth)
+            h = apply_activation_quant(model, amax, bits=bits, smooth=smooth, groups=norm_groups(model, set(amax)))
             errs[bits, smooth] = float((_logits(model) - ref).pow(2).mean())
             h.remove()
     assert torch.equal(_logits(model), ref)
@@ -102,7 +102,7 @@ def test_tied_lm_head_not_rescaled():
     model = tiny_model("gpt2")  # GPT-2 ties lm_head to the token embedding
     ref = _logits(model)
     amax = collect_act_absmax(model, ["lm_head"], [IDS])
-    h = apply_activation_quant(model, amax, bits=16)
+    h = apply_activation_quant(model, amax, bits=16, groups=norm_groups(model, set(amax)))
     assert "lm_head" not in h.divided and torch.allclose(_logits(model), ref, atol=1e-5)
 
 

@@ -1,4 +1,6 @@
 """Allocators on the real engine: OWL per-block sparsity and knapsack bit allocation."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -26,7 +28,7 @@ def test_owl_keeps_global_sparsity_and_changes_per_block():
     assert all(0.4 - 1e-9 <= s <= 0.6 + 1e-9 for s in sp.values())
     rep = compress_model(model, calib(), planned.plan_for, device="cpu", progress=False)
     for b, s in sp.items():
-        got = [r["sparsity"] for n, r in rep.layers.items() if f".{b}." in n]
+        got = [r.sparsity for n, r in rep.layers.items() if f".{b}." in n]
         assert got and all(g == pytest.approx(s, abs=0.01) for g in got)
 
 
@@ -98,9 +100,9 @@ def test_fisher_weighting_sends_low_bits_where_the_loss_does_not_care(monkeypatc
     recipe = Recipe(quant=QuantSpec("rtn", 4, 32), allocation={"method": "bits", "avg_bits": 3.0, "choices": [2, 3, 4]})
     _, info = allocate(model, recipe, calib(), device="cpu")
     assert info["weighting"] == "fisher" and info["bits"][deaf] == 2 and info["sensitivity"][deaf][2] == 0.0
-    _, plain = allocate(model, Recipe(quant=recipe.quant, allocation={**recipe.allocation, "weighting": "none"}),
+    _, plain = allocate(model, Recipe(quant=recipe.quant, allocation=replace(recipe.allocation, weighting="none")),
                         calib(), device="cpu")
     assert plain["sensitivity"][deaf][2] > 0
     with pytest.raises(RecipeError, match="weighting"):
-        allocate(model, Recipe(quant=recipe.quant, allocation={**recipe.allocation, "weighting": "hessian"}), calib(),
+        allocate(model, Recipe(quant=recipe.quant, allocation={**recipe.allocation.to_dict(), "weighting": "hessian"}), calib(),
                  device="cpu")

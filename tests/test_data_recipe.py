@@ -7,7 +7,8 @@ import torch
 from prunequant.data import Text, calibration_ids, check_disjoint, load_text, tokenize
 from prunequant.errors import DataError, RecipeError
 from prunequant.evaluate.perplexity import perplexity
-from prunequant.recipe import PruneSpec, QuantSpec, Recipe, parse_prune, parse_quant, tcr, tcr_layers
+from prunequant.accounting import tcr, tcr_layers
+from prunequant.recipe import PruneSpec, QuantSpec, Recipe, parse_prune, parse_quant
 from tiny import TRAIN_TEXT, tiny_model, tiny_tokenizer
 
 
@@ -108,3 +109,26 @@ def test_tcr_formulas():
     assert tcr(0.25, 4) == pytest.approx(0.8125) and tcr(0.5, 4) == pytest.approx(0.875)
     assert tcr_layers([(100, 0.5, 4), (100, 0.0, 4)]) == pytest.approx(1 - (2 + 4) / 32)
     assert tcr_layers([(10, 0.0, 16)]) == 0.0
+
+
+def test_joint_modes_and_their_old_names():
+    from prunequant.recipe import LayerPlan
+
+    assert Recipe(joint="B").joint == "keep-mask" and Recipe(joint="A").joint == "quantize-pruned"
+    assert Recipe.from_dict({"joint": "B"}).to_dict()["joint"] == "keep-mask"
+    assert LayerPlan(joint="A").joint == "quantize-pruned"
+    with pytest.raises(RecipeError, match="joint mode 'C' unknown; choose one of onepass, quantize-pruned"):
+        Recipe(joint="C")
+
+
+def test_allocation_options_are_typed():
+    from prunequant.recipe import Allocation
+
+    r = Recipe.from_dict({"allocation": {"method": "bits", "avg_bits": 3, "choices": [2, 4]}})
+    assert r.allocation == Allocation(method="bits", avg_bits=3, choices=(2, 4))
+    assert Recipe.from_dict(r.to_dict()).allocation == r.allocation
+    assert Recipe(allocation="owl").allocation.lam == 0.08
+    with pytest.raises(RecipeError, match="unknown allocation option"):
+        Recipe(allocation={"method": "owl", "lamda": 0.1})
+    with pytest.raises(RecipeError, match="average-bit budget"):
+        Recipe(allocation="bits")

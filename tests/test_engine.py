@@ -125,7 +125,16 @@ def test_resume_after_interruption_gives_the_same_model(tmp_path):
                          progress=False)
     assert rep.resumed_blocks == 1 and len(rep.layers) == 14
     assert torch.equal(logits(m, ids), logits(ref, ids))
-    assert not (tmp_path / "w").exists()
+    assert (tmp_path / "w" / "progress.json").is_file()  # kept until the caller has saved the result
+
+    def never(*a):
+        raise AssertionError("a finished block was compressed again")
+
+    m = tiny_model("llama")  # killed after the last block (during evaluation or save): nothing is recomputed
+    rep = compress_model(m, ids, recipe.plan_for, device="cpu", solver=never, work_dir=tmp_path / "w",
+                         fingerprint="x", progress=False)
+    assert rep.resumed_blocks == 2 and len(rep.layers) == 14 and len(rep.states) == 14
+    assert torch.equal(logits(m, ids), logits(ref, ids))
 
 
 def test_gpt2_conv1d_is_transposed():
@@ -137,4 +146,4 @@ def test_gpt2_conv1d_is_transposed():
     w = get_weight(c_fc).detach()
     # 2 of every 4 consecutive *input* weights pruned
     assert ((w.reshape(128, 16, 4) == 0).sum(-1) == 2).all()
-    assert rep.layers["transformer.h.0.mlp.c_fc"]["shape"] == [128, 64]
+    assert rep.layers["transformer.h.0.mlp.c_fc"].shape == [128, 64]

@@ -31,14 +31,14 @@ def test_stacked_gptq_equals_one_linear_at_a_time():
     rep_s = compress_model(stacked, ids, RECIPE.plan_for, device="cpu", progress=False)
     rep_1 = compress_model(single, ids, RECIPE.plan_for, device="cpu", progress=False,
                            solver=lambda w, s, p: solve_layer(w, s, p))  # any other solver: no stacking
-    assert rep_s.layers["model.layers.0.self_attn.k_proj"].get("stacked") == 3
-    assert "stacked" not in rep_1.layers["model.layers.0.self_attn.k_proj"]
+    assert rep_s.layers["model.layers.0.self_attn.k_proj"].stacked == 3
+    assert rep_1.layers["model.layers.0.self_attn.k_proj"].stacked is None
     ws, w1 = _weights(stacked), _weights(single)
     for name in ws:
         assert rep_s.states[name].quant.codes.shape == ws[name].shape
         same = (rep_s.states[name].quant.codes == rep_1.states[name].quant.codes).float().mean()
         assert same > 0.99, name  # float summation order may flip a rare near-tie code
-        assert rep_s.layers[name]["error"] == pytest.approx(rep_1.layers[name]["error"], rel=0.05, abs=1e-6)
+        assert rep_s.layers[name].error == pytest.approx(rep_1.layers[name].error, rel=0.05, abs=1e-6)
         deq = rep_s.states[name].quant.dequantize()
         torch.testing.assert_close(ws[name], deq.to(ws[name].dtype), rtol=0, atol=1e-6)
 
@@ -77,19 +77,60 @@ def test_meta_blocks_materialised_one_at_a_time_give_the_same_model():
             torch.testing.assert_close(saved[i][k], v, rtol=0, atol=0)
 
 
-def test_offload_flag_and_decision():
+def _placements(monkeypatch):
+    """Spy on where the engine keeps the activations it feeds each block (device, pinned)."""
+    import prunequant.engine as engine
+
+    seen = []
+    real = engine.run_block
+
+    def spy(block, inputs, device, outputs):
+        seen.extend((h.device.type, h.is_pinned()) for h, _ in inputs)
+        return real(block, inputs, device, outputs)
+
+    monkeypatch.setattr(engine, "run_block", spy)
+    return seen
+
+
+def test_offload_decision_follows_free_gpu_memory(monkeypatch):
+    block = get_blocks(tiny_model("llama"))[0]
+    need = gpu_bytes_needed(block, n_tokens=128 * 2048, batch_tokens=8 * 2048, hidden=64, act_bytes=2)
+    assert need["activations"] == 2 * 128 * 2048 * 64 * 2 and need["solver"] > 6 * 128 * 128 * 4
+    assert decide_offload(block, torch.device("cpu"), 10, 10, 64, 2) is False  # nothing to offload to
+    total = sum(need.values())
+    for free, offload in ((10 * total, False), (total // 2, True), (int(total / 0.9) + 1, False), (total, True)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f, 10 * total))
+        got = decide_offload(block, torch.device("cuda"), 128 * 2048, 8 * 2048, 64, 2)
+        assert got is offload, (free, total)
+
+
+def test_activations_stay_on_the_compute_device_on_cpu(monkeypatch):
     ids = calib()
     a, b = tiny_model("llama"), tiny_model("llama")
+    seen = _placements(monkeypatch)
     ra = compress_model(a, ids, RECIPE.plan_for, device="cpu", offload_activations=True, progress=False)
     rb = compress_model(b, ids, RECIPE.plan_for, device="cpu", offload_activations=None, progress=False)
-    assert not ra.offloaded and not rb.offloaded  # nothing to offload from a CPU device
+    assert not ra.offloaded and not rb.offloaded  # the CPU is the compute device: there is nowhere to offload
+    assert seen and set(seen) == {("cpu", False)}
     assert {"capture", "forward_stats", "solve", "forward_out"} <= set(rb.timings)
     for n, w in _weights(a).items():
         torch.testing.assert_close(w, _weights(b)[n], rtol=0, atol=0)
-    block = get_blocks(a)[0]
-    need = gpu_bytes_needed(block, n_tokens=128 * 2048, batch_tokens=8 * 2048, hidden=64, act_bytes=2)
-    assert need["activations"] == 2 * 128 * 2048 * 64 * 2 and need["solver"] > 6 * 128 * 128 * 4
-    assert decide_offload(block, torch.device("cpu"), 10, 10, 64, 2) is False
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offloading needs a GPU to offload from")
+def test_offloaded_activations_live_in_pinned_cpu_memory_and_give_the_same_model(monkeypatch):
+    ids = calib()
+    out = {}
+    for offload in (True, False):
+        m = tiny_model("llama")
+        seen = _placements(monkeypatch)
+        rep = compress_model(m, ids, RECIPE.plan_for, device="cuda", offload_activations=offload, progress=False)
+        assert rep.offloaded is offload
+        assert set(seen) == ({("cpu", True)} if offload else {("cuda", False)})
+        assert all(p.device.type == "cpu" for p in m.parameters())  # blocks go back home after their turn
+        out[offload] = _weights(m)
+    for n, w in out[True].items():
+        torch.testing.assert_close(w, out[False][n], rtol=0, atol=0)
 
 
 def test_gram_is_xtx_in_float32():

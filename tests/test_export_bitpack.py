@@ -69,12 +69,3 @@ def test_detect_nm_prefers_cheapest_and_rejects_unstructured():
     assert detect_nm(torch.ones(8, 64, dtype=torch.bool)) is None
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8, 1.58])
-def test_same_stream_as_the_solvers_pack_codes(bits):
-    """One bit layout project-wide: the compact format's codes equal solvers.grid.pack_codes."""
-    from prunequant.solvers.grid import pack_codes
-
-    maxq = 2 if bits == 1.58 else 2**bits - 1
-    codes = torch.randint(0, maxq + 1, (3, 77))
-    mine = pack_trits(codes) if bits == 1.58 else pack_bits(codes, bits)
-    assert torch.equal(mine, pack_codes(codes, bits))

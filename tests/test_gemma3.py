@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from prunequant.data import calibration_ids
-from prunequant.engine import _run_block, block_layer_types, capture_block_inputs, compress_model
+from prunequant.engine import run_block, block_layer_types, capture_block_inputs, compress_model
 from prunequant.errors import ModelLoadError
 from prunequant.evaluate.perplexity import perplexity
 from prunequant.evaluate.semantic import logit_agreement
@@ -27,7 +27,7 @@ def replay(model, x, types):
     outs = []
     for i, block in enumerate(get_blocks(model)):
         blk = inputs if types is None else [(h, kw[types[i]]) for h, kw in inputs]
-        y = _run_block(block, blk, "cpu", outputs=True)
+        y = run_block(block, blk, "cpu", outputs=True)
         inputs = [(h, kw) for h, (_, kw) in zip(y, inputs)]
         outs.append(torch.cat(y))
     return outs
@@ -58,11 +58,11 @@ def test_joint_compression_keeps_gemma3_structure():
     assert len(rep.layers) == 3 * 7
     for name, row in rep.layers.items():
         w = model.get_submodule(name).weight
-        assert row["sparsity"] == pytest.approx(0.5, abs=0.02)
+        assert row.sparsity == pytest.approx(0.5, abs=0.02)
         keep = rep.states[name].mask
-        assert 1 - keep.float().mean() == pytest.approx(row["sparsity"], abs=1e-6)
+        assert 1 - keep.float().mean() == pytest.approx(row.sparsity, abs=1e-6)
         assert (w[~keep] == 0).all()  # pruned entries stay exactly zero
-        assert math.isfinite(row["error"])
+        assert math.isfinite(row.error)
     assert torch.equal(model.model.embed_tokens.weight, emb)  # tied embedding / lm_head untouched
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     for n, p in model.named_parameters():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from prunequant.errors import NumericalError, RecipeError
-from prunequant.recipe import LayerPlan, PruneSpec, QuantSpec, tcr, tcr_layers
+from prunequant.accounting import tcr, tcr_layers
+from prunequant.recipe import LayerPlan, PruneSpec, QuantSpec
 from prunequant.solvers import solve_layer
 from prunequant.solvers.base import LayerStats
 from prunequant.solvers.grid import fit_grid, maxq_of, quantize_to_grid

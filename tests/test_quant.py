@@ -208,44 +208,9 @@ def test_gptq_float32_and_dead_columns():
     assert r.info["dead"] == 1 and not r.weight[:, 5].any()
 
 
-# ---- packing ---------------------------------------------------------------------------------------
-from prunequant.solvers.grid import pack_codes, packed_nbytes, unpack_codes  # noqa: E402
-
-
-@pytest.mark.parametrize("bits", [1, 1.58, 2, 3, 4, 5, 6, 7, 8])
-@pytest.mark.parametrize("shape", [(7, 13), (16, 64), (1, 1), (3, 0)])
-def test_pack_round_trip(bits, shape):
-    maxq = maxq_of(bits)
-    codes = torch.randint(0, maxq + 1, shape, generator=torch.Generator().manual_seed(0)).to(torch.uint8)
-    if codes.numel():
-        codes.view(-1)[0] = maxq  # extremes present
-        codes.view(-1)[-1] = 0
-    packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_nbytes(codes.numel(), bits)
-    n = codes.numel()
-    assert packed.numel() == (math.ceil(n / 5) if bits == 1.58 else math.ceil(n * bits / 8))
-    assert torch.equal(unpack_codes(packed, bits, shape), codes)
-
-
-def test_pack_bit_layout_and_errors():
-    # 3-bit codes 5, 3, 7 at bit offsets 0, 3, 6: first byte 5 | 3 << 3 | (7 & 3) << 6, then 7 >> 2
-    assert pack_codes(torch.tensor([5, 3, 7]), 3).tolist() == [5 | 3 << 3 | (7 & 3) << 6, 7 >> 2]
-    with pytest.raises(ValueError):
-        pack_codes(torch.tensor([8]), 3)
-    with pytest.raises(ValueError):
-        unpack_codes(torch.zeros(3, dtype=torch.uint8), 4, (7,))
-
-
-def test_gptq_codes_pack_round_trip():
-    stats, _ = _stats(32)
-    r = gptq_quantize(_w(8, 32), stats, QuantSpec(bits=3, group_size=16))
-    c = r.quant.codes
-    assert torch.equal(unpack_codes(pack_codes(c, 3), 3, c.shape), c)
-
-
 # ---- BiLLM (1 bit) ----------------------------------------------------------------------------------
 from prunequant.solvers.billm import _fit_block  # noqa: E402
-from prunequant.solvers.quant import billm_dequantize, billm_quantize  # noqa: E402
+from prunequant.solvers.billm import billm_dequantize, billm_quantize  # noqa: E402
 
 _B1 = QuantSpec(method="billm", bits=1, blocksize=32)
 

@@ -25,12 +25,12 @@ def _uniform(W: torch.Tensor, bits: int, gs: int, sym: bool = False) -> QuantSta
     return QuantState("uniform", bits, gs, sym, codes.to(torch.uint8), s.float(), z.float(), g)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_pack_codes_round_trip(bits):
     g = torch.Generator().manual_seed(bits)
     codes = torch.randint(0, 2 ** bits, (7, 37), generator=g, dtype=torch.uint8)
     packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (7, -(-37 * bits // 8))
+    assert packed.dtype == torch.int32 and packed.shape == (7, -(-37 // (32 // bits)))
     assert torch.equal(unpack_codes(packed, bits, 37), codes)
 
 

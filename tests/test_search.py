@@ -58,7 +58,7 @@ def test_parse_budget():
 def test_nominal_rates_match_engine():
     """The accounting the search derives with equals what compression measures (data-free recipes: fast)."""
     from prunequant.api import compress_data_free, linear_param_counts
-    from prunequant.rates import summarize
+    from prunequant.accounting import summarize
     from prunequant.recipe import Override
 
     inv = Inventory.of(tiny_model())
@@ -69,7 +69,7 @@ def test_nominal_rates_match_engine():
                           overrides=[Override("model.layers.0.*", skip=True)])):
         m = tiny_model()
         rep = compress_data_free(m, recipe.plan_for, device="cpu", progress=False)
-        measured = summarize(rep.layers, sum(p.numel() for p in m.parameters()), linear_param_counts(m))["tcr"]
+        measured = summarize(rep.layers, recipe.plan_for, sum(p.numel() for p in m.parameters()), linear_param_counts(m))["tcr"]
         assert nominal(recipe, inv)["tcr"] == pytest.approx(measured, abs=TCR_TOLERANCE), recipe.describe()
 
 

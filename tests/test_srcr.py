@@ -10,7 +10,7 @@ from prunequant.evaluate.srcr import (
     relative_gain, semantic_retention, srcr, srcr_from_rate, srcr_layers, srcr_sqrt_log, srcr_sqrt_log_layers,
     stored_bits,
 )
-from prunequant.recipe import tcr, tcr_layers
+from prunequant.accounting import tcr, tcr_layers
 
 CONFIGS = [(0.0, 16), (0.0, 8), (0.0, 4), (0.0, 3), (0.0, 2), (0.25, 4), (0.5, 4), (0.5, 8), (0.7, 3), (0.25, 16)]
 

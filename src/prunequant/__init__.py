@@ -1,7 +1,6 @@
 """prunequant: joint pruning and quantization of causal LMs, measured with SrCr."""
-__version__ = "0.1.0"
-
-from .recipe import LayerPlan, PruneSpec, QuantSpec, Recipe  # noqa: E402
+from .recipe import LayerPlan, PruneSpec, QuantSpec, Recipe
+from .version import __version__
 
 
 def __getattr__(name):  # keep `import prunequant` light: torch/transformers load on first use

@@ -10,8 +10,7 @@
   of different layers become comparable (an unweighted tr(ΔW H ΔWᵀ) ignores how much the rest of the
   network amplifies or damps each layer's output error; ``weighting: none`` restores it).
 
-The recipe's ``allocation`` mapping holds the method and its options, e.g.
-``{"method": "owl", "lam": 0.08, "M": 5}`` or ``{"method": "bits", "avg_bits": 3.0, "choices": [2, 3, 4, 8]}``.
+The recipe's ``allocation`` (recipe.Allocation) holds the method and its options.
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def _block_of(name: str) -> int:
 
 def allocate(model, recipe: Recipe, calib_ids, device=None, batch_size: int = 8) -> tuple[Recipe, dict]:
     """A copy of ``recipe`` with per-layer overrides from the allocation method, and what was decided."""
-    method = recipe.allocation.get("method", "uniform")
+    method = recipe.allocation.method
     if method == "owl":
         return _owl(model, recipe, calib_ids, device, batch_size)
     if method == "bits":
@@ -77,7 +76,7 @@ def _owl(model, recipe, calib_ids, device, batch_size):
     if recipe.prune is None or recipe.prune.structured:
         raise RecipeError("OWL allocation needs an unstructured --prune METHOD:SPARSITY")
     opts = recipe.allocation
-    M = float(opts.get("M", 5.0))
+    M = float(opts.M)
 
     def probe(name, w, stats):
         return outlier_ratio(w, stats, M=M) + (w.numel(),)
@@ -91,7 +90,7 @@ def _owl(model, recipe, calib_ids, device, batch_size):
         acc[2] += n_par
     ratios = {b: v[0] / v[1] for b, v in per_block.items()}
     params = {b: v[2] for b, v in per_block.items()}
-    sp = owl_sparsity(ratios, recipe.prune.sparsity, lam=float(opts.get("lam", 0.08)), params=params)
+    sp = owl_sparsity(ratios, recipe.prune.sparsity, lam=float(opts.lam), params=params)
     out = copy.deepcopy(recipe)
     # allocation overrides go first so that the user's own overrides (e.g. a dense first block) still win
     out.overrides = [Override(pattern=f"re:\\.{b}\\.", prune={"sparsity": round(s, 6)}) for b, s in sp.items()] + \
@@ -154,14 +153,9 @@ def _bits(model, recipe, calib_ids, device, batch_size):
     if recipe.quant is None:
         raise RecipeError("bit allocation needs --quant METHOD:BITS (its group size and method are kept)")
     opts = recipe.allocation
-    if "avg_bits" not in opts:
-        raise RecipeError("bit allocation needs allocation.avg_bits, e.g. {method: bits, avg_bits: 3.0}")
-    choices = [c for c in opts.get("choices", [2, 3, 4, 8])]
+    choices = list(opts.choices)
     base = recipe.quant
-    proxy = opts.get("proxy", "rtn")  # rtn is fast; gptq measures the solver that will be used
-    weighting = opts.get("weighting", "fisher")
-    if weighting not in ("fisher", "none"):
-        raise RecipeError(f"unknown bit-allocation weighting {weighting!r}; choose fisher or none")
+    proxy, weighting = opts.proxy, opts.weighting
     fisher = {}
     if weighting == "fisher":
         fisher = output_fisher(model, calib_ids, touched_layers(model, recipe), device=device)
@@ -184,7 +178,7 @@ def _bits(model, recipe, calib_ids, device, batch_size):
     n_params = {n: get_weight(model.get_submodule(n)).numel() for n in sens}
     # the budget counts weight bits (as papers quote "2.5 bits"); the achieved figure with scale/zero overhead
     # is reported beside it
-    assign = allocate_bits(sens, n_params, float(opts["avg_bits"]))
+    assign = allocate_bits(sens, n_params, float(opts.avg_bits))
     from .allocate_bits import average_bits
 
     in_f = {n: get_weight(model.get_submodule(n)).shape[1] for n in sens}
@@ -193,6 +187,6 @@ def _bits(model, recipe, calib_ids, device, batch_size):
     out = copy.deepcopy(recipe)
     out.overrides = [Override(pattern=n, quant={"bits": b}) for n, b in assign.items()] + list(recipe.overrides)
     achieved = sum(n_params[n] * b for n, b in assign.items()) / sum(n_params.values())
-    return out, {"method": "bits", "weighting": weighting, "avg_bits_target": float(opts["avg_bits"]), "avg_bits": achieved,
+    return out, {"method": "bits", "weighting": weighting, "avg_bits_target": float(opts.avg_bits), "avg_bits": achieved,
                  "avg_bits_with_overhead": with_overhead, "bits": assign,
                  "sensitivity": sens}

@@ -15,26 +15,20 @@ import math
 from fractions import Fraction
 
 import numpy as np
-import torch
 
+from .accounting import grid_bits_per_weight, tcr_bits
 from .errors import RecipeError
 from .recipe import QuantSpec
 
 
-def bits_cost(bits: float) -> float:
-    """Storage bits per weight of a code (ternary: log2 3, as recipe.effective_bits counts it)."""
-    return math.log2(3) if bits == 1.58 else float(bits)
-
-
-def overhead_per_param(bits: float, group_size: int, symmetric: bool = False, scale_bits: int = 16,
+def overhead_per_param(bits: float, group_size: int, symmetric: bool = False,
                        in_features: int | None = None) -> float:
-    """Scale/zero storage per weight: one scale (``scale_bits``) and, if asymmetric, one zero point of
-    ``bits`` bits per group; per-channel (group_size 0) spreads them over ``in_features`` weights."""
-    span = group_size if group_size > 0 else in_features
-    if not span:
+    """Scale/zero storage per weight of a grid at ``bits`` (per-channel needs ``in_features``)."""
+    if group_size <= 0 and not in_features:
         raise ValueError("per-channel overhead needs in_features (the number of weights sharing one scale)")
-    zero_bits = 0 if symmetric or bits == 1.58 else math.ceil(bits_cost(bits))
-    return (scale_bits + zero_bits) / span
+    spec = QuantSpec(method="billm" if bits == 1 else "rtn", bits=bits, group_size=max(group_size, 0),
+                     symmetric=symmetric)
+    return grid_bits_per_weight(spec, in_features)
 
 
 def _to_int_costs(costs: list[list[float]], budget: float, max_units: int):
@@ -81,7 +75,7 @@ def allocate_bits(
             raise ValueError(f"sensitivity of layer {name!r} is not finite: {dict(zip(opts, e))}")
         options.append(opts)
         errs.append(e)
-        costs.append([n_params[name] * (bits_cost(b) + overhead_bits.get(b, 0.0)) for b in opts])
+        costs.append([n_params[name] * (tcr_bits(b) + overhead_bits.get(b, 0.0)) for b in opts])
     total_n = sum(n_params[n] for n in names)
     budget = avg_bits * total_n
     cheapest = sum(min(c) for c in costs)
@@ -122,7 +116,6 @@ def average_bits(
     n_params: dict[str, int],
     group_size: int = 128,
     symmetric: bool = False,
-    scale_bits: int = 16,
     in_features: dict[str, int] | None = None,
     overhead: dict[str, float] | None = None,
 ) -> float:
@@ -137,24 +130,7 @@ def average_bits(
         if overhead and name in overhead:
             oh = overhead[name]
         else:
-            oh = overhead_per_param(b, group_size, symmetric, scale_bits,
-                                    (in_features or {}).get(name))
+            oh = overhead_per_param(b, group_size, symmetric, (in_features or {}).get(name))
         total += n
-        bits += n * (bits_cost(b) + oh)
+        bits += n * (tcr_bits(b) + oh)
     return bits / total if total else 0.0
-
-
-def layer_sensitivity(W: torch.Tensor, stats, spec: QuantSpec, candidates=(2, 3, 4, 8)) -> dict[float, float]:
-    """Layer objective ‖WX − ŴX‖²/n_tokens of ``spec`` at each candidate bit width (spec.bits ignored;
-    1 bit uses billm)."""
-    from dataclasses import replace
-
-    from .solvers.hessian import layer_objective
-    from .solvers import run_quantize
-
-    out = {}
-    for b in candidates:
-        method = "billm" if b == 1 else ("gptq" if spec.method == "billm" else spec.method)
-        res = run_quantize(W, stats, replace(spec, bits=b, method=method))
-        out[b] = layer_objective(W, res.weight, stats.hessian)
-    return out

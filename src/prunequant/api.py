@@ -1,27 +1,29 @@
 """Public API: ``compress`` and ``evaluate`` (the CLI is a thin layer over these)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import os
+import logging
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .data import calibration_ids, check_disjoint, load_text, tokenize
+from .version import __version__
+from .data import calibration_ids, check_disjoint, load_text
 from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
-from .evaluate.perplexity import perplexity
+from .outputs import check_output_path, output_lock, work_root
 from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
                      set_weight)
 from .solvers import needs, solve_layer
-from .rates import summarize
+from .accounting import summarize
 from .recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,6 +33,9 @@ class CompressionResult:
     recipe: Recipe
     report: EngineReport
     record: dict = field(default_factory=dict)
+    export: object = None  # a StreamingExport still open (lazily loaded models): finished by save()
+    original: object = None  # SafetensorsFiles of the original blocks, when asked to keep them
+    work_dir: Path | None = None  # resume checkpoints; removed by save() once the output is in place
 
     @property
     def rates(self) -> dict:
@@ -55,16 +60,6 @@ def _ids_sha(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()
 
 
-def check_output_dir(out: str | Path | None, overwrite: bool) -> None:
-    if out is None:
-        return
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise PrunequantError(f"output directory {out} already exists; choose another --out or pass --overwrite")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise PrunequantError(f"{out.parent} is not a directory; choose another --out")
-
-
 def linear_param_counts(model) -> list[tuple[str, int]]:
     arch = arch_of(model)
     out = []
@@ -74,36 +69,47 @@ def linear_param_counts(model) -> list[tuple[str, int]]:
     return out
 
 
-def validate_recipe_for_model(model, recipe: Recipe) -> None:
-    """Fail before any work when a layer's shape cannot take its plan (group size, N:M)."""
+def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, announce: bool = True) -> None:
+    """Fail before any work when a layer's shape cannot take its plan (N:M) or the export format cannot
+    store it. A group size that does not divide a layer's width gives that layer a smaller last group
+    per row (ragged, as GPTQ does); ``announce`` says so (compress() does, once per run)."""
+    from .export.ctensors import ragged_problem
+
     arch = arch_of(model)
+    ragged: dict[tuple[int, int], list[str]] = {}
     for i, block in enumerate(get_blocks(model, arch)):
         for rel, mod in block_linears(block, arch).items():
             name = f"{arch.blocks}.{i}.{rel}"
             plan = recipe.plan_for(name)
             in_f = get_weight(mod).shape[1]
             q, p = plan.quant, plan.prune
-            if q and q.group_size and in_f % q.group_size and not (q.ragged and q.group_size < in_f):
-                raise PrunequantError(
-                    f"group size {q.group_size} does not divide {name}'s {in_f} input features; use a divisor "
-                    f"(e.g. g{_divisor(in_f)}), per-channel (pc), or add ':ragged' to let the last group of "
-                    "each row be smaller (as GPTQ and compressed-tensors do)")
+            if q and q.group_size and in_f % q.group_size:
+                ragged.setdefault((q.group_size, in_f), []).append(name)
+                why = ragged_problem(name, in_f, q.group_size) if fmt == "compressed-tensors" else None
+                if why:
+                    raise PrunequantError(why)
             if p and p.structured and in_f % p.m:
                 raise PrunequantError(f"N:M pattern {p.n}:{p.m} needs {name}'s {in_f} input features to be a "
                                       f"multiple of {p.m}")
+    for (g, in_f), names in (ragged.items() if announce else ()):
+        last = in_f % g if g < in_f else in_f
+        log.warning("group size %d does not divide the %d input features of %d layer(s) (e.g. %s): the last group "
+                    "of each row has %d columns", g, in_f, len(names), names[0], last)
 
 
 def smooth_activations(model, ids, alpha: float, batch_size: int) -> dict:
     """SmoothQuant migration before weight compression, folded into norms only (so the saved model is a
     plain checkpoint); the weight solvers then see the smoothed weights and inputs."""
-    from .solvers.actquant import _norm_groups, apply_activation_quant, collect_act_absmax
+    from .models import norm_groups
+    from .solvers.actquant import apply_activation_quant, collect_act_absmax
 
     names = all_linear_names(model)
-    foldable = {n for _, group in _norm_groups(model, set(names)) for n in group}
+    groups = norm_groups(model, set(names))
+    foldable = {n for _, group in groups for n in group}
     dev = next(model.parameters()).device
     absmax = collect_act_absmax(model, sorted(foldable), (ids[i:i + batch_size].to(dev)
                                                           for i in range(0, ids.shape[0], batch_size)))
-    apply_activation_quant(model, absmax, bits=16, alpha=alpha, smooth=True)  # bits=16: no quant hooks yet
+    apply_activation_quant(model, absmax, bits=16, alpha=alpha, smooth=True, groups=groups)  # 16: no hooks yet
     return {"smooth_alpha": alpha, "smoothed_linears": len(foldable)}
 
 
@@ -115,40 +121,59 @@ def enable_act_quant(model, bits: int):
     return apply_activation_quant(model, {n: torch.ones(1) for n in names}, bits=bits, smooth=False)
 
 
-def compress_data_free(model, plan_for, device=None, progress=True) -> EngineReport:
-    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine)."""
+def compress_data_free(model, plan_for, device=None, progress=True, work_dir: str | Path | None = None,
+                       fingerprint: str = "") -> EngineReport:
+    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine).
+
+    With ``work_dir`` every finished block is checkpointed as in the engine, and a later call with the same
+    ``fingerprint`` resumes after it (the directory is left for the caller to remove once saved)."""
     from tqdm.auto import tqdm
 
-    from .engine import _cpu_quant, _summary
-    from .solvers.base import LayerResult, LayerStats
+    from .checkpoint import Checkpoint
+    from .solvers.base import LayerRecord, LayerStats
 
     t0 = time.time()
     device = torch.device(device) if device else default_device()
     report = EngineReport()
     empty = LayerStats(hessian=None, sq_norm=None, n_tokens=0)
-    for name in tqdm(all_linear_names(model), desc="compress (data-free)", disable=not progress):
-        plan = plan_for(name)
-        if plan.is_identity:
+    arch = arch_of(model)
+    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
+    done = resume.done() if resume else 0
+    blocks = get_blocks(model, arch)
+    for i in tqdm(range(len(blocks)), desc="compress (data-free)", unit="block", disable=not progress):
+        if i < done:
+            resume.load_block(i, blocks[i], report)
+            report.resumed_blocks += 1
             continue
-        module = model.get_submodule(name)
-        w = get_weight(module).detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
-        t = time.time()
-        res = solve_layer(w, empty, plan)
-        set_weight(module, res.weight)
-        report.layers[name] = _summary(name, w, plan, res, time.time() - t)
-        report.states[name] = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
-                                          quant=_cpu_quant(res.quant), info=res.info)
+        for rel, module in block_linears(blocks[i], arch).items():
+            name = f"{arch.blocks}.{i}.{rel}"
+            plan = plan_for(name)
+            if plan.is_identity:
+                continue
+            w = get_weight(module).detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
+            t = time.time()
+            res = solve_layer(w, empty, plan)
+            set_weight(module, res.weight)
+            report.layers[name] = LayerRecord.of(name, w, plan, res, time.time() - t)
+            report.states[name] = res.for_export()
+        if resume:
+            resume.save_block(i, blocks[i], report, arch)
     report.seconds = time.time() - t0
     return report
 
 
-def _divisor(n: int) -> int:
-    for g in (128, 64, 32, 16, 8):
-        if n % g == 0:
-            return g
-    return 0
+def _locks_output(fn):
+    """Hold the lock of ``out`` (when given) for the whole call: one writer per output directory."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if kwargs.get("out") is None:
+            return fn(*args, **kwargs)
+        with output_lock(kwargs["out"]):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
+@_locks_output
 def compress(
     model,
     recipe: Recipe,
@@ -167,40 +192,106 @@ def compress(
     allocate: bool = True,
     act_bits: int | None = None,
     smooth_alpha: float = 0.5,
+    encoding: str | None = None,
+    fmt: str | None = None,
+    dtype: torch.dtype | None = None,
+    save_later: bool = False,
+    keep_original: bool = False,
 ) -> CompressionResult:
-    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``."""
-    check_output_dir(out, overwrite)
+    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
+
+    Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) in a
+    subdirectory per recipe and calibration fingerprint; re-running resumes there until the result is saved.
+    ``fmt``: the export format the result is meant for, checked against the recipe before any work.
+
+    A lazily loaded model (``load_model(..., lazy=True)``) is compressed block by block from its files and
+    needs ``out``: each block is written (``fmt``, ``dtype``) as soon as it is done and then dropped.
+    ``save_later`` leaves the output open until ``save(result, out, extra=...)`` (e.g. after an
+    evaluation; a lazy model then keeps its compressed blocks in host memory). ``keep_original`` keeps
+    the original blocks on disk (``result.original``; the checkpoint itself for a lazy model) so that
+    ``original_model(result)`` can stream them back for comparisons without a second copy in memory.
+    """
+    from .lazy import is_lazy, lazy_source, save_blocks
+
+    if out is not None:
+        check_output_path(out, overwrite)
     source = model if isinstance(model, str) else getattr(model, "name_or_path", "in-memory")
     if isinstance(model, str):
-        model, tokenizer = load_model(model)
+        model, tokenizer = load_model(model, lazy=out is not None)
     if tokenizer is None:
         raise PrunequantError("pass tokenizer= with an in-memory model")
-    validate_recipe_for_model(model, recipe)
+    validate_recipe_for_model(model, recipe, fmt=fmt)
+    lazy = is_lazy(model)
+    needs_whole = act_bits or recipe.refine is not None or (allocate and recipe.allocation.method != "uniform")
+    if lazy and (out is None or needs_whole):  # these read the whole model: load the blocks after all
+        from .lazy import materialise
+
+        materialise(model)
+        lazy = False
+    original = None
+    if keep_original:
+        if is_lazy(model):
+            original = lazy_source(model)
+        else:
+            import tempfile
+
+            where = Path(str(out) + ".prunequant-original") if out else Path(tempfile.mkdtemp(prefix="prunequant-"))
+            original = save_blocks(model, where / "blocks.safetensors")
     torch.manual_seed(seed)
-    calib = load_text(calib_text, "calib")
+    calib = load_text(calib_text, "calib", encoding)
     ids = calibration_ids(tokenizer, calib, calib_samples, seq_len, seed, bos=bos_first(model))
     act_info = smooth_activations(model, ids, smooth_alpha, batch_size) if act_bits else None
     plan_recipe = recipe
     alloc_info = None
-    if allocate and recipe.allocation.get("method", "uniform") != "uniform":
+    if allocate and recipe.allocation.method != "uniform":
         from .allocate import allocate as run_allocation
 
         plan_recipe, alloc_info = run_allocation(model, recipe, ids, device=device, batch_size=batch_size)
-    fingerprint = hashlib.sha256(json.dumps([plan_recipe.to_dict(), _ids_sha(ids), str(source)],
+    fingerprint = hashlib.sha256(json.dumps([plan_recipe.to_dict(), _ids_sha(ids), str(source), act_bits,
+                                             smooth_alpha if act_bits else None],
                                             sort_keys=True, default=str).encode()).hexdigest()
     if work_dir is None and out is not None:
-        work_dir = Path(str(out) + ".prunequant-work")
-    if all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
-        report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress)
+        work_dir = work_root(out)
+    if work_dir is not None:
+        work_dir = Path(work_dir) / fingerprint[:16]
+    refine = recipe.refine
+    teacher = _teacher(model, ids, refine, batch_size, device)
+    hook = None
+    if refine is not None and refine.blockwise:
+        from .refine import BlockRefiner
+
+        hook = BlockRefiner(refine, seed=seed)
+    stream = None
+    if lazy:
+        from .export.stream import StreamingExport
+        from .lazy import LazyBlocks
+
+        report = EngineReport()
+        stream = StreamingExport(model, report.states, out, fmt=fmt or "dense", dtype=dtype, overwrite=overwrite)
+        block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later)
+        try:
+            compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+                           batch_size=batch_size, true_sequential=recipe.true_sequential, work_dir=work_dir,
+                           fingerprint=fingerprint, progress=progress, block_io=block_io, report=report,
+                           block_hook=hook)
+        except BaseException as e:
+            stream.abort(e)
+            raise
+        report.timings["blocks_read"] = block_io.reads
+        report.timings["write_blocks"] = block_io.write_seconds  # inside "offload"
+    elif hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
+        report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress,
+                                    work_dir=work_dir, fingerprint=fingerprint)
     else:
         report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
                                 batch_size=batch_size, true_sequential=recipe.true_sequential,
-                                work_dir=work_dir, fingerprint=fingerprint, progress=progress)
+                                work_dir=work_dir, fingerprint=fingerprint, progress=progress, block_hook=hook)
+    refine_info = _refine_global(model, ids, report, refine, teacher, hook, batch_size, device, seed)
     if act_bits:
         enable_act_quant(model, act_bits)
         act_info.update(bits=act_bits)
     n_total = sum(p.numel() for p in model.parameters())
-    rates = summarize(report.layers, n_total, linear_param_counts(model))
+    rates = summarize(report.layers, plan_recipe.plan_for, n_total, linear_param_counts(model))
     record = {
         "prunequant_version": __version__,
         "source_model": str(source),
@@ -208,20 +299,74 @@ def compress(
         "recipe_description": recipe.describe(),
         "allocation": alloc_info,
         "act_quant": act_info,
+        "refine": refine_info,
         "calibration": {**calib.record(), "samples": calib_samples, "seq_len": seq_len, "seed": seed,
                         "token_ids_sha256": _ids_sha(ids)},
         "rates": rates,
-        "layers": report.layers,
+        "layers": {n: r.to_dict() for n, r in report.layers.items()},
         "seconds": round(report.seconds, 2),
         "resumed_blocks": report.resumed_blocks,
+        "timings": {k: round(v, 3) for k, v in report.timings.items()},
         "device": str(device or default_device()),
         "versions": library_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    result = CompressionResult(model, tokenizer, recipe, report, record)
-    if out is not None:
-        save(result, out, overwrite=overwrite)
+    result = CompressionResult(model, tokenizer, recipe, report, record, work_dir=work_dir, export=stream,
+                               original=original)
+    if out is not None and not save_later:
+        save(result, out, overwrite=overwrite, fmt=fmt or "dense", dtype=dtype)
     return result
+
+
+def drop_original(result: CompressionResult) -> None:
+    """Delete the original blocks kept on disk by ``keep_original`` (a lazy model's checkpoint stays)."""
+    files, result.original = result.original, None
+    if files is not None and getattr(files, "owned", False):
+        shutil.rmtree(files.root, ignore_errors=True)
+
+
+def original_model(result: CompressionResult):
+    """The model before compression, sharing everything outside the blocks with ``result.model`` and
+    reading each block from disk as it runs (needs ``compress(..., keep_original=True)``)."""
+    from .lazy import streamed_original
+
+    if result.original is None:
+        raise PrunequantError("the original was not kept: compress with keep_original=True")
+    return streamed_original(result.model, result.original)
+
+
+def _teacher(model, ids, refine, batch_size, device):
+    """The original model's top-k next-token log-probabilities on the calibration windows (global refinement)."""
+    if refine is None or not refine.global_stage:
+        return None
+    from .refine import teacher_topk
+
+    t = time.time()
+    out = teacher_topk(model, ids, refine.topk, batch_size, device or default_device())
+    return out, time.time() - t
+
+
+def _refine_global(model, ids, report, refine, teacher, hook, batch_size, device, seed) -> dict | None:
+    """Run the global stage (if asked) and return what refinement did and cost, beside the one-shot time."""
+    if refine is None:
+        return None
+    from dataclasses import asdict
+
+    info = {"spec": asdict(refine), "seconds_blockwise": round(hook.seconds, 2) if hook else 0.0,
+            "blocks": hook.log if hook else []}
+    seconds = info["seconds_blockwise"]
+    if teacher is not None:
+        from .refine import global_refine
+
+        lp, t_teacher = teacher
+        info["global"] = global_refine(model, ids, report.states, lp, refine, batch_size=batch_size,
+                                       device=device or default_device(), seed=seed)
+        seconds += t_teacher + info["global"].get("seconds", 0.0)
+        report.seconds += t_teacher + info["global"].get("seconds", 0.0)
+    info["seconds"] = round(seconds, 2)
+    info["seconds_one_shot"] = round(report.seconds - seconds, 2)
+    info["time_ratio"] = round(seconds / max(report.seconds - seconds, 1e-9), 3)
+    return info
 
 
 def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",
@@ -230,37 +375,44 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
 
     Every format is written to a temporary sibling, gets a SHA-256 manifest, and is renamed into place
     when complete; prunequant.json (recipe, seeds, hashes, versions, results) goes in with it. Dense keeps
-    the model's own dtype by default, so reloading gives back exactly the evaluated weights.
+    the model's own dtype by default, so reloading gives back exactly the evaluated weights. The resume
+    checkpoints (``result.work_dir``) are removed only after the final rename.
     """
+    from .checkpoint import clear_work_dir
     from .export import export as export_fn
 
     out = Path(out)
-    check_output_dir(out, overwrite)
-    dtype = dtype or next(result.model.parameters()).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
     rec = {**result.record, **(extra or {}), "format": fmt}
-    export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
-              tokenizer=result.tokenizer,
-              extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})
+    if result.export is not None:  # written block by block during compression: add the rest and close it
+        stream, result.export = result.export, None
+        with output_lock(out):
+            stream.finish(result.tokenizer, {"prunequant.json": json.dumps(rec, indent=2, default=str)})
+    else:
+        check_output_path(out, overwrite)
+        dtype = dtype or next(result.model.parameters()).dtype
+        with output_lock(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            export_fn(result.model.to("cpu"), result.report.states, out, fmt=fmt, dtype=dtype, overwrite=overwrite,
+                      tokenizer=result.tokenizer,
+                      extra_files={"prunequant.json": json.dumps(rec, indent=2, default=str)})
+    if result.work_dir is not None:
+        clear_work_dir(result.work_dir)
     return out
 
 
 def evaluate(model, tokenizer=None, *, texts=("wiki",), seq_len: int = 512, max_tokens: int | None = 20_000,
              batch_size: int = 8, device=None, progress: bool = True, calib_text: str | None = None) -> dict:
-    """Perplexity on each evaluation text (the 'eval' split of embedded corpora)."""
+    """Perplexity on each evaluation text (the 'eval' split of embedded corpora), through evaluate.suite."""
+    from .evaluate.suite import SuiteConfig, run_suite
+
     if isinstance(model, str):
         model, tokenizer = load_model(model)
     if device is not None:
         model.to(device)
     elif torch.cuda.is_available() and next(model.parameters()).device.type == "cpu":
         model.to("cuda")
-    out = {}
-    for name in texts:
-        text = load_text(name, "eval")
-        if calib_text is not None and calib_text == name:
-            check_disjoint(load_text(calib_text, "calib"), text)
-        ids = tokenize(tokenizer, text, max_tokens)
-        out[name] = perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
-                               text_sha256=text.sha256)
-        out[name]["text"] = text.name
-    return {"texts": out}
+    if calib_text is not None and calib_text in texts:
+        check_disjoint(load_text(calib_text, "calib"), load_text(calib_text, "eval"))
+    cfg = SuiteConfig(texts=tuple(texts), seq_len=seq_len, max_tokens=max_tokens, batch_size=batch_size,
+                      agree_tokens=0)
+    return run_suite(model, tokenizer, cfg, progress=progress).metrics

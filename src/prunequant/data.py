@@ -161,29 +161,52 @@ def _lambada_text(row: dict) -> str:
 
 # ---- public entry points ----------------------------------------------------------------------------
 
-def load_text(source: str, split: str = "eval") -> Text:
-    """A text source by name: ``wiki``, ``lambada``, a .txt/.jsonl path, or wikitext2/c4/ptb (network)."""
+def _read_local(p: Path, encoding: str | None) -> str:
+    """A local file's text, decoded strictly: invalid bytes are an error naming where, never silently replaced."""
+    raw = p.read_bytes()
+    try:
+        return raw.decode(encoding or "utf-8")
+    except LookupError:
+        raise DataError(f"unknown text encoding {encoding!r}; use e.g. --encoding latin-1 or utf-8") from None
+    except UnicodeDecodeError as e:
+        hint = "check the file" if encoding else "pass --encoding with the file's encoding, e.g. --encoding latin-1"
+        raise DataError(f"{p} is not valid {encoding or 'UTF-8'} (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                        f"{hint}") from None
+
+
+def check_source(source: str) -> None:
+    """Fail at once (before any model is loaded) on a text source that names nothing."""
+    if source in ("wiki", "lambada") or source in HUB_SETS or Path(source).expanduser().is_file():
+        return
+    raise DataError(f"text source {source!r} is neither a file nor one of: wiki, lambada, {', '.join(HUB_SETS)}")
+
+
+def load_text(source: str, split: str = "eval", encoding: str | None = None) -> Text:
+    """A text source by name: ``wiki``, ``lambada``, a .txt/.jsonl path, or wikitext2/c4/ptb (network).
+    Local files are decoded as ``encoding`` (default UTF-8, strictly)."""
     if source == "wiki":
         return Text(f"wiki:{split}", _split(wiki_articles(), split))
     if source == "lambada":
         return Text(f"lambada:{split}", _split(lambada_passages(), split), sep="\n\n")
     if source in HUB_SETS:
         return _hub_text(source, split)
+    check_source(source)
     p = Path(source).expanduser()
-    if not p.is_file():
-        raise DataError(f"text source {source!r} is neither a file nor one of: wiki, lambada, {', '.join(HUB_SETS)}")
     if p.suffix == ".jsonl":
         docs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        for i, line in enumerate(_read_local(p, encoding).splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-                docs.append(row["text"] if isinstance(row, dict) else str(row))
+                text = row["text"] if isinstance(row, dict) else row
             except (json.JSONDecodeError, KeyError) as e:
                 raise DataError(f"{p}:{i}: each line must be a JSON object with a 'text' field ({e})") from None
+            if not isinstance(text, str):
+                raise DataError(f"{p}:{i}: 'text' must be a string, not {type(text).__name__} ({str(text)[:40]})")
+            docs.append(text)
     else:
-        docs = [p.read_text(encoding="utf-8", errors="replace")]
+        docs = [_read_local(p, encoding)]
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise DataError(f"text file {p} is empty")

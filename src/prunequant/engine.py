@@ -23,13 +23,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import _Checkpoint
+from .checkpoint import Checkpoint
 from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
 from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
 from .recipe import LayerPlan
-from .solvers import needs, solve_layer
-from .solvers.base import LayerResult, LayerStats, QuantState
+from .solvers import needs, row_separable, solve_layer
+from .solvers.base import LayerRecord, LayerResult, LayerStats, QuantState
 from .solvers.hessian import layer_objective
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class _Stop(Exception):
 
 @dataclass
 class EngineReport:
-    layers: dict[str, dict] = field(default_factory=dict)  # per-layer summary (shape, sparsity, bits, time, error)
+    layers: dict[str, LayerRecord] = field(default_factory=dict)
     states: dict[str, LayerResult] = field(default_factory=dict)  # masks and quant states for export (weight=None)
     seconds: float = 0.0
     resumed_blocks: int = 0
@@ -53,10 +53,6 @@ class EngineReport:
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _to(obj, device):
-    return to_device(obj, device)
 
 
 def block_layer_types(model) -> list[str] | None:
@@ -183,7 +179,8 @@ class _StatsHook:
 
 
 @torch.no_grad()
-def _run_block(block, inputs, device, outputs: bool):
+def run_block(block, inputs, device, outputs: bool):
+    """Run ``block`` over the calibration batches ``inputs`` ([(hidden, kwargs)]); its outputs if asked."""
     outs = []
     for hidden, kw in inputs:
         try:
@@ -194,20 +191,6 @@ def _run_block(block, inputs, device, outputs: bool):
             y = y[0] if isinstance(y, (tuple, list)) else y
             outs.append(to_store(y, hidden.device))
     return outs
-
-
-def _summary(name: str, w: torch.Tensor, plan: LayerPlan, res: LayerResult, seconds: float) -> dict:
-    q = plan.quant
-    return {
-        "name": name, "shape": list(w.shape), "n_params": w.numel(),
-        "prune": plan.prune.describe() if plan.prune else None,
-        "quant": q.describe() if q else None,
-        "sparsity": round(res.sparsity, 6) if plan.prune else 0.0,
-        "nm": [plan.prune.n, plan.prune.m] if plan.prune and plan.prune.structured else None,
-        "bits": (q.bits if q else 16), "group_size": (q.group_size if q else None),
-        "error": res.info.get("error"), "seconds": round(seconds, 4),
-        **{k: v for k, v in res.info.items() if k in ("damp", "dead", "avg_bits", "stacked")},
-    }
 
 
 class _Clock:
@@ -243,6 +226,8 @@ def compress_model(
     progress: bool = True,
     block_io: BlockIO | None = None,
     dist: DistContext | None = None,
+    block_hook: Callable | None = None,
+    report: EngineReport | None = None,
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
@@ -250,16 +235,22 @@ def compress_model(
     each block); only the block being compressed is moved to ``device``. ``offload_activations``:
     True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
     the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
-    with the same ``fingerprint`` resumes from it instead of starting over. ``dist`` spreads the work
-    over processes (see distributed.py).
+    with the same ``fingerprint`` resumes from it instead of starting over; it is kept after the last
+    block (the caller removes it once the result is saved). ``dist`` spreads the work
+    over processes (see distributed.py). ``block_hook(i, block, arch, inputs, solve, report, device)``, if
+    given, is called instead of each block's solve and must call ``solve()`` itself (refine.BlockRefiner).
+    ``report`` (optional) is filled in place, so a ``block_io`` can read each block's states as it
+    finishes (e.g. to write it out).
     """
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
     dist = dist or DistContext()
+    if block_hook is not None and dist.world > 1:
+        raise ValueError("a block hook (refinement) runs in one process; drop it or use one process")
     block_io = block_io or BlockIO()
     arch = arch_of(model)
     blocks = get_blocks(model, arch)
-    report = EngineReport()
+    report = report if report is not None else EngineReport()
     clock = _Clock(device, report.timings)
     calib_ids = dist.shard(calib_ids)
     if offload_activations is None:
@@ -270,8 +261,17 @@ def compress_model(
     report.offloaded = bool(offload_activations) and device.type != "cpu"
     store = torch.device("cpu") if offload_activations else device
 
-    resume = _Checkpoint(work_dir, fingerprint) if work_dir else None
+    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
     done = resume.done() if resume else 0
+
+    if done >= len(blocks):  # every block was compressed before (killed during evaluation or save)
+        for i, block in enumerate(blocks):
+            block_io.load(i, block, device)
+            resume.load_block(i, block, report)
+            block_io.unload(i, block)
+        report.resumed_blocks = len(blocks)
+        report.seconds = time.time() - t0
+        return report
 
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
     types = block_layer_types(model)
@@ -287,33 +287,30 @@ def compress_model(
             resume.load_block(i, block, report)
             report.resumed_blocks += 1
         else:
-            _compress_block(i, block, arch, block_inputs, plan_for, device, true_sequential, solver, report,
-                            keep_states, clock, dist)
+            solve = functools.partial(_compress_block, i, block, arch, block_inputs, plan_for, device,
+                                      true_sequential, solver, report, keep_states, clock, dist)
+            solve() if block_hook is None else block_hook(i, block, arch, block_inputs, solve, report, device)
             if resume and dist.rank == 0:
                 resume.save_block(i, block, report, arch)
         with clock("forward_out"):
-            inputs_next = _run_block(block, block_inputs, device, outputs=True)
+            inputs_next = run_block(block, block_inputs, device, outputs=True)
             inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
         with clock("offload"):
             block_io.unload(i, block)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    if resume and dist.rank == 0:
-        resume.clear()
+    # the work dir stays until the output is saved (api.save removes it after the final rename)
     report.seconds = time.time() - t0
     return report
 
 
-_ROW_SEPARABLE = {"gptq"}  # rows solved independently given H: stacking q/k/v changes nothing
-
-
 def _stackable(plans: list[LayerPlan], solver) -> bool:
-    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans,
-    and methods whose rows are independent (SparseGPT's block-wide mask threshold is not)."""
+    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans, and
+    Hessian quantizers whose rows are independent (stacking then changes nothing but the launch count)."""
     p = plans[0]
     if solver is not solve_layer or len(plans) < 2 or any(q != p for q in plans) or p.prune is not None:
         return False
-    return p.quant is not None and p.quant.method in _ROW_SEPARABLE
+    return p.quant is not None and needs(p) == "hessian" and row_separable(p)
 
 
 def _split_result(res: LayerResult, sizes: list[int]) -> list[LayerResult]:
@@ -373,7 +370,7 @@ def _compress_block(i, block, arch: ArchSpec, inputs, plan_for, device, true_seq
             handles.append(linears[g[0]].register_forward_hook(hook))
         with clock("forward_stats"):
             try:
-                _run_block(block, inputs, device, outputs=False)
+                run_block(block, inputs, device, outputs=False)
             finally:
                 for h in handles:
                     h.remove()
@@ -407,9 +404,8 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
             name = prefix + rel
             state = None
             if keep_states:
-                state = LayerResult(weight=None, mask=None if res.mask is None else res.mask.cpu(),
-                                    quant=_cpu_quant(res.quant), info=res.info)
-            records.append((name, _summary(name, w, plans[rel], res, secs), state))
+                state = res.for_export()
+            records.append((name, LayerRecord.of(name, w, plans[rel], res, secs), state))
         else:
             weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
         set_weight(module, dist.broadcast_(weight.to(device=device, dtype=torch.float32), owner))
@@ -418,14 +414,3 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
         report.layers[name] = summary
         if state is not None:
             report.states[name] = state
-
-
-def _cpu_quant(q):
-    if q is None:
-        return None
-    for attr in ("codes", "scale", "zero", "g_idx"):
-        v = getattr(q, attr)
-        if torch.is_tensor(v):
-            setattr(q, attr, v.cpu())
-    q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
-    return q

@@ -1,8 +1,17 @@
-"""User-facing errors: the CLI prints their message on one line and exits non-zero."""
+"""User-facing errors: the CLI prints their message on one line and exits with ``exit_code``
+(2: the input or the command line is wrong; 1: the run failed for a reason outside the input)."""
 
 
 class PrunequantError(Exception):
     """A mistake the user can fix; the message says what to change."""
+
+    exit_code = 2
+
+
+class RunError(PrunequantError):
+    """A run that cannot go on (a busy output, a full disk, a failed solve); the message says what to do."""
+
+    exit_code = 1
 
 
 class RecipeError(PrunequantError):
@@ -17,5 +26,5 @@ class DataError(PrunequantError):
     """Text or task data that is missing, empty, too short or malformed."""
 
 
-class NumericalError(PrunequantError):
+class NumericalError(RunError):
     """A solver could not proceed (e.g. Cholesky failed even with more damping)."""

@@ -188,20 +188,37 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
     return spec, None  # a hub id; from_pretrained decides
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name."""
+def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               verify: bool = True, trust_remote_code: bool = False, lazy: bool = False):
+    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name.
+
+    A local directory is checked first (export.check_integrity): a prunequant output must match its
+    manifest; ``verify=False`` skips that with a warning. Code shipped with a checkpoint runs only with
+    ``trust_remote_code`` (``--trust-remote-code``). ``lazy``: for a safetensors checkpoint (a hub id is
+    downloaded first), return a skeleton whose decoder blocks stay on the meta device, read one at a time
+    when compressed (prunequant.lazy); other sources load in full.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .export.integrity import MANIFEST, check_integrity
 
     where, gguf = resolve_model(spec)
     kw = {"gguf_file": gguf} if gguf else {}
-    if not gguf and (Path(where) / "prunequant-manifest.json").is_file():
-        return _load_export(where, dtype, device)
+    kw["trust_remote_code"] = bool(trust_remote_code)
+    if not gguf and Path(where).is_dir():
+        check_integrity(where, verify)
+        if (Path(where) / MANIFEST).is_file() and not _is_structured(where):
+            return _load_export(where, dtype, device)
+    if lazy and not gguf and not trust_remote_code:
+        lazy_where = _local_checkpoint(where, spec)
+        if lazy_where is not None:
+            return _load_lazy(lazy_where, dtype)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
         if not gguf and _is_structured(where):  # structurally pruned: per-layer shapes in the config
-            from .structural import load_structured
+            from .structural.surgery import load_structured
 
-            model = load_structured(where, dtype=dtype)
+            model = load_structured(where, dtype=dtype, verify=False)  # checked above
         else:
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kw)
     except OSError as e:
@@ -223,13 +240,53 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     return model.to(device), tok
 
 
+def _local_checkpoint(where: str, spec: str) -> str | None:
+    """The local directory of a checkpoint that can be read lazily (a hub id is downloaded), else None."""
+    from .lazy import lazy_eligible
+
+    if not Path(where).exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            where = snapshot_download(where, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+        except Exception as e:  # noqa: BLE001 - no network, unknown id: the eager loader says why
+            log.info("lazy loading of %s skipped: %s", spec, str(e).splitlines()[0] if str(e) else e)
+            return None
+    return where if lazy_eligible(where) else None
+
+
+def checkpoint_dtype(spec: str) -> torch.dtype | None:
+    """The dtype a local checkpoint directory's config declares (None when it is not one)."""
+    cfg = Path(spec) / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        c = json.loads(cfg.read_text())
+    except (OSError, ValueError):
+        return None
+    name = c.get("dtype") or c.get("torch_dtype")
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
+
+
+def _load_lazy(where: str, dtype):
+    from transformers import AutoTokenizer
+
+    from .lazy import load_lazy
+
+    tok = AutoTokenizer.from_pretrained(where)
+    model = load_lazy(where, dtype)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
 def _load_export(where: str, dtype, device):
-    """A prunequant export: every file is checked against its SHA-256 manifest before loading."""
+    """A prunequant export (its files already checked against the SHA-256 manifest)."""
     from transformers import AutoTokenizer
 
     from .export import load_exported
 
-    model, _fmt = load_exported(where, dtype=dtype)  # raises ModelLoadError naming a corrupt file
+    model, _fmt = load_exported(where, dtype=dtype, verify=False)  # checked by load_model
     tok = AutoTokenizer.from_pretrained(where)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -249,6 +306,55 @@ def _is_structured(where: str) -> bool:
     return bool(c.get("prunequant_layer_shapes") or c.get("prunequant_removed_blocks"))
 
 
+# The norm whose output is the input of each shared-input group, by architecture and the group's
+# first linear (relative names inside a decoder block). Not listed = no folding (pre-hook division).
+NORM_BEFORE: dict[str, dict[str, str]] = {
+    **{a: {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
+       for a in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
+    **{a: {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm"}
+       for a in ("gemma2", "gemma3_text")},
+    "phi3": {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"},
+    "opt": {"self_attn.q_proj": "self_attn_layer_norm", "fc1": "final_layer_norm"},
+    "gpt2": {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"},
+}
+
+
+def norm_groups(model: nn.Module, names: set[str]) -> list[tuple[str, list[str]]]:
+    """(norm name, linear names) for shared-input groups fully present in ``names``."""
+    try:
+        arch = arch_of(model)
+    except Exception:  # noqa: BLE001 - unknown architecture: no folding, pre-hooks only
+        return []
+    table = NORM_BEFORE.get(arch.name, {})
+    if arch.name == "opt" and not getattr(model.config, "do_layer_norm_before", True):
+        return []  # post-norm OPT (350m): the linears' inputs are not norm outputs
+    out = []
+    for i, block in enumerate(get_blocks(model, arch)):
+        prefix = f"{arch.blocks}.{i}."
+        for group in arch.groups:
+            norm_rel = table.get(group[0])
+            full = [prefix + rel for rel in group]
+            if norm_rel is None or not all(n in names for n in full):
+                continue
+            try:
+                norm = block.get_submodule(norm_rel)
+            except AttributeError:
+                continue
+            if getattr(norm, "weight", None) is not None:
+                out.append((prefix + norm_rel, full))
+    return out
+
+
+def max_length(model) -> int:
+    """The longest sequence the model takes (its configured context, at most 8192)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return min(v, 8192)
+    return 2048
+
+
 def _restore_act_quant(model, where: str | None) -> None:
     """A model compressed with simulated activation quantization gets its fake-quant hooks back on load."""
     rec = Path(where) / "prunequant.json" if where else None
@@ -259,9 +365,10 @@ def _restore_act_quant(model, where: str | None) -> None:
     except json.JSONDecodeError:
         return
     if act and act.get("bits"):
-        from .api import enable_act_quant
+        from .solvers.actquant import apply_activation_quant
 
-        enable_act_quant(model, int(act["bits"]))
+        apply_activation_quant(model, {n: torch.ones(1) for n in all_linear_names(model)}, bits=int(act["bits"]),
+                               smooth=False)
         log.info("re-applied simulated %s-bit activation quantization", act["bits"])
 
 
@@ -287,12 +394,6 @@ def _detach_gguf_quantizer(model) -> None:
         except AttributeError:
             pass
     model.is_quantized = False
-
-
-def model_summary(model) -> dict:
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"model_type": model.config.model_type, "n_params": n_params,
-            "n_blocks": len(get_blocks(model)), "hidden_size": getattr(model.config, "hidden_size", None)}
 
 
 def read_json(path: Path) -> dict:

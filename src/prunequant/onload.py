@@ -20,7 +20,7 @@ class BlockIO:
     """Moves decoder block i to the compute device before it is compressed and back after.
 
     The way back writes into the block's original host tensors instead of allocating new ones: fresh
-    host memory is slow to first touch (seen on the lent H100 VM: the D2H "offload" of a 7B model took
+    host memory is slow to first touch (seen on an H100 machine: the D2H "offload" of a 7B model took
     11.5 s of a 111 s run), and the model keeps one host copy throughout.
     """
 
@@ -43,14 +43,15 @@ class BlockIO:
     def unload(self, i: int, block: nn.Module) -> None:
         home = self._home.pop(i)
         for name, t in self._tensors(block):
-            src = home[name]
-            if src.device == t.device:
+            src = home.get(name)  # None: a tensor the block gained (e.g. a compensation bias)
+            where = src.device if src is not None else next(iter(home.values())).device
+            if t.device == where:
                 continue
-            if src.shape == t.shape and src.dtype == t.dtype:
+            if src is not None and src.shape == t.shape and src.dtype == t.dtype:
                 src.copy_(t.data)
                 t.data = src
-            else:  # the block was reshaped on the device (e.g. structured pruning): take the new tensor home
-                t.data = t.data.to(src.device)
+            else:  # the block was reshaped on the device (structural pruning): take the new tensor home
+                t.data = t.data.to(where)
 
 
 def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
@@ -64,29 +65,26 @@ def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
     return t.to(store)
 
 
+def _map_nest(obj, fn):
+    """``fn`` on every tensor of a nest of tuples / lists / dicts."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, tuple):
+        return tuple(_map_nest(o, fn) for o in obj)
+    if isinstance(obj, list):
+        return [_map_nest(o, fn) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _map_nest(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def to_device(obj, device: torch.device):
     """Move a tensor or a nest of tuples/lists/dicts of tensors (pinned sources copy asynchronously)."""
-    if torch.is_tensor(obj):
-        return obj.to(device, non_blocking=obj.is_pinned()) if obj.device != device else obj
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    if isinstance(obj, list):
-        return [to_device(o, device) for o in obj]
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
+    return _map_nest(obj, lambda t: t.to(device, non_blocking=t.is_pinned()) if t.device != device else t)
 
 
 def store_nest(obj, store: torch.device):
-    if torch.is_tensor(obj):
-        return to_store(obj, store)
-    if isinstance(obj, tuple):
-        return tuple(store_nest(o, store) for o in obj)
-    if isinstance(obj, list):
-        return [store_nest(o, store) for o in obj]
-    if isinstance(obj, dict):
-        return {k: store_nest(v, store) for k, v in obj.items()}
-    return obj
+    return _map_nest(obj, lambda t: to_store(t, store))
 
 
 def _linear_shapes(block: nn.Module) -> list[tuple[int, int]]:

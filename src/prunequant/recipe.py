@@ -18,7 +18,19 @@ from .errors import RecipeError
 PRUNE_METHODS = ("magnitude", "wanda", "sparsegpt")
 QUANT_METHODS = ("rtn", "gptq", "billm")
 SUPPORTED_BITS = (1, 1.58, 2, 3, 4, 5, 6, 7, 8)
-JOINT_MODES = ("onepass", "A", "B")  # one-pass joint OBS; sequential case A (zeros quantized); case B (mask kept exact)
+ALLOCATIONS = ("uniform", "owl", "bits")
+REFINE_MODES = ("blockwise", "global", "both")
+# one-pass joint OBS; prune then quantize every weight, zeros included (no mask kept); prune then quantize the kept
+# weights (mask kept exact). "A" and "B" are the older names of the last two.
+JOINT_MODES = ("onepass", "quantize-pruned", "keep-mask")
+JOINT_ALIASES = {"A": "quantize-pruned", "B": "keep-mask"}
+
+
+def joint_mode(name: str) -> str:
+    mode = JOINT_ALIASES.get(name, name)
+    if mode not in JOINT_MODES:
+        raise RecipeError(f"joint mode {name!r} unknown; choose one of {', '.join(JOINT_MODES)}")
+    return mode
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class PruneSpec:
     damp: float = 0.01
 
     def __post_init__(self):
+        _numbers(self, sparsity=float, n=int, m=int, blocksize=int, damp=float)
         if self.method not in PRUNE_METHODS:
             raise RecipeError(f"unknown pruning method {self.method!r}; choose one of {', '.join(PRUNE_METHODS)}")
         if self.n or self.m:
@@ -68,6 +81,7 @@ class QuantSpec:
     ragged: bool = False  # allow a group size that does not divide a layer (last group of a row smaller)
 
     def __post_init__(self):
+        _numbers(self, bits=_bits, group_size=int, damp=float, blocksize=int)
         if self.method not in QUANT_METHODS:
             raise RecipeError(f"unknown quantization method {self.method!r}; choose one of {', '.join(QUANT_METHODS)}")
         if self.bits not in SUPPORTED_BITS:
@@ -89,12 +103,66 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
+class RefineSpec:
+    """End-to-end refinement after the layer-wise solve (refine/): block output matching, then KL to the
+    original logits. Only what the format stores as continuous moves; masks and bit widths stay exact.
+
+    Learning rates are in the parameters' own units: ``lr_code`` in grid steps (codes and zero points),
+    ``lr_scale`` in log-scale (relative change of each group's scale)."""
+
+    mode: str = "blockwise"
+    steps: int = 100  # optimiser steps per block (block-wise stage)
+    global_steps: int = 0  # steps of the global stage (0 = same as steps)
+    lr_code: float = 5e-3
+    lr_scale: float = 1e-3
+    topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
+    global_batch: int = 4  # windows per global step
+    # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
+    # own activations at that depth (then each block also learns to undo the error of the blocks before it)
+    target: str = "same-inputs"
+
+    def __post_init__(self):
+        _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int)
+        if self.mode not in REFINE_MODES:
+            raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
+        if self.steps < 1 or self.global_steps < 0:
+            raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
+        if not (self.lr_code > 0 and self.lr_scale >= 0):
+            raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
+        if self.target not in ("same-inputs", "original-stream"):
+            raise RecipeError(f"refine target {self.target!r} unknown; choose same-inputs or original-stream")
+        if self.topk < 1 or self.global_batch < 1:
+            raise RecipeError("refine topk and global_batch must be >= 1")
+
+    @property
+    def blockwise(self) -> bool:
+        return self.mode in ("blockwise", "both")
+
+    @property
+    def global_stage(self) -> bool:
+        return self.mode in ("global", "both")
+
+    @property
+    def n_global_steps(self) -> int:
+        return self.global_steps or self.steps
+
+    def describe(self) -> str:
+        steps = f"{self.steps} steps/block" if self.blockwise else ""
+        if self.global_stage:
+            steps = ", ".join(s for s in (steps, f"{self.n_global_steps} global KL steps") if s)
+        return f"refined {self.mode} ({steps})"
+
+
+@dataclass(frozen=True)
 class LayerPlan:
     """What happens to one linear layer. Both None = left dense and unquantized."""
 
     prune: PruneSpec | None = None
     quant: QuantSpec | None = None
     joint: str = "onepass"
+
+    def __post_init__(self):
+        object.__setattr__(self, "joint", joint_mode(self.joint))
 
     @property
     def is_identity(self) -> bool:
@@ -110,10 +178,69 @@ class Override:
     prune: dict | None = None  # fields to change in the global PruneSpec; {} with "sparsity": 0 = dense
     quant: dict | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.pattern, str) or not self.pattern:
+            raise RecipeError(f"override pattern {self.pattern!r} must be a non-empty string (a glob, or re:REGEX)")
+        if self.pattern.startswith("re:"):
+            try:
+                re.compile(self.pattern[3:])
+            except re.error as e:
+                raise RecipeError(f"override pattern {self.pattern!r} is not a valid regular expression ({e})") \
+                    from None
+        for key in ("prune", "quant"):
+            v = getattr(self, key)
+            if v is not None and not isinstance(v, dict):
+                raise RecipeError(f"override {self.pattern!r}: {key} must be a mapping of fields to change, "
+                                  f"e.g. {{bits: 8}}, not {v!r}")
+
     def matches(self, name: str) -> bool:
         if self.pattern.startswith("re:"):
             return re.search(self.pattern[3:], name) is not None
         return fnmatch.fnmatchcase(name, self.pattern)
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """How a budget is spread over the layers (allocate.py) and the allocator's options."""
+
+    method: str = "uniform"  # uniform, owl (per-block sparsity) or bits (per-layer bit widths)
+    avg_bits: float | None = None  # bits: the average-bit budget
+    choices: tuple = (2, 3, 4, 8)  # bits: candidate widths
+    proxy: str = "rtn"  # bits: the quantizer that measures each width's error (gptq: the solver itself)
+    weighting: str = "fisher"  # bits: errors weighted by the loss's output Fisher, or none
+    lam: float = 0.08  # owl: largest deviation from the mean sparsity
+    M: float = 5.0  # owl: outlier threshold, in multiples of the mean score
+
+    def __post_init__(self):
+        object.__setattr__(self, "choices", tuple(self.choices))
+        if self.method not in ALLOCATIONS:
+            raise RecipeError(f"unknown allocation {self.method!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.method == "bits" and self.avg_bits is None:
+            raise RecipeError("bit allocation needs an average-bit budget: --avg-bits 3.0, or "
+                              "allocation: {method: bits, avg_bits: 3.0}")
+        if self.weighting not in ("fisher", "none"):
+            raise RecipeError(f"unknown bit-allocation weighting {self.weighting!r}; choose fisher or none")
+        if self.proxy not in QUANT_METHODS:
+            raise RecipeError(f"unknown bit-allocation proxy {self.proxy!r}; choose one of {', '.join(QUANT_METHODS)}")
+
+    @classmethod
+    def parse(cls, value) -> "Allocation":
+        """From a method name (``bits``), a mapping (``{method: owl, lam: 0.1}``) or an Allocation."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            value = {"method": value}
+        if not isinstance(value, dict):
+            raise RecipeError(f"allocation must be a method name or a mapping such as {{method: owl}}, not {value!r}")
+        unknown = set(value) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise RecipeError(f"unknown allocation option(s) {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
+        return cls(**value)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["choices"] = list(self.choices)
+        return d
 
 
 @dataclass
@@ -121,13 +248,14 @@ class Recipe:
     prune: PruneSpec | None = None
     quant: QuantSpec | None = None
     joint: str = "onepass"
-    allocation: dict = field(default_factory=lambda: {"method": "uniform"})
+    allocation: Allocation = field(default_factory=lambda: Allocation())
     overrides: list[Override] = field(default_factory=list)
     true_sequential: bool = True
+    refine: RefineSpec | None = None
 
     def __post_init__(self):
-        if self.joint not in JOINT_MODES:
-            raise RecipeError(f"joint mode {self.joint!r} unknown; choose one of {', '.join(JOINT_MODES)}")
+        self.allocation = Allocation.parse(self.allocation)
+        self.joint = joint_mode(self.joint)
         for o in self.overrides:
             for spec, cls in ((o.prune, PruneSpec), (o.quant, QuantSpec)):
                 if spec:
@@ -157,16 +285,17 @@ class Recipe:
             "prune": asdict(self.prune) if self.prune else None,
             "quant": asdict(self.quant) if self.quant else None,
             "joint": self.joint,
-            "allocation": dict(self.allocation),
+            "allocation": self.allocation.to_dict(),
             "overrides": [asdict(o) for o in self.overrides],
             "true_sequential": self.true_sequential,
+            **({"refine": asdict(self.refine)} if self.refine else {}),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
         if not isinstance(d, dict):
             raise RecipeError("a recipe must be a mapping with keys such as prune, quant, overrides")
-        known = {"prune", "quant", "joint", "allocation", "overrides", "true_sequential"}
+        known = {"prune", "quant", "joint", "allocation", "overrides", "true_sequential", "refine"}
         unknown = set(d) - known
         if unknown:
             raise RecipeError(f"unknown recipe key(s) {sorted(unknown)}; known: {sorted(known)}")
@@ -175,9 +304,11 @@ class Recipe:
                 prune=PruneSpec(**d["prune"]) if d.get("prune") else None,
                 quant=QuantSpec(**d["quant"]) if d.get("quant") else None,
                 joint=d.get("joint", "onepass"),
-                allocation=dict(d.get("allocation") or {"method": "uniform"}),
-                overrides=[Override(**o) for o in d.get("overrides") or []],
+                allocation=d.get("allocation") or Allocation(),
+                overrides=[Override(**o) if isinstance(o, dict) else _bad_override(o)
+                           for o in d.get("overrides") or []],
                 true_sequential=bool(d.get("true_sequential", True)),
+                refine=_refine_of(d.get("refine")),
             )
         except TypeError as e:
             raise RecipeError(f"malformed recipe: {e}") from None
@@ -213,7 +344,45 @@ class Recipe:
         s = " + ".join(p for p in parts if p) or "no compression"
         if self.prune and self.quant:
             s += f" [{self.joint}]"
+        if self.refine:
+            s += f", {self.refine.describe()}"
         return s
+
+
+def _refine_of(d) -> RefineSpec | None:
+    """A recipe's ``refine`` key: a mode name or a mapping of RefineSpec fields."""
+    if not d:
+        return None
+    if isinstance(d, str):
+        return RefineSpec(mode=d)
+    if not isinstance(d, dict):
+        raise RecipeError(f"refine must be a mode ({', '.join(REFINE_MODES)}) or a mapping such as "
+                          f"{{mode: both, steps: 100}}, not {d!r}")
+    return RefineSpec(**d)
+
+
+def _bad_override(o):
+    raise RecipeError(f"each override must be a mapping such as {{pattern: '*.k_proj', skip: true}}, not {o!r}")
+
+
+def _bits(v):
+    return float(v) if float(v) != int(float(v)) else int(float(v))
+
+
+def _numbers(spec, **kinds) -> None:
+    """Numeric fields of a frozen spec as numbers, or a RecipeError naming the field (YAML gives strings)."""
+    for name, kind in kinds.items():
+        v = getattr(spec, name)
+        if isinstance(v, bool):
+            raise RecipeError(f"{name} {v!r} must be a number")
+        try:
+            num = kind(v)
+        except (TypeError, ValueError, OverflowError):
+            raise RecipeError(f"{name} {v!r} is not a number; e.g. "
+                              f"{ {'sparsity': '0.5', 'bits': '4', 'group_size': '128'}.get(name, '1')}") from None
+        if kind is int and num != float(v):
+            raise RecipeError(f"{name} {v!r} must be a whole number")
+        object.__setattr__(spec, name, num)
 
 
 def _merge(base, changes: dict, cls):
@@ -267,22 +436,3 @@ def parse_quant(text: str) -> QuantSpec:
     if kw["bits"] == 1.58:
         kw.setdefault("symmetric", True)
     return QuantSpec(**kw)
-
-
-# ---- theoretical compression rate ---------------------------------------------------------------
-
-def effective_bits(quant: QuantSpec | None) -> float:
-    return 16.0 if quant is None else (math.log2(3) if quant.bits == 1.58 else float(quant.bits))
-
-
-def tcr(sparsity: float = 0.0, bits: float = 16.0) -> float:
-    """Theoretical compression rate against 16-bit weights: 1 − (q/16)(1 − s)."""
-    return 1.0 - (bits / 16.0) * (1.0 - sparsity)
-
-
-def tcr_layers(layers: list[tuple[int, float, float]]) -> float:
-    """Per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per compressed layer."""
-    total = sum(n for n, _, _ in layers)
-    if total == 0:
-        return 0.0
-    return 1.0 - sum(n * q * (1 - s) for n, s, q in layers) / (16.0 * total)

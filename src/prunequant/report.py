@@ -2,7 +2,8 @@
 
 A run is a dict {"name": str, "tcr": float (theoretical compression rate, 0 = uncompressed),
 "metrics": evaluation result (see evaluate/retention.py), "retention": {measure: ratio}} and optionally
-"sr" (else computed as the mean of the ratios) and "srcr". Plots use matplotlib's Agg canvas directly
+"sr" (else computed as the mean of the ratios), "srcr" and "series" (which curve of the frontier plot it
+belongs to, e.g. "joint refined"; ``series_of`` names it from a compression record). Plots use matplotlib's Agg canvas directly
 (no pyplot, no display needed).
 """
 from __future__ import annotations
@@ -159,9 +160,64 @@ def plot_pareto(results, path: str | Path, quality: str = "sr") -> Path:
     return Path(path)
 
 
+def plot_frontier(results, path: str | Path, quality: str = "sr") -> Path:
+    """Quality against TCr, one curve per series (quantization only, joint one-shot, joint refined, ...): each
+    series' points and its upper envelope (the best quality reached at each TCr or beyond)."""
+    runs = [r for r in _runs(results) if r.get("series") and r.get("tcr") is not None and r.get(quality) is not None]
+    fig = _figure(6.5, 4.5)
+    ax = fig.add_subplot(111)
+    markers = "o^sDvP*X"
+    for k, series in enumerate(dict.fromkeys(r["series"] for r in runs)):
+        pts = sorted((float(r["tcr"]), float(r[quality])) for r in runs if r["series"] == series)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers[k % len(markers)], color=f"C{k}",
+                   zorder=3, label=series)
+        front = [pts[i] for i in pareto_front(pts)]
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=f"C{k}", lw=1.2)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("theoretical compression rate (TCr)")
+    ax.set_ylabel({"sr": "Sr (mean retention)", "srcr": "SrCr"}.get(quality, quality))
+    ax.set_title("Retention frontier")
+    ax.grid(alpha=0.3)
+    if runs:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
+def series_of(record: dict) -> str:
+    """The frontier series of a compression record (prunequant.json): what was compressed, and whether refined."""
+    r = record.get("recipe") or {}
+    prune, quant = r.get("prune") is not None, r.get("quant") is not None
+    kind = "joint" if prune and quant else "quantization" if quant else "pruning"
+    if record.get("refine") or r.get("refine"):
+        return f"{kind} refined"
+    return f"{kind} one-shot" if kind == "joint" else f"{kind} only"
+
+
+def load_runs(paths) -> list[dict]:
+    """Runs from files: run JSONs (the shape above) or compressed-model directories / prunequant.json files
+    written by ``prunequant compress --eval``."""
+    runs = []
+    for p in map(Path, paths):
+        f = p / "prunequant.json" if p.is_dir() else p
+        if not f.is_file():
+            raise FileNotFoundError(f"{p}: neither a run JSON nor a directory with prunequant.json")
+        d = json.loads(f.read_text())
+        if "evaluation" in d:  # a compression record
+            ev = d["evaluation"]
+            d = {"name": p.name if p.is_dir() else p.stem, "tcr": d["rates"]["tcr"], "metrics": ev["compressed"],
+                 "retention": ev["retention"], "sr": ev["sr"], "srcr": ev.get("srcr"), "series": series_of(d)}
+        elif "metrics" not in d and "sr" not in d:
+            raise ValueError(f"{f}: no evaluation in it (compress with --eval, or give a run JSON)")
+        runs.append(d)
+    return runs
+
+
 def write_report(results, out_dir: str | Path, title: str = "prunequant evaluation", console: Console | None = None,
                  plots: bool = True, show: bool = True) -> dict[str, Path]:
-    """Print the table and write report.json, report.md, retention.png and pareto.png into ``out_dir``."""
+    """Print the table and write report.json, report.md, retention.png, pareto.png and, when runs name their
+    series, frontier.png into ``out_dir``."""
     runs = _runs(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -175,8 +231,10 @@ def write_report(results, out_dir: str | Path, title: str = "prunequant evaluati
             files["retention_png"] = plot_retention(runs, out / "retention.png")
         if any(r.get("tcr") is not None and r.get("sr") is not None for r in runs):
             files["pareto_png"] = plot_pareto(runs, out / "pareto.png")
+        if any(r.get("series") and r.get("sr") is not None for r in runs):
+            files["frontier_png"] = plot_frontier(runs, out / "frontier.png")
     return files
 
 
-__all__ = ["markdown_report", "pareto_front", "plot_pareto", "plot_retention", "print_report", "table_rows",
-           "write_report"]
+__all__ = ["load_runs", "markdown_report", "pareto_front", "plot_frontier", "plot_pareto", "plot_retention",
+           "print_report", "series_of", "table_rows", "write_report"]

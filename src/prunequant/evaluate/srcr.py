@@ -72,7 +72,7 @@ def stored_bits(sparsity: float = 0.0, bits: float = BASE_BITS) -> float:
 
 def srcr_from_rate(sr: float, rate: float, lam: float = 1.0) -> float:
     """SrCr from any compression rate in [0, 1) against 16 bits: TCr, or an overhead-inclusive rate
-    (rates.summarize()['rate_with_overheads']) to score real storage."""
+    (accounting.summarize()['rate_with_overheads']) to score real storage."""
     _check(sr, lam)
     if not 0.0 <= rate < 1.0:
         raise PrunequantError(f"compression rate {rate} is outside [0, 1)")

@@ -32,9 +32,14 @@ class SuiteConfig:
     fewshot: int | None = None
     gen_tokens: int = 256
     task_seed: int = 0
+    encoding: str | None = None  # of local text files (None: strict UTF-8)
+    task_batch_size: int | None = None  # None: max(batch_size, 16)
 
     def settings(self) -> dict:
         out = asdict(self)
+        out.pop("task_batch_size")  # batching does not change what is measured
+        if self.encoding is None:  # keep the base-result cache keys of older runs
+            out.pop("encoding")
         if not any(_is_generative(t) for t in self.tasks):  # keep the base-result cache keys of older runs
             for k in ("fewshot", "gen_tokens", "task_seed"):
                 out.pop(k)
@@ -67,7 +72,7 @@ def _device_of(model):
 def _own_metrics(model, tok, cfg: SuiteConfig, progress: bool) -> dict:
     out = {"texts": {}}
     for name in cfg.texts:
-        text = load_text(name, "eval")
+        text = load_text(name, "eval", cfg.encoding)
         ids = tokenize(tok, text, cfg.max_tokens)
         r = perplexity(model, ids, cfg.seq_len, batch_size=cfg.batch_size, progress=progress, text_sha256=text.sha256)
         r["text"] = text.name
@@ -76,13 +81,13 @@ def _own_metrics(model, tok, cfg: SuiteConfig, progress: bool) -> dict:
         from .tasks import evaluate_tasks
 
         out["tasks"] = evaluate_tasks(model, tok, list(cfg.tasks), limit=cfg.task_limit,
-                                      batch_size=max(cfg.batch_size, 16), progress=progress,
+                                      batch_size=cfg.task_batch_size or max(cfg.batch_size, 16), progress=progress,
                                       generation=cfg.generation())
     return out
 
 
 def _agreement_ids(tok, cfg: SuiteConfig) -> torch.Tensor:
-    ids = tokenize(tok, load_text(cfg.texts[0], "eval"), cfg.agree_tokens)
+    ids = tokenize(tok, load_text(cfg.texts[0], "eval", cfg.encoding), cfg.agree_tokens)
     n = ids.numel() // cfg.seq_len
     return ids[: n * cfg.seq_len].view(n, cfg.seq_len)
 
@@ -106,7 +111,7 @@ def run_suite(model, tok, cfg: SuiteConfig, base=None, progress: bool = True, ra
     if cfg.prompts and cfg.texts:
         from .semantic import continuation_similarity, held_out_prompts
 
-        prompts = held_out_prompts(load_text(cfg.texts[0], "eval").text, n=cfg.prompts)
+        prompts = held_out_prompts(load_text(cfg.texts[0], "eval", cfg.encoding).text, n=cfg.prompts)
         try:
             metrics["similarity"] = continuation_similarity(model, base, tok, prompts, cfg.max_new_tokens,
                                                             batch_size=cfg.batch_size, progress=progress)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from ..models import bos_first
+from ..models import bos_first, max_length
 from .task_data import TASKS, Example, TaskSpec, get_task
 
 # Tasks on which even SmolLM2-135M is clearly above chance (WinoGrande, BoolQ, OpenBookQA, COPA and MMLU are
@@ -56,15 +56,6 @@ def _prefix_token(tokenizer) -> int:
     raise DataError("a request has an empty context and the tokenizer has neither a BOS nor an EOS token")
 
 
-def _max_length(model) -> int:
-    cfg = getattr(model, "config", None)
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int) and v > 0:
-            return min(v, 8192)
-    return 2048
-
-
 def _forward_kwargs(model) -> set[str]:
     try:
         params = inspect.signature(model.forward).parameters
@@ -87,7 +78,7 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size
     tokens (e.g. ARC, HellaSwag, SciQ; not PIQA, WinoGrande, LAMBADA). ``batch_size`` bounds the rows of
     one forward.
     """
-    max_len = _max_length(model)
+    max_len = max_length(model)
     accepted = _forward_kwargs(model)
     ctx_cache: dict[str, list[int]] = {}
     encoded = []

@@ -13,12 +13,12 @@ import torch
 from .compact import load_compact, save_compact
 from .ctensors import load_compressed_tensors, save_compressed_tensors
 from .dense import load_dense, save_dense
-from .integrity import ExportError, verify_manifest
+from .integrity import ExportError, check_integrity, verify_manifest
 from .size import detect_format, print_size_report, size_report, size_tables
 
 FORMATS = ("compact", "compressed-tensors", "dense")
 
-__all__ = ["FORMATS", "ExportError", "detect_format", "export", "load_compact", "load_compressed_tensors",
+__all__ = ["FORMATS", "ExportError", "check_integrity", "detect_format", "export", "load_compact", "load_compressed_tensors",
            "load_dense", "load_exported", "print_size_report", "save_compact", "save_compressed_tensors",
            "save_dense", "size_report", "size_tables", "verify_manifest"]
 
@@ -40,8 +40,7 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None, device: st
                   verify: bool = True):
     """Load any export (format detected) after checking its manifest; returns (model, format_name)."""
     path = Path(path)
-    if verify:
-        verify_manifest(path)
+    check_integrity(path, verify)
     fmt = detect_format(path)
     loader = {"compact": load_compact, "compressed-tensors": load_compressed_tensors, "dense": load_dense}[fmt]
     return loader(path, dtype=dtype, device=device, verify=False), fmt

@@ -17,6 +17,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..accounting import nm_rank_bits  # noqa: F401  (the mask encoding's width; counted in the ledger)
+
 _CHUNK = 1 << 20  # values per chunk (a multiple of 8, so every chunk starts on a byte boundary)
 
 
@@ -152,11 +154,6 @@ def _patterns(m: int, k: int) -> np.ndarray:
     """All m-bit integers with exactly k bits set (bit i = position i kept), ascending."""
     vals = [sum(1 << i for i in c) for c in itertools.combinations(range(m), k)]
     return np.array(sorted(vals), dtype=np.int64)
-
-
-def nm_rank_bits(m: int, k: int) -> int:
-    """Bits per group of m to name which k positions are kept."""
-    return max(1, math.ceil(math.log2(math.comb(m, k))))
 
 
 def encode_nm(mask: torch.Tensor, m: int, k: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult, QuantState
-from .integrity import ExportError
+from .integrity import CONFIG_MARK, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +191,7 @@ def save_config(model: nn.Module, root: Path, dtype: torch.dtype, quantization_c
     d = cfg.to_dict()
     d.pop("quantization_config", None)
     d["dtype"] = dtype_name(dtype)
+    d[CONFIG_MARK] = FORMAT_VERSION
     if quantization_config is not None:
         d["quantization_config"] = quantization_config
     (root / "config.json").write_text(json.dumps(d, indent=2, sort_keys=True))
@@ -274,12 +275,19 @@ def assign_tensor(model: nn.Module, key: str, value: torch.Tensor, dtype: torch.
         raise ModelLoadError(f"tensor {key} names nothing in the model; the export does not match its config")
 
 
+def forget_mark(model: nn.Module) -> None:
+    """A loaded model is no longer the export: saving it elsewhere must not claim a missing manifest."""
+    if hasattr(model.config, CONFIG_MARK):
+        delattr(model.config, CONFIG_MARK)
+
+
 def finish_model(model: nn.Module, tied: dict[str, str], root: Path) -> nn.Module:
     for dropped, kept in tied.items():
         mod_name, _, attr = dropped.rpartition(".")
         src_mod, _, src_attr = kept.rpartition(".")
         src = getattr(model.get_submodule(src_mod), src_attr)
         setattr(model.get_submodule(mod_name), attr, src)
+    forget_mark(model)
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise ModelLoadError(f"{root} lacks {len(missing)} tensors of the model (e.g. {missing[0]}); re-export it")

@@ -22,7 +22,7 @@ from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, 
 from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
                      write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,48 @@ def encode_linear(lin: LinearExport, dtype: torch.dtype, scale_dtype: torch.dtyp
     return tensors, enc
 
 
+class CompactWriter:
+    """Writes tensors in the compact format as they come (whole model, or block by block)."""
+
+    def __init__(self, root: Path, states: dict[str, LayerResult], dtype: torch.dtype, *,
+                 scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB"):
+        dtype_name(dtype), dtype_name(scale_dtype)
+        self.root, self.states, self.dtype, self.scale_dtype = root, states, dtype, scale_dtype
+        self.writer = ShardWriter(root, PREFIX, parse_size(max_shard_size), metadata={"prunequant_format": FORMAT})
+        self.layers: dict[str, dict] = {}
+        self.rounded: list[float] = []
+
+    def add(self, key: str, t: torch.Tensor, module_of) -> None:
+        name = key[:-7] if key.endswith(".weight") and key[:-7] in self.states else None
+        if name is None:
+            self.writer.add({key: t.to(self.dtype) if t.is_floating_point() else t})
+            return
+        lin = analyse_linear(name, module_of(name), self.states[name])
+        tensors, enc = encode_linear(lin, self.dtype, self.scale_dtype)
+        self.writer.add(tensors)
+        self.layers[name] = {**lin.record, **enc}
+        if enc.get("scale_rounding"):
+            self.rounded.append(enc["scale_rounding"])
+
+    def close(self, model, tied: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+        bad = sorted(weight_key(n) for n in self.states if weight_key(n) in tied)
+        if bad:
+            raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
+        missing = sorted(set(self.states) - set(self.layers))
+        if missing:
+            raise ExportError(f"states name {missing[0]}, which has no weight in the model; pass the model they "
+                              "were computed on")
+        if self.rounded:
+            log.warning("%d layer scales are not exactly representable in %s (largest relative change %.2g); "
+                        "pass scale_dtype=torch.float32 for a bit-exact export", len(self.rounded),
+                        dtype_name(self.scale_dtype), max(self.rounded))
+        save_config(model, self.root, self.dtype)
+        shards = self.writer.close()
+        write_descriptor(self.root, FORMAT, self.dtype, self.layers, scale_dtype=dtype_name(self.scale_dtype),
+                         tied=tied, shards=shards)
+        write_extras(self.root, tokenizer, extra_files)
+
+
 def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
                  scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB",
                  overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
@@ -114,40 +156,16 @@ def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dty
     gives back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales).
     """
     dtype_name(dtype), dtype_name(scale_dtype)
+    items, tied = model_tensors(model)
+    bad = sorted(weight_key(n) for n in states if weight_key(n) in tied)
+    if bad:
+        raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
-        save_config(model, tmp, dtype)
-        writer = ShardWriter(tmp, PREFIX, parse_size(max_shard_size), metadata={"prunequant_format": FORMAT})
-        items, tied = model_tensors(model)
-        by_key = {weight_key(n): n for n in states}
-        bad = sorted(k for k in by_key if k in tied)
-        if bad:
-            raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
-        layers: dict[str, dict] = {}
-        rounded = []
+        w = CompactWriter(tmp, states, dtype, scale_dtype=scale_dtype, max_shard_size=max_shard_size)
         for key, t in items:
-            name = by_key.get(key)
-            if name is None:
-                writer.add({key: t.to(dtype) if t.is_floating_point() else t})
-                continue
-            lin = analyse_linear(name, model.get_submodule(name), states[name])
-            tensors, enc = encode_linear(lin, dtype, scale_dtype)
-            writer.add(tensors)
-            layers[name] = {**lin.record, **enc}
-            if enc.get("scale_rounding"):
-                rounded.append(enc["scale_rounding"])
-            del lin, tensors
-        missing = sorted(set(states) - set(layers))
-        if missing:
-            raise ExportError(f"states name {missing[0]}, which has no weight in the model; pass the model they "
-                              "were computed on")
-        if rounded:
-            log.warning("%d layer scales are not exactly representable in %s (largest relative change %.2g); "
-                        "pass scale_dtype=torch.float32 for a bit-exact export", len(rounded),
-                        dtype_name(scale_dtype), max(rounded))
-        shards = writer.close()
-        write_descriptor(tmp, FORMAT, dtype, layers, scale_dtype=dtype_name(scale_dtype), tied=tied, shards=shards)
-        write_extras(tmp, tokenizer, extra_files)
+            w.add(key, t, model.get_submodule)
+        w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 
@@ -159,20 +177,8 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     if entry["stored_as"] == "float":
         return parts[base].float()
     out_f, in_f = entry["shape"]
-    n = out_f * in_f
-    me = entry["mask_encoding"]
     try:
-        if me is None:
-            mask = None
-        elif me["type"] == "bitmask":
-            mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
-        else:
-            m, k = me["m"], me["m"] - me["n"]
-            ranks = unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], n // m)
-            mask = decode_nm(ranks, m, k, (out_f, in_f))
-        kept = n if mask is None else int(mask.sum())
-        if kept != entry["kept"]:
-            raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+        mask, kept = _decode_mask(base, entry, parts)
         if entry["stored_as"] == "sparse-float":
             W = torch.zeros(out_f, in_f, dtype=torch.float32)
             W[mask] = parts[f"{base}.values"].float()
@@ -185,17 +191,41 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     return W.t() if entry.get("transposed") else W
 
 
+def _decode_mask(base: str, entry: dict, parts: dict) -> tuple[torch.Tensor | None, int]:
+    """(mask or None, kept count) of a stored layer, checked against the descriptor."""
+    out_f, in_f = entry["shape"]
+    me = entry["mask_encoding"]
+    if me is None:
+        mask = None
+    elif me["type"] == "bitmask":
+        mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
+    else:
+        m, k = me["m"], me["m"] - me["n"]
+        mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
+                         m, k, (out_f, in_f))
+    kept = out_f * in_f if mask is None else int(mask.sum())
+    if kept != entry["kept"]:
+        raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
+    return mask, kept
+
+
 def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
+    q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
+    W = q.dequantize()
+    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+
+
+def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
+    """The stored grid as a QuantState over the whole (out, in) weight. Pruned positions get the code of
+    the zero point where that is an integer code (so they dequantize to exactly 0), else 0."""
+    from ..solvers.base import QuantState
+
     cb = entry["code_bits"]
     if entry["code_encoding"] == "trits":
         sel = unpack_trits(parts[f"{base}.codes"], kept)
     else:
         sel = unpack_bits(parts[f"{base}.codes"], cb, kept)
-    if mask is None:
-        codes = sel.reshape(out_f, in_f)
-    else:
-        codes = torch.zeros(out_f, in_f, dtype=torch.int64)
-        codes[mask] = sel
     scale = parts[f"{base}.scale"].float()
     ng = entry["n_groups"]
     z = entry["zero"]
@@ -209,12 +239,35 @@ def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
         g = _contiguous_groups(in_f, entry["group_size"] or 0)
     else:
         g = parts[f"{base}.g_idx"].long()
-    # same formula and float32 arithmetic as QuantState.dequantize, so the weights come back bit-exact
-    W = scale[:, g] * (codes.float() - zero[:, g])
-    return W if mask is None else torch.where(mask, W, torch.zeros((), dtype=W.dtype))
+    if mask is None:
+        codes = sel.reshape(out_f, in_f).to(torch.uint8)
+    else:
+        zg = zero[:, g]
+        exact = bool(((zg == zg.round()) & (zg >= 0) & (zg < (1 << cb))).all())
+        codes = zg.to(torch.uint8) if exact else torch.zeros(out_f, in_f, dtype=torch.uint8)
+        codes[mask] = sel.to(torch.uint8)
+    bits = 1.58 if entry["code_encoding"] == "trits" else cb
+    return QuantState("uniform", bits, entry["group_size"] or 0, bool(entry.get("symmetric", False)), codes,
+                      scale, zero, g.to(torch.int32))
 
 
-def _layer_of(key: str, layers: dict) -> str | None:
+def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
+    """(QuantState over the layer's (out, in) weight, mask or None, whether pruned positions dequantize to
+    exactly 0) of a layer stored as quantized codes — what a packed runtime needs, with no float weight."""
+    base = weight_key(name)
+    out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
+    try:
+        mask, kept = _decode_mask(base, entry, parts)
+        q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
+    except KeyError as e:
+        raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
+    except ValueError as e:
+        raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
+    zeros_exact = mask is None or bool((q.dequantize()[~mask] == 0).all())
+    return q, mask, zeros_exact
+
+
+def layer_of(key: str, layers: dict) -> str | None:
     if key.endswith(".weight") and key[:-7] in layers:
         return key[:-7]
     prefix, _, part = key.rpartition(".")
@@ -234,7 +287,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root)
     if desc is None or desc.get("format") != FORMAT:
         raise ModelLoadError(f"{root} is not a {FORMAT} export (no or another prunequant-export.json)")
@@ -249,7 +302,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
             with safe_open(str(shard), framework="pt") as f:
                 grouped: dict[str, dict] = {}
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    name = _layer_of(key, layers)
+                    name = layer_of(key, layers)
                     if name is None:
                         assign_tensor(model, key, f.get_tensor(key), dtype, device)
                     else:

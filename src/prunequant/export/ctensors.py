@@ -27,7 +27,7 @@ from ..solvers.base import LayerResult, QuantState
 from .common import (DTYPES, TERNARY_BITS, analyse_linear, assign_tensor, code_bits, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
                      write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, verify_manifest
+from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +53,42 @@ def _unsupported_reason(module: nn.Module, q: QuantState | None, asymmetric: str
         contiguous = torch.zeros(in_f, dtype=torch.int64)
     if not torch.equal(q.g_idx.to("cpu", torch.int64), contiguous):
         return "act-order groups (g_idx) are not expressible in compressed-tensors >= 0.20; use the compact format"
+    ragged = ragged_problem("this layer", in_f, q.group_size)
+    if ragged:
+        return ragged.split(": ", 1)[1]
     zero = q.zero
     if not bool((zero == zero.round()).all()) or float(zero.min()) < 0 or float(zero.max()) > 2**bits - 1:
         return "zero points are not integers within the code range"
     if asymmetric == "widen" and not _is_symmetric(zero, bits) and bits == 8:
         return "an asymmetric 8-bit grid cannot be widened to 9 bits; use asymmetric='zero-point'"
     return None
+
+
+MIN_CT_GROUP = 32  # smallest group a ragged layout is re-expressed with (scale overhead, kernel support)
+
+
+def ragged_problem(name: str, in_f: int, group_size: int) -> str | None:
+    """Why a ragged group layout of this layer cannot be written as compressed-tensors (None = it can).
+
+    compressed-tensors needs the group size to divide the row. A ragged layout (g128 over 576 columns) is
+    re-expressed exactly with gcd(group size, in_features)-column groups; below MIN_CT_GROUP that would
+    multiply the stored scales (and no runtime kernel takes such groups), so it is refused instead."""
+    if group_size <= 0 or in_f % group_size == 0:
+        return None
+    g = math.gcd(group_size, in_f)
+    if g >= MIN_CT_GROUP:
+        return None
+    return (f"{name}: group size {group_size} leaves a ragged last group over its {in_f} input features, which "
+            f"compressed-tensors cannot store (it needs groups that divide the row; re-expressed, they would be "
+            f"{g} columns wide); use g{nearest_group_size(in_f, group_size)} (the nearest that divides {in_f}), "
+            "per-channel (pc), or --format compact")
+
+
+def nearest_group_size(in_f: int, group_size: int) -> int:
+    """The divisor of ``in_f`` that is a multiple of 8 and at least MIN_CT_GROUP, nearest to ``group_size``
+    (ties to the larger); ``in_f`` itself when there is none."""
+    cands = [d for d in range(MIN_CT_GROUP, in_f + 1, 8) if in_f % d == 0] or [in_f]
+    return min(cands, key=lambda d: (abs(d - group_size), -d))
 
 
 def _is_symmetric(zero: torch.Tensor, bits: int) -> bool:
@@ -134,6 +164,64 @@ def _quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> 
             "sparsity_config": {}, "transform_config": {}, **qc.model_dump(exclude={"quant_method"})}
 
 
+class CompressedTensorsWriter:
+    """Writes a pack-quantized checkpoint as tensors come (whole model, or block by block); a layer the
+    format cannot express is refused (``fallback="error"``) or stored as floats (``"dense"``)."""
+
+    def __init__(self, root: Path, states: dict[str, LayerResult], dtype: torch.dtype, *,
+                 scale_dtype: torch.dtype | None = None, asymmetric: str = "zero-point", fallback: str = "error",
+                 max_shard_size: int | str = "2GB"):
+        dtype_name(dtype)
+        self.scale_dtype = scale_dtype or dtype
+        dtype_name(self.scale_dtype)
+        if asymmetric not in ASYM_MODES:
+            raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
+        if fallback not in ("error", "dense"):
+            raise ExportError(f"fallback={fallback!r}: choose 'error' or 'dense'")
+        self.root, self.states, self.dtype = root, states, dtype
+        self.asymmetric, self.fallback = asymmetric, fallback
+        self.writer = ShardWriter(root, "model", parse_size(max_shard_size))
+        self.schemes: dict[tuple, list[str]] = {}
+        self.layers: dict[str, dict] = {}
+
+    def reason(self, name: str, module: nn.Module) -> str | None:
+        st = self.states[name]
+        r = _unsupported_reason(module, st.quant, self.asymmetric) if st.quant is not None else None
+        if r and self.fallback == "error":
+            raise ExportError(f"layer(s) cannot be written as compressed-tensors, e.g. {name}: {r}; export in the "
+                              "compact format, or pass fallback='dense' to store them unquantized")
+        return r
+
+    def add(self, key: str, t: torch.Tensor, module_of) -> None:
+        name = key[:-7] if key.endswith(".weight") and key[:-7] in self.states else None
+        lin = reason = None
+        if name is not None:
+            module = module_of(name)
+            reason = self.reason(name, module)
+            lin = analyse_linear(name, module, self.states[name])
+        if lin is None or lin.quant is None or reason:
+            if lin is not None:
+                self.layers[name] = {**lin.record, "stored_as": "float"}
+                if reason:
+                    self.layers[name]["note"] = reason
+            self.writer.add({key: t.to(self.dtype) if t.is_floating_point() else t})
+            return
+        scheme = _scheme_of(lin.quant, self.asymmetric)
+        self.writer.add(_pack_layer(name, lin, scheme, self.scale_dtype))
+        self.schemes.setdefault(scheme, []).append(name)
+        self.layers[name] = {**lin.record, "stored_as": "quantized", "ct_bits": scheme[0], "ct_symmetric": scheme[2]}
+
+    def close(self, model, tied: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+        quantized = {n for names in self.schemes.values() for n in names}
+        ignore = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and n not in quantized]
+        qconfig = _quantization_config(self.schemes, ignore) if self.schemes else None
+        save_config(model, self.root, self.dtype, quantization_config=qconfig)
+        self.writer.close()
+        write_descriptor(self.root, FORMAT, self.dtype, self.layers, scale_dtype=dtype_name(self.scale_dtype),
+                         tied=tied, asymmetric=self.asymmetric)
+        write_extras(self.root, tokenizer, extra_files)
+
+
 def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str | Path,
                             dtype: torch.dtype = torch.float16, *, scale_dtype: torch.dtype | None = None,
                             asymmetric: str = "zero-point", fallback: str = "error",
@@ -147,8 +235,7 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
     (listed in ``ignore``).
     """
     dtype_name(dtype)
-    scale_dtype = scale_dtype or dtype
-    dtype_name(scale_dtype)
+    dtype_name(scale_dtype or dtype)
     if asymmetric not in ASYM_MODES:
         raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
     if fallback not in ("error", "dense"):
@@ -170,33 +257,12 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
                           "them unquantized")
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, "model", parse_size(max_shard_size))
+        w = CompressedTensorsWriter(tmp, states, dtype, scale_dtype=scale_dtype, asymmetric=asymmetric,
+                                    fallback=fallback, max_shard_size=max_shard_size)
         items, tied = model_tensors(model)
-        by_key = {weight_key(n): n for n in states}
-        schemes: dict[tuple, list[str]] = {}
-        layers: dict[str, dict] = {}
         for key, t in items:
-            name = by_key.get(key)
-            lin = analyse_linear(name, modules[name], states[name]) if name else None
-            if lin is None or lin.quant is None or name in reasons:
-                if lin is not None:
-                    layers[name] = {**lin.record, "stored_as": "float"}
-                    if name in reasons:
-                        layers[name]["note"] = reasons[name]
-                writer.add({key: t.to(dtype) if t.is_floating_point() else t})
-                continue
-            scheme = _scheme_of(lin.quant, asymmetric)
-            writer.add(_pack_layer(name, lin, scheme, scale_dtype))
-            schemes.setdefault(scheme, []).append(name)
-            layers[name] = {**lin.record, "stored_as": "quantized", "ct_bits": scheme[0], "ct_symmetric": scheme[2]}
-        quantized = {n for names in schemes.values() for n in names}
-        ignore = [n for n, mod in modules.items() if isinstance(mod, nn.Linear) and n not in quantized]
-        qconfig = _quantization_config(schemes, ignore) if schemes else None
-        save_config(model, tmp, dtype, quantization_config=qconfig)
-        writer.close()
-        write_descriptor(tmp, FORMAT, dtype, layers, scale_dtype=dtype_name(scale_dtype), tied=tied,
-                         asymmetric=asymmetric)
-        write_extras(tmp, tokenizer, extra_files)
+            w.add(key, t, modules.__getitem__)
+        w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 
@@ -229,7 +295,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     cfg = json.loads((root / "config.json").read_text())
     qdict = dict(cfg.get("quantization_config") or {})
     if not qdict:  # nothing was quantized: a plain checkpoint

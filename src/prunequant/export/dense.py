@@ -8,11 +8,35 @@ import torch
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
-from .common import (DTYPES, analyse_linear, dtype_name, model_tensors, read_descriptor, save_config, weight_key,
+from .common import (DTYPES, analyse_linear, dtype_name, forget_mark, model_tensors, read_descriptor, save_config,
                      write_descriptor, write_extras)
-from .integrity import ShardWriter, atomic_output, parse_size, verify_manifest
+from .integrity import ShardWriter, atomic_output, parse_size, check_integrity
 
 FORMAT = "dense"
+
+
+class DenseWriter:
+    """Writes a plain checkpoint as tensors come (whole model, or block by block)."""
+
+    def __init__(self, root: Path, states: dict[str, LayerResult] | None, dtype: torch.dtype, *,
+                 max_shard_size: int | str = "2GB"):
+        dtype_name(dtype)
+        self.root, self.states, self.dtype = root, states if states is not None else {}, dtype
+        self.writer = ShardWriter(root, "model", parse_size(max_shard_size))
+        self.layers: dict[str, dict] = {}
+
+    def add(self, key: str, t: torch.Tensor, module_of) -> None:
+        self.writer.add({key: t.to(self.dtype) if t.is_floating_point() else t})
+        name = key[:-7] if key.endswith(".weight") else None
+        if name in self.states:  # only the per-layer record (sparsity, bits) used by size_report
+            self.layers[name] = {**analyse_linear(name, module_of(name), self.states[name]).record,
+                                 "stored_as": "float"}
+
+    def close(self, model, tied: dict, tokenizer=None, extra_files: dict | None = None) -> None:
+        save_config(model, self.root, self.dtype)
+        self.writer.close()
+        write_descriptor(self.root, FORMAT, self.dtype, self.layers, tied=tied)
+        write_extras(self.root, tokenizer, extra_files)
 
 
 def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
@@ -25,19 +49,11 @@ def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *
     dtype_name(dtype)
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
-        save_config(model, tmp, dtype)
-        writer = ShardWriter(tmp, "model", parse_size(max_shard_size))
+        w = DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size)
         items, tied = model_tensors(model)
         for key, t in items:
-            writer.add({key: t.to(dtype) if t.is_floating_point() else t})
-        writer.close()
-        layers = {}
-        stored = {k for k, _ in items}
-        for name, st in (states or {}).items():
-            if weight_key(name) in stored:
-                layers[name] = {**analyse_linear(name, model.get_submodule(name), st).record, "stored_as": "float"}
-        write_descriptor(tmp, FORMAT, dtype, layers, tied=tied)
-        write_extras(tmp, tokenizer, extra_files)
+            w.add(key, t, model.get_submodule)
+        w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 
@@ -47,11 +63,12 @@ def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str |
 
     root = Path(path)
     if verify:
-        verify_manifest(root)
+        check_integrity(root)
     desc = read_descriptor(root) or {}
     dtype = dtype or DTYPES.get(desc.get("dtype", ""), None) or "auto"
     try:
         model = AutoModelForCausalLM.from_pretrained(root, dtype=dtype)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a bad checkpoint
         raise ModelLoadError(f"cannot load {root} with transformers: {e}") from None
+    forget_mark(model)
     return model.to(device).eval()

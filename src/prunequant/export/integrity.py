@@ -16,16 +16,21 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError, PrunequantError
+from ..errors import ModelLoadError, PrunequantError, RunError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "prunequant-manifest.json"
 MANIFEST_VERSION = 1
+CONFIG_MARK = "prunequant_export"  # a key of every export's config.json: tells our exports apart from others
 
 
 class ExportError(PrunequantError):
     """A model or output location that cannot be exported as asked; the message says what to change."""
+
+
+class OutputChangedError(ExportError, RunError):
+    """The output directory appeared while we were writing it (someone else's): ours is not put in place."""
 
 
 # ---- atomic output directory ------------------------------------------------------------------
@@ -34,13 +39,14 @@ class ExportError(PrunequantError):
 def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool = True):
     """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir.
 
-    On any exception the temporary directory is removed and out_dir is untouched.
+    On any exception the temporary directory is removed and out_dir is untouched. An existing out_dir
+    is replaced only with ``overwrite``, and only once the new one is complete.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ExportError(f"output directory {out} already exists; choose another one or pass overwrite=True")
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory; remove it or choose another")
+    if out.exists() and not overwrite:
+        raise ExportError(f"output directory {out} already exists; choose another one or pass overwrite=True")
     if not out.parent.is_dir():
         raise ExportError(f"parent directory {out.parent} of the output does not exist; create it first")
     tmp = out.parent / f".{out.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -49,6 +55,9 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool =
         yield tmp
         if manifest:
             write_manifest(tmp)
+        if out.exists() and not overwrite:  # it appeared while we were writing: never replace it silently
+            raise OutputChangedError(f"{out} was created by someone else while this output was written; it was not "
+                              "replaced. Choose another --out, or pass --overwrite and run again (it resumes)")
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -109,6 +118,43 @@ def verify_manifest(root: str | Path, full: bool = True) -> dict:
         if full and sha256_file(f) != want["sha256"]:
             raise ModelLoadError(f"{f} is altered: its SHA-256 differs from {MANIFEST}; copy it again or re-export")
     return manifest
+
+
+RUN_RECORDS = ("prunequant.json", "prunequant-export.json")
+
+
+def written_by_prunequant(root: str | Path) -> bool:
+    """Does this directory come from prunequant (a run record, or our mark in config.json)? Then it had a
+    manifest. (Not a safetensors metadata key: safetensors writes metadata in hash order, so a second key
+    would make the bytes of an export differ from run to run.)"""
+    root = Path(root)
+    if any((root / f).is_file() for f in RUN_RECORDS):
+        return True
+    try:
+        return CONFIG_MARK in json.loads((root / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_integrity(root: str | Path, verify: bool = True) -> None:
+    """Verify a local model directory before it is loaded or measured.
+
+    With a manifest: every file is checked. Without one, a directory that prunequant wrote is refused (its
+    manifest was deleted or never copied: nothing proves the weights are the ones evaluated); other
+    checkpoints pass. ``verify=False`` (``--no-verify``) skips the check with a warning.
+    """
+    root = Path(root)
+    has_manifest = (root / MANIFEST).is_file()
+    if not verify:
+        if has_manifest or written_by_prunequant(root):
+            log.warning("%s: integrity check skipped (--no-verify); its files may not be the ones evaluated", root)
+        return
+    if has_manifest:
+        verify_manifest(root)
+    elif written_by_prunequant(root):
+        raise ModelLoadError(f"{root} was written by prunequant but has no {MANIFEST}, so its files cannot be "
+                             "checked (deleted, or an incomplete copy); copy or export it again, or pass "
+                             "--no-verify to use it unchecked")
 
 
 # ---- sharded safetensors writing --------------------------------------------------------------
@@ -189,6 +235,12 @@ class ShardWriter:
 
 def read_safetensors_header(path: str | Path) -> dict:
     """The JSON header of a safetensors file (tensor dtypes, shapes, byte offsets) without reading data."""
+    header = _full_header(path)
+    header.pop("__metadata__", None)
+    return header
+
+
+def _full_header(path: str | Path) -> dict:
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -198,7 +250,8 @@ def read_safetensors_header(path: str | Path) -> dict:
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
         raise ModelLoadError(f"{path} is not a readable safetensors file ({e}); re-export it") from None
-    header.pop("__metadata__", None)
+    if not isinstance(header, dict):
+        raise ModelLoadError(f"{path} is not a readable safetensors file (bad header); re-export it")
     return header
 
 

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from ..recipe import tcr_layers
+from ..accounting import tcr_layers
 from .common import EXPORT_JSON, read_descriptor
-from .integrity import MANIFEST, read_safetensors_header
+from .integrity import MANIFEST, check_integrity, read_safetensors_header
 
 _MODEL_FILES = {"config.json", "generation_config.json", EXPORT_JSON, MANIFEST}
 
@@ -50,11 +50,13 @@ def detect_format(root: str | Path) -> str:
     raise ModelLoadError(f"{root} is not a model export: no {EXPORT_JSON} and no config.json + *.safetensors")
 
 
-def size_report(root: str | Path) -> dict:
-    """Bytes on disk, bits per original parameter, TCr and real compression rate of an export directory."""
+def size_report(root: str | Path, verify: bool = True) -> dict:
+    """Bytes on disk, bits per original parameter, TCr and real compression rate of an export directory
+    (its files checked against the manifest first, see integrity.check_integrity)."""
     root = Path(root)
     if not root.is_dir():
         raise ModelLoadError(f"{root} is not a directory")
+    check_integrity(root, verify)
     fmt = detect_format(root)
     desc = read_descriptor(root) or {}
     layers_meta = desc.get("layers", {})

@@ -19,8 +19,9 @@ from .qlinear import QuantLinear, build_quant_linear
 def default_backends(device) -> dict[int, list[str]]:
     """Backend preference per bit width: the Triton kernels on CUDA; torch's CPU kernels on the CPU."""
     if torch.device(device).type == "cuda":
-        return {2: ["triton", "packed"], 4: ["triton", "tinygemm", "packed"], 8: ["triton", "packed"]}
-    return {2: ["packed"], 4: ["tinygemm", "packed"], 8: ["int8pack", "packed"]}
+        return {2: ["triton", "packed"], 3: ["triton", "packed"], 4: ["triton", "tinygemm", "packed"],
+                8: ["triton", "packed"]}
+    return {2: ["packed"], 3: ["packed"], 4: ["tinygemm", "packed"], 8: ["int8pack", "packed"]}
 
 
 def segments_of(q: QuantState) -> list[tuple[QuantState, torch.Tensor | None]]:

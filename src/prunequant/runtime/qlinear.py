@@ -8,11 +8,12 @@ columns into a high-bit and a low-bit part) is two, whose products are added.
 Segment backends (``BACKENDS``), tried in the order asked for, each checked against the dequantized
 weight on a probe input before it is kept (what failed, and why, is recorded):
 
-- ``triton``: our codes packed ``8 // bits`` per byte, fp16 scales and uint8 zero points; the Triton
-  kernel of triton_wmm.py dequantizes tiles in registers (CUDA). Both segments of a mixed layer run in
-  one launch, gathering their input columns in the kernel. Above ``small_m`` input rows the weight is
-  dequantized once into a dense buffer and multiplied by cuBLAS (``large_m = "reconstruct"``), or the
-  kernel runs with large tiles (``large_m = "kernel"``).
+- ``triton``: our codes packed ``32 // bits`` per int32 word (2, 3, 4, 8 bits), fp16 scales and uint8
+  zero points; the Triton kernels of triton_wmm.py unpack them in registers (CUDA): a float32 GEMV for a
+  few input rows, a tensor-core kernel for more, tiles timed per shape and cached. Both segments of a
+  mixed layer run in one launch, gathering their input columns in the kernel. Above ``small_m`` input
+  rows the weight is dequantized once into a dense buffer and multiplied by cuBLAS
+  (``large_m = "reconstruct"``), or the kernel runs with large tiles (``large_m = "kernel"``).
 - ``packed``: the same storage, dequantized with torch ops at every call (the CPU path; the fallback
   where Triton is missing).
 - ``tinygemm``: 4-bit, torch's own int4 kernel (``aten._weight_int4pack_mm`` on CUDA, bf16 only;
@@ -48,29 +49,31 @@ class Unsupported(Exception):
 # ---- packing -------------------------------------------------------------------------------------
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(N, K) integer codes → (N, ceil(K / per)) uint8, per = 8 // bits; code k sits in byte k // per at
-    bit (k % per)·bits (little-endian, the order of export/bitpack.py's streams)."""
+    """(N, K) integer codes → (N, ceil(K / per)) int32 words, per = 32 // bits; code k sits in word k // per
+    at bit (k % per)·bits (for 2, 4 and 8 bits the bytes of export/bitpack.py's little-endian stream;
+    3-bit codes leave the top 2 bits of a word unused)."""
     if bits not in triton_wmm.SUPPORTED_BITS:
-        raise Unsupported(f"{bits}-bit codes cannot be packed whole into bytes (2, 4 and 8 bits can)")
-    per = 8 // bits
+        raise Unsupported(f"{bits}-bit codes have no packed layout (2, 3, 4 and 8 bits do)")
+    per = triton_wmm.per_word(bits)
     n, k = codes.shape
-    c = codes.to(torch.int32)
+    c = codes.to(torch.int64)
     if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
         raise ValueError(f"codes outside [0, {(1 << bits) - 1}] do not fit {bits} bits")
     pad = (-k) % per
     if pad:
         c = F.pad(c, (0, pad))
     c = c.reshape(n, -1, per)
-    shifts = torch.arange(per, device=c.device, dtype=torch.int32) * bits
-    return (c << shifts).sum(-1).to(torch.uint8)
+    shifts = torch.arange(per, device=c.device, dtype=torch.int64) * bits
+    words = (c << shifts).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     """Inverse of pack_codes: (N, k) uint8 codes."""
-    per = 8 // bits
-    shifts = torch.arange(per, device=packed.device, dtype=torch.uint8) * bits
-    c = (packed[:, :, None] >> shifts) & ((1 << bits) - 1)
-    return c.reshape(packed.shape[0], -1)[:, :k]
+    per = triton_wmm.per_word(bits)
+    shifts = torch.arange(per, device=packed.device, dtype=torch.int32) * bits
+    c = (packed.to(torch.int32)[:, :, None] >> shifts) & ((1 << bits) - 1)
+    return c.reshape(packed.shape[0], -1)[:, :k].to(torch.uint8)
 
 
 def check_state(q: QuantState, k: int) -> None:
@@ -105,7 +108,7 @@ class Segment(nn.Module):
 
 
 class PackedSegment(Segment):
-    """Codes packed into bytes, fp16 (or fp32) scales, uint8 (or fp32) zero points."""
+    """Codes packed into int32 words, fp16 (or fp32) scales, uint8 (or fp32) zero points."""
 
     def __init__(self, q: QuantState, cols, device, use_triton: bool):
         n, k = q.codes.shape

@@ -2,21 +2,31 @@
 under TRITON_INTERPRET=1, for the tests).
 
 ``y = x · Wᵀ (+ b)`` where W is held as one or two *segments*, each a (N, K_s) matrix of b-bit codes
-(b ∈ {2, 4, 8}; ``8 // b`` codes per byte, code k in byte k // per at bit (k % per)·b, as
-export/bitpack.py orders a stream) with a grid per output row and group of ``group_size`` consecutive
-columns (``w = scale · (code − zero)``, the convention of solvers/base.py), reading its input columns
-``x[:, cols]`` (channel-level mixed precision: the high-bit and the low-bit columns of one layer are
-two segments of one launch, both accumulated into the same output tile).
+(b ∈ {2, 3, 4, 8}) packed into int32 words, ``32 // b`` codes per word, code k in word k // per at bit
+(k % per)·b — for 2, 4 and 8 bits the same bytes as export/bitpack.py's little-endian stream — with a
+grid per output row and group of ``group_size`` consecutive columns (``w = scale · (code − zero)``, the
+convention of solvers/base.py), reading its input columns ``x[:, cols]`` (channel-level mixed precision:
+the high-bit and the low-bit columns of one layer are two segments of one launch).
 
-The weight tile is dequantized in float32 — ``(code − zero) · scale`` is exact there, since scales are
-fp16 values and codes/zeros small integers — and rounded once to the activation dtype: the tensor-core
-product then sees exactly the weights of the dequantized model in that dtype, and only the order of the
-float32 accumulation differs from a dense matmul. ``dequantize_into`` writes the same values into a
-dense buffer (large inputs: dequantize once, then one cuBLAS matmul).
+Two regimes:
+- decode (few input rows, memory-bound): ``_gemv_kernel`` reads whole words of a few rows per step,
+  unpacks them in registers and accumulates ``x · w`` elementwise in float32 (no tensor cores: at one to
+  eight rows the weight bytes are the cost), optionally split over K with float32 atomics;
+- more rows: ``_wmm_kernel`` dequantizes weight tiles to the activation dtype and uses ``tl.dot``;
+  above ``QuantLinear.small_m`` rows the layer is dequantized once (``dequantize_into``) and multiplied
+  by cuBLAS instead.
+The tiles of both kernels are chosen per (GPU, shape, rows) by timing a few candidates on first use
+(``tuned``) and cached, in memory and in a JSON file (``PRUNEQUANT_TILE_CACHE``).
+
+Weights are dequantized in float32 — ``(code − zero) · scale`` is exact there, since scales are fp16
+values and codes/zeros small integers. The dot kernel rounds them once to the activation dtype, so the
+tensor-core product sees exactly the dequantized model's weights; the decode kernel keeps them in float32.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -26,7 +36,11 @@ try:  # triton is optional: CPU installs have no need for it
 except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
-SUPPORTED_BITS = (2, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def per_word(bits: int) -> int:
+    return 32 // bits
 
 
 def available(t: torch.Tensor) -> bool:
@@ -36,13 +50,17 @@ def available(t: torch.Tensor) -> bool:
     return t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
 if triton is not None:
 
     @triton.jit
     def _segment(acc, X, sxm, sxk, rm, m_mask, rn, n_mask, C, scn, S, Z, ssn, COLS, K, GS,
                  BITS: tl.constexpr, HAS_COLS: tl.constexpr, GROUP_TILE: tl.constexpr, IEEE: tl.constexpr,
                  BK: tl.constexpr):
-        PER: tl.constexpr = 8 // BITS
+        PER: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = (1 << BITS) - 1
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
@@ -54,8 +72,8 @@ if triton is not None:
             x = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
                         other=0.0)
             wk_mask = n_mask[:, None] & k_mask[None, :]
-            byte = tl.load(C + rn[:, None] * scn + (rk // PER)[None, :], mask=wk_mask, other=0)
-            code = ((byte.to(tl.int32) >> ((rk % PER) * BITS)[None, :]) & LOW).to(tl.float32)
+            word = tl.load(C + rn[:, None] * scn + (rk // PER)[None, :], mask=wk_mask, other=0)
+            code = ((word >> ((rk % PER) * BITS)[None, :]) & LOW).to(tl.float32)
             if GROUP_TILE:  # the whole k-tile lies in one group: one scale / zero per row
                 g = k0 // GS
                 s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
@@ -98,16 +116,146 @@ if triton is not None:
         tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
+    @triton.jit
+    def _code_at(words, J: tl.constexpr, BITS: tl.constexpr):
+        """Code J of every int32 word as float32 ``c · 2^sh`` (sh = _shift_of(J)), without an int→float
+        conversion: the code's bits are OR-ed into the mantissa of 2^23 (exact while they stay below bit 23;
+        the codes above are first shifted down once)."""
+        LOW: tl.constexpr = (1 << BITS) - 1
+        DIRECT: tl.constexpr = 23 // BITS  # codes whose bits lie in 0..22
+        if J < DIRECT:
+            u = words & (LOW << (J * BITS))
+        else:
+            u = (words >> (DIRECT * BITS)) & (LOW << ((J - DIRECT) * BITS))
+        return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def _inv_shift(J: tl.constexpr, BITS: tl.constexpr):
+        """2^-sh for code J (see _code_at), built from its exponent bits (exact)."""
+        DIRECT: tl.constexpr = 23 // BITS
+        SH: tl.constexpr = J * BITS if J < DIRECT else (J - DIRECT) * BITS
+        return tl.full((), (127 - SH) << 23, tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit(do_not_specialize=["M", "N", "K", "KW", "KWS", "GS"])
+    def _gemv_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
+                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, WORD_GROUPS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        # program (n-tile, k-split, input row): rows rn of W over words [pid_k·KWS, (pid_k+1)·KWS).
+        # Per word position j: t += c_j · x_j elementwise over (rows, words); with every word inside one
+        # group (WORD_GROUPS) the grid is applied once per word: acc += s · (t − z · Σ_j x_j).
+        PER: tl.constexpr = 32 // BITS
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        m = tl.program_id(2)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        w_lo = pid_k * KWS
+        acc = tl.zeros((BN, BW), dtype=tl.float32)
+        for i in range(0, KWS, BW):  # the last split may run past KW: masked
+            rw = w_lo + i + tl.arange(0, BW)
+            w_mask = (rw < KW) & (rw < w_lo + KWS)
+            nw_mask = n_mask[:, None] & w_mask[None, :]
+            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+            t = tl.zeros((BN, BW), dtype=tl.float32)
+            xs = tl.zeros((BW,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                k = rw * PER + j
+                k_mask = w_mask & (k < K)
+                if HAS_COLS:
+                    xc = tl.load(COLS + k, mask=k_mask, other=0)
+                else:
+                    xc = k
+                xj = tl.load(X + m * sxm + xc * sxk, mask=k_mask, other=0.0).to(tl.float32)
+                f = _code_at(words, j, BITS)
+                if WORD_GROUPS:
+                    t += f * (xj * _inv_shift(j, BITS))[None, :]
+                    xs += xj
+                else:  # groups change inside a word: the grid per weight
+                    g = k // GS
+                    gm = n_mask[:, None] & k_mask[None, :]
+                    s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    t += (f * _inv_shift(j, BITS) - z) * s * xj[None, :]
+            if WORD_GROUPS:
+                g = (rw * PER) // GS
+                s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                acc += s * (t - z * xs[None, :])
+            else:
+                acc += t
+        out = tl.sum(acc, axis=1)
+        if HAS_BIAS:  # added by the first k-split only
+            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
+            out += tl.where(pid_k == 0, bias, 0.0)
+        if ATOMIC:
+            tl.atomic_add(Y + m * sym + rn, out, mask=n_mask)
+        else:
+            tl.store(Y + m * sym + rn, out.to(Y.dtype.element_ty), mask=n_mask)
+
+    @triton.jit(do_not_specialize=["M", "N", "K", "KW", "GS"])
+    def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, GS,
+                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, WORD_GROUPS: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        # Tensor-core product over word tiles: for each word position j, the (BN, BW) weights of code j
+        # (dequantized exactly: fma(c·2^sh, s·2^-sh, −z·s) = s·(c − z)) meet the input columns
+        # rw·per + j in one tl.dot — no reshape of the unpacked codes.
+        PER: tl.constexpr = 32 // BITS
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        n_mask = rn < N
+        m_mask = rm < M
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for w0 in range(0, KW, BW):
+            rw = w0 + tl.arange(0, BW)
+            w_mask = rw < KW
+            nw_mask = n_mask[:, None] & w_mask[None, :]
+            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+            if WORD_GROUPS:
+                g = (rw * PER) // GS
+                s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                zs = z * s
+            for j in tl.static_range(PER):
+                k = rw * PER + j
+                k_mask = w_mask & (k < K)
+                if HAS_COLS:
+                    xc = tl.load(COLS + k, mask=k_mask, other=0)
+                else:
+                    xc = k
+                x = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
+                            other=0.0)
+                f = _code_at(words, j, BITS)
+                if WORD_GROUPS:
+                    w = tl.fma(f, s * _inv_shift(j, BITS), -zs)
+                else:
+                    g = k // GS
+                    gm = n_mask[:, None] & k_mask[None, :]
+                    sj = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    zj = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    w = (f * _inv_shift(j, BITS) - zj) * sj
+                w = w.to(x.dtype)
+                if IEEE:
+                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
     def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
                         BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        PER: tl.constexpr = 8 // BITS
+        PER: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = (1 << BITS) - 1
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rk = tl.program_id(1) * BK + tl.arange(0, BK)
         mask = (rn < N)[:, None] & (rk < K)[None, :]
-        byte = tl.load(C + rn[:, None] * scn + (rk // PER)[None, :], mask=mask, other=0)
-        code = ((byte.to(tl.int32) >> ((rk % PER) * BITS)[None, :]) & LOW).to(tl.float32)
+        word = tl.load(C + rn[:, None] * scn + (rk // PER)[None, :], mask=mask, other=0)
+        code = ((word >> ((rk % PER) * BITS)[None, :]) & LOW).to(tl.float32)
         g = rk // GS
         s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=mask, other=0.0).to(tl.float32)
         z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -115,29 +263,169 @@ if triton is not None:
         tl.store(OUT + rn[:, None] * son + (col0 + rk)[None, :], w.to(OUT.dtype.element_ty), mask=mask)
 
 
+# ---- launch configurations -----------------------------------------------------------------------
+
 def _override(M: int) -> dict | None:
     """PRUNEQUANT_WMM_TILES="BM,BN,BK,warps,stages" (for M <= 16) / PRUNEQUANT_WMM_TILES_LARGE (M > 64):
-    tile sizes to try without editing the code."""
+    dot-kernel tiles to use without tuning."""
     key = "PRUNEQUANT_WMM_TILES" if M <= 16 else ("PRUNEQUANT_WMM_TILES_LARGE" if M > 64 else None)
     val = os.environ.get(key) if key else None
     if not val:
         return None
     bm, bn, bk, w, st = (int(v) for v in val.split(","))
-    return {"BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}
+    return {"kind": "dot", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}
 
 
 def launch_config(M: int, N: int) -> dict:
-    """Tile sizes by the number of input rows: skinny (decode) tiles spread N over many programs."""
+    """Untuned dot-kernel tiles by the number of input rows (used under the interpreter, during CUDA-graph
+    capture of a shape never tuned, and as the tuner's first candidate)."""
     cfg = _override(M)
     if cfg is not None:
         return cfg
     if M <= 16:
         bn = 16 if N <= 2048 else (32 if N <= 4096 else 64)
-        return {"BM": 16, "BN": bn, "BK": 128, "num_warps": 4, "num_stages": 4}
+        return {"kind": "dot", "BM": 16, "BN": bn, "BK": 128, "num_warps": 4, "num_stages": 4}
     if M <= 64:
-        return {"BM": 32 if M <= 32 else 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}
-    return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
+        return {"kind": "dot", "BM": 32 if M <= 32 else 64, "BN": 64, "BK": 64, "num_warps": 4, "num_stages": 3}
+    return {"kind": "dot", "BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 
+
+def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
+    """Decode tiles (rows × words per step); split-K only where the row tiles alone leave the GPU's
+    multiprocessors idle."""
+    out = []
+    for bn, bw, warps in ((16, 32, 4), (8, 64, 4), (32, 16, 4), (8, 32, 2), (16, 64, 8)):
+        for split in (1, 4):
+            if split > 1 and triton.cdiv(N, bn) * M > 512:
+                break
+            out.append({"kind": "gemv", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps, "num_stages": 3})
+    return out
+
+
+def _pdot_candidates(M: int) -> list[dict]:
+    bm = max(16, _pow2(M))
+    if bm > 64:
+        return []
+    return [{"kind": "pdot", "BM": bm, "BN": bn, "BW": bw, "num_warps": w, "num_stages": st}
+            for bn, bw, w, st in ((32, 16, 4, 3), (64, 16, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3))]
+
+
+def _dot_candidates(M: int) -> list[dict]:
+    bm = max(16, _pow2(M))
+    if bm > 64:
+        return [launch_config(M, 0)]
+    return [{"kind": "dot", "BM": bm, "BN": bn, "BK": bk, "num_warps": w, "num_stages": st}
+            for bn, bk, w, st in ((32, 128, 4, 4), (64, 64, 4, 4))]
+
+
+# ---- tuning cache --------------------------------------------------------------------------------
+
+_TUNED: dict[str, dict] = {}
+_LOADED = [False]
+
+
+def _cache_path() -> Path | None:
+    p = os.environ.get("PRUNEQUANT_TILE_CACHE")
+    if p == "":
+        return None
+    return Path(p) if p else Path.home() / ".cache" / "prunequant" / "tiles.json"
+
+
+def _load_cache() -> None:
+    if _LOADED[0]:
+        return
+    _LOADED[0] = True
+    p = _cache_path()
+    if p is not None and p.is_file():
+        try:
+            _TUNED.update(json.loads(p.read_text()))
+        except (OSError, ValueError):  # a damaged cache is only lost tuning: start afresh
+            pass
+
+
+def _save_cache() -> None:
+    p = _cache_path()
+    if p is None:
+        return
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(_TUNED, indent=0, sort_keys=True))
+        os.replace(tmp, p)
+    except OSError:
+        pass
+
+
+def _bucket(M: int) -> int:
+    return M if M <= 8 else _pow2(M)
+
+
+_DEVICE_NAMES: dict[int, str] = {}
+
+
+def _device_name(t: torch.Tensor) -> str:
+    if not t.is_cuda:
+        return t.device.type
+    i = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if i not in _DEVICE_NAMES:  # the query is slow; the forward of every layer asks
+        _DEVICE_NAMES[i] = torch.cuda.get_device_name(i)
+    return _DEVICE_NAMES[i]
+
+
+def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
+    dev = _device_name(x)
+    segs = ";".join(f"{s.bits}b,g{s.group_size},k{s.k},{'cols' if s.cols is not None else 'all'}" for s in segments)
+    return f"{dev}|m{_bucket(x.shape[0])}|n{N}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
+
+
+def _tuning_allowed(x: torch.Tensor) -> bool:
+    if not x.is_cuda or os.environ.get("PRUNEQUANT_TUNE", "1") == "0":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _time(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median")
+
+
+def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
+    """The launch configuration for this input: cached, else timed over the candidates (the fastest whose
+    output matches the untuned kernel's), else the untuned default."""
+    M = x.shape[0]
+    env = _override(M)
+    if env is not None:
+        return env
+    _load_cache()
+    key = tune_key(x, segments, N, bias is not None)
+    cfg = _TUNED.get(key)
+    if cfg is not None:
+        return cfg
+    default = launch_config(M, N)
+    if not _tuning_allowed(x):
+        return default
+    if len(segments) == 1:
+        cands = [default] + (_gemv_candidates(M, N, segments[0]) if M <= 4 else []) + _pdot_candidates(M)
+    else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
+        cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
+    ref = run(x, segments, N, bias, default).float()
+    tol = 1e-4 if x.dtype == torch.float32 else 1e-2
+    best, best_t = default, float("inf")
+    for c in cands:
+        try:
+            y = run(x, segments, N, bias, c).float()
+            if float((y - ref).norm() / ref.norm().clamp_min(1e-30)) > tol:
+                continue
+            t = _time(lambda c=c: run(x, segments, N, bias, c))
+        except Exception:  # noqa: BLE001 - a tile that does not fit this GPU (shared memory, registers)
+            continue
+        if t < best_t:
+            best, best_t = c, t
+    _TUNED[key] = dict(best, us=round(best_t * 1e3, 2))
+    _save_cache()
+    return _TUNED[key]
+
+
+# ---- entry points --------------------------------------------------------------------------------
 
 def _gs_arg(group_size: int, k: int, bk: int) -> tuple[int, bool]:
     """(group size passed to the kernel, whether every k-tile lies inside one group)."""
@@ -146,15 +434,75 @@ def _gs_arg(group_size: int, k: int, bk: int) -> tuple[int, bool]:
     return group_size, group_size % bk == 0
 
 
-def matmul(x: torch.Tensor, segments: list, out_features: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x`` (M, K_in) contiguous-strided 2-D; ``segments``: 1 or 2 objects with ``codes`` (N, bytes) uint8,
-    ``scale`` / ``zero`` (N, G), ``cols`` (K_s,) int32 or None, ``bits``, ``group_size``, ``k``."""
-    M = x.shape[0]
-    N = out_features
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    if M == 0:
+def matmul(x: torch.Tensor, segments: list, out_features: int, bias: torch.Tensor | None = None,
+           cfg: dict | None = None) -> torch.Tensor:
+    """``x`` (M, K_in) 2-D; ``segments``: 1 or 2 objects with ``codes`` (N, words) int32, ``scale`` /
+    ``zero`` (N, G), ``cols`` (K_s,) int32 or None, ``bits``, ``group_size``, ``k``."""
+    if x.shape[0] == 0:
+        return torch.empty((0, out_features), device=x.device, dtype=x.dtype)
+    return run(x, segments, out_features, bias, cfg or tuned(x, segments, out_features, bias))
+
+
+def run(x, segments, N, bias, cfg) -> torch.Tensor:
+    kind = cfg["kind"]
+    if kind == "gemv":
+        return _gemv(x, segments[0], N, bias, cfg)
+    if kind == "pdot":
+        return _pdot(x, segments[0], N, bias, cfg)
+    if kind == "split":
+        y = matmul(x, segments[:1], N, bias)
+        for s in segments[1:]:
+            y += matmul(x, [s], N)
         return y
-    cfg = launch_config(M, N)
+    return _dot(x, segments, N, bias, cfg)
+
+
+def _word_groups(seg) -> tuple[int, bool]:
+    """(group size for the kernel, whether every word lies inside one group)."""
+    per = per_word(seg.bits)
+    if seg.group_size <= 0:
+        return seg.codes.shape[1] * per + per, True
+    return seg.group_size, seg.group_size % per == 0
+
+
+def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
+    M = x.shape[0]
+    kw = seg.codes.shape[1]
+    bw, split = cfg["BW"], cfg["SPLIT"]
+    kws = triton.cdiv(triton.cdiv(kw, split), bw) * bw
+    split = triton.cdiv(kw, kws)
+    gs, wg = _word_groups(seg)
+    atomic = split > 1
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else \
+        torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, cfg["BN"]), split, M)
+    _gemv_kernel[grid](x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
+                       seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
+                       seg.cols if seg.cols is not None else seg.codes, seg.k, kw, kws, gs,
+                       BITS=seg.bits, HAS_COLS=seg.cols is not None, WORD_GROUPS=wg,
+                       HAS_BIAS=bias is not None, ATOMIC=atomic, BN=cfg["BN"], BW=bw,
+                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if atomic else y
+
+
+def _pdot(x, seg, N, bias, cfg) -> torch.Tensor:
+    M = x.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    gs, wg = _word_groups(seg)
+    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))
+    _pdot_kernel[grid](x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
+                       seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
+                       seg.cols if seg.cols is not None else seg.codes, seg.k, seg.codes.shape[1], gs,
+                       BITS=seg.bits, HAS_COLS=seg.cols is not None, WORD_GROUPS=wg,
+                       HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+                       BM=cfg["BM"], BN=cfg["BN"], BW=cfg["BW"], num_warps=cfg["num_warps"],
+                       num_stages=cfg["num_stages"])
+    return y
+
+
+def _dot(x, segments, N, bias, cfg) -> torch.Tensor:
+    M = x.shape[0]
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     bk = cfg["BK"]
     a = segments[0]
     b = segments[1] if len(segments) > 1 else segments[0]

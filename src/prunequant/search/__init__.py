@@ -15,10 +15,9 @@ from pathlib import Path
 from ..errors import PrunequantError
 from ..recipe import Recipe
 from .budget import TCR_TOLERANCE, Budget, Inventory, parse_budget
-from .cli import add_search_parser, cmd_search
 from .space import SearchSpace
 
-__all__ = ["Budget", "SearchResult", "SearchSpace", "TCR_TOLERANCE", "add_search_parser", "cmd_search",
+__all__ = ["Budget", "SearchResult", "SearchSpace", "TCR_TOLERANCE",
            "parse_budget", "search"]
 
 
@@ -87,8 +86,11 @@ def search(
         import_ray()  # fail before loading anything when Ray is missing
     study_name = study_name or default_study_name(model, budget)
     out = Path(out or f"search-{study_name}")
-    out.mkdir(parents=True, exist_ok=True)
-    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if out.exists() and not out.is_dir():
+        raise PrunequantError(f"--out {out} is a file; give a directory for the search results")
+    default_db = out / "study.db"
+    if storage is not None or default_db.is_file():  # an unreadable study fails here, before any loading
+        st.check_storage(storage or f"sqlite:///{default_db.resolve()}")
     setup = TrialSetup(model=str(model), calib_text=calib_text, calib_samples=calib_samples, seq_len=seq_len,
                        seed=seed, proxy_samples=proxy_samples, proxy_seq_len=proxy_seq_len,
                        eval_texts=tuple(eval_texts), eval_seq_len=eval_seq_len, eval_max_tokens=eval_max_tokens,
@@ -100,8 +102,10 @@ def search(
         config = {"model": str(model), "budget": {"kind": budget.kind, "value": budget.value},
                   "setup": {k: v for k, v in setup.to_dict().items() if k not in ("device", "threads", "batch_size")},
                   "space": space.to_dict(), "sampler": sampler, "seed": seed}
+        resolved = resolve(space, inv, budget)  # a budget nothing can meet is refused before any trial or file
+        out.mkdir(parents=True, exist_ok=True)
+        storage = storage or f"sqlite:///{default_db.resolve()}"
         study = st.open_study(storage, study_name, config, sampler, seed, n_trials)
-        resolved = resolve(space, inv, budget)
         if warm_start:
             st.enqueue_seeds(study, resolved, inv, budget)
         st.run_trials(study, executor, resolved, inv, budget, n_trials, progress=progress)

@@ -17,7 +17,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from ..errors import PrunequantError
-from ..recipe import Recipe, effective_bits
+from ..accounting import effective_bits, layer_bits, tcr_layers
+from ..recipe import Recipe
 
 TCR_TOLERANCE = 1e-3
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -110,34 +111,6 @@ class Inventory:
         return 2 * (self.other_params + sum(x.n_params for x in self.layers))
 
 
-def _nm_rank_bits(m: int, n_pruned: int) -> int:
-    return max(1, math.ceil(math.log2(math.comb(m, m - n_pruned))))
-
-
-def _layer_figures(recipe: Recipe, layer: Layer, bits_override: float | None) -> tuple[float, float, float]:
-    """(sparsity, bits for TCr, predicted bytes) of one layer under ``recipe``, before any allocation."""
-    plan = recipe.plan_for(layer.name)
-    n, (o, i) = layer.n_params, (layer.out_features, layer.in_features)
-    s = plan.prune.sparsity if plan.prune else 0.0
-    q = plan.quant
-    bits = effective_bits(q) if bits_override is None or q is None else bits_override
-    kept = n * (1 - s)
-    if q is None:
-        value_bits = 16 * kept
-    else:
-        code_bits = 1.6 if q.bits == 1.58 else bits  # ternary: 5 trits per byte
-        groups = o * (math.ceil(i / q.group_size) if q.group_size else 1)
-        zero_bits = 0 if q.symmetric or q.bits == 1.58 else math.ceil(bits)
-        value_bits = kept * code_bits + groups * (16 + zero_bits)
-    if plan.prune is None:
-        mask_bits = 0.0
-    elif plan.prune.structured:
-        mask_bits = (n / plan.prune.m) * _nm_rank_bits(plan.prune.m, plan.prune.n)
-    else:
-        mask_bits = float(n)
-    return s, bits, (value_bits + mask_bits) / 8
-
-
 def nominal(recipe: Recipe, inv: Inventory) -> dict:
     """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it.
 
@@ -146,17 +119,18 @@ def nominal(recipe: Recipe, inv: Inventory) -> dict:
     it touches ≤ ``avg_bits`` (so TCr is a lower bound). The search never combines an allocator with
     overrides that would break these invariants (see space.py).
     """
-    avg = recipe.allocation.get("avg_bits") if recipe.allocation.get("method") == "bits" else None
+    avg = recipe.allocation.avg_bits if recipe.allocation.method == "bits" else None
     # other tensors at 16 bits; ~1 kB per compressed layer of safetensors header and descriptor JSON, and
     # ~4 kB of config and manifest (measured on the compact format; the budget check uses the real bytes)
-    rows, nbytes = [], 2.0 * inv.other_params + 1000 * len(inv.layers) + 4096
+    rows, linear_bits = [], 0.0
     for layer in inv.layers:
-        s, b, by = _layer_figures(recipe, layer, float(avg) if avg is not None else None)
-        rows.append((layer.n_params, s, b))
-        nbytes += by
-    total = sum(n for n, _, _ in rows)
-    tcr = 1.0 - sum(n * b * (1 - s) for n, s, b in rows) / (16.0 * total)
-    return {"tcr": tcr, "predicted_bytes": nbytes}
+        plan = recipe.plan_for(layer.name)
+        bits = float(avg) if avg is not None and plan.quant is not None else None
+        s = plan.prune.sparsity if plan.prune else 0.0
+        rows.append((layer.n_params, s, effective_bits(plan.quant) if bits is None else bits))
+        linear_bits += layer_bits((layer.out_features, layer.in_features), plan, bits=bits)
+    nbytes = linear_bits / 8 + 2.0 * inv.other_params + 1000 * len(inv.layers) + 4096
+    return {"tcr": tcr_layers(rows), "predicted_bytes": nbytes, "linear_bytes": linear_bits / 8}
 
 
 def meets(budget: Budget, fig: dict) -> bool:

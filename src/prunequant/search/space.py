@@ -1,32 +1,12 @@
-"""The search space: which configurations a trial may pick, and how the last variable is derived.
-
-A configuration is a *family* (joint = prune + quantize, quant only, prune only), its methods, an N:M
-pattern or unstructured sparsity, a group size, a joint mode, a per-layer allocation (uniform; OWL
-sparsity with its λ; knapsack bit allocation) and an edge treatment (first and last decoder block left
-as they are, kept at 8 bits, or compressed like the rest). The optimiser picks these; the remaining
-variable is *derived* so that the nominal figure lands on the budget (budget.py):
-
-| family / pattern           | allocation    | optimiser picks | derived                          |
-|----------------------------|---------------|-----------------|----------------------------------|
-| joint, unstructured        | uniform / owl | bits            | sparsity (smallest that fits)    |
-| joint, unstructured        | bits          | sparsity        | average bits (largest that fits) |
-| joint, N:M                 | uniform       | —               | bits (largest supported fitting) |
-| joint, N:M / quant only    | bits          | —               | average bits                     |
-| quant only                 | uniform       | —               | bits                             |
-| prune only (unstructured)  | uniform / owl | —               | sparsity                         |
-
-Choices that cannot meet the budget at all are removed before the study starts (``resolve``), so the
-choice sets of a study are fixed, as optuna requires. Edge treatments that cannot meet the budget for
-the rest of a trial's choices are not offered to it (the parameter name lists what was on offer).
-Allocators are never combined with overrides that would break their budget invariants: OWL and bit
-allocation only with edges left as they are or skipped (skipped layers are outside the allocation).
+"""The search space: which configurations a trial may pick, and how the last variable is derived so that the
+nominal figure lands on the budget (budget.py). The families, what is derived and the rules: docs/search.md.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from ..errors import PrunequantError
-from ..recipe import Override, PruneSpec, QuantSpec, Recipe
+from ..recipe import REFINE_MODES, Override, PruneSpec, QuantSpec, Recipe, RefineSpec
 from .budget import Budget, Inventory, meets, nominal, solve_monotone
 
 FAMILIES = ("joint", "quant", "prune")
@@ -44,7 +24,7 @@ class SearchSpace:
     nm_patterns: tuple = ("2:4", "4:8", "1:4")  # N of every M pruned
     bits: tuple = (2, 3, 4, 5, 6, 8)  # uniform bit widths
     group_sizes: tuple = (128, 64, 0)  # 0 = per channel; sizes that do not divide a layer are ragged
-    joint_modes: tuple = ("onepass", "B")  # "A" (zeros quantized, no mask kept) stores every weight: see notes
+    joint_modes: tuple = ("onepass", "keep-mask")  # "quantize-pruned" stores every weight: see notes
     allocations: tuple = ("uniform", "owl", "bits")
     alloc_choices: tuple = (1.58, 2, 3, 4, 8)  # bit widths the knapsack may mix
     owl_lambda: tuple = (0.02, 0.2)
@@ -52,6 +32,16 @@ class SearchSpace:
     max_sparsity: float = 0.8  # a derived sparsity above this is not offered
     act_order: tuple = (False, True)  # GPTQ only
     edges: tuple = ("none", "8bit", "skip")  # ordered from cheapest to costliest
+    # end-to-end refinement after the solve (none, blockwise, global, both): it changes no stored bit, so it
+    # is a free dimension of the budget; off by default because each refined trial costs a few times more
+    refine: tuple = ("none",)
+    refine_steps: int = 100
+
+    def __post_init__(self):
+        bad = set(self.refine) - {"none", *REFINE_MODES}
+        if bad or not self.refine:
+            raise PrunequantError(f"search-space refine choices {sorted(bad) or '[]'} unknown; use none, "
+                                  f"{', '.join(REFINE_MODES)}")
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -125,8 +115,10 @@ def build_recipe(cfg: dict, inv: Inventory, x: float | None = None) -> Recipe:
     if alloc == "owl":
         allocation = {"method": "owl", "lam": float(cfg["owl_lambda"])}
     joint = cfg.get("joint", "onepass")
+    refine = cfg.get("refine", "none")
     return Recipe(prune=prune, quant=quant, joint=joint, allocation=allocation,
-                  overrides=_edge_overrides(cfg.get("edges", "none"), inv))
+                  overrides=_edge_overrides(cfg.get("edges", "none"), inv),
+                  refine=None if refine == "none" else RefineSpec(refine, steps=int(cfg.get("refine_steps", 100))))
 
 
 def short_describe(recipe: Recipe) -> str:
@@ -140,14 +132,16 @@ def short_describe(recipe: Recipe) -> str:
         parts.append(f"{q.method} {q.bits:g}b {g}{' ao' if q.act_order else ''}")
     s = " + ".join(parts) + (f" [{recipe.joint}]" if p and q else "")
     a = recipe.allocation
-    if a.get("method") == "owl":
-        s += f" · owl λ{a['lam']:g}"
-    elif a.get("method") == "bits":
-        s += f" · bits avg {a['avg_bits']:g}"
+    if a.method == "owl":
+        s += f" · owl λ{a.lam:g}"
+    elif a.method == "bits":
+        s += f" · bits avg {a.avg_bits:g}"
     if any(o.skip for o in recipe.overrides):
         s += " · edges dense"
     elif recipe.overrides:
         s += " · edges 8b"
+    if recipe.refine:
+        s += f" · refined {recipe.refine.mode}"
     return s
 
 
@@ -184,7 +178,7 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
     r.patterns = ["unstructured"] + [p for p in space.nm_patterns
                                      if all(layer.in_features % int(p.split(":")[1]) == 0 for layer in inv.layers)]
     base = {"prune_method": space.prune_methods[0], "quant_method": space.quant_methods[0],
-            "group_size": r.group_sizes[0] if r.group_sizes else 0, "joint": "B", "alloc_choices": space.alloc_choices}
+            "group_size": r.group_sizes[0] if r.group_sizes else 0, "joint": "keep-mask", "alloc_choices": space.alloc_choices}
     for b in space.bits:  # joint unstructured: bits whose derived sparsity is a real pruning level
         cfg = {**base, "family": "joint", "pattern": "unstructured", "bits": b, "derive": "sparsity"}
         s = derive(cfg, inv, budget, space)
@@ -195,7 +189,8 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
             raise PrunequantError(f"unknown family {fam!r}; choose from {', '.join(FAMILIES)}")
         cfgs = []
         if fam == "joint":
-            ok = bool(r.joint_bits) or len(r.patterns) > 1 or "bits" in space.allocations
+            ok = bool(r.joint_bits) or any(derive(c, inv, budget, space) is not None
+                                           for c in _joint_extremes(space, r, base))
         elif fam == "quant":
             cfgs = [{**base, "family": "quant", "derive": "bits", "bits": None}]
             if "bits" in space.allocations:
@@ -210,6 +205,15 @@ def resolve(space: SearchSpace, inv: Inventory, budget: Budget) -> Resolved:
         raise PrunequantError(f"no configuration of the search space can meet {budget.describe()}; "
                               "loosen the budget or widen the space (bits, sparsity)")
     return r
+
+
+def _joint_extremes(space: SearchSpace, r: Resolved, base: dict) -> list[dict]:
+    """The most compressing joint configurations of each kind: if none meets the budget, no joint one does."""
+    cfgs = [{**base, "family": "joint", "pattern": p, "derive": "bits"} for p in r.patterns[1:]]
+    if "bits" in space.allocations:
+        cfgs += [{**base, "family": "joint", "pattern": p, "allocation": "bits", "derive": "avg_bits",
+                  "sparsity": max(space.sparsity_range)} for p in r.patterns]
+    return cfgs
 
 
 def preflight(recipe: Recipe, inv: Inventory) -> None:
@@ -280,6 +284,9 @@ def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recip
     if not offer:
         raise Infeasible(f"{fam} with {cfg} cannot meet {budget.describe()}")
     cfg["edges"] = _cats(trial, "edges:" + ",".join(offer), offer)
+    cfg["refine"] = _cats(trial, "refine", sp.refine)
+    if cfg["refine"] != "none":
+        cfg["refine_steps"] = sp.refine_steps
     x = values[cfg["edges"]]
     recipe = build_recipe(cfg, inv, x)
     preflight(recipe, inv)

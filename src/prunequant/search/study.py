@@ -64,6 +64,20 @@ def make_sampler(name: str, seed: int, n_existing: int, n_trials: int = 24):
     raise PrunequantError(f"unknown sampler {name!r}; choose tpe, nsga2 or random")
 
 
+def check_storage(storage: str) -> None:
+    """Fail with one line on a storage that cannot be read (a corrupt SQLite file, a bad URL)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        optuna.get_all_study_summaries(optuna.storages.get_storage(storage))
+    except Exception as e:  # noqa: BLE001 - a bad URL or unreadable database is the user's to fix
+        raise PrunequantError(f"cannot open optuna storage {storage!r}: {_first_line(e)}; give another --storage "
+                              "or remove the damaged file") from None
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:300]
+
+
 def open_study(storage, name: str, config: dict, sampler: str, seed: int, n_trials: int = 24) -> optuna.Study:
     """Create the study, or load it and check that it was created by the same search settings."""
     import warnings
@@ -74,7 +88,7 @@ def open_study(storage, name: str, config: dict, sampler: str, seed: int, n_tria
         storage = optuna.storages.get_storage(storage)  # one connection for the summaries and the study
         existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     except Exception as e:  # noqa: BLE001 - a bad URL or unreachable database is the user's to fix
-        raise PrunequantError(f"cannot open optuna storage {storage!r}: {e}") from None
+        raise PrunequantError(f"cannot open optuna storage {storage!r}: {_first_line(e)}") from None
     n_existing = existing[name].n_trials if name in existing else 0
     study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
                                 directions=["maximize", "maximize"],

@@ -1,49 +1,71 @@
 """Solvers: one function per method over a layer's weight and its input statistics.
 
-``solve_layer`` dispatches a LayerPlan to the right solver; ``needs`` tells the engine which
-statistic to collect (none, per-column squared norms, or the full Hessian).
+``SOLVERS`` is the registry: each method's statistic (none, per-column squared norms, the full Hessian),
+whether its rows are solved independently (so linears sharing an input may be stacked), and its function.
+``solve_layer`` runs a LayerPlan: prune, quantize, or both (one-pass joint OBS or in sequence).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 
-from ..recipe import LayerPlan
+from ..errors import RecipeError
+from ..recipe import LayerPlan, PruneSpec, QuantSpec
 from .base import LayerResult, LayerStats
+from .billm import billm_quantize
+from .joint import joint_obs
+from .prune import magnitude_prune, sparsegpt_prune, wanda_prune
+from .quant import gptq_quantize, rtn_quantize
 
-_HESSIAN_PRUNE = {"sparsegpt"}
-_HESSIAN_QUANT = {"gptq", "billm"}
+_NEED_ORDER = (None, "sq_norm", "hessian")  # a Hessian also gives the squared norms (its diagonal)
+
+
+@dataclass(frozen=True)
+class Solver:
+    needs: str | None  # the statistic it reads: None, "sq_norm" or "hessian"
+    row_separable: bool  # rows solved independently given the statistics
+    fn: Callable[..., LayerResult]  # prune: fn(w, stats, spec); quantize: fn(w, stats, spec, mask=None)
+
+
+SOLVERS: dict[str, Solver] = {
+    "magnitude": Solver(None, False, lambda w, stats, spec: magnitude_prune(w, spec)),  # layer-wide threshold
+    "wanda": Solver("sq_norm", True, wanda_prune),
+    # block-wide threshold, as the reference SparseGPT
+    "sparsegpt": Solver("hessian", False, lambda w, stats, spec: sparsegpt_prune(w, stats, spec, per_row=False)),
+    "rtn": Solver(None, True, lambda w, stats, spec, mask=None: rtn_quantize(w, spec, mask=mask)),
+    "gptq": Solver("hessian", True, gptq_quantize),
+    "billm": Solver("hessian", False, billm_quantize),  # block-wide salient columns and break points
+}
+
+
+def solver(method: str) -> Solver:
+    try:
+        return SOLVERS[method]
+    except KeyError:
+        raise RecipeError(f"unknown method {method!r}; choose one of {', '.join(SOLVERS)}") from None
+
+
+def _specs(plan: LayerPlan) -> list[PruneSpec | QuantSpec]:
+    return [s for s in (plan.prune, plan.quant) if s is not None]
 
 
 def needs(plan: LayerPlan) -> str | None:
-    """'hessian', 'sq_norm' or None."""
-    p, q = plan.prune, plan.quant
-    if (p and p.method in _HESSIAN_PRUNE) or (q and q.method in _HESSIAN_QUANT):
-        return "hessian"
-    if p and p.method == "wanda":
-        return "hessian" if (q and plan.joint == "onepass" and q.method != "rtn") else "sq_norm"
-    if p and q and plan.joint == "onepass" and q.method != "rtn":
-        return "hessian"
-    return None
+    """'hessian', 'sq_norm' or None: the strongest statistic any method of the plan reads."""
+    return max((solver(s.method).needs for s in _specs(plan)), key=_NEED_ORDER.index, default=None)
 
 
-def run_prune(w: torch.Tensor, stats: LayerStats, spec) -> LayerResult:
-    from .prune import magnitude_prune, sparsegpt_prune, wanda_prune
-
-    if spec.method == "magnitude":
-        return magnitude_prune(w, spec)
-    if spec.method == "wanda":
-        return wanda_prune(w, stats, spec)
-    return sparsegpt_prune(w, stats, spec, per_row=False)  # block-wide threshold, as the reference SparseGPT
+def row_separable(plan: LayerPlan) -> bool:
+    return all(solver(s.method).row_separable for s in _specs(plan))
 
 
-def run_quantize(w: torch.Tensor, stats: LayerStats, spec, mask=None) -> LayerResult:
-    from . import quant as Q  # noqa: N812
+def run_prune(w: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> LayerResult:
+    return solver(spec.method).fn(w, stats, spec)
 
-    if spec.method == "rtn":
-        return Q.rtn_quantize(w, spec, mask=mask)
-    if spec.method == "gptq":
-        return Q.gptq_quantize(w, stats, spec, mask=mask)
-    return Q.billm_quantize(w, stats, spec, mask=mask)
+
+def run_quantize(w: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask=None) -> LayerResult:
+    return solver(spec.method).fn(w, stats, spec, mask=mask)
 
 
 def solve_layer(w: torch.Tensor, stats: LayerStats, plan: LayerPlan) -> LayerResult:
@@ -56,17 +78,12 @@ def solve_layer(w: torch.Tensor, stats: LayerStats, plan: LayerPlan) -> LayerRes
     if p is None:
         return run_quantize(w, stats, q)
     if plan.joint == "onepass" and p.method == "sparsegpt" and q.method == "gptq":
-        from .joint import joint_obs
-
         return joint_obs(w, stats, p, q)
-    # sequential: prune, then quantize all weights (case A) or only the survivors (case B / one-pass
-    # fallback for methods without a joint form)
+    # in sequence: prune, then quantize every weight (quantize-pruned: zeros are quantized like any weight, no
+    # mask kept) or only the kept ones (keep-mask; also one-pass for methods without a joint form)
     pruned = run_prune(w, stats, p)
-    mask = None if plan.joint == "A" else pruned.mask
+    mask = None if plan.joint == "quantize-pruned" else pruned.mask
     res = run_quantize(pruned.weight, stats, q, mask=mask)
-    if plan.joint == "A":
-        res.mask = None  # zeros were quantized like any weight; no mask is kept
-    else:
-        res.mask = pruned.mask
+    res.mask = mask
     res.info = {**pruned.info, **res.info}
     return res

@@ -20,19 +20,6 @@ from ..errors import RecipeError
 
 ACT_BITS = (4, 8, 16)
 
-# The norm whose output is the input of each shared-input group, by architecture and the group's
-# first linear (relative names inside a decoder block). Not listed = no folding (pre-hook division).
-NORM_BEFORE: dict[str, dict[str, str]] = {
-    **{a: {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
-       for a in ("llama", "mistral", "qwen2", "qwen3", "gemma")},
-    **{a: {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "pre_feedforward_layernorm"}
-       for a in ("gemma2", "gemma3_text")},
-    "phi3": {"self_attn.qkv_proj": "input_layernorm", "mlp.gate_up_proj": "post_attention_layernorm"},
-    "opt": {"self_attn.q_proj": "self_attn_layer_norm", "fc1": "final_layer_norm"},
-    "gpt2": {"attn.c_attn": "ln_1", "mlp.c_fc": "ln_2"},
-}
-
-
 def fake_quant_per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Symmetric per-token (last dim) fake quantization; 16 bits = unchanged."""
     if bits >= 16:
@@ -100,40 +87,14 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor, handle: ActQuantHandle) ->
             norm.bias.copy_((norm.bias.float() / s).to(norm.bias.dtype))
 
 
-def _norm_groups(model: nn.Module, names: set[str]) -> list[tuple[str, list[str]]]:
-    """(norm name, linear names) for shared-input groups fully present in ``names``."""
-    from ..models import arch_of, get_blocks
-
-    try:
-        arch = arch_of(model)
-    except Exception:  # noqa: BLE001 - unknown architecture: no folding, pre-hooks only
-        return []
-    table = NORM_BEFORE.get(arch.name, {})
-    if arch.name == "opt" and not getattr(model.config, "do_layer_norm_before", True):
-        return []  # post-norm OPT (350m): the linears' inputs are not norm outputs
-    out = []
-    for i, block in enumerate(get_blocks(model, arch)):
-        prefix = f"{arch.blocks}.{i}."
-        for group in arch.groups:
-            norm_rel = table.get(group[0])
-            full = [prefix + rel for rel in group]
-            if norm_rel is None or not all(n in names for n in full):
-                continue
-            try:
-                norm = block.get_submodule(norm_rel)
-            except AttributeError:
-                continue
-            if getattr(norm, "weight", None) is not None:
-                out.append((prefix + norm_rel, full))
-    return out
-
-
 def apply_activation_quant(model: nn.Module, act_absmax: dict[str, torch.Tensor], bits: int = 8,
-                           alpha: float = 0.5, smooth: bool = True) -> ActQuantHandle:
+                           alpha: float = 0.5, smooth: bool = True,
+                           groups: list[tuple[str, list[str]]] = ()) -> ActQuantHandle:
     """Fake-quantize the inputs of the linears named in ``act_absmax`` (per token, ``bits``), after
     SmoothQuant migration with strength ``alpha`` if ``smooth``. ``act_absmax[name]`` is the per-input-
     channel max |x| of that linear on calibration data, measured on the unmodified model.
-    Modifies the model in place; the returned handle's ``remove()`` undoes everything."""
+    ``groups``: (norm, linears) whose smoothing folds into the norm (models.norm_groups); other linears get
+    their inputs divided by a pre-hook. Modifies the model in place; ``remove()`` on the handle undoes it."""
     if bits not in ACT_BITS:
         raise RecipeError(f"activation bits {bits} unsupported; choose one of {', '.join(map(str, ACT_BITS))}")
     if not 0 <= alpha <= 1:
@@ -146,7 +107,7 @@ def apply_activation_quant(model: nn.Module, act_absmax: dict[str, torch.Tensor]
     scales: dict[str, torch.Tensor] = {}
     if smooth:
         grouped: set[str] = set()
-        for norm_name, linears in _norm_groups(model, set(act_absmax)):
+        for norm_name, linears in groups:
             a = torch.stack([act_absmax[n].float().cpu() for n in linears]).amax(0)
             w = torch.stack([_weight_oi(modules[n]).detach().abs().amax(0).float().cpu() for n in linears]).amax(0)
             s = smooth_scales(a, w, alpha)

@@ -9,9 +9,13 @@ Conventions every solver follows:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..recipe import LayerPlan
 
 
 @dataclass
@@ -72,8 +76,53 @@ class LayerResult:
     quant: QuantState | None = None
     info: dict = field(default_factory=dict)  # e.g. {"error": layer objective, "damp": used damping}
 
+    def for_export(self) -> "LayerResult":
+        """Mask, quantization state and info on the CPU, without the weight (the model holds it)."""
+        q = self.quant
+        if q is not None:
+            for attr in ("codes", "scale", "zero", "g_idx"):
+                v = getattr(q, attr)
+                if torch.is_tensor(v):
+                    setattr(q, attr, v.cpu())
+            q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
+        return LayerResult(weight=None, mask=None if self.mask is None else self.mask.cpu(), quant=q, info=self.info)
+
     @property
     def sparsity(self) -> float:
         if self.mask is None:
             return float((self.weight == 0).float().mean())
         return 1.0 - float(self.mask.float().mean())
+
+
+@dataclass
+class LayerRecord:
+    """What the engine records for one compressed linear."""
+
+    name: str
+    shape: list[int]
+    n_params: int
+    prune: str | None  # the specs, described
+    quant: str | None
+    sparsity: float  # measured
+    nm: list[int] | None
+    bits: float
+    group_size: int | None
+    error: float | None  # ‖WX − ŴX‖²/n_tokens, when the solver measured it
+    seconds: float
+    damp: float | None = None  # relative damping used, Hessian solvers only
+    dead: int | None = None  # dead input columns
+    stacked: int | None = None  # linears solved together as one matrix
+
+    @classmethod
+    def of(cls, name: str, w: torch.Tensor, plan: LayerPlan, res: LayerResult, seconds: float) -> "LayerRecord":
+        q = plan.quant
+        return cls(name=name, shape=list(w.shape), n_params=w.numel(),
+                   prune=plan.prune.describe() if plan.prune else None, quant=q.describe() if q else None,
+                   sparsity=round(res.sparsity, 6) if plan.prune else 0.0,
+                   nm=[plan.prune.n, plan.prune.m] if plan.prune and plan.prune.structured else None,
+                   bits=q.bits if q else 16, group_size=q.group_size if q else None, error=res.info.get("error"),
+                   seconds=round(seconds, 4), **{k: res.info[k] for k in ("damp", "dead", "stacked") if k in res.info})
+
+    def to_dict(self) -> dict:
+        optional = ("damp", "dead", "stacked")
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in optional}

@@ -1,18 +1,7 @@
-"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style).
+"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style), over the OBS sweep.
 
-Per block of ``spec.blocksize`` input columns, on the weights as updated so far:
-- salient columns: the k columns of largest OBS saliency Σ_rows w² / d² (d = diag of the Cholesky
-  factor U of H⁻¹) are binarized twice (w ≈ m₁ + a₁·s₁ + m₂ + a₂·s₂, the second pass on the residual);
-- the other columns follow a bell-shaped distribution: a break point p splits them into a
-  concentrated group |w| ≤ p and a sparse group |w| > p, each binarized with its own mean and scale;
-- k and p are searched per block to minimise the d-weighted binarization error Σ (w − q)² / d².
-Means and scales are per output row and block. The block's structure and parameters are then fixed
-and its columns binarized one at a time on the *updated* weights, each column's error spread over
-the later columns as in GPTQ (lazy block updates).
-
-Storage, counted honestly in info: 1 sign per weight, a 2nd sign per salient weight, a 1-bit group
-marker per non-salient weight (concentrated/sparse), a salient-column bitmap and 8 fp16 parameters
-per row and block. BiLLM's paper counts only the signs and the column bitmap ("~1.1 bits").
+Per block: salient columns binarized twice, the rest split at a break point into two groups, each with its
+own mean and scale; then column by column with GPTQ-style error compensation. Details and storage: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -22,6 +11,7 @@ from ..errors import RecipeError
 from ..recipe import QuantSpec
 from .base import LayerResult, LayerStats, QuantState
 from .hessian import layer_objective, prepare_hessian
+from .obs import Rule, Sweep, fixed_blocks
 
 _SALIENT_COUNTS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 PARAM_BITS = 16  # means and scales stored in fp16
@@ -149,41 +139,10 @@ def billm_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: to
     Wp, U, hinfo = prepare_hessian(W0, H, damp=spec.damp)
     kept = torch.ones_like(Wp, dtype=torch.bool) if mask is None else mask.to(Wp.device)
     B = spec.blocksize
-    n_blocks = -(-cols // B)
-    salient = torch.zeros(cols, dtype=torch.bool, device=W.device)
-    params = torch.zeros(rows, n_blocks, 8, dtype=Wp.dtype, device=W.device)
-    breaks = torch.zeros(n_blocks, dtype=Wp.dtype, device=W.device)
-    Q = torch.zeros_like(Wp)
-    sign1, sign2, sparse = (torch.zeros_like(Wp, dtype=torch.bool) for _ in range(3))
-
-    for b, i1 in enumerate(range(0, cols, B)):
-        i2 = min(i1 + B, cols)
-        W1, U1, K1 = Wp[:, i1:i2], U[i1:i2, i1:i2], kept[:, i1:i2]
-        sal, prm, p = _fit_block(W1, torch.diagonal(U1), K1, n_breaks, max_salient)
-        salient[i1:i2], params[:, b], breaks[b] = sal, prm, p
-        sal_list = sal.tolist()
-        Err1 = torch.empty_like(W1)
-        P32 = prm.float().T  # (8, rows): values are built in float32, exactly as billm_dequantize does
-        for i in range(i2 - i1):
-            w = W1[:, i]
-            if sal_list[i]:
-                s1 = w >= prm[:, 0]
-                s2 = (w - _q_first(s1, P32).to(w.dtype)) >= prm[:, 2]
-                q = _q_salient(s1, s2, P32).to(w.dtype)
-                sign2[:, i1 + i] = s2
-            else:
-                sp = w.abs() > p
-                s1 = w >= torch.where(sp, prm[:, 6], prm[:, 4])
-                q = _q_split(s1, sp, P32).to(w.dtype)
-                sparse[:, i1 + i] = sp
-            sign1[:, i1 + i] = s1
-            q = torch.where(K1[:, i], q, torch.zeros((), dtype=q.dtype, device=q.device))
-            Q[:, i1 + i] = q
-            err = (w - q) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-            Err1[:, i] = err
-        if i2 < cols:
-            Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
+    rule = _BillmRule(Wp, kept, B, n_breaks, max_salient)
+    Sweep(Wp, U).run(rule, fixed_blocks(cols, B))
+    salient, params, breaks, Q = rule.salient, rule.params, rule.breaks, rule.Q
+    sign1, sign2, sparse = rule.sign1, rule.sign2, rule.sparse
 
     state = QuantState(kind="binary-residual", bits=1, group_size=B, symmetric=False, extra={
         "sign1": sign1, "sign2": sign2 & salient[None, :], "sparse": sparse & ~salient[None, :],
@@ -196,6 +155,46 @@ def billm_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: to
             "dead": hinfo["dead"], **billm_bits(state)}
     out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     return LayerResult(weight=Q.to(out_dtype), mask=mask, quant=state, info=info)
+
+
+class _BillmRule(Rule):
+    """Per block: salient columns, break point and parameters fitted on the block as updated so far; per
+    column: the stored binarization of the current weights."""
+
+    def __init__(self, Wp: torch.Tensor, kept: torch.Tensor, B: int, n_breaks: int, max_salient: float):
+        rows, cols = Wp.shape
+        self.kept, self.B, self.n_breaks, self.max_salient = kept, B, n_breaks, max_salient
+        self.salient = torch.zeros(cols, dtype=torch.bool, device=Wp.device)
+        self.params = torch.zeros(rows, -(-cols // B), 8, dtype=Wp.dtype, device=Wp.device)
+        self.breaks = torch.zeros(-(-cols // B), dtype=Wp.dtype, device=Wp.device)
+        self.Q = torch.zeros_like(Wp)
+        self.sign1, self.sign2, self.sparse = (torch.zeros_like(Wp, dtype=torch.bool) for _ in range(3))
+
+    def start(self, sweep: Sweep, a: int, b: int) -> None:
+        blk = a // self.B
+        sal, prm, p = _fit_block(sweep.W[:, a:b], torch.diagonal(sweep.U[a:b, a:b]), self.kept[:, a:b],
+                                 self.n_breaks, self.max_salient)
+        self.salient[a:b], self.params[:, blk], self.breaks[blk] = sal, prm, p
+        self.sal_list, self.prm, self.p = sal.tolist(), prm, p
+        self.P32 = prm.float().T  # (8, rows): values are built in float32, exactly as billm_dequantize does
+        self.a = a
+
+    def column(self, c: int, w: torch.Tensor) -> torch.Tensor:
+        prm, P32 = self.prm, self.P32
+        if self.sal_list[c - self.a]:
+            s1 = w >= prm[:, 0]
+            s2 = (w - _q_first(s1, P32).to(w.dtype)) >= prm[:, 2]
+            q = _q_salient(s1, s2, P32).to(w.dtype)
+            self.sign2[:, c] = s2
+        else:
+            sp = w.abs() > self.p
+            s1 = w >= torch.where(sp, prm[:, 6], prm[:, 4])
+            q = _q_split(s1, sp, P32).to(w.dtype)
+            self.sparse[:, c] = sp
+        self.sign1[:, c] = s1
+        q = torch.where(self.kept[:, c], q, torch.zeros((), dtype=q.dtype, device=q.device))
+        self.Q[:, c] = q
+        return q
 
 
 def billm_dequantize(state: QuantState) -> torch.Tensor:

@@ -1,67 +1,18 @@
-"""One-pass joint OBS solver: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep.
+"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep (obs.py).
 
-Both SparseGPT and GPTQ walk the input columns left to right over the upper Cholesky factor U of the
-damped H⁻¹ (see hessian.py). Here a single sweep does both jobs:
-
-- at the start of every *mask window* (``prune.blocksize`` columns, or every ``m`` columns for N:M)
-  the mask of the window is chosen with SparseGPT's saliency w²/U_jj² on the weights *as updated so far*
-  — they already carry the pruning AND quantization errors of every earlier column;
-- a group's grid is fitted when the group starts, on its kept weights as they will be once the group's
-  own pruned weights are removed and compensated (a look-ahead: what SparseGPT would hand to GPTQ);
-  pruned weights are excluded from min/max. Where the group reaches past the windows selected so far, the
-  not-yet-selected part uses a *provisional* mask (the same rule applied now; the final choice, made on
-  further-updated weights, may differ slightly — a kept weight outside the range clamps to the grid's end);
-- per column, pruned entries get the zero point as code (they dequantize to exactly 0) and kept entries
-  the nearest grid point; the error of both is spread over the columns not yet processed through U,
-  with GPTQ's lazy block updates (blocks of ``quant.blocksize`` columns).
-
-With a FIXED mask the sweep equals sequential case B (SparseGPT, then GPTQ with the mask kept): OBS
-updates are linear, so SparseGPT's pruning compensation plus GPTQ's quantization compensation is the
-same total update as one sweep, up to where group grids are fitted (exactly equal for per-channel
-grids). The one-pass solver therefore gains over case B through *which* mask it picks: a mask chosen on
-weights that have absorbed the quantization errors of earlier columns. The gain is largest where
-quantization error is a large share of the total (low bits, light pruning, N:M's small windows).
-
-Static grids (per-channel, or act-order with its static groups) are fitted before the sweep, on the
-weights after a provisional prune (same rule, initial weights) and its compensation.
+Mask windows are chosen, and group grids fitted, on the weights as updated so far, so a mask sees the
+quantization errors of earlier columns. How and why: docs/methods.md.
 """
 from __future__ import annotations
-
-import logging
 
 import torch
 
 from ..errors import NumericalError, RecipeError
 from ..recipe import PruneSpec, QuantSpec
 from .base import LayerResult, LayerStats, QuantState
-from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_to_grid
+from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, quantize_to_grid
 from .hessian import layer_objective, prepare_hessian
-
-log = logging.getLogger(__name__)
-
-
-def _n_pruned(sparsity: float, size: int) -> int:
-    # same rounding as prune.py, so per-row counts equal SparseGPT's
-    return int(sparsity * size + 0.5)
-
-
-def _prune_lowest(score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
-    """Mask with the k lowest scores pruned, in each row or over the whole window."""
-    keep = torch.ones_like(score, dtype=torch.bool)
-    if k > 0:
-        if per_row:
-            keep.scatter_(1, torch.argsort(score, dim=1)[:, :k], False)
-        else:
-            keep.view(-1)[torch.argsort(score.reshape(-1))[:k]] = False
-    return keep
-
-
-def _nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)
-    keep = torch.ones_like(groups, dtype=torch.bool)
-    keep.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, False)
-    return keep.reshape(rows, cols)
+from .obs import GridRule, Sweep, after_pruning, fixed_blocks, n_pruned, nm_keep, prune_lowest
 
 
 def _windows(cols: int, prune: PruneSpec) -> list[tuple[int, int]]:
@@ -85,10 +36,10 @@ def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: Prun
         else:
             sal = _lexicographic_rank(marginal.reshape(1, -1), sal.reshape(1, -1)).reshape(sal.shape)
     if prune.structured:
-        return _nm_keep(sal, prune.n, prune.m)
+        return nm_keep(sal, prune.n, prune.m)
     size = 1 if per_row else cur.shape[0]
-    k = _n_pruned(prune.sparsity, b * size) - _n_pruned(prune.sparsity, a * size)
-    return _prune_lowest(sal, k, per_row)
+    k = n_pruned(prune.sparsity, b * size) - n_pruned(prune.sparsity, a * size)
+    return prune_lowest(sal, k, per_row)
 
 
 def _lexicographic_rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch.Tensor:
@@ -101,39 +52,15 @@ def _lexicographic_rank(primary: torch.Tensor, secondary: torch.Tensor) -> torch
     return rank
 
 
-def _after_pruning(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor, block: int = 128) -> torch.Tensor:
-    """Weights of a segment after OBS-pruning its pruned entries left to right (no quantization): what
-    SparseGPT would hand to GPTQ. Per row, the scaled errors E solve E·A = W∘p with A = U·diag(p) +
-    diag(1 − p) (p = 1 where pruned), one batched triangular solve per block of columns."""
-    W = Wseg.clone()
-    p_all = (~keep).to(W.dtype)
-    L = W.shape[1]
-    for a in range(0, L, block):
-        b = min(a + block, L)
-        p = p_all[:, a:b]
-        if not p.any():
-            continue
-        Ub = Useg[a:b, a:b]
-        E = torch.empty_like(W[:, a:b])
-        step = max(1, (1 << 24) // ((b - a) ** 2))  # rows per solve: A stays ≤ 128 MiB in float64
-        for r0 in range(0, W.shape[0], step):
-            pr = p[r0:r0 + step]
-            A = Ub[None] * pr[:, None, :] + torch.diag_embed(1.0 - pr)
-            E[r0:r0 + step] = torch.linalg.solve_triangular(
-                A, (W[r0:r0 + step, a:b] * pr)[:, None, :], upper=True, left=False)[:, 0, :]
-        W[:, a:].addmm_(E, Useg[a:b, a:], alpha=-1.0)
-    return W
-
-
 def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: QuantSpec) -> torch.Tensor:
     if W.ndim != 2 or W.numel() == 0:
         raise ValueError(f"weight must be a non-empty (out, in) matrix, got shape {tuple(W.shape)}")
     if prune.method != "sparsegpt":
         raise RecipeError(f"the one-pass joint solver chooses masks with SparseGPT's rule, not {prune.method!r}; "
-                          "use prune method sparsegpt, or joint mode 'B' (prune, then quantize with the mask kept)")
+                          "use prune method sparsegpt, or joint mode keep-mask (prune, then quantize with the mask kept)")
     if quant.method != "gptq":
         raise RecipeError(f"the one-pass joint solver quantizes with GPTQ grids, not {quant.method!r}; "
-                          "use quant method gptq, or joint mode 'B'")
+                          "use quant method gptq, or joint mode keep-mask")
     if stats is None or stats.hessian is None:
         raise ValueError("joint_obs needs stats.hessian (collect the Hessian for this layer)")
     if stats.n_tokens <= 0:
@@ -152,45 +79,39 @@ def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: Q
     return stats.hessian.detach().to(W.device)
 
 
-class _Sweep:
-    """State of one joint sweep over the columns (in sweep order; permuted under act-order)."""
+class _JointRule(GridRule):
+    """Mask windows chosen and group grids fitted as the sweep reaches them; columns rounded to their grid
+    with pruned entries at the zero point (GridRule)."""
 
-    def __init__(self, Wp, U, prune: PruneSpec, quant: QuantSpec, col_group: list[int], rule: str,
+    def __init__(self, sweep: Sweep, prune: PruneSpec, quant: QuantSpec, col_group: list[int], rule: str,
                  per_row: bool, mask: torch.Tensor | None):
-        self.Wp, self.U, self.prune, self.quant, self.col_group, self.rule = Wp, U, prune, quant, col_group, rule
-        self.per_row = per_row
+        Wp = sweep.W
         rows, cols = Wp.shape
+        keep = torch.ones(rows, cols, dtype=torch.bool, device=Wp.device) if mask is None else mask.clone()
+        super().__init__(Wp, col_group, 1 + max(col_group), maxq_of(quant.bits), keep, quant.blocksize)
+        self.sweep, self.prune, self.quant, self.rule, self.per_row = sweep, prune, quant, rule, per_row
         self.cols, self.gs = cols, quant.group_size
-        self.maxq = maxq_of(quant.bits)
         self.sym = quant.symmetric or quant.bits == TERNARY_BITS
-        self.inv_d2 = torch.diagonal(U) ** -2
+        self.inv_d2 = torch.diagonal(sweep.U) ** -2
         self.windows = _windows(cols, prune) if mask is None else [(0, cols)]
         self.win_at = {a: b for a, b in self.windows} if mask is None else {}
         self.win_of = [0] * cols
         for k, (a, b) in enumerate(self.windows):
             self.win_of[a:b] = [k] * (b - a)
-        self.keep = torch.ones(rows, cols, dtype=torch.bool, device=Wp.device) if mask is None else mask.clone()
         self.sel_end = 0 if mask is None else cols  # columns [0, sel_end) have their final mask
-        self.i1 = self.i2 = self.c = 0
-        self.Err1 = None
         self.static = self.gs <= 0 or quant.act_order
-        self.scale = torch.empty(rows, max(1, 1 + max(col_group)), dtype=Wp.dtype, device=Wp.device)
-        self.zero = torch.empty_like(self.scale)
         self.fitted_upto = -1  # last group whose final grid is fitted (dynamic groups)
-        self._launched = False  # has the Triton column loop run (then a later failure is a real error)
 
-    def current(self, a: int, b: int) -> torch.Tensor:
-        """Weights of columns [a, b) as the sweep at column c sees them (lazy update applied beyond the block)."""
-        parts = []
-        if a < self.i2:
-            parts.append(self.Wp[:, a:min(b, self.i2)])
-        if b > self.i2:
-            lo = max(a, self.i2)
-            rest = self.Wp[:, lo:b]
-            if self.c > self.i1:
-                rest = rest - self.Err1[:, :self.c - self.i1] @ self.U[self.i1:self.c, lo:b]
-            parts.append(rest)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    def cuts(self, i1: int, i2: int) -> list[int]:
+        return [c for c in range(i1 + 1, i2) if c in self.win_at or (not self.static and c % self.gs == 0)]
+
+    def start(self, sweep: Sweep, a: int, b: int) -> None:
+        if a in self.win_at:
+            self.select_window(a, self.win_at[a])
+        if not self.static and a % self.gs == 0:
+            s1, z1 = self.fit(a, min(a + self.gs, self.cols))
+            self.scale[:, self.col_group[a]], self.zero[:, self.col_group[a]] = s1[:, 0], z1[:, 0]
+            self.fitted_upto = self.col_group[a]
 
     def keep_for(self, a: int, b: int) -> torch.Tensor:
         """Mask of columns [a, b): final where selected, provisional beyond (SparseGPT's rule, now)."""
@@ -201,7 +122,7 @@ class _Sweep:
         k = self.win_of[max(a, sel)]
         while k < len(self.windows) and self.windows[k][0] < b:
             wa, wb = self.windows[k]
-            prov = _select(self.current(wa, wb), self.inv_d2[wa:wb], wa, wb, self.prune, self.per_row)
+            prov = _select(self.sweep.current(wa, wb), self.inv_d2[wa:wb], wa, wb, self.prune, self.per_row)
             lo, hi = max(wa, a, sel), min(wb, b)
             parts.append(prov[:, lo - wa:hi - wa])
             k += 1
@@ -210,7 +131,7 @@ class _Sweep:
     def fit(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Grid (rows, 1) for columns [a, b) on the kept weights as they will be after pruning compensation."""
         kp = self.keep_for(a, b)
-        Wa = _after_pruning(self.current(a, b), self.U[a:b, a:b], kp)
+        Wa = after_pruning(self.sweep.current(a, b), self.sweep.U[a:b, a:b], kp)
         s, z = fit_grid(Wa, self.quant.bits, 0, self.sym, self.quant.mse_clip, mask=kp)
         dt = self.scale.dtype
         return s.float().to(dt), z.float().to(dt)  # choose codes on the grid as stored
@@ -218,7 +139,7 @@ class _Sweep:
     def fit_static(self, inv: torch.Tensor | None) -> None:
         """Per-channel / act-order grids, fitted before the sweep in the original column order."""
         prov = self.keep_for(0, self.cols)
-        Wa = _after_pruning(self.Wp, self.U, prov)
+        Wa = after_pruning(self.sweep.W, self.sweep.U, prov)
         if inv is not None:
             Wa, prov = Wa[:, inv], prov[:, inv]
         s, z = fit_grid(Wa, self.quant.bits, self.gs, self.sym, self.quant.mse_clip, mask=prov)
@@ -229,7 +150,7 @@ class _Sweep:
         that have not started yet (used by the quantization-aware mask rule)."""
         groups = self.col_group[a:b]
         if self.static:
-            g = torch.tensor(groups, device=self.Wp.device)
+            g = torch.tensor(groups, device=self.scale.device)
             return self.scale[:, g], self.zero[:, g]
         ss, zz = [], []
         j = a
@@ -244,79 +165,13 @@ class _Sweep:
         return torch.cat(ss, dim=1), torch.cat(zz, dim=1)
 
     def select_window(self, a: int, b: int) -> None:
-        cur = self.current(a, b)
+        cur = self.sweep.current(a, b)
         deq = None
         if self.rule == "quant":
             s, z = self.grid_of_columns(a, b)
             deq = s * (quantize_to_grid(cur, s, z, self.maxq) - z)
         self.keep[:, a:b] = _select(cur, self.inv_d2[a:b], a, b, self.prune, self.per_row, deq)
         self.sel_end = b
-
-    def run(self) -> torch.Tensor:
-        codes = torch.empty_like(self.Wp)
-        B, U = self.quant.blocksize, self.U
-        kernel = _triton_columns(self.Wp, B)
-        for i1 in range(0, self.cols, B):
-            i2 = min(i1 + B, self.cols)
-            W1 = self.Wp[:, i1:i2]  # a view: updated in place
-            U1 = U[i1:i2, i1:i2]
-            self.i1, self.i2, self.Err1 = i1, i2, torch.empty_like(W1)
-            if kernel is not None:  # the loop below as one Triton launch per run between window/group starts
-                try:
-                    self._run_block_triton(kernel, W1, U1, codes, i1, i2)
-                    if i2 < self.cols:
-                        self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    # a kernel that does not compile fails at its first launch, before any column changed
-                    # (window selection and grid fits redone below give the same result): go on in torch
-                    if not type(e).__module__.startswith("triton") or self._launched:
-                        raise
-                    log.warning("Triton column-loop kernel unavailable (%s: %s); using the torch loop",
-                                type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
-                    kernel = None
-            for i in range(i2 - i1):
-                c = self.c = i1 + i
-                if c in self.win_at:
-                    self.select_window(c, self.win_at[c])
-                g = self.col_group[c]
-                if not self.static and c % self.gs == 0:
-                    s1, z1 = self.fit(c, min(c + self.gs, self.cols))
-                    self.scale[:, g], self.zero[:, g] = s1[:, 0], z1[:, 0]
-                    self.fitted_upto = g
-                s, z = self.scale[:, g], self.zero[:, g]
-                w = W1[:, i]
-                q = torch.where(self.keep[:, c], quantize_to_grid(w, s, z, self.maxq), z)
-                codes[:, c] = q
-                err = (w - s * (q - z)) / U1[i, i]
-                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-                self.Err1[:, i] = err
-            if i2 < self.cols:  # lazy batch update of everything right of the block
-                self.Wp[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
-        return codes
-
-    def _run_block_triton(self, kernel, W1, U1, codes, i1, i2) -> None:
-        cuts = [c for c in range(i1, i2) if c == i1 or c in self.win_at or (not self.static and c % self.gs == 0)]
-        groups = torch.tensor(self.col_group[i1:i2], dtype=torch.int32, device=self.Wp.device)
-        for a, b in zip(cuts, cuts[1:] + [i2]):
-            self.c = a
-            if a in self.win_at:
-                self.select_window(a, self.win_at[a])
-            if not self.static and a % self.gs == 0:
-                g = self.col_group[a]
-                s1, z1 = self.fit(a, min(a + self.gs, self.cols))
-                self.scale[:, g], self.zero[:, g] = s1[:, 0], z1[:, 0]
-                self.fitted_upto = g
-            kernel(W1, U1, self.scale, self.zero, groups, self.keep[:, i1:i2].to(torch.uint8), codes[:, i1:i2],
-                   self.Err1, a - i1, b - i1, self.maxq)
-            self._launched = True
-
-
-def _triton_columns(Wp: torch.Tensor, blocksize: int):
-    """solvers/triton_gptq.py's column-loop kernel when it applies (CUDA float32), else None."""
-    from .quant import _triton_columns as pick
-
-    return pick(Wp, blocksize)
 
 
 MASK_RULES = ("obs", "quant")
@@ -338,7 +193,7 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
     round(sparsity · in)); False (default, as the dispatched SparseGPT) selects over the whole window with
     one threshold, as the reference SparseGPT does (same layer total, rows may differ).
     ``mask`` (True = kept) fixes the mask instead of choosing it (then the sweep equals SparseGPT with that
-    mask followed by GPTQ with the mask kept, case B, up to where group grids are fitted).
+    mask followed by GPTQ with the mask kept, keep-mask, up to where group grids are fitted).
     """
     H = _check(W, stats, prune, quant)
     if mask is not None and mask.shape != W.shape:
@@ -355,15 +210,16 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
     if mask is not None:
         mask = (mask if perm is None else mask[:, perm]).to(device=W.device, dtype=torch.bool)
 
-    sweep = _Sweep(Wp, U, prune, quant, col_group, mask_rule, per_row, mask)
-    if sweep.static:
-        sweep.fit_static(inv)
-    codes = sweep.run()
-    keep = sweep.keep
+    sweep = Sweep(Wp, U)
+    rule = _JointRule(sweep, prune, quant, col_group, mask_rule, per_row, mask)
+    if rule.static:
+        rule.fit_static(inv)
+    sweep.run(rule, fixed_blocks(cols, quant.blocksize))
+    codes, keep = rule.codes, rule.keep
     if inv is not None:
         codes, keep = codes[:, inv], keep[:, inv]
-    qstate = QuantState(kind="uniform", bits=quant.bits, group_size=quant.group_size, symmetric=sweep.sym,
-                        codes=codes.to(torch.uint8), scale=sweep.scale.float(), zero=sweep.zero.float(),
+    qstate = QuantState(kind="uniform", bits=quant.bits, group_size=quant.group_size, symmetric=rule.sym,
+                        codes=codes.to(torch.uint8), scale=rule.scale.float(), zero=rule.zero.float(),
                         g_idx=g_idx.int())
     Wq = qstate.dequantize().to(Wp.dtype)
     assert not Wq[~keep].any(), "pruned weights must dequantize to exactly 0"

@@ -5,18 +5,14 @@ The returned weight is always exactly ``QuantState.dequantize()`` of the returne
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..errors import NumericalError, RecipeError
 from ..recipe import QuantSpec
 from .base import LayerResult, LayerStats, QuantState
-from .billm import billm_dequantize, billm_quantize  # noqa: F401  (1-bit solver, re-exported here)
-from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped, quantize_to_grid
+from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped
 from .hessian import layer_objective, prepare_hessian
-
-log = logging.getLogger(__name__)
+from .obs import GridRule, Sweep, fixed_blocks
 
 
 def _work_dtype(W: torch.Tensor) -> torch.dtype:
@@ -111,55 +107,12 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
     col_group = (g_idx if perm is None else g_idx[perm]).tolist()  # host list: no device sync per column
 
     static = gs <= 0 or perm is not None
+    rule = _GPTQRule(Wp, col_group, n_groups_of(cols, gs), maxq, maskp, spec, static)
     if static:  # on the (dead-column fixed) weights in the original column order
-        scale, zero = fit_grid(Wp if inv is None else Wp[:, inv], spec.bits, gs, sym, spec.mse_clip, mask=mask)
-    else:
-        scale = torch.empty(rows, n_groups_of(cols, gs), dtype=dt, device=W.device)
-        zero = torch.empty_like(scale)
-    scale, zero = scale.float().to(dt), zero.float().to(dt)  # choose codes on the grid as stored
-    codes = torch.empty_like(Wp)
-
-    kernel = _triton_columns(Wp, spec.blocksize)
-    for i1 in range(0, cols, spec.blocksize):
-        i2 = min(i1 + spec.blocksize, cols)
-        W1 = Wp[:, i1:i2]  # a view: updated in place
-        U1 = U[i1:i2, i1:i2]
-        Err1 = torch.empty_like(W1)
-        # runs of columns between grid refits (dynamic groups are fitted when their first column comes)
-        cuts = [0] + [c - i1 for c in range(i1 + 1, i2) if not static and c % gs == 0] + [i2 - i1]
-        cg = None
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if not static and (i1 + a) % gs == 0:
-                _fit_group(Wp, U, Err1, maskp, scale, zero, spec, i1 + a, i1, i2, col_group[i1 + a])
-            if kernel is not None:  # one launch for the whole run of columns
-                if cg is None:
-                    cg = torch.tensor(col_group[i1:i2], dtype=torch.int32, device=W.device)
-                    m8 = None if maskp is None else maskp[:, i1:i2].to(torch.uint8)
-                try:
-                    kernel(W1, U1, scale, zero, cg, m8, codes[:, i1:i2], Err1, a, b, maxq)
-                    continue
-                except Exception as e:  # noqa: BLE001
-                    if not type(e).__module__.startswith("triton"):
-                        raise
-                    # a kernel that fails to compile was never launched: W1 is untouched, go on in torch
-                    log.warning("Triton GPTQ kernel unavailable (%s: %s); using the torch column loop",
-                                type(e).__name__, str(e).splitlines()[0][:200])
-                    kernel = None
-            for i in range(a, b):
-                c = i1 + i
-                g = col_group[c]
-                s, z = scale[:, g], zero[:, g]
-                w = W1[:, i]
-                q_code = quantize_to_grid(w, s, z, maxq)
-                if maskp is not None:
-                    q_code = torch.where(maskp[:, c], q_code, z)
-                codes[:, c] = q_code
-                err = (w - s * (q_code - z)) / U1[i, i]
-                W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
-                Err1[:, i] = err
-        if i2 < cols:  # lazy batch update of everything right of the block
-            Wp[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1.0)
-
+        s, z = fit_grid(Wp if inv is None else Wp[:, inv], spec.bits, gs, sym, spec.mse_clip, mask=mask)
+        rule.set_grid(slice(None), s, z)
+    Sweep(Wp, U).run(rule, fixed_blocks(cols, spec.blocksize))
+    codes, scale, zero = rule.codes, rule.scale, rule.zero
     if inv is not None:
         codes = codes[:, inv]
     state = _state(spec, codes, scale, zero, g_idx)
@@ -169,25 +122,23 @@ def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
     return _finish(state, mask, info, W.dtype)
 
 
-def _triton_columns(Wp: torch.Tensor, blocksize: int):
-    """The Triton column-loop kernel (solvers/triton_gptq.py) when it applies to this problem, else None."""
-    try:
-        from . import triton_gptq
-    except ImportError:
-        return None
-    if not triton_gptq.available(Wp) or min(blocksize, Wp.shape[1]) > triton_gptq.MAX_BLOCK:
-        return None
-    return triton_gptq.gptq_columns
+class _GPTQRule(GridRule):
+    """GPTQ's rule: nearest grid point; a dynamic group's grid is fitted when its first column comes."""
 
+    def __init__(self, Wp, col_group, n_groups, maxq, keep, spec: QuantSpec, static: bool):
+        super().__init__(Wp, col_group, n_groups, maxq, keep, spec.blocksize)
+        self.spec, self.static = spec, static
 
-def _fit_group(Wp, U, Err1, maskp, scale, zero, spec, c, i1, i2, g) -> None:
-    """Fit group g (columns c..c+gs) on the weights as updated so far; the part beyond the current
-    block has not yet received this block's lazy update, so apply it here for those columns."""
-    end = min(c + spec.group_size, Wp.shape[1])
-    blk = Wp[:, c:min(end, i2)]
-    if end > i2:
-        rest = Wp[:, i2:end] - Err1[:, :c - i1] @ U[i1:c, i2:end]
-        blk = torch.cat([blk, rest], dim=1)
-    m = None if maskp is None else maskp[:, c:end]
-    s, z = fit_grid(blk, spec.bits, 0, _is_symmetric(spec), spec.mse_clip, mask=m)
-    scale[:, g], zero[:, g] = s[:, 0].float().to(scale.dtype), z[:, 0].float().to(zero.dtype)
+    def cuts(self, i1: int, i2: int) -> list[int]:
+        gs = self.spec.group_size
+        return [] if self.static else [c for c in range(i1 + 1, i2) if c % gs == 0]
+
+    def start(self, sweep: Sweep, a: int, b: int) -> None:
+        gs = self.spec.group_size
+        if self.static or a % gs:
+            return
+        end = min(a + gs, sweep.W.shape[1])
+        m = None if self.keep is None else self.keep[:, a:end]
+        s, z = fit_grid(sweep.current(a, end), self.spec.bits, 0, _is_symmetric(self.spec), self.spec.mse_clip,
+                        mask=m)
+        self.set_grid(self.col_group[a], s[:, 0], z[:, 0])

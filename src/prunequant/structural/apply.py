@@ -10,8 +10,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .allocation import Allocation, model_dims
-from .arch import blocks
-from .calib import capture, collect_stats, run_block
+from .calib import block_loop, block_stats
 from .mixed import mixed_quantize
 from .surgery import finish, prune_block
 
@@ -35,17 +34,17 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
         raise RecipeError("this allocation was learnt for a model of other shapes: apply it to the model "
                           "it was learnt on, before any other pruning")
     spec = allocation.spec
-    layers = blocks(model)
     model.eval()
-    inputs = capture(model, calib_ids, batch_size)
-    total, errors = 0.0, []
-    for i, (b, la, d) in enumerate(zip(layers, allocation.layers, dims)):
+    total, errors = [0.0], []
+
+    def compress(i, b, inputs, device):
+        la, d = allocation.layers[i], dims[i]
         a, m = b.self_attn, b.mlp
         prune_heads, prune_mlp = not bool(la.keep_heads.all()), not bool(la.keep_mlp.all())
         if prune_heads or prune_mlp:
             st = None
             if compensate:
-                st, _ = collect_stats(b, inputs, i, {"o": a.o_proj, "down": m.down_proj})
+                st = block_stats(b, inputs, device, {"o": a.o_proj, "down": m.down_proj})
             prune_block(b, la.keep_heads.nonzero().flatten() if prune_heads else None,
                         la.keep_mlp.nonzero().flatten() if prune_mlp else None,
                         st["o"].mean if st and prune_heads else None,
@@ -57,7 +56,7 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
         owners = {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
         hess = {}
         if method == "gptq":
-            st, _ = collect_stats(b, inputs, i, {"q_proj": a.q_proj, "o_proj": a.o_proj,
+            st = block_stats(b, inputs, device, {"q_proj": a.q_proj, "o_proj": a.o_proj,
                                                  "gate_proj": m.gate_proj, "down_proj": m.down_proj}, hessian=True)
             hess = {n: st[src].hessian for n, src in (("q_proj", "q_proj"), ("k_proj", "q_proj"), ("v_proj", "q_proj"),
                                                        ("o_proj", "o_proj"), ("gate_proj", "gate_proj"),
@@ -68,15 +67,16 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
             W = lin.weight.data.float()
             res = mixed_quantize(W, high[n], spec, H=hess.get(n), damp=damp)
             lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-            total += res.info["bits"]
+            total[0] += res.info["bits"]
             if lin.bias is not None:
-                total += spec.bias_bits * lin.out_features
+                total[0] += spec.bias_bits * lin.out_features
             if n in hess:
                 D = W - res.weight
                 row[n] = float(((D @ hess[n]) * D).sum())
         errors.append(row)
-        inputs.advance(run_block(b, inputs, i))
+
+    block_loop(model, calib_ids, batch_size, compress)
     finish(model)
     model.config.prunequant_mixed_precision = {k: v for k, v in allocation.summary().items() if k != "layers"}
     n_w = sum(d.n_weights for d in dims)
-    return ApplyReport(total / n_w, allocation.avg_bits, n_w, errors)
+    return ApplyReport(total[0] / n_w, allocation.avg_bits, n_w, errors)

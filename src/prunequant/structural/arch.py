@@ -1,7 +1,7 @@
-"""Where the prunable parts of a Llama/Mistral/Qwen2-shaped model live, and their per-layer shapes.
+"""Where the prunable parts of a model live, and their per-layer shapes.
 
-Only decoder-only models whose blocks have ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj``
-(Llama, Mistral, Qwen2, SmolLM, ...) are handled here; the lead's models.py describes more families.
+Decoder-only models whose blocks have ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (Llama,
+Mistral, Qwen2/3, Gemma 2/3, SmolLM, ...); the block loop is the engine's, for every architecture it knows.
 """
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ def blocks(model: nn.Module) -> nn.ModuleList:
     layers = getattr(inner, "layers", None)
     if layers is None or len(layers) == 0:
         raise ModelLoadError(f"{type(model).__name__} has no model.layers: structural pruning supports "
-                             "Llama/Mistral/Qwen2-shaped causal LMs")
+                             "Llama/Mistral/Qwen/Gemma-shaped causal LMs")
     b = layers[0]
     ok = all(hasattr(b.self_attn, n) for n in ATTN_IN + ("o_proj",)) and all(
         hasattr(b.mlp, n) for n in MLP_IN + ("down_proj",))
     if not ok:
         raise ModelLoadError(f"{type(model).__name__} blocks lack q/k/v/o_proj or gate/up/down_proj: "
-                             "structural pruning supports Llama/Mistral/Qwen2-shaped models only")
+                             "structural pruning supports Llama/Mistral/Qwen/Gemma-shaped models only")
     return layers
 
 

@@ -1,20 +1,15 @@
-"""Calibration activations for a block-by-block loop: the inputs of each block and its call arguments.
+"""Calibration statistics of a block's linears for structural decisions: mean, variance, ‖x_j‖², x xᵀ.
 
-One forward pass of the whole model catches, per batch, the hidden state entering block 0 and the keyword
-arguments every block is called with (position embeddings, masks), so each block can then be run on its
-own — on the outputs of the already-compressed blocks before it, which is how errors get compensated.
+The block loop itself is the engine's (engine.compress_model with a block hook): these statistics are
+gathered on the block's inputs as the engine hands them over, i.e. on the outputs of the blocks already
+pruned before it, which is how errors get compensated.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import DataError
-from .arch import blocks
-
-_DROP = ("past_key_values", "past_key_value", "use_cache", "cache_position")
 
 
 def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
@@ -29,60 +24,16 @@ def batches(calib_ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(check_ids(calib_ids).split(max(1, batch_size)))
 
 
-@dataclass
-class BlockInputs:
-    """Per batch: the hidden state entering the current block, and per block its call kwargs."""
-
-    hidden: list[torch.Tensor]
-    kwargs: list[list[dict]]  # [batch][block]
-
-    def advance(self, outputs: list[torch.Tensor]) -> None:
-        self.hidden = outputs
-
-
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
-def capture(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> BlockInputs:
-    layers = blocks(model)
+def run_model(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """The whole model over the calibration batches (its hooks gather what they need); the hooks then go."""
     dev = next(model.parameters()).device
-    hidden, kwargs = [], []
-    for ids in batches(calib_ids, batch_size):
-        seen: list[dict] = []
-        first: list[torch.Tensor] = []
-
-        def grab(mod, args, kw, i=None):
-            h = args[0] if args else kw["hidden_states"]
-            if not first:
-                first.append(h.detach())
-            kept = {k: v for k, v in kw.items() if k not in _DROP and k != "hidden_states"}
-            seen.append(kept)
-            if len(seen) == len(layers):
-                raise _Stop
-
-        handles = [b.register_forward_pre_hook(grab, with_kwargs=True) for b in layers]
-        try:
+    try:
+        for ids in batches(calib_ids, batch_size):
             model(input_ids=ids.to(dev), use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        hidden.append(first[0])
-        kwargs.append(seen)
-    return BlockInputs(hidden, kwargs)
-
-
-def call_block(block: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
-    out = block(h, **kw)
-    return out[0] if isinstance(out, tuple) else out
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs, index: int) -> list[torch.Tensor]:
-    return [call_block(block, h, kws[index]) for h, kws in zip(inputs.hidden, inputs.kwargs)]
+    finally:
+        for h in handles:
+            h.remove()
 
 
 class InputStats:
@@ -126,15 +77,29 @@ class InputStats:
 
 
 @torch.no_grad()
-def collect_stats(block: nn.Module, inputs: BlockInputs, index: int, names: dict[str, nn.Linear],
-                  hessian: bool = False) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
-    """Run the block over all batches, gathering input statistics of the named linears; returns outputs too."""
+def block_stats(block: nn.Module, inputs, device, names: dict[str, nn.Linear],
+                hessian: bool = False) -> dict[str, InputStats]:
+    """Run the block over the engine's calibration batches, gathering input statistics of the named linears."""
+    from ..engine import run_block
+
     stats = {n: InputStats(m.in_features, m.weight.device, hessian) for n, m in names.items()}
     handles = [m.register_forward_pre_hook(lambda mod, args, n=n: stats[n].add(args[0]))
                for n, m in names.items()]
     try:
-        outs = run_block(block, inputs, index)
+        run_block(block, inputs, device, outputs=False)
     finally:
         for h in handles:
             h.remove()
-    return stats, outs
+    return stats
+
+
+def block_loop(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, hook) -> None:
+    """``hook(i, block, inputs, device)`` on every decoder block inside the engine's loop: the engine captures
+    the block inputs, places the block, and feeds the block's output (after the hook changed it) to the next."""
+    from ..engine import compress_model
+    from ..recipe import LayerPlan
+
+    device = next(model.parameters()).device
+    compress_model(model, check_ids(calib_ids), lambda name: LayerPlan(), device=device, batch_size=batch_size,
+                   keep_states=False, progress=False, offload_activations=False,
+                   block_hook=lambda i, block, arch, inputs, solve, report, dev: hook(i, block, inputs, dev))

@@ -11,7 +11,7 @@ from torch import nn
 
 from .allocation import LayerDims, model_dims
 from .arch import blocks
-from .calib import InputStats, batches
+from .calib import InputStats, run_model
 from .mixed import MixSpec, rtn_fake
 
 # which linear's input statistics stand for each shared input
@@ -32,12 +32,7 @@ def input_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) 
             st[key] = InputStats(lin.in_features, dev)
             handles.append(lin.register_forward_pre_hook(lambda m, a, s=st[key]: s.add(a[0])))
         stats.append(st)
-    try:
-        for ids in batches(calib_ids, batch_size):
-            model(input_ids=ids.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_model(model, calib_ids, batch_size, handles)
     return stats
 
 

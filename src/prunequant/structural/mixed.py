@@ -15,6 +15,7 @@ import torch
 from ..solvers.base import LayerResult, QuantState
 from ..solvers.grid import fake_quantize, fit_grid, maxq_of, quantize_to_grid
 from ..solvers.hessian import prepare_hessian
+from ..solvers.obs import GridRule, Sweep
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,35 @@ def _segments(n_high: int, n: int, group_size: int, blocksize: int) -> list[tupl
     return segs
 
 
+class _MixedRule(GridRule):
+    """GPTQ over [high | low] with each part's bit width; one grid per group of a part (or per part)."""
+
+    def __init__(self, Wp, n_high: int, spec: MixSpec, segs, blocksize: int):
+        n = Wp.shape[1]
+        col_group, self.fit_at, g = [0] * n, {}, -1
+        for s, e, fit in segs:
+            if fit:
+                g += 1
+                self.fit_at[s] = e if spec.group_size > 0 else (n_high if s < n_high else n)
+            col_group[s:e] = [g] * (e - s)
+        super().__init__(Wp, col_group, g + 1, maxq_of(spec.low_bits), None, blocksize)
+        self.n_high, self.spec, self.n_high_grids = n_high, spec, (col_group[n_high - 1] + 1 if n_high else 0)
+
+    def bits_at(self, c: int) -> int:
+        return self.spec.high_bits if c < self.n_high else self.spec.low_bits
+
+    def maxq_at(self, c: int) -> int:
+        return maxq_of(self.bits_at(c))
+
+    def fit(self, Wcols: torch.Tensor, a: int) -> None:
+        s, z = fit_grid(Wcols, self.bits_at(a), 0, self.spec.symmetric)
+        self.set_grid(self.col_group[a], s[:, 0], z[:, 0])
+
+    def start(self, sweep: Sweep, a: int, b: int) -> None:
+        if a in self.fit_at:  # blocks are the segments: [a, part end) is up to date at a segment start
+            self.fit(sweep.current(a, self.fit_at[a]), a)
+
+
 def mixed_quantize(W: torch.Tensor, high: torch.Tensor, spec: MixSpec, H: torch.Tensor | None = None,
                    damp: float = 0.01, blocksize: int = 128) -> LayerResult:
     """Quantize W (out, in): columns with ``high`` True at spec.high_bits, the rest at spec.low_bits.
@@ -95,58 +125,33 @@ def mixed_quantize(W: torch.Tensor, high: torch.Tensor, spec: MixSpec, H: torch.
     high = high.to(device=W.device, dtype=torch.bool)
     perm = torch.cat([high.nonzero().flatten(), (~high).nonzero().flatten()])
     n_high, n = int(high.sum()), W.shape[1]
+    segs = _segments(n_high, n, spec.group_size, blocksize)
     if H is None:
         Wp = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)[:, perm].clone()
-        U, info = None, {"method": "rtn"}
+        info = {"method": "rtn"}
+        rule = _MixedRule(Wp, n_high, spec, segs, max(e - s for s, e, _ in segs))
+        for s, e, fit in segs:
+            if fit:
+                rule.fit(Wp[:, s:rule.fit_at[s]], s)
+            g = rule.col_group[s]
+            rule.codes[:, s:e] = quantize_to_grid(Wp[:, s:e], rule.scale[:, g:g + 1], rule.zero[:, g:g + 1],
+                                                  rule.maxq_at(s))
     else:
         Wp, U, info = prepare_hessian(W, H, damp=damp, perm=perm)
         info["method"] = "gptq"
-    Q = torch.zeros_like(Wp)
-    codes = torch.zeros_like(Wp)
-    scales, zeros = [], []
-    seg_grid = None
-    for s, e, fit in _segments(n_high, n, spec.group_size, blocksize):
-        bits = spec.high_bits if s < n_high else spec.low_bits
-        maxq = maxq_of(bits)
-        if fit:
-            g_end = e if spec.group_size > 0 else (n_high if s < n_high else n)
-            # the block [s, e) is up to date (lazy updates are flushed at block ends); for per-channel
-            # grids the whole part is, because its first block starts right after a flush
-            sc, z = fit_grid(Wp[:, s:g_end], bits, 0, spec.symmetric)
-            sc, z = sc.float().to(Wp.dtype), z.float().to(Wp.dtype)
-            scales.append(sc)
-            zeros.append(z)
-            seg_grid = (sc, z)
-        sc, z = seg_grid
-        if U is None:
-            c = quantize_to_grid(Wp[:, s:e], sc, z, maxq)
-            codes[:, s:e] = c
-            Q[:, s:e] = sc * (c - z)
-            continue
-        W1 = Wp[:, s:e].clone()
-        Err = torch.zeros_like(W1)
-        for j in range(e - s):
-            w = W1[:, j]
-            c = quantize_to_grid(w[:, None], sc, z, maxq)[:, 0]
-            q = sc[:, 0] * (c - z[:, 0])
-            codes[:, s + j], Q[:, s + j] = c, q
-            d = U[s + j, s + j]
-            err = (w - q) / d
-            W1[:, j:] -= err[:, None] * U[s + j, s + j:e][None, :]
-            Err[:, j] = err
-        Wp[:, e:] -= Err @ U[s:e, e:]
-    inv = torch.argsort(perm)
-    weight = Q[:, inv]
+        rule = _MixedRule(Wp, n_high, spec, segs, max(e - s for s, e, _ in segs))
+        Sweep(Wp, U).run(rule, [(s, e) for s, e, _ in segs])
+    g = torch.tensor(rule.col_group, device=W.device)
+    codes, scale, zero = rule.codes, rule.scale, rule.zero
+    weight = (scale[:, g] * (codes - zero[:, g]))[:, torch.argsort(perm)]
     parts = {}
-    n_hi_grids = sum(1 for seg in _segments(n_high, n, spec.group_size, blocksize) if seg[2] and seg[0] < n_high)
-    for name, lo, hi, bits, sl in (("high", 0, n_high, spec.high_bits, slice(0, n_hi_grids)),
-                                   ("low", n_high, n, spec.low_bits, slice(n_hi_grids, None))):
+    for name, lo, hi, bits, sl in (("high", 0, n_high, spec.high_bits, slice(0, rule.n_high_grids)),
+                                   ("low", n_high, n, spec.low_bits, slice(rule.n_high_grids, None))):
         if hi > lo:
             gs = (hi - lo) if spec.group_size <= 0 else spec.group_size
             parts[name] = QuantState(
                 kind="uniform", bits=bits, group_size=spec.group_size, symmetric=spec.symmetric,
-                codes=codes[:, lo:hi].to(torch.uint8), scale=torch.cat(scales[sl], 1).float(),
-                zero=torch.cat(zeros[sl], 1).float(),
+                codes=codes[:, lo:hi].to(torch.uint8), scale=scale[:, sl].float(), zero=zero[:, sl].float(),
                 g_idx=(torch.arange(hi - lo, device=W.device) // gs).int())
     out_rows = W.shape[0]
     bits_total = matrix_bits(spec, out_rows, n_high, n - n_high)

@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import RecipeError
 from . import importance as imp
 from .arch import blocks, current_shapes
-from .calib import batches, call_block, capture, collect_stats
+from .calib import block_loop, block_stats, run_model
 from .surgery import drop_blocks, finish, prune_block
 
 
@@ -71,11 +71,11 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
     head_counts = mlp_counts = None
     if scope == "global":
         head_counts, mlp_counts = _global_plan(model, calib_ids, hs, ms, metric, gqa, batch_size)
-    inputs = capture(model, calib_ids, batch_size)
     report = StructuredReport(before, 0, [])
-    for i, b in enumerate(layers):
+
+    def prune(i, b, inputs, device):
         a, m = b.self_attn, b.mlp
-        stats, _ = collect_stats(b, inputs, i, {"o": a.o_proj, "down": m.down_proj})
+        stats = block_stats(b, inputs, device, {"o": a.o_proj, "down": m.down_proj})
         n_heads, n_kv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
         h_score = imp.head_scores(imp.channel_scores(a.o_proj.weight, stats["o"], metric), hd)
         c_score = imp.channel_scores(m.down_proj.weight, stats["down"], metric)
@@ -88,7 +88,8 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
                     stats["down"].mean if bias_compensation else None)
         report.kept_heads.append(keep_h.tolist() if keep_h is not None else list(range(n_heads)))
         report.kept_channels.append(keep_c.tolist() if keep_c is not None else list(range(c_score.numel())))
-        inputs.advance([call_block(b, h, kw[i]) for h, kw in zip(inputs.hidden, inputs.kwargs)])
+
+    block_loop(model, calib_ids, batch_size, prune)
     finish(model)
     report.params_after = block_params(model)
     report.shapes = [s.to_dict() for s in current_shapes(model)]
@@ -99,10 +100,10 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
 def _global_plan(model, calib_ids, hs, ms, metric, gqa, batch_size):
     layers = blocks(model)
     hd = layers[0].self_attn.head_dim
-    inputs = capture(model, calib_ids, batch_size)
     h_scores, c_scores, n_kv = [], [], []
-    for i, b in enumerate(layers):
-        stats, outs = collect_stats(b, inputs, i, {"o": b.self_attn.o_proj, "down": b.mlp.down_proj})
+
+    def score(i, b, inputs, device):
+        stats = block_stats(b, inputs, device, {"o": b.self_attn.o_proj, "down": b.mlp.down_proj})
         h = imp.head_scores(imp.channel_scores(b.self_attn.o_proj.weight, stats["o"], metric), hd)
         kv = b.self_attn.k_proj.out_features // hd
         rep = h.numel() // kv
@@ -110,7 +111,8 @@ def _global_plan(model, calib_ids, hs, ms, metric, gqa, batch_size):
         h_scores.append(imp.group_scores(h, kv) if gqa == "group" else h)
         n_kv.append((kv, rep))
         c_scores.append(imp.channel_scores(b.mlp.down_proj.weight, stats["down"], metric))
-        inputs.advance(outs)
+
+    block_loop(model, calib_ids, batch_size, score)
     hc = _global_counts(h_scores, 1 - hs)
     heads = [c * rep if gqa == "group" else c for c, (kv, rep) in zip(hc, n_kv)]
     return heads, _global_counts(c_scores, 1 - ms)
@@ -122,7 +124,6 @@ def block_influence(model: nn.Module, calib_ids: torch.Tensor, batch_size: int =
     layers = blocks(model)
     tot = [0.0] * len(layers)
     n = [0] * len(layers)
-    dev = next(model.parameters()).device
 
     def hook(mod, args, kw, out, i):
         h_in = args[0] if args else kw["hidden_states"]
@@ -133,12 +134,7 @@ def block_influence(model: nn.Module, calib_ids: torch.Tensor, batch_size: int =
 
     handles = [b.register_forward_hook(lambda m, a, k, o, i=i: hook(m, a, k, o, i), with_kwargs=True)
                for i, b in enumerate(layers)]
-    try:
-        for ids in batches(calib_ids, batch_size):
-            model(input_ids=ids.to(dev), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    run_model(model, calib_ids, batch_size, handles)
     return [t / max(c, 1) for t, c in zip(tot, n)]
 
 

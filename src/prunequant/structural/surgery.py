@@ -138,12 +138,18 @@ def save_structured(model: nn.Module, out_dir: str | Path) -> Path:
     return out
 
 
-def load_structured(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
-    """Rebuild a model saved by save_structured with its per-layer shapes and load its weights."""
+def load_structured(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    verify: bool = True):
+    """Rebuild a model saved by save_structured with its per-layer shapes and load its weights (checked
+    against the manifest first; see export.check_integrity)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from ..export.integrity import check_integrity
+
     d = Path(model_dir)
+    if verify:
+        check_integrity(d)
     if not (d / "config.json").is_file():
         raise ModelLoadError(f"{d} has no config.json: pass the directory given to save_structured")
     config = AutoConfig.from_pretrained(d)

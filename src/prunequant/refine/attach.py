@@ -1,0 +1,110 @@
+"""Put trainable views (weights.py) in place of compressed linears' weights, and take them out again.
+
+While attached, each linear's ``weight`` is computed from its view on every access (torch's
+parametrize), so any forward of the block or model — also one recomputed by gradient checkpointing —
+trains the views; every other parameter is frozen. ``finish`` writes each view's exported weight into
+the linear and its stored pieces into the run's layer states.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..models import get_weight, set_weight
+from ..solvers.base import LayerResult
+from .weights import make_view
+
+
+class _AsWeight(nn.Module):
+    """Parametrization: ignore the stored tensor, return the view's weight in the module's layout."""
+
+    def __init__(self, view, transpose: bool, dtype: torch.dtype):
+        super().__init__()
+        self.view, self.transpose, self.dtype = view, transpose, dtype
+
+    def forward(self, _stored):
+        w = self.view.weight().to(self.dtype)
+        return w.t() if self.transpose else w
+
+
+class Attached:
+    """The views of a set of linears {name: module}, given their run states {name: LayerResult}."""
+
+    def __init__(self, linears: dict[str, nn.Module], states: dict[str, LayerResult]):
+        self.linears, self.states, self.views = linears, states, {}
+        for name, mod in linears.items():
+            st = states.get(name)
+            if st is None:
+                continue
+            w = get_weight(mod).detach()
+            view = make_view(w.float(), _on(st.mask, w.device), _quant_on(st.quant, w.device))
+            if view is not None:
+                self.views[name] = view.to(w.device)
+
+    def __bool__(self) -> bool:
+        return bool(self.views)
+
+    def param_groups(self, spec) -> list[dict]:
+        return [g for v in self.views.values() for g in v.param_groups(spec)]
+
+    def project_(self) -> None:
+        for v in self.views.values():
+            v.project_()
+
+    @contextlib.contextmanager
+    def active(self, root: nn.Module):
+        """Views in place and every other parameter of ``root`` frozen, for the duration."""
+        frozen = [(p, p.requires_grad) for p in root.parameters()]
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        try:
+            for name, view in self.views.items():
+                mod = self.linears[name]
+                parametrize.register_parametrization(
+                    mod, "weight", _AsWeight(view, type(mod).__name__ == "Conv1D", mod.weight.dtype), unsafe=True)
+            yield self
+        finally:
+            for name in self.views:
+                mod = self.linears[name]
+                if parametrize.is_parametrized(mod, "weight"):
+                    parametrize.remove_parametrizations(mod, "weight", leave_parametrized=False)
+            for p, req in frozen:
+                p.requires_grad_(req)
+
+    def state_dict_views(self) -> dict:
+        return {n: {k: t.detach().clone() for k, t in v.state_dict().items()} for n, v in self.views.items()}
+
+    def load_state_dict_views(self, saved: dict) -> None:
+        for n, v in self.views.items():
+            v.load_state_dict(saved[n])
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Write the exported weights into the linears and the stored pieces into the states (call after
+        ``active`` has ended)."""
+        for name, view in self.views.items():
+            weight, q = view.export()
+            set_weight(self.linears[name], weight)
+            old = self.states[name]
+            if q is not None:
+                q = _quant_on(q, torch.device("cpu"))
+            self.states[name] = LayerResult(weight=None, mask=old.mask, quant=q if q is not None else old.quant,
+                                            info={**old.info, "refined": True})
+
+
+def _on(t, device):
+    return None if t is None else t.to(device)
+
+
+def _quant_on(q, device):
+    if q is None:
+        return None
+    import dataclasses
+
+    moved = {a: (getattr(q, a).to(device) if torch.is_tensor(getattr(q, a)) else getattr(q, a))
+             for a in ("codes", "scale", "zero", "g_idx")}
+    extra = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in q.extra.items()}
+    return dataclasses.replace(q, **moved, extra=extra)

@@ -1,0 +1,136 @@
+"""Global refinement: KL from the original model's next-token distribution, on the calibration tokens.
+
+The teacher is the model itself before compression: ``teacher_topk`` keeps, per calibration token,
+its top-k log-probabilities and their ids (k = 64 by default: 65k tokens x 64 x 8 bytes = 34 MB),
+so no second model is held. The loss is the KL over those k tokens plus one bucket for the rest of the
+vocabulary, KL(p‖q) ≈ Σ_topk p (log p − log q) + r_p log(r_p / r_q), a lower bound of the full KL
+that is tight when the teacher's tail mass is small. Every compressed linear's view (weights.py)
+trains at once; decoder blocks are gradient-checkpointed where the model supports it, so activation
+memory is one block's. The refined weights are kept only if the KL over all calibration windows drops.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import torch
+
+from ..models import all_linear_names
+from .attach import Attached
+from .blockwise import _adam
+
+
+@torch.no_grad()
+def teacher_topk(model, ids: torch.Tensor, k: int, batch_size: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch of calibration windows: (top-k log-probs float32, their token ids int32), on the CPU."""
+    home = next(model.parameters()).device
+    model.to(device)
+    out = []
+    try:
+        for i in range(0, ids.shape[0], batch_size):
+            logits = model(ids[i:i + batch_size].to(device), use_cache=False).logits.float()
+            lp, idx = torch.log_softmax(logits, -1).topk(k, dim=-1)
+            out.append((lp.cpu(), idx.int().cpu()))
+    finally:
+        model.to(home)
+    return out
+
+
+def topk_kl(logits: torch.Tensor, t_lp: torch.Tensor, t_idx: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of the top-k-plus-tail KL(teacher ‖ student)."""
+    lq = torch.log_softmax(logits.float(), -1)
+    lq_k = lq.gather(-1, t_idx.long())
+    p_k = t_lp.exp()
+    kl = (p_k * (t_lp - lq_k)).sum(-1)
+    r_p = (1 - p_k.sum(-1)).clamp_min(1e-12)
+    r_q = (1 - lq_k.exp().sum(-1)).clamp_min(1e-12)
+    return (kl + r_p * (r_p.log() - r_q.log())).mean()
+
+
+@torch.no_grad()
+def calib_kl(model, ids, teacher, batch_size, device) -> float:
+    tot, n = 0.0, 0
+    for j, i in enumerate(range(0, ids.shape[0], batch_size)):
+        lp, idx = teacher[j]
+        logits = model(ids[i:i + batch_size].to(device), use_cache=False).logits
+        tot += float(topk_kl(logits, lp.to(device), idx.to(device))) * lp.shape[0]
+        n += lp.shape[0]
+    return tot / max(n, 1)
+
+
+def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batch_size: int, device,
+                  seed: int = 0, log_every: int = 10) -> dict:
+    """Train every compressed linear's view against the teacher; updates the model and ``states`` in place.
+    ``teacher`` comes from ``teacher_topk`` with the same ``ids`` and ``batch_size``."""
+    t0 = time.perf_counter()
+    home = next(model.parameters()).device
+    model.to(device)
+    linears = {n: model.get_submodule(n) for n in all_linear_names(model) if n in states}
+    views = Attached(linears, states)
+    log = {"steps": spec.n_global_steps, "curve": []}
+    if not views:
+        model.to(home)
+        return log
+    before = calib_kl(model, ids, teacher, batch_size, device)
+    best = views.state_dict_views()
+    ckpt = bool(getattr(model, "supports_gradient_checkpointing", False))
+    was_training = model.training
+    rng = random.Random(seed)
+    micro = min(spec.global_batch, batch_size)
+    chunks = [(j, s) for j in range(len(teacher)) for s in range(0, teacher[j][0].shape[0], micro)]
+    order: list = []
+    with views.active(model), torch.enable_grad():
+        if ckpt:
+            _checkpointing(model, True)
+        model.train()  # checkpointing acts only in training mode; dropout stays off (the teacher had none)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.eval()
+        opt = _adam(views.param_groups(spec), device)
+        running = torch.zeros((), device=device)
+        try:
+            for step in range(spec.n_global_steps):
+                if not order:
+                    order = list(chunks)
+                    rng.shuffle(order)
+                j, s = order.pop()
+                lp, idx = teacher[j]
+                x = ids[j * batch_size + s: j * batch_size + s + micro].to(device)
+                loss = topk_kl(model(x, use_cache=False).logits, lp[s:s + micro].to(device),
+                               idx[s:s + micro].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                views.project_()
+                running += loss.detach()  # no host sync per step
+                if (step + 1) % log_every == 0 or step + 1 == spec.n_global_steps:
+                    log["curve"].append(round(float(running) / ((step % log_every) + 1), 6))
+                    running = torch.zeros((), device=device)
+        finally:
+            if ckpt:
+                _checkpointing(model, False)
+            model.train(was_training)
+        after = calib_kl(model, ids, teacher, batch_size, device)
+    kept = after < before and math.isfinite(after)
+    if not kept:
+        views.load_state_dict_views(best)
+    views.finish()
+    model.to(home)
+    log.update(kl_before=before, kl_after=after if kept else before, kl_trained=after, kept=kept,
+               seconds=round(time.perf_counter() - t0, 2))
+    return log
+
+
+
+def _checkpointing(model, on: bool) -> None:
+    """Per-block activation checkpointing on or off (transformers renamed it in version 5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if on:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()

@@ -1,0 +1,113 @@
+"""Load a compressed-tensors ``pack-quantized`` checkpoint straight into packed modules.
+
+Each quantized linear's ``weight_packed`` holds signed values ``v`` (``num_bits``, offset 2^(b−1)) with
+``w = scale · (v − zp)``; as our uniform grid that is ``code = v + 2^(b−1)``, ``zero = zp + 2^(b−1)``
+(``zp = 0`` for symmetric schemes), exactly. A layer is built as soon as its parts are read; no float
+copy of a packed weight is made (only one layer's dequantized weight, for the probe check).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..solvers.base import QuantState
+from ..solvers.grid import group_index
+
+
+def is_ctensors(root: Path) -> bool:
+    cfg = root / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        q = json.loads(cfg.read_text()).get("quantization_config") or {}
+    except ValueError:
+        return False
+    return q.get("quant_method") == "compressed-tensors"
+
+
+def layer_state(mod: str, parts: dict, scheme) -> QuantState:
+    """The uniform-grid QuantState of one pack-quantized layer."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    w = scheme.weights
+    bits = int(w.num_bits)
+    shape = torch.Size(parts["weight_shape"].tolist())
+    out_f, in_f = shape
+    offset = 1 << (bits - 1)
+    codes = (unpack_from_int32(parts["weight_packed"], bits, shape).to(torch.int16) + offset).to(torch.uint8)
+    scale = parts["weight_scale"].float().reshape(out_f, -1)
+    ng = scale.shape[1]
+    if w.symmetric:
+        zero = torch.full((out_f, ng), float(offset))
+    else:
+        zp = unpack_from_int32(parts["weight_zero_point"], bits, torch.Size([out_f, ng]), packed_dim=0)
+        zero = zp.float() + offset
+    gs = int(w.group_size) if w.group_size else 0
+    if gs and gs * ng != in_f:
+        raise ModelLoadError(f"layer {mod}: {ng} groups of {gs} do not cover its {in_f} input columns")
+    if not gs and ng != 1:
+        raise ModelLoadError(f"layer {mod}: per-channel scheme with {ng} scales per row")
+    return QuantState("uniform", bits, gs, bool(w.symmetric), codes, scale, zero, group_index(in_f, gs))
+
+
+@torch.no_grad()
+def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify: bool):
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors import safe_open
+
+    from ..export.common import empty_model, finish_model, read_descriptor, assign_tensor
+    from ..export.ctensors import _CT_PARTS, _schemes_by_module
+    from ..export.integrity import check_integrity, shard_files
+    from .load import _has_bias, _place
+    from .qlinear import build_quant_linear
+
+    check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
+    qdict = dict(json.loads((root / "config.json").read_text()).get("quantization_config") or {})
+    fmt = qdict.get("format")
+    if fmt not in ("pack-quantized", None):
+        raise ModelLoadError(f"compressed-tensors format {fmt!r}: the packed runtime loads pack-quantized checkpoints")
+    for k in ("version", "sparsity_config", "transform_config", "quant_method"):
+        qdict.pop(k, None)
+    qconfig = QuantizationConfig.model_validate(qdict)
+    model = empty_model(root, dtype)
+    schemes = _schemes_by_module(model, qconfig)
+    shards = shard_files(root, "model")
+    if not shards:
+        raise ModelLoadError(f"{root} has no model*.safetensors shard")
+    counts: Counter = Counter()
+    fallbacks: Counter = Counter()
+    pending: dict[str, dict] = {}
+    for shard in shards:
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                mod, _, part = key.rpartition(".")
+                if part not in _CT_PARTS or mod not in schemes:
+                    assign_tensor(model, key, f.get_tensor(key), dtype, device)
+                    continue
+                parts = pending.setdefault(mod, {})
+                parts[part] = f.get_tensor(key)
+                need = {"weight_packed", "weight_scale", "weight_shape"}
+                if not schemes[mod].weights.symmetric:
+                    need.add("weight_zero_point")
+                if need <= set(parts):
+                    q = layer_state(mod, pending.pop(mod), schemes[mod])
+                    out_f, in_f = q.codes.shape
+                    bias = torch.zeros(out_f, dtype=dtype) if _has_bias(model, mod) else None
+                    ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
+                                                  prefer=prefer, check=check)
+                    for r in recs:
+                        counts[f"{r['bits']}-bit:{r['backend']}"] += 1
+                        for reason in r["fallbacks"]:
+                            fallbacks[reason] += 1
+                    _place(model, mod, ql)
+    if pending:
+        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(_CT_PARTS)}")
+    desc = read_descriptor(root) or {}
+    model = finish_model(model, desc.get("tied", {}), root).to(device)
+    return model, {"format": "compressed-tensors", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                   "layers": sum(counts.values()), "modules": dict(sorted(counts.items())),
+                   "fallbacks": [{"reason": k, "count": v} for k, v in fallbacks.most_common()]}

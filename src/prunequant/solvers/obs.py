@@ -1,0 +1,207 @@
+"""The OBS column sweep every Hessian solver shares (GPTQ, SparseGPT, joint, BiLLM, channel-mixed).
+
+Columns are visited left to right over U = chol(H⁻¹, upper) (hessian.py). Each column rounds to a value its
+method chooses (a ``Rule``); the scaled error (w − q)/U_ii is spread at once over the later columns of the
+block and, once per block, over everything right of it (lazy block updates). A rule may also split a block
+into runs (mask windows, group starts) and solve a whole run at once (Triton kernel, triangular solve).
+Also here: the mask helpers every pruning rule uses.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .grid import quantize_to_grid
+
+log = logging.getLogger(__name__)
+
+
+# ---- masks (True = kept) ------------------------------------------------------------------------
+
+def n_pruned(sparsity: float, size: int) -> int:
+    return int(sparsity * size + 0.5)
+
+
+def prune_lowest(score: torch.Tensor, k: int, per_row: bool) -> torch.Tensor:
+    """Mask with the k lowest scores pruned, in each row or over the whole tensor."""
+    keep = torch.ones_like(score, dtype=torch.bool)
+    if k > 0:
+        if per_row:
+            keep.scatter_(1, torch.argsort(score, dim=1)[:, :k], False)
+        else:
+            keep.view(-1)[torch.argsort(score.reshape(-1))[:k]] = False
+    return keep
+
+
+def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """In every group of m consecutive columns of each row, prune the n lowest scores."""
+    rows, cols = score.shape
+    groups = score.reshape(rows, cols // m, m)
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2, largest=False).indices, False)
+    return keep.reshape(rows, cols)
+
+
+def prune_errors(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Scaled errors E of OBS-pruning the entries of a segment where ``keep`` is False, columns left to right.
+
+    A column sweep sets E_i = (current w_i)/U_ii where pruned and 0 where kept, with current w_i =
+    w_i − Σ_{k<i} E_k U_ki; so per row E·A = W∘p with A = U·diag(p) + diag(1 − p) (p = 1 where pruned),
+    upper triangular: one batched triangular solve instead of a launch per column.
+    """
+    rows, L = Wseg.shape
+    p = (~keep).to(Wseg.dtype)
+    E = torch.empty_like(Wseg)
+    step = max(1, (1 << 27) // (L * L * Wseg.element_size()))  # rows per solve: A stays ≤ 128 MiB
+    for r0 in range(0, rows, step):
+        pr = p[r0:r0 + step]
+        A = Useg[None] * pr[:, None, :] + torch.diag_embed(1.0 - pr)
+        E[r0:r0 + step] = torch.linalg.solve_triangular(
+            A, (Wseg[r0:r0 + step] * pr)[:, None, :], upper=True, left=False)[:, 0, :]
+    return E
+
+
+def after_pruning(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """Weights of a segment after OBS-pruning its pruned entries (no quantization), block by block."""
+    W = Wseg.clone()
+    for a in range(0, W.shape[1], block):
+        b = min(a + block, W.shape[1])
+        if keep[:, a:b].all():
+            continue
+        W[:, a:].addmm_(prune_errors(W[:, a:b], Useg[a:b, a:b], keep[:, a:b]), Useg[a:b, a:], alpha=-1.0)
+    return W
+
+
+# ---- the sweep ----------------------------------------------------------------------------------
+
+def fixed_blocks(cols: int, blocksize: int) -> list[tuple[int, int]]:
+    return [(i1, min(i1 + blocksize, cols)) for i1 in range(0, cols, blocksize)]
+
+
+class Rule:
+    """How a method rounds columns. Subclasses override ``column`` and, where they need to, the rest."""
+
+    def cuts(self, i1: int, i2: int) -> list[int]:
+        """Columns in (i1, i2) where a new run starts (``start`` is called at i1 and at each of them)."""
+        return []
+
+    def start(self, sweep: Sweep, a: int, b: int) -> None:
+        """Called when the run [a, b) begins: choose masks, fit grids (``sweep.current`` sees the weights)."""
+
+    def solve_run(self, sweep: Sweep, a: int, b: int) -> bool:
+        """Solve the run at once (update ``sweep.W`` up to the block end, fill ``sweep.Err1``); False = loop."""
+        return False
+
+    def column(self, c: int, w: torch.Tensor) -> torch.Tensor:
+        """The value column c (current weights w) rounds to."""
+        raise NotImplementedError
+
+
+class Sweep:
+    """One sweep over the columns of W (updated in place) with U, the upper Cholesky factor of H⁻¹."""
+
+    def __init__(self, W: torch.Tensor, U: torch.Tensor):
+        self.W, self.U = W, U
+        self.i1 = self.i2 = self.c = 0  # current block [i1, i2) and run start c
+        self.Err1: torch.Tensor | None = None
+
+    def current(self, a: int, b: int) -> torch.Tensor:
+        """Columns [a, b) as the sweep at column c sees them (this block's lazy update applied beyond it)."""
+        parts = []
+        if a < self.i2:
+            parts.append(self.W[:, a:min(b, self.i2)])
+        if b > self.i2:
+            lo = max(a, self.i2)
+            rest = self.W[:, lo:b]
+            if self.c > self.i1:
+                rest = rest - self.Err1[:, :self.c - self.i1] @ self.U[self.i1:self.c, lo:b]
+            parts.append(rest)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def run(self, rule: Rule, blocks: list[tuple[int, int]]) -> None:
+        W, U = self.W, self.U
+        cols = W.shape[1]
+        for i1, i2 in blocks:
+            W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]  # views: updated in place
+            self.i1, self.i2, self.Err1 = i1, i2, torch.empty_like(W1)
+            starts = [i1, *rule.cuts(i1, i2), i2]
+            for a, b in zip(starts[:-1], starts[1:]):
+                self.c = a
+                rule.start(self, a, b)
+                if rule.solve_run(self, a, b):
+                    continue
+                for i in range(a - i1, b - i1):
+                    w = W1[:, i]
+                    err = (w - rule.column(i1 + i, w)) / U1[i, i]
+                    W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1.0)
+                    self.Err1[:, i] = err
+            if i2 < cols:  # lazy batch update of everything right of the block
+                W[:, i2:].addmm_(self.Err1, U[i1:i2, i2:], alpha=-1.0)
+
+
+# ---- uniform grids (GPTQ, joint, channel-mixed) ---------------------------------------------------
+
+def triton_columns(W: torch.Tensor, blocksize: int):
+    """The Triton column-loop kernel (triton_gptq.py) when it applies to this problem, else None."""
+    try:
+        from . import triton_gptq
+    except ImportError:
+        return None
+    if not triton_gptq.available(W) or min(blocksize, W.shape[1]) > triton_gptq.MAX_BLOCK:
+        return None
+    return triton_gptq.gptq_columns
+
+
+class GridRule(Rule):
+    """Round each column to its group's grid; pruned entries (``keep`` False) take the zero point (→ exactly 0).
+
+    ``scale``/``zero`` (rows, n_groups) hold the grids as fitted (subclasses fit them in ``start``);
+    ``codes`` receives the codes in sweep order.
+    """
+
+    def __init__(self, W: torch.Tensor, col_group: list[int], n_groups: int, maxq: int,
+                 keep: torch.Tensor | None, blocksize: int):
+        rows = W.shape[0]
+        self.col_group, self.maxq, self.keep = col_group, maxq, keep
+        self.scale = torch.empty(rows, max(1, n_groups), dtype=W.dtype, device=W.device)
+        self.zero = torch.empty_like(self.scale)
+        self.codes = torch.empty_like(W)
+        self.kernel = triton_columns(W, blocksize)
+        self._launched = False  # once the kernel has run, a later failure is a real error
+
+    def maxq_at(self, c: int) -> int:
+        return self.maxq
+
+    def set_grid(self, g: int, s: torch.Tensor, z: torch.Tensor) -> None:
+        """Store group g's grid, rounded through float32 as it is stored so codes are chosen on it."""
+        self.scale[:, g], self.zero[:, g] = s.float().to(self.scale.dtype), z.float().to(self.zero.dtype)
+
+    def column(self, c: int, w: torch.Tensor) -> torch.Tensor:
+        g = self.col_group[c]
+        s, z = self.scale[:, g], self.zero[:, g]
+        code = quantize_to_grid(w, s, z, self.maxq_at(c))
+        if self.keep is not None:
+            code = torch.where(self.keep[:, c], code, z)
+        self.codes[:, c] = code
+        return s * (code - z)
+
+    def solve_run(self, sweep: Sweep, a: int, b: int) -> bool:
+        if self.kernel is None:
+            return False
+        i1, i2 = sweep.i1, sweep.i2
+        cg = torch.tensor(self.col_group[i1:i2], dtype=torch.int32, device=sweep.W.device)
+        m8 = None if self.keep is None else self.keep[:, i1:i2].to(torch.uint8)
+        try:
+            self.kernel(sweep.W[:, i1:i2], sweep.U[i1:i2, i1:i2], self.scale, self.zero, cg, m8,
+                        self.codes[:, i1:i2], sweep.Err1, a - i1, b - i1, self.maxq_at(a))
+        except Exception as e:  # noqa: BLE001
+            # a kernel that does not compile fails at its first launch, before any column changed
+            if not type(e).__module__.startswith("triton") or self._launched:
+                raise
+            log.warning("Triton column-loop kernel unavailable (%s: %s); using the torch loop",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            self.kernel = None
+            return False
+        self._launched = True
+        return True

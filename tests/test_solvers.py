@@ -1,0 +1,40 @@
+"""The solver registry: every recipe method has exactly one entry; unknown names fail clearly."""
+import pytest
+import torch
+
+from prunequant.errors import RecipeError
+from prunequant.recipe import PRUNE_METHODS, QUANT_METHODS, LayerPlan, PruneSpec, QuantSpec
+from prunequant.solvers import SOLVERS, needs, row_separable, run_quantize, solver
+from prunequant.solvers.base import LayerStats
+
+
+def test_registry_covers_recipe_methods():
+    assert set(SOLVERS) == set(PRUNE_METHODS) | set(QUANT_METHODS)
+
+
+def test_unknown_method_is_a_clear_error():
+    with pytest.raises(RecipeError, match="unknown method 'obq'.*gptq"):
+        solver("obq")
+
+
+@pytest.mark.parametrize("plan, need", [
+    (LayerPlan(), None),
+    (LayerPlan(prune=PruneSpec(method="magnitude"), quant=QuantSpec(method="rtn")), None),
+    (LayerPlan(prune=PruneSpec(method="wanda"), quant=QuantSpec(method="rtn")), "sq_norm"),
+    (LayerPlan(prune=PruneSpec(method="wanda"), quant=QuantSpec(method="gptq")), "hessian"),
+    (LayerPlan(prune=PruneSpec(method="sparsegpt")), "hessian"),
+])
+def test_needs_is_the_strongest_statistic(plan, need):
+    assert needs(plan) == need
+
+
+def test_row_separable_gptq_rows_solve_independently():
+    assert row_separable(LayerPlan(quant=QuantSpec(method="gptq"))) and not row_separable(
+        LayerPlan(prune=PruneSpec(method="sparsegpt"), quant=QuantSpec(method="gptq")))
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(6, 16, generator=g, dtype=torch.float64), torch.randn(16, 100, generator=g, dtype=torch.float64)
+    stats = LayerStats(hessian=X @ X.T / 100, sq_norm=None, n_tokens=100)
+    spec = QuantSpec(bits=3, group_size=8)
+    whole = run_quantize(W, stats, spec).weight
+    halves = torch.cat([run_quantize(W[:3], stats, spec).weight, run_quantize(W[3:], stats, spec).weight])
+    assert torch.allclose(whole, halves, atol=1e-12)
