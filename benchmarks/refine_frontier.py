@@ -32,7 +32,7 @@ from joint_vs_quant import P, Q, SEQ, _model_info, _similarity, _write, measure,
 from prunequant.recipe import QuantSpec, Recipe, RefineSpec  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-REFINE = RefineSpec(mode="both", steps=100, global_steps=200)
+REFINE = RefineSpec(mode="both", steps=50, global_steps=100)
 
 # name: (TCr, kind, recipe, Sr target of the issue); refined twins ("+r") are added below
 RECIPES = {
@@ -156,7 +156,9 @@ def markdown(rows: dict, sc: dict) -> str:
          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, (t, kind, _, target) in RECIPES.items():
         if name not in rows or name + "+r" not in rows:
-            L.append(f"| {t:g} | {name} | {target} | not run | | | | | | | | | |")
+            one = f"{sc[name]['sr']:.3f}" if name in rows else "not run"
+            ppl = f"{rows[name]['metrics']['texts']['wiki']['perplexity']:.1f} → –" if name in rows else ""
+            L.append(f"| {t:g} | {name} | ≥ {target} | {one} | not run | | | {ppl} | | | | | |")
             continue
         o, r = rows[name], rows[name + "+r"]
         so, sr = sc[name]["sr"], sc[name + "+r"]["sr"]
@@ -231,8 +233,15 @@ def report(args) -> None:
     out_dir.with_suffix(".md").write_text(md)
     runs_dir = out_dir.parent / (out_dir.name + "_report")
     runs_dir.mkdir(exist_ok=True)
+    runs = report_runs(rows, sc)
+    if args.also and Path(args.also).is_dir():  # one-shot points of an earlier run, as their own series
+        old = {p.stem: json.loads(p.read_text()) for p in sorted(Path(args.also).glob("*.json"))}
+        tag = f" ({Path(args.also).name}, {old['baseline'].get('gpu') or old['baseline']['device']})"
+        for r in report_runs(old, scores(old)):
+            if r["series"]:
+                runs.append({**r, "name": r["name"] + "@" + Path(args.also).name, "series": r["series"] + tag})
     files = []
-    for r in report_runs(rows, sc):
+    for r in runs:
         f = runs_dir / f"{r['name']}.run.json"
         f.write_text(json.dumps(r, default=str))
         files.append(str(f))
@@ -258,5 +267,7 @@ if __name__ == "__main__":
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--budget", type=float, default=float("inf"))
+    ap.add_argument("--also", default=str(RESULTS / "joint_vs_quant"),
+                    help="report: add the one-shot points of this joint_vs_quant results folder to the frontier plot")
     a = ap.parse_args()
     run(a) if a.command == "run" else report(a)

@@ -226,3 +226,15 @@ def test_compressed_tensors_load_packed(tmp_path, config, asym):
         assert sum(isinstance(m, QuantLinear) and m.segs[0].backend == "packed" for m in packed.modules()) \
             == len(states), rec
     assert_same_logits(logits(ref), logits(packed))
+
+
+def test_kernel_choice_falls_back_with_the_reason(tmp_path):
+    from prunequant.runtime.serve import load_for_serving
+
+    out, _, _ = _exports(tmp_path)
+    model, _, rec = load_for_serving(str(out), "cpu", torch.float32, kernel="triton")
+    if not torch.cuda.is_available():
+        assert rec["modules"] == {"4-bit:tinygemm": 14}, rec
+        assert any(f["reason"].startswith("triton:") for f in rec["fallbacks"]), rec
+    _, _, rec = load_for_serving(str(out), "cpu", torch.float32, exact=True)
+    assert rec["modules"] == {"4-bit:packed": 14}

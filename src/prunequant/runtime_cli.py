@@ -39,6 +39,10 @@ def _add_device_args(p) -> None:
                    help="activation dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     p.add_argument("--exact", action="store_true",
                    help="run packed layers by dequantize-per-call (bit-exact dequantized weights; slow)")
+    p.add_argument("--kernel", choices=("auto", "triton", "tinygemm"), default="auto",
+                   help="first choice for packed layers (auto: Triton on CUDA, torch's int4/int8 on the CPU; "
+                        "tinygemm: torch's int4 kernel for 4-bit layers, fastest decode on an H200 but slow "
+                        "prefill); a layer it cannot hold falls back")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="load a directory whose files do not match its manifest")
 
@@ -59,7 +63,7 @@ def cmd_generate(a) -> int:
     from .runtime.serve import generate, load_for_serving
 
     device, dtype = _device_of(a)
-    model, tok, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, verify=a.verify)
+    model, tok, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, kernel=a.kernel, verify=a.verify)
     r = generate(model, tok, a.prompt, a.max_new_tokens)
     kinds = rec.get("modules") or {"dense": 1}
     print(f"[{r['new_tokens']} tokens in {r['seconds']:.2f} s: {r['tokens_per_s']} tokens/s; {rec['device']}, "
@@ -81,7 +85,7 @@ def cmd_bench(a) -> int:
     from .runtime.serve import bench, format_bench, load_for_serving, ratios
 
     device, dtype = _device_of(a)
-    model, _, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, verify=a.verify)
+    model, _, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, kernel=a.kernel, verify=a.verify)
     res = {"model": a.dir, "load": rec}
     res.update(bench(model, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats))
     print(format_bench(a.dir, res))

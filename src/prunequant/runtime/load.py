@@ -5,6 +5,11 @@ plain tensors (embeddings, norms, biases, layers stored as floats) go to their p
 each quantized linear becomes a QuantLinear built from its codes, grids and mask — no float copy of the
 model's weights is ever made, only one layer's dequantized weight at a time, for the check that the
 packed layer computes what its dequantized weight computes (``build_quant_linear``'s probe).
+
+Sparse + quantized layers (2:4, N:M or unstructured masks) run on the same packed codes, their pruned
+positions set to the zero point's code (exactly 0): on an H200, torch's semi-structured 2:4 kernels were
+3-140× slower than dense bf16 at these shapes (BENCHMARKS.md, issue 14), so no sparse kernel is used.
+Layers a compact export stores as floats (pruned only, act-order grids, ternary, channel-mixed) load dense.
 """
 from __future__ import annotations
 

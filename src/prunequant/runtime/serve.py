@@ -40,12 +40,28 @@ def is_packable(path: str) -> bool:
     return (desc is not None and desc.get("format") == FORMAT) or is_ctensors(p)
 
 
-def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, verify: bool = True):
-    """(model, tokenizer or None, record): packed for a compact export, as stored otherwise."""
+def backends_for(kernel: str, device, exact: bool = False) -> dict[int, list[str]]:
+    """Backend order per bit width for --kernel / --exact (every order ends in the exact path)."""
+    from .convert import default_backends
+
+    if exact:
+        return dict(EXACT)
+    prefer = default_backends(device)
+    if kernel == "tinygemm":
+        prefer[4] = ["tinygemm"] + [b for b in prefer.get(4, []) if b != "tinygemm"]
+    elif kernel == "triton":
+        prefer = {b: ["triton"] + [x for x in order if x != "triton"] for b, order in prefer.items()}
+    return prefer
+
+
+def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, kernel: str = "auto",
+                     verify: bool = True):
+    """(model, tokenizer or None, record): packed for a compact / compressed-tensors export, as stored
+    otherwise."""
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     if is_packable(spec):
-        model, rec = load_packed(spec, device, dtype, prefer=EXACT if exact else None, verify=verify)
+        model, rec = load_packed(spec, device, dtype, prefer=backends_for(kernel, device, exact), verify=verify)
         tok = None
         try:
             from transformers import AutoTokenizer
