@@ -210,3 +210,61 @@ def test_lm_eval_adapter():
         pytest.skip("lm-eval installed: the missing-package message is not reachable")
     with pytest.raises(PrunequantError, match="pip install lm-eval"):
         la.run_lm_eval(None, None, ["arc_easy"])
+
+
+HARNESS_TASK_YAML = """task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_user_task_scores_agree_with_lm_eval_item_by_item(tiny_llama, tmp_path):
+    """The same items through lm-evaluation-harness (HFLM on the same model object): the same requests, the same
+    log-likelihoods and the same acc / acc_norm decision on every item."""
+    pytest.importorskip("lm_eval.models.huggingface", reason="lm-eval not installed")
+    from prunequant.evaluate.lmeval_adapter import run_lm_eval
+
+    import copy
+
+    model, tok = copy.deepcopy(tiny_llama[0]), tiny_llama[1]
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # peaked distributions: no near-ties for float rounding to flip
+    g = torch.Generator().manual_seed(0)
+    words = "the quick brown fox jumps over lazy dog compression keeps meaning per bit pruning rounds".split()
+
+    def phrase(n):
+        return " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g))
+
+    rows = [{"context": phrase(3 + k % 5) + (" " if k % 4 == 0 else ""),  # trailing space moves to the choice
+             "choices": [phrase(1 + (k + j) % 3) for j in range(2 + k % 3)], "label": k % 2} for k in range(12)]
+    data = tmp_path / "tiny_mc.jsonl"
+    write_jsonl(data, rows)
+    tasks_dir = tmp_path / "tasks"
+    tasks_dir.mkdir()
+    (tasks_dir / "tiny_mc.yaml").write_text(HARNESS_TASK_YAML.format(data=data))
+    out = run_lm_eval(model, tok, ["tiny_mc"], include_path=str(tasks_dir), batch_size=4, log_samples=True,
+                      bootstrap_iters=0)
+    samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    examples = task_data.load_task_file(data)
+    ours = score_requests(model, tok, [r for ex in examples for r in ex.requests], batch_size=3, progress=False)
+    k = 0
+    for ex, s in zip(examples, samples, strict=True):
+        res = ours[k: k + len(ex.requests)]
+        k += len(ex.requests)
+        assert [tuple(a) for a in s["arguments"]] == ex.requests
+        assert [ll for ll, _ in res] == pytest.approx([float(r[0]) for r in s["filtered_resps"]], abs=1e-4)
+        one = score_examples([ex], res)
+        assert (one["acc"], one["acc_norm"]) == (s["acc"], s["acc_norm"])
+    total = score_examples(examples, ours)
+    assert total["acc"] == pytest.approx(out["results"]["tiny_mc"]["acc,none"])
+    assert total["acc_norm"] == pytest.approx(out["results"]["tiny_mc"]["acc_norm,none"])

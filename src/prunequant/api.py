@@ -320,6 +320,8 @@ def compress(
 
 def drop_original(result: CompressionResult) -> None:
     """Delete the original blocks kept on disk by ``keep_original`` (a lazy model's checkpoint stays)."""
+    import shutil
+
     files, result.original = result.original, None
     if files is not None and getattr(files, "owned", False):
         shutil.rmtree(files.root, ignore_errors=True)

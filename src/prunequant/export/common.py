@@ -83,7 +83,8 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     """
     transposed = is_conv1d(module)
     w = module.weight.detach()
-    W = (w.t() if transposed else w).to("cpu", torch.float32)
+    dev = w.device  # the checks run where the weight is (a block still on the GPU: far faster than the CPU)
+    W = (w.t() if transposed else w).to(torch.float32)
     out_f, in_f = W.shape
     qs = state.quant if state is not None else None
     mask = state.mask if state is not None else None
@@ -91,7 +92,7 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if mask is not None and tuple(mask.shape) != (out_f, in_f):
         raise ExportError(f"layer {name}: mask shape {tuple(mask.shape)} differs from the weight's {(out_f, in_f)}")
     if mask is not None:
-        mask = mask.to("cpu", torch.bool)
+        mask = mask.to(dev, torch.bool)
         if bool((W[~mask] != 0).any()):
             log.warning("layer %s: weights outside the recorded mask are non-zero; the state does not match "
                         "the model, storing the weight's own non-zeros", name)
@@ -100,10 +101,10 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     nonzero = W != 0
     # recorded sparsity (for TCr): the mask's; a quantized layer without a mask counts as dense, as in the
     # engine's layer summary, even though its grid rounds some weights to exactly 0
-    if mask is not None:
-        sparsity = 1.0 - float(mask.float().mean())
+    if mask is not None:  # counted on the CPU, as ever: a GPU sum may round differently
+        sparsity = 1.0 - float(mask.cpu().float().mean())
     else:
-        sparsity = 0.0 if qs is not None else 1.0 - float(nonzero.float().mean())
+        sparsity = 0.0 if qs is not None else 1.0 - float(nonzero.cpu().float().mean())
 
     q = qs if _uniform_ok(qs) else None
     if qs is not None and q is None:
@@ -111,7 +112,7 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if q is not None:
         if tuple(q.codes.shape) != (out_f, in_f):
             raise ExportError(f"layer {name}: codes shape {tuple(q.codes.shape)} differs from the weight's")
-        dq = q.dequantize().to("cpu", torch.float32).to(w.dtype).float()
+        dq = _quant_on(q, dev).dequantize().to(torch.float32).to(w.dtype).float()
         tol = 1e-6 * float(W.abs().max().clamp_min(1e-30)) + 2 * torch.finfo(w.dtype).eps * W.abs()
         exact = (dq - W).abs() <= tol
         if not bool(exact[nonzero].all()):
@@ -139,7 +140,16 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     }
     if notes:
         record["note"] = "; ".join(notes)
-    return LinearExport(name, W, chosen, q, transposed, record)
+    return LinearExport(name, W.cpu(), None if chosen is None else chosen.cpu(), q, transposed, record)
+
+
+def _quant_on(q: QuantState, device) -> QuantState:
+    if q.codes.device == torch.device(device):
+        return q
+    from dataclasses import replace
+
+    return replace(q, **{k: getattr(q, k).to(device) for k in ("codes", "scale", "zero", "g_idx")
+                         if torch.is_tensor(getattr(q, k))})
 
 
 def _recorded_bits(qs: QuantState | None, state: LayerResult | None) -> float:
