@@ -181,6 +181,9 @@ print("PEAK", int(hwm.split()[1]) * 1024)
 """
 
 
+# Peak RSS depends on the allocator and on what else the machine runs (seen: 34 MiB apart instead of ~250 inside
+# the full suite), so it runs with -m slow; test_lazy_equals_eager_and_holds_one_block holds the invariant.
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc")
 def test_peak_host_memory_is_one_block_not_the_model(tmp_path, calib):
     """Blocks of 10 MiB each: compressing lazily must peak far below holding all of them (eager)."""
