@@ -268,10 +268,10 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
 
 # ---- loading through prunequant -----------------------------------------------------------------
 
-_CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
 
 
-def _schemes_by_module(model: nn.Module, qconfig) -> dict:
+def schemes_by_module(model: nn.Module, qconfig) -> dict:
     from compressed_tensors.utils import match_named_modules
 
     out = {}
@@ -313,7 +313,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
     desc = read_descriptor(root) or {}
     dtype = dtype or DTYPES.get(desc.get("dtype") or cfg.get("dtype") or "", torch.float16)
     model = empty_model(root, dtype)
-    schemes = _schemes_by_module(model, qconfig)
+    schemes = schemes_by_module(model, qconfig)
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
     pending: dict[str, dict] = {}
     shards = shard_files(root, "model")
@@ -324,7 +324,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
             with safe_open(str(shard), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     mod, _, part = key.rpartition(".")
-                    if part not in _CT_PARTS or mod not in schemes:
+                    if part not in CT_PARTS or mod not in schemes:
                         assign_tensor(model, key, f.get_tensor(key), dtype, device)
                         continue
                     parts = pending.setdefault(mod, {})
@@ -342,5 +342,5 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
         except Exception as e:  # noqa: BLE001 - damaged files raise several exception types
             raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
     if pending:
-        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(_CT_PARTS)}")
+        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(CT_PARTS)}")
     return finish_model(model, desc.get("tied", {}), root)

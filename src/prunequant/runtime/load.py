@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .convert import default_backends
-from .qlinear import QuantLinear, build_quant_linear
+from .qlinear import QuantLinear, build_quant_linear, has_bias, place_module
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +36,6 @@ def default_dtype(device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _place(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, attr)
-    bias = getattr(old, "bias", None)
-    if isinstance(module, QuantLinear) and isinstance(bias, torch.Tensor) and bias.device.type != "meta":
-        module.bias = bias.to(module.bias.device if module.bias is not None else bias.device)
-    setattr(parent, attr, module)
-
-
-def _has_bias(model: nn.Module, name: str) -> bool:
-    return getattr(model.get_submodule(name), "bias", None) is not None
-
-
 @torch.no_grad()
 def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, prefer, check, counts, fallbacks):
     from ..export.compact import decode_linear, decode_state
@@ -58,7 +44,7 @@ def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, pre
     if entry.get("stored_as") == "quantized":
         q, mask, zeros_exact = decode_state(name, entry, parts)
         if zeros_exact:
-            bias = torch.zeros(out_f, dtype=dtype) if _has_bias(model, name) else None
+            bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, name) else None
             ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
                                           prefer=prefer, check=check)
             for r in recs:
@@ -66,7 +52,7 @@ def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, pre
                 for f in r["fallbacks"]:
                     fallbacks[f] += 1
                     log.info("layer %s: %s", name, f)
-            _place(model, name, ql)
+            place_module(model, name, ql)
             return
         fallbacks["pruned weights are not 0 on their grid (non-integer zero point): dense weight"] += 1
     W = decode_linear(name, entry, parts)

@@ -60,10 +60,9 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
     from safetensors import safe_open
 
     from ..export.common import empty_model, finish_model, read_descriptor, assign_tensor
-    from ..export.ctensors import _CT_PARTS, _schemes_by_module
+    from ..export.ctensors import CT_PARTS, schemes_by_module
     from ..export.integrity import check_integrity, shard_files
-    from .load import _has_bias, _place
-    from .qlinear import build_quant_linear
+    from .qlinear import build_quant_linear, has_bias, place_module
 
     check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
     qdict = dict(json.loads((root / "config.json").read_text()).get("quantization_config") or {})
@@ -74,7 +73,7 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
         qdict.pop(k, None)
     qconfig = QuantizationConfig.model_validate(qdict)
     model = empty_model(root, dtype)
-    schemes = _schemes_by_module(model, qconfig)
+    schemes = schemes_by_module(model, qconfig)
     shards = shard_files(root, "model")
     if not shards:
         raise ModelLoadError(f"{root} has no model*.safetensors shard")
@@ -85,7 +84,7 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                 mod, _, part = key.rpartition(".")
-                if part not in _CT_PARTS or mod not in schemes:
+                if part not in CT_PARTS or mod not in schemes:
                     assign_tensor(model, key, f.get_tensor(key), dtype, device)
                     continue
                 parts = pending.setdefault(mod, {})
@@ -96,16 +95,16 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
                 if need <= set(parts):
                     q = layer_state(mod, pending.pop(mod), schemes[mod])
                     out_f, in_f = q.codes.shape
-                    bias = torch.zeros(out_f, dtype=dtype) if _has_bias(model, mod) else None
+                    bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, mod) else None
                     ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
                                                   prefer=prefer, check=check)
                     for r in recs:
                         counts[f"{r['bits']}-bit:{r['backend']}"] += 1
                         for reason in r["fallbacks"]:
                             fallbacks[reason] += 1
-                    _place(model, mod, ql)
+                    place_module(model, mod, ql)
     if pending:
-        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(_CT_PARTS)}")
+        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(CT_PARTS)}")
     desc = read_descriptor(root) or {}
     model = finish_model(model, desc.get("tied", {}), root).to(device)
     return model, {"format": "compressed-tensors", "device": str(device), "dtype": str(dtype).replace("torch.", ""),

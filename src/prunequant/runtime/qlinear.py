@@ -414,3 +414,18 @@ def module_bytes(model: nn.Module) -> int:
         seen.add(key)
         total += t.untyped_storage().nbytes()
     return total
+
+
+def place_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at ``name`` in ``model``, keeping the bias the old module had loaded."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    bias = getattr(old, "bias", None)
+    if isinstance(module, QuantLinear) and isinstance(bias, torch.Tensor) and bias.device.type != "meta":
+        module.bias = bias.to(module.bias.device if module.bias is not None else bias.device)
+    setattr(parent, attr, module)
+
+
+def has_bias(model: nn.Module, name: str) -> bool:
+    return getattr(model.get_submodule(name), "bias", None) is not None
