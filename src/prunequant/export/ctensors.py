@@ -291,7 +291,6 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
 
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors import safe_open
 
     root = Path(path)
     if verify:
@@ -315,6 +314,18 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
     model = empty_model(root, dtype)
     schemes = schemes_by_module(model, qconfig)
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
+    for mod, parts, scheme in iter_quantized_layers(root, model, schemes, dtype, device):
+        parts["weight_scale"] = parts["weight_scale"].float()  # decompress in float32
+        w = compressor.decompress(parts, scheme)["weight"]
+        assign_tensor(model, weight_key(mod), w, dtype, device)
+    return finish_model(model, desc.get("tied", {}), root)
+
+
+def iter_quantized_layers(root: Path, model: nn.Module, schemes: dict, dtype, device):
+    """Walk the shards: assign plain tensors to ``model``; yield (module name, its parts, scheme) once a
+    quantized layer's parts are all read."""
+    from safetensors import safe_open
+
     pending: dict[str, dict] = {}
     shards = shard_files(root, "model")
     if not shards:
@@ -329,18 +340,14 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
                         continue
                     parts = pending.setdefault(mod, {})
                     parts[part] = f.get_tensor(key)
-                    scheme = schemes[mod]
                     need = {"weight_packed", "weight_scale", "weight_shape"}
-                    if not scheme.weights.symmetric:
+                    if not schemes[mod].weights.symmetric:
                         need.add("weight_zero_point")
                     if need <= set(parts):
-                        parts["weight_scale"] = parts["weight_scale"].float()  # decompress in float32
-                        w = compressor.decompress(pending.pop(mod), scheme)["weight"]
-                        assign_tensor(model, weight_key(mod), w, dtype, device)
+                        yield mod, pending.pop(mod), schemes[mod]
         except ModelLoadError:
             raise
         except Exception as e:  # noqa: BLE001 - damaged files raise several exception types
             raise ModelLoadError(f"{shard} cannot be read ({e}); it is truncated or altered, re-export it") from None
     if pending:
         raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(CT_PARTS)}")
-    return finish_model(model, desc.get("tied", {}), root)

@@ -57,11 +57,9 @@ def layer_state(mod: str, parts: dict, scheme) -> QuantState:
 @torch.no_grad()
 def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify: bool):
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors import safe_open
-
-    from ..export.common import empty_model, finish_model, read_descriptor, assign_tensor
-    from ..export.ctensors import CT_PARTS, schemes_by_module
-    from ..export.integrity import check_integrity, shard_files
+    from ..export.common import empty_model, finish_model, read_descriptor
+    from ..export.ctensors import iter_quantized_layers, schemes_by_module
+    from ..export.integrity import check_integrity
     from .qlinear import build_quant_linear, has_bias, place_module
 
     check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
@@ -74,37 +72,19 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
     qconfig = QuantizationConfig.model_validate(qdict)
     model = empty_model(root, dtype)
     schemes = schemes_by_module(model, qconfig)
-    shards = shard_files(root, "model")
-    if not shards:
-        raise ModelLoadError(f"{root} has no model*.safetensors shard")
     counts: Counter = Counter()
     fallbacks: Counter = Counter()
-    pending: dict[str, dict] = {}
-    for shard in shards:
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                mod, _, part = key.rpartition(".")
-                if part not in CT_PARTS or mod not in schemes:
-                    assign_tensor(model, key, f.get_tensor(key), dtype, device)
-                    continue
-                parts = pending.setdefault(mod, {})
-                parts[part] = f.get_tensor(key)
-                need = {"weight_packed", "weight_scale", "weight_shape"}
-                if not schemes[mod].weights.symmetric:
-                    need.add("weight_zero_point")
-                if need <= set(parts):
-                    q = layer_state(mod, pending.pop(mod), schemes[mod])
-                    out_f, in_f = q.codes.shape
-                    bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, mod) else None
-                    ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
-                                                  prefer=prefer, check=check)
-                    for r in recs:
-                        counts[f"{r['bits']}-bit:{r['backend']}"] += 1
-                        for reason in r["fallbacks"]:
-                            fallbacks[reason] += 1
-                    place_module(model, mod, ql)
-    if pending:
-        raise ModelLoadError(f"{root}: layer {next(iter(pending))} lacks some of {', '.join(CT_PARTS)}")
+    for mod, parts, scheme in iter_quantized_layers(root, model, schemes, dtype, device):
+        q = layer_state(mod, parts, scheme)
+        out_f, in_f = q.codes.shape
+        bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, mod) else None
+        ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
+                                      prefer=prefer, check=check)
+        for r in recs:
+            counts[f"{r['bits']}-bit:{r['backend']}"] += 1
+            for reason in r["fallbacks"]:
+                fallbacks[reason] += 1
+        place_module(model, mod, ql)
     desc = read_descriptor(root) or {}
     model = finish_model(model, desc.get("tied", {}), root).to(device)
     return model, {"format": "compressed-tensors", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
