@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .convert import default_backends
-from .qlinear import QuantLinear, build_quant_linear, has_bias, place_module
+from .qlinear import QuantLinear, swap_in_packed
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +40,10 @@ def default_dtype(device) -> torch.dtype:
 def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, prefer, check, counts, fallbacks):
     from ..export.compact import decode_linear, decode_state
 
-    out_f, in_f = entry["shape"]
     if entry.get("stored_as") == "quantized":
         q, mask, zeros_exact = decode_state(name, entry, parts)
         if zeros_exact:
-            bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, name) else None
-            ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
-                                          prefer=prefer, check=check)
-            for r in recs:
-                counts[f"{r['bits']}-bit:{r['backend']}"] += 1
-                for f in r["fallbacks"]:
-                    fallbacks[f] += 1
-                    log.info("layer %s: %s", name, f)
-            place_module(model, name, ql)
+            swap_in_packed(model, name, q, device, dtype, prefer, check, counts, fallbacks)
             return
         fallbacks["pruned weights are not 0 on their grid (non-integer zero point): dense weight"] += 1
     W = decode_linear(name, entry, parts)

@@ -60,7 +60,7 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
     from ..export.common import empty_model, finish_model, read_descriptor
     from ..export.ctensors import iter_quantized_layers, schemes_by_module
     from ..export.integrity import check_integrity
-    from .qlinear import build_quant_linear, has_bias, place_module
+    from .qlinear import swap_in_packed
 
     check_integrity(root, verify)  # verify=False skips it with a warning, as everywhere
     qdict = dict(json.loads((root / "config.json").read_text()).get("quantization_config") or {})
@@ -75,16 +75,7 @@ def load_ctensors_packed(root: Path, device, dtype, prefer, check: bool, verify:
     counts: Counter = Counter()
     fallbacks: Counter = Counter()
     for mod, parts, scheme in iter_quantized_layers(root, model, schemes, dtype, device):
-        q = layer_state(mod, parts, scheme)
-        out_f, in_f = q.codes.shape
-        bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, mod) else None
-        ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype,
-                                      prefer=prefer, check=check)
-        for r in recs:
-            counts[f"{r['bits']}-bit:{r['backend']}"] += 1
-            for reason in r["fallbacks"]:
-                fallbacks[reason] += 1
-        place_module(model, mod, ql)
+        swap_in_packed(model, mod, layer_state(mod, parts, scheme), device, dtype, prefer, check, counts, fallbacks)
     desc = read_descriptor(root) or {}
     model = finish_model(model, desc.get("tied", {}), root).to(device)
     return model, {"format": "compressed-tensors", "device": str(device), "dtype": str(dtype).replace("torch.", ""),

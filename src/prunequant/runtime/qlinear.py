@@ -28,6 +28,7 @@ weight on a probe input before it is kept (what failed, and why, is recorded):
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,6 +38,8 @@ from torch import nn
 from ..solvers.base import QuantState
 from ..solvers.grid import group_index
 from . import triton_wmm
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "packed", "tinygemm", "int8pack", "dense")
 SMALL_M = 64  # input rows up to which the low-bit kernels run; above, see QuantLinear.large_m
@@ -429,3 +432,18 @@ def place_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def has_bias(model: nn.Module, name: str) -> bool:
     return getattr(model.get_submodule(name), "bias", None) is not None
+
+
+def swap_in_packed(model: nn.Module, name: str, q: QuantState, device, dtype, prefer, check: bool,
+                   counts, fallbacks) -> None:
+    """Replace linear ``name`` by a QuantLinear over ``q``; tally its backend and any fallbacks taken."""
+    out_f, in_f = q.codes.shape
+    bias = torch.zeros(out_f, dtype=dtype) if has_bias(model, name) else None
+    ql, recs = build_quant_linear([(q, None)], in_f, out_f, bias, device=device, dtype=dtype, prefer=prefer,
+                                  check=check)
+    for r in recs:
+        counts[f"{r['bits']}-bit:{r['backend']}"] += 1
+        for reason in r["fallbacks"]:
+            fallbacks[reason] += 1
+            log.info("layer %s: %s", name, reason)
+    place_module(model, name, ql)
