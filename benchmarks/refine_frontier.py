@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from joint_vs_quant import P, Q, SEQ, _model_info, _similarity, _write, measure, scores  # noqa: E402
+from joint_vs_quant import P, Q, SEQ, _model_info, _similarity, _write, measure, protocol, scores  # noqa: E402
 
 from prunequant.recipe import QuantSpec, Recipe, RefineSpec  # noqa: E402
 
@@ -68,9 +68,6 @@ def configs(refine: RefineSpec = REFINE) -> dict:
 
 def run(args) -> None:
     from prunequant.api import compress, library_versions
-    from prunequant.data import load_text, tokenize
-    from prunequant.evaluate.semantic import held_out_prompts
-    from prunequant.models import load_model
 
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,15 +75,7 @@ def run(args) -> None:
     refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps)
     cfgs = configs(refine)
     todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
-    proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
-             "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
-             "new_tokens": 32}
-    base, tok = load_model(args.model)
-    base.to(device).eval()
-    wiki = load_text("wiki", "eval")
-    ids = tokenize(tok, wiki, args.agree_windows * SEQ)
-    inputs = {"agree_ids": ids[: ids.numel() // SEQ * SEQ].reshape(-1, SEQ),
-              "prompts": held_out_prompts(wiki.text, args.prompts)}
+    proto, base, tok, inputs = protocol(args, device, 32)
     t_loop = time.time()
     for name in todo:
         if time.time() - t_loop > args.budget:
