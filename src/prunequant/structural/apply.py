@@ -10,6 +10,7 @@ from torch import nn
 
 from ..errors import RecipeError
 from .allocation import Allocation, model_dims
+from .arch import ROLES
 from .calib import block_loop, block_stats
 from .mixed import mixed_quantize
 from .surgery import finish, prune_block
@@ -37,33 +38,28 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
     model.eval()
     total, errors = [0.0], []
 
-    def compress(i, b, inputs, device):
+    def compress(i, p, inputs, device):
         la, d = allocation.layers[i], dims[i]
-        a, m = b.self_attn, b.mlp
         prune_heads, prune_mlp = not bool(la.keep_heads.all()), not bool(la.keep_mlp.all())
         if prune_heads or prune_mlp:
             st = None
             if compensate:
-                st = block_stats(b, inputs, device, {"o": a.o_proj, "down": m.down_proj})
-            prune_block(b, la.keep_heads.nonzero().flatten() if prune_heads else None,
+                st = block_stats(p.block, inputs, device, {"o": p["o"], "down": p["down"]})
+            prune_block(p, la.keep_heads.nonzero().flatten() if prune_heads else None,
                         la.keep_mlp.nonzero().flatten() if prune_mlp else None,
                         st["o"].mean if st and prune_heads else None,
                         st["down"].mean if st and prune_mlp else None)
         kept_cols = la.keep_heads.repeat_interleave(d.head_dim)
-        high = {"q_proj": la.high_qkv, "k_proj": la.high_qkv, "v_proj": la.high_qkv,
-                "o_proj": la.high_o[kept_cols], "gate_proj": la.high_gu, "up_proj": la.high_gu,
-                "down_proj": la.high_down[la.keep_mlp]}
-        owners = {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
+        high = {"q": la.high_qkv, "k": la.high_qkv, "v": la.high_qkv, "o": la.high_o[kept_cols],
+                "gate": la.high_gu, "up": la.high_gu, "down": la.high_down[la.keep_mlp]}
         hess = {}
         if method == "gptq":
-            st = block_stats(b, inputs, device, {"q_proj": a.q_proj, "o_proj": a.o_proj,
-                                                 "gate_proj": m.gate_proj, "down_proj": m.down_proj}, hessian=True)
-            hess = {n: st[src].hessian for n, src in (("q_proj", "q_proj"), ("k_proj", "q_proj"), ("v_proj", "q_proj"),
-                                                       ("o_proj", "o_proj"), ("gate_proj", "gate_proj"),
-                                                       ("up_proj", "gate_proj"), ("down_proj", "down_proj"))}
+            st = block_stats(p.block, inputs, device, {r: p[r] for r in ("q", "o", "gate", "down")}, hessian=True)
+            hess = {r: st[src].hessian for r, src in (("q", "q"), ("k", "q"), ("v", "q"), ("o", "o"),
+                                                       ("gate", "gate"), ("up", "gate"), ("down", "down"))}
         row = {}
-        for n, parent in owners.items():
-            lin = getattr(parent, n)
+        for n in ROLES:
+            lin = p[n]
             W = lin.weight.data.float()
             res = mixed_quantize(W, high[n], spec, H=hess.get(n), damp=damp)
             lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
@@ -72,7 +68,7 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
                 total[0] += spec.bias_bits * lin.out_features
             if n in hess:
                 D = W - res.weight
-                row[n] = float(((D @ hess[n]) * D).sum())
+                row[getattr(p.st, n)] = float(((D @ hess[n]) * D).sum())
         errors.append(row)
 
     block_loop(model, calib_ids, batch_size, compress)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from .arch import Parts, structured_arch
 
 
 def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
@@ -94,12 +95,13 @@ def block_stats(block: nn.Module, inputs, device, names: dict[str, nn.Linear],
 
 
 def block_loop(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, hook) -> None:
-    """``hook(i, block, inputs, device)`` on every decoder block inside the engine's loop: the engine captures
+    """``hook(i, parts, inputs, device)`` on every decoder block inside the engine's loop: the engine captures
     the block inputs, places the block, and feeds the block's output (after the hook changed it) to the next."""
     from ..engine import compress_model
     from ..recipe import LayerPlan
 
     device = next(model.parameters()).device
+    st = structured_arch(model).structure
     compress_model(model, check_ids(calib_ids), lambda name: LayerPlan(), device=device, batch_size=batch_size,
                    keep_states=False, progress=False, offload_activations=False,
-                   block_hook=lambda i, block, arch, inputs, solve, report, dev: hook(i, block, inputs, dev))
+                   block_hook=lambda i, block, arch, inputs, solve, report, dev: hook(i, Parts(block, st), inputs, dev))
