@@ -16,7 +16,7 @@ import torch
 
 from ..errors import RecipeError
 from .arch import parts
-from .mixed import MixSpec, matrix_bits
+from ..solvers.mixed import MixSpec, matrix_bits
 
 MASKS = ("keep_heads", "keep_mlp", "high_qkv", "high_o", "high_gu", "high_down")
 

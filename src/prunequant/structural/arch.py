@@ -48,6 +48,10 @@ class Parts:
     def __setitem__(self, role: str, lin: nn.Linear) -> None:
         setattr(self._owner(role), getattr(self.st, role), lin)
 
+    def rel(self, role: str) -> str:
+        """The linear's name inside the block (as in ArchSpec.groups)."""
+        return f"{self.st.attn if role in ATTN_ROLES else self.st.mlp}.{getattr(self.st, role)}"
+
     @property
     def head_dim(self) -> int:
         return int(self.attn.head_dim)
@@ -76,6 +80,12 @@ def structured_arch(model: nn.Module) -> ArchSpec:
         raise ModelLoadError(f"structural pruning does not support {arch.name!r} (fused or ungated projections); "
                              f"supported: {', '.join(ok)}")
     return arch
+
+
+def role_of(arch: ArchSpec) -> dict[str, str]:
+    """Role (q, k, v, o, gate, up, down) of each resizable linear by its name inside a block."""
+    st = arch.structure
+    return {f"{st.attn if r in ATTN_ROLES else st.mlp}.{getattr(st, r)}": r for r in ROLES}
 
 
 def blocks(model: nn.Module) -> nn.ModuleList:

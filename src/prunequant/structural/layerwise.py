@@ -12,7 +12,7 @@ from torch import nn
 from .allocation import LayerDims, model_dims
 from .arch import parts
 from .calib import InputStats, run_model
-from .mixed import MixSpec, rtn_fake
+from ..solvers.mixed import MixSpec, rtn_fake
 
 # which linear's input statistics stand for each shared input
 STAT_OF = {"qkv": "q", "o": "o", "gu": "gate", "down": "down"}

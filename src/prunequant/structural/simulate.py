@@ -15,7 +15,7 @@ from torch import nn
 from .allocation import LayerAllocation
 from ..models.arch import base_model
 from .arch import ROLES, parts
-from .mixed import MixSpec, rtn_fake
+from ..solvers.mixed import MixSpec, rtn_fake
 
 HIGH_KEY = {"q": "high_qkv", "k": "high_qkv", "v": "high_qkv", "o": "high_o", "gate": "high_gu", "up": "high_gu",
             "down": "high_down"}
