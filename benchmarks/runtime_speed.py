@@ -73,7 +73,7 @@ def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, mask=None)
 
 
 def mixed(W: torch.Tensor, high_fraction: float, seed: int):
-    from prunequant.structural.mixed import MixSpec, mixed_quantize
+    from prunequant.solvers.mixed import MixSpec, mixed_quantize
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     high = torch.rand(W.shape[1], generator=g) < high_fraction

@@ -10,7 +10,7 @@
 from .allocation import Allocation, LayerAllocation, LayerDims, discretize, layer_bits, model_dims
 from .apply import ApplyReport, apply_allocation
 from .global_error import MaskLogits, layerwise_allocation, learn_global_allocation, spec_from_choices
-from .mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize
+from ..solvers.mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize
 from .prune import StructuredReport, block_influence, prune_structured, remove_blocks
 from .simulate import Simulator, allocation_kl
 from .surgery import drop_blocks, load_structured, prune_block, save_structured
