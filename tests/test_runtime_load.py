@@ -117,7 +117,8 @@ def _kernels() -> list[dict]:
         xg = x if c is None else x[:, c.long()]
         ref = xg.double() @ q.dequantize().double().t() + b.double()
         cfgs = T._gemv_candidates(m, n, seg)[:2] + [{"kind": "gemv", "BN": 4, "BW": 4, "SPLIT": 3, "num_warps": 2,
-                                                     "num_stages": 1}] + T._pdot_candidates(m)[:1]
+                                                     "num_stages": 1}] + T._pdot_candidates(m)[:1] + \
+            [dict(c, SPLIT=3) for c in T._sdot_candidates(m, n, seg)[:1]]
         for cfg in cfgs:
             y = T.run(x, [seg], n, b, cfg)
             rows.append({"case": f"{bits}b g{gs} m{m} cols={cols}", "cfg": cfg["kind"],
@@ -134,7 +135,7 @@ def test_decode_kernels_in_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["cfg"] for r in rows} == {"gemv", "pdot"}
+    assert {r["cfg"] for r in rows} == {"gemv", "pdot", "sdot"}
     for r in rows:
         assert r["err"] < 1e-5, r
 
