@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RecipeError
-from .arch import parts
 from ..solvers.mixed import MixSpec, matrix_bits
+from .arch import parts
 
 MASKS = ("keep_heads", "keep_mlp", "high_qkv", "high_o", "high_gu", "high_down")
 

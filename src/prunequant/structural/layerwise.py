@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..solvers.mixed import MixSpec, rtn_fake
 from .allocation import LayerDims, model_dims
 from .arch import parts
 from .calib import InputStats, run_model
-from ..solvers.mixed import MixSpec, rtn_fake
 
 # which linear's input statistics stand for each shared input
 STAT_OF = {"qkv": "q", "o": "o", "gu": "gate", "down": "down"}

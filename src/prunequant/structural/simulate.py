@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .allocation import LayerAllocation
 from ..models.arch import base_model
-from .arch import ROLES, parts
 from ..solvers.mixed import MixSpec, rtn_fake
+from .allocation import LayerAllocation
+from .arch import ROLES, parts
 
 HIGH_KEY = {"q": "high_qkv", "k": "high_qkv", "v": "high_qkv", "o": "high_o", "gate": "high_gu", "up": "high_gu",
             "down": "high_down"}
