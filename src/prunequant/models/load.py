@@ -124,8 +124,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
     if gguf:
         _detach_gguf_quantizer(model)
     arch_of(model)  # fail early on unsupported architectures
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    _pad(tok)
     model.eval()
     _restore_act_quant(model, where if not gguf else None)
     return model.to(device), tok
@@ -146,15 +145,22 @@ def _local_checkpoint(where: str, spec: str) -> str | None:
     return where if lazy_eligible(where) else None
 
 
+def _config(where: str) -> dict:
+    """A local directory's config.json ({} when there is none or it does not parse)."""
+    try:
+        return json.loads((Path(where) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _pad(tok) -> None:
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+
+
 def checkpoint_dtype(spec: str) -> torch.dtype | None:
     """The dtype a local checkpoint directory's config declares (None when it is not one)."""
-    cfg = Path(spec) / "config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        c = json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return None
+    c = _config(spec)
     name = c.get("dtype") or c.get("torch_dtype")
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(name)
 
@@ -166,8 +172,7 @@ def _load_lazy(where: str, dtype):
 
     tok = AutoTokenizer.from_pretrained(where)
     model = load_lazy(where, dtype)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    _pad(tok)
     return model, tok
 
 
@@ -179,21 +184,14 @@ def _load_export(where: str, dtype, device):
 
     model, _fmt = load_exported(where, dtype=dtype, verify=False)  # checked by load_model
     tok = AutoTokenizer.from_pretrained(where)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
+    _pad(tok)
     model.eval()
     _restore_act_quant(model, where)
     return model.to(device), tok
 
 
 def _is_structured(where: str) -> bool:
-    cfg = Path(where) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        c = json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
+    c = _config(where)
     return bool(c.get("prunequant_layer_shapes") or c.get("prunequant_removed_blocks"))
 
 

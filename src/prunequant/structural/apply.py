@@ -23,6 +23,7 @@ class ApplyReport:
     planned_bits: float  # the allocation's exact count (the same number unless something went wrong)
     n_weights: int
     layer_errors: list[dict] = field(default_factory=list)
+    states: dict = field(default_factory=dict)  # layer name -> its channel-mixed QuantState (for packing)
 
 
 @torch.no_grad()
@@ -73,4 +74,4 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
         errors.append(row)
     model.config.prunequant_mixed_precision = {k: v for k, v in allocation.summary().items() if k != "layers"}
     n_w = sum(d.n_weights for d in dims)
-    return ApplyReport(total / n_w, allocation.avg_bits, n_w, errors)
+    return ApplyReport(total / n_w, allocation.avg_bits, n_w, errors, {n: r.quant for n, r in report.states.items()})
