@@ -273,6 +273,10 @@ def convert(model, config: str, device) -> dict:
         setattr(parent, attr, new)
         del lin, W
         backends[label] = backends.get(label, 0) + 1
+    if config in ("w4", "w8", "2:4+w4", "w3", "w2"):  # q/k/v and gate/up as one matmul each, as load_packed does
+        from prunequant.runtime import fuse_siblings
+
+        backends["fused groups"] = fuse_siblings(model, dt)
     gc.collect()
     torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None
     return backends
@@ -281,9 +285,16 @@ def convert(model, config: str, device) -> dict:
 def linear_bytes(model) -> int:
     from prunequant.runtime import module_bytes
 
-    total = 0
+    from prunequant.runtime.fuse import ProjectionSlice
+
+    total, seen = 0, set()
     for _, parent, attr in block_linears(model):
         m = getattr(parent, attr)
+        if isinstance(m, ProjectionSlice):  # siblings share one module: count it once
+            if id(m.shared) in seen:
+                continue
+            seen.add(id(m.shared))
+            m = m.shared
         if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "packed"):  # semi-structured: values + metadata
             w = m.weight
             total += sum(t.numel() * t.element_size() for t in (w.packed, w.meta) if t is not None)
