@@ -43,7 +43,7 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
 
 @torch.inference_mode()
 def greedy(model, tok, prompt: str, new_tokens: int) -> list[int]:
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    ids = tok(prompt, return_tensors="pt")["input_ids"].to(next(model.buffers(), next(model.parameters())).device)
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=tok.eos_token_id)
     return out[0, ids.shape[1]:].tolist()
@@ -56,7 +56,10 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=30)
-    ap.add_argument("--modes", nargs="*", default=["exact", "cpu kernels"], choices=["exact", "cpu kernels"])
+    ap.add_argument("--modes", nargs="*", default=["exact", "cpu kernels"],
+                    choices=["exact", "cpu kernels", "gpu kernels", "gpu bf16"],
+                    help="gpu kernels: our Triton kernels in float32 on CUDA against the float32 dequantized model; "
+                         "gpu bf16: the same kernels in bfloat16 against the bfloat16 dequantized model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     from prunequant.api import compress_data_free
@@ -78,18 +81,26 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as d:
             out = save_compact(model, rep.states, Path(d) / "m", torch.bfloat16, tokenizer=tok)
             del model
-            deq = load_compact(out, dtype=torch.float32)
             row = {"model": args.model, "config": name, "eval_tokens": int(ids.numel())}
             t = time.time()
-            row["ppl_dequantized"] = perplexity(deq, ids, args.window)
-            gens = [greedy(deq, tok, p, args.new_tokens) for p in PROMPTS]
-            modes = {"exact": {b: ["packed"] for b in (2, 3, 4, 8)}, "cpu kernels": None}
+            triton_first = {b: ["triton"] for b in (2, 3, 4, 8)}
+            modes = {"exact": ("cpu", torch.float32, {b: ["packed"] for b in (2, 3, 4, 8)}),
+                     "cpu kernels": ("cpu", torch.float32, None), "gpu kernels": ("cuda", torch.float32, triton_first),
+                     "gpu bf16": ("cuda", torch.bfloat16, triton_first)}
+            refs = {}
             for mode in args.modes:
-                prefer = modes[mode]
-                packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=prefer)
-                ppl = perplexity(packed, ids, args.window)
+                device, dtype, prefer = modes[mode]
+                if (device, dtype) not in refs:  # the dequantized model on the same device and dtype
+                    deq = load_compact(out, dtype=dtype).to(device)
+                    refs[device, dtype] = (perplexity(deq, ids.to(device), args.window),
+                                           [greedy(deq, tok, p, args.new_tokens) for p in PROMPTS])
+                    del deq
+                ppl_ref, gens = refs[device, dtype]
+                row.setdefault("ppl_dequantized", ppl_ref)
+                packed, rec = load_packed(out, device=device, dtype=dtype, prefer=prefer)
+                ppl = perplexity(packed, ids.to(device), args.window)
                 same = [greedy(packed, tok, p, args.new_tokens) == g for p, g in zip(PROMPTS, gens)]
-                row[mode] = {"ppl": ppl, "ppl_rel_diff": abs(ppl / row["ppl_dequantized"] - 1),
+                row[mode] = {"ppl": ppl, "ppl_dequantized": ppl_ref, "ppl_rel_diff": abs(ppl / ppl_ref - 1),
                              "identical_generations": f"{sum(same)}/{len(same)}", "modules": rec["modules"]}
                 print(json.dumps({"config": name, "mode": mode, **row[mode]}), flush=True)
                 del packed
@@ -100,10 +111,11 @@ def main(argv=None):
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-    bad = [r["config"] for r in rows if "exact" in r and r["exact"]["ppl_rel_diff"] > 0.005
-           or r["exact"]["identical_generations"] != f"{len(PROMPTS)}/{len(PROMPTS)}"]
+    strict = [m for m in ("exact", "gpu kernels") if m in args.modes]  # float32 paths: must match
+    bad = [f"{r['config']} ({m})" for r in rows for m in strict if r[m]["ppl_rel_diff"] > 0.005
+           or r[m]["identical_generations"] != f"{len(PROMPTS)}/{len(PROMPTS)}"]
     if bad:
-        print(f"exact path differs from the dequantized model for: {', '.join(bad)}", file=sys.stderr)
+        print(f"packed model differs from the dequantized model for: {', '.join(bad)}", file=sys.stderr)
         return 1
     return 0
 

@@ -73,7 +73,7 @@ def rtn(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, mask=None)
 
 
 def mixed(W: torch.Tensor, high_fraction: float, seed: int):
-    from prunequant.structural.mixed import MixSpec, mixed_quantize
+    from prunequant.solvers.mixed import MixSpec, mixed_quantize
 
     g = torch.Generator(device="cpu").manual_seed(seed)
     high = torch.rand(W.shape[1], generator=g) < high_fraction
@@ -113,9 +113,10 @@ def semi_sparse(W: torch.Tensor):
 # ---- kernel table --------------------------------------------------------------------------------
 
 def bench_us(fn) -> float:
-    import triton
+    """GPU µs per call from CUDA-graph replay with the L2 flushed before each call (decode's conditions)."""
+    from prunequant.runtime.triton_wmm import graph_time_us
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
+    return graph_time_us(fn)
 
 
 def kernels(args) -> list[dict]:
@@ -272,6 +273,10 @@ def convert(model, config: str, device) -> dict:
         setattr(parent, attr, new)
         del lin, W
         backends[label] = backends.get(label, 0) + 1
+    if config in ("w4", "w8", "2:4+w4", "w3", "w2"):  # q/k/v and gate/up as one matmul each, as load_packed does
+        from prunequant.runtime import fuse_siblings
+
+        backends["fused groups"] = fuse_siblings(model, dt)
     gc.collect()
     torch.cuda.empty_cache() if torch.device(device).type == "cuda" else None
     return backends
@@ -280,9 +285,16 @@ def convert(model, config: str, device) -> dict:
 def linear_bytes(model) -> int:
     from prunequant.runtime import module_bytes
 
-    total = 0
+    from prunequant.runtime.fuse import ProjectionSlice
+
+    total, seen = 0, set()
     for _, parent, attr in block_linears(model):
         m = getattr(parent, attr)
+        if isinstance(m, ProjectionSlice):  # siblings share one module: count it once
+            if id(m.shared) in seen:
+                continue
+            seen.add(id(m.shared))
+            m = m.shared
         if isinstance(m, torch.nn.Linear) and hasattr(m.weight, "packed"):  # semi-structured: values + metadata
             w = m.weight
             total += sum(t.numel() * t.element_size() for t in (w.packed, w.meta) if t is not None)
@@ -446,6 +458,10 @@ def main(argv=None):
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+        from prunequant.runtime.triton_wmm import TRIALS
+
+        if TRIALS:  # every tile the tuner timed, to see how close the candidates ran
+            Path(args.out).with_suffix(".trials.json").write_text(json.dumps(TRIALS))
 
 
 if __name__ == "__main__":

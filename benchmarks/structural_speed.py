@@ -54,6 +54,8 @@ from pathlib import Path
 
 import torch
 
+from prunequant.runtime.serve import GraphDecoder, median_time, prefill_tps, sync
+
 sys.path.insert(0, str(Path(__file__).parent))  # gpu_scale.py's model builder
 
 CONFIGS = ("base", "pruned", "w8", "w4", "mix", "mix+pruned")
@@ -135,32 +137,6 @@ def token_data(args, src: Source) -> dict:
 
 # ---- configurations (the pipeline) ---------------------------------------------------------------
 
-MIXED_ORDER = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-               ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-
-
-@contextlib.contextmanager
-def capture_mixed_states():
-    """apply_allocation keeps only the dequantized weights; record the channel-mixed QuantStates it makes
-    (one per linear, in its order: blocks, then q, k, v, o, gate, up, down). pack_model later checks that
-    each state dequantizes to the weight that ended up in the model."""
-    import prunequant.structural.apply as apply_mod
-
-    original = apply_mod.mixed_quantize
-    calls = []
-
-    def recording(*a, **kw):
-        res = original(*a, **kw)
-        calls.append(res.quant)
-        return res
-
-    apply_mod.mixed_quantize = recording
-    try:
-        yield calls
-    finally:
-        apply_mod.mixed_quantize = original
-
-
 def build_config(name: str, model, calib, args, device) -> tuple[dict, dict]:
     """Compress ``model`` (fp32, on device) in place as ``name`` says; returns (states by linear name, info)."""
     from prunequant.api import compress_data_free
@@ -189,12 +165,8 @@ def build_config(name: str, model, calib, args, device) -> tuple[dict, dict]:
     if name.startswith("mix"):
         alloc = S.layerwise_allocation(model, calib, args.mix_bits, choices=(("low", 4), ("high", 8)),
                                        group_size=args.group_size, batch_size=args.calib_batch)
-        with capture_mixed_states() as calls:
-            rep = S.apply_allocation(model, alloc, calib, method=args.method, batch_size=args.calib_batch)
-        names = [f"model.layers.{i}.{p}.{n}" for i in range(len(model.model.layers)) for p, n in MIXED_ORDER]
-        if len(calls) != len(names):
-            raise RuntimeError(f"apply_allocation quantized {len(calls)} linears, expected {len(names)}")
-        states = dict(zip(names, calls))
+        rep = S.apply_allocation(model, alloc, calib, method=args.method, batch_size=args.calib_batch)
+        states = rep.states
         info["mix"] = {"target_bits": args.mix_bits, "avg_bits_of_this_model": round(rep.avg_bits, 4),
                        "high_fraction": _high_fraction(states), "allocation": "layer-wise",
                        "method": args.method, "group_size": args.group_size}
@@ -211,9 +183,13 @@ def _high_fraction(states: dict) -> float:
 
 
 def block_linears(model):
-    for i, b in enumerate(model.model.layers):
-        for p, n in MIXED_ORDER:
-            yield f"model.layers.{i}.{p}.{n}", getattr(getattr(b, p), n)
+    from prunequant.models import arch_of, get_blocks
+    from prunequant.models import block_linears as linears_of
+
+    arch = arch_of(model)
+    for i, b in enumerate(get_blocks(model, arch)):
+        for rel, lin in linears_of(b, arch).items():
+            yield f"{arch.blocks}.{i}.{rel}", lin
 
 
 def stored_bits(model, states: dict) -> float:
@@ -249,31 +225,6 @@ def compact_export_bytes(model, states: dict, dtype) -> int | None:
 
 # ---- measurements --------------------------------------------------------------------------------
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-@torch.inference_mode()
-def prefill_tps(model, ids, device, warmup, repeats) -> float:
-    def run():
-        model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    return ids.numel() / _timed(run, device, warmup, repeats)
-
-
 @torch.inference_mode()
 def decode_eager_tps(model, prompt, new_tokens, device, warmup, repeats) -> float:
     """Greedy decode with a DynamicCache; warm-up runs are 8 steps long."""
@@ -281,12 +232,12 @@ def decode_eager_tps(model, prompt, new_tokens, device, warmup, repeats) -> floa
     for r in range(warmup + repeats):
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         cache, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         for _ in range(new_tokens if r >= warmup else min(8, new_tokens)):
             out = model(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
             tok = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        sync(device)
         if r >= warmup:
             ts.append(time.perf_counter() - t)
         del cache, out
@@ -318,63 +269,22 @@ def forced_decode_logits(model, prompt, forced) -> torch.Tensor:
     return torch.stack(logits, 1)
 
 
-class StaticDecoder:
-    """Greedy decode over a StaticCache: every tensor one step touches keeps its address (the input token,
-    the cache, its position counters), so the step can be captured as a CUDA graph; ``reset`` rewinds to
-    just after the prompt."""
-
-    def __init__(self, model, prompt, new_tokens):
-        from transformers import StaticCache
-
-        self.model = model
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
-        out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.first = out.logits[:, -1:].argmax(-1)
-        self.tok = self.first.clone()
-        self.lengths = [layer.cumulative_length for layer in self.cache.layers]
-        self.start = [t.clone() for t in self.lengths]
-
-    def step(self):
-        o = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
-        self.tok.copy_(o.logits[:, -1:].argmax(-1))
-
-    def reset(self):
-        for t, s in zip(self.lengths, self.start):
-            t.copy_(s)
-        self.tok.copy_(self.first)
-
-
 @torch.inference_mode()
 def decode_graph_tps(model, prompt, new_tokens, warmup, repeats, check_steps: int = 16):
-    """One greedy decode step captured as a CUDA graph (StaticDecoder), replayed ``new_tokens`` times per
-    timed run. Returns (tokens/s, the first ``check_steps`` tokens it produced)."""
-    dec = StaticDecoder(model, prompt, new_tokens)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles kernels) off the capture stream
-        for _ in range(2):
-            dec.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        dec.step()
+    """One greedy decode step captured as a CUDA graph (runtime.serve.GraphDecoder), replayed ``new_tokens``
+    times per timed run. Returns (tokens/s, the first ``check_steps`` tokens it produced)."""
+    dec = GraphDecoder(model, prompt, new_tokens)
     dec.reset()  # check run: the tokens the graph produces (compared with the eager decode's)
     toks = []
     for _ in range(min(check_steps, new_tokens)):
         toks.append(dec.tok.clone())
-        graph.replay()
-    ts = []
-    for r in range(warmup + repeats):
+        dec.run(1)
+
+    def once():
         dec.reset()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            graph.replay()
-        torch.cuda.synchronize()
-        if r >= warmup:
-            ts.append(time.perf_counter() - t0)
-    del graph, dec
-    return prompt.shape[0] * new_tokens / statistics.median(ts), torch.cat(toks, 1)
+        dec.run(new_tokens)
+    tps = prompt.shape[0] * new_tokens / median_time(once, prompt.device, warmup, repeats)
+    return tps, torch.cat(toks, 1)
 
 
 class Peak:
@@ -432,7 +342,7 @@ def measure(model, args, device, ids, prefill_modes) -> dict:
                 set_runtime_mode(model, large_m=mode)
             try:
                 with Peak(device) as pk:
-                    row[mode or "dense"] = round(prefill_tps(model, x, device, args.warmup, args.repeats), 1)
+                    row[mode or "dense"] = round(prefill_tps(model, x, args.warmup, args.repeats), 1)
                 out["peak_bytes"][f"prefill_b{b}_{mode or 'dense'}"] = pk.value
             except Exception as e:  # noqa: BLE001 - e.g. the large-tile kernel does not compile: recorded
                 if mode == prefill_modes[0]:

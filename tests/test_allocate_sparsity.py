@@ -1,15 +1,9 @@
 import pytest
 import torch
 
-from prunequant.allocate_sparsity import owl_sparsity, outlier_ratio, uniform_sparsity
+from prunequant.allocate_sparsity import owl_sparsity, outlier_ratio
 from prunequant.errors import RecipeError
 from prunequant.solvers.base import LayerStats
-
-
-def test_uniform():
-    assert uniform_sparsity(["a", "b"], 0.6) == {"a": 0.6, "b": 0.6}
-    with pytest.raises(RecipeError):
-        uniform_sparsity(["a"], 1.0)
 
 
 def _mean(s, params=None):

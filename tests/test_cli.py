@@ -245,3 +245,8 @@ def test_structured_and_global_on_qwen2_and_gemma3_shapes(kind, texts, tmp_path,
     assert code == 0, err
     assert json.loads((out2 / "prunequant.json").read_text())["avg_bits"] <= 3.0 + 1e-6
     load_model(str(out2))
+    for d in (out, out2):  # both outputs evaluate from disk
+        js = tmp_path / f"{d.name}.json"
+        code, _, err = run(capsys, "eval", d, "--text", texts[1], "--seq-len", 16, "--max-tokens", 64, "--json", js)
+        assert code == 0, err
+        assert math.isfinite(json.loads(js.read_text())["perplexity"])

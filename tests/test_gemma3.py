@@ -124,7 +124,7 @@ def test_calibration_windows_with_bos():
 
 
 def test_gemma3_270m_short_name_says_what_to_install(monkeypatch):
-    import prunequant.models as models
+    import prunequant.models.load as models
 
     monkeypatch.setattr(models, "package_dir", lambda pkg: None)
     with pytest.raises(ModelLoadError) as e:

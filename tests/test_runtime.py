@@ -15,7 +15,7 @@ from prunequant.runtime.convert import segments_of
 from prunequant.runtime.qlinear import PackedSegment
 from prunequant.solvers.base import QuantState
 from prunequant.solvers.grid import fit_grid, group_index, quantize_grouped
-from prunequant.structural.mixed import MixSpec, mixed_quantize
+from prunequant.solvers.mixed import MixSpec, mixed_quantize
 
 
 def _uniform(W: torch.Tensor, bits: int, gs: int, sym: bool = False) -> QuantState:

@@ -13,6 +13,7 @@ import torch
 from prunequant.errors import ModelLoadError
 from prunequant.export import load_compact, save_compact
 from prunequant.runtime import QuantLinear
+from prunequant.runtime.fuse import ProjectionSlice
 from prunequant.runtime.load import load_packed
 from test_export_fixtures import VOCAB, assert_same_logits, compress, logits, tiny_gpt2, tiny_llama
 
@@ -30,7 +31,7 @@ def test_packed_load_equals_the_dequantized_model(tmp_path, config):
     packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
     quantized = [n for n, s in states.items() if s.quant is not None and float(s.quant.bits).is_integer()]
     for n in quantized:  # integer-bit grids run packed, float layers (2:4 only, ternary) stay dense
-        assert isinstance(packed.get_submodule(n), QuantLinear), (n, rec)
+        assert isinstance(packed.get_submodule(n), (QuantLinear, ProjectionSlice)), (n, rec)
         ql = packed.get_submodule(n)
         torch.testing.assert_close(ql.dense_weight(torch.float32), ref.get_submodule(n).weight, rtol=0, atol=0)
     assert rec["layers"] == len(states)
@@ -117,7 +118,8 @@ def _kernels() -> list[dict]:
         xg = x if c is None else x[:, c.long()]
         ref = xg.double() @ q.dequantize().double().t() + b.double()
         cfgs = T._gemv_candidates(m, n, seg)[:2] + [{"kind": "gemv", "BN": 4, "BW": 4, "SPLIT": 3, "num_warps": 2,
-                                                     "num_stages": 1}] + T._pdot_candidates(m)[:1]
+                                                     "num_stages": 1}] + T._pdot_candidates(m)[:1] + \
+            [dict(c, SPLIT=3) for c in T._sdot_candidates(m, n, seg)[:1]]
         for cfg in cfgs:
             y = T.run(x, [seg], n, b, cfg)
             rows.append({"case": f"{bits}b g{gs} m{m} cols={cols}", "cfg": cfg["kind"],
@@ -134,7 +136,7 @@ def test_decode_kernels_in_the_interpreter():
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {r["cfg"] for r in rows} == {"gemv", "pdot"}
+    assert {r["cfg"] for r in rows} == {"gemv", "pdot", "sdot"}
     for r in rows:
         assert r["err"] < 1e-5, r
 
@@ -220,7 +222,7 @@ def test_compressed_tensors_load_packed(tmp_path, config, asym):
     states = compress(model, config)
     out = save_compressed_tensors(model, states, tmp_path / "m", torch.float32, asymmetric=asym)
     ref = load_compressed_tensors(out, dtype=torch.float32)
-    packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
+    packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT, fuse=False)
     assert rec["format"] == "compressed-tensors" and rec["layers"] == len(states)
     if asym == "zero-point":  # widened grids are 5-bit: no packed layout, dense with the reason recorded
         assert sum(isinstance(m, QuantLinear) and m.segs[0].backend == "packed" for m in packed.modules()) \
@@ -238,3 +240,33 @@ def test_kernel_choice_falls_back_with_the_reason(tmp_path):
         assert any(f["reason"].startswith("triton:") for f in rec["fallbacks"]), rec
     _, _, rec = load_for_serving(str(out), "cpu", torch.float32, exact=True)
     assert rec["modules"] == {"4-bit:packed": 14}
+
+
+def test_sibling_projections_fuse_into_one_matmul(tmp_path):
+    model = tiny_llama()
+    out = save_compact(model, compress(model, "4bit-g128"), tmp_path / "m")
+    ref = load_compact(out, dtype=torch.float32)
+    plain, rec0 = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT, fuse=False)
+    fused, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
+    n_layers = len(fused.model.layers)
+    assert rec0["fused_groups"] == 0 and rec["fused_groups"] == 2 * n_layers, rec
+    attn, mlp = fused.model.layers[0].self_attn, fused.model.layers[0].mlp
+    assert all(isinstance(getattr(attn, n), ProjectionSlice) for n in ("q_proj", "k_proj", "v_proj"))
+    assert all(isinstance(getattr(mlp, n), ProjectionSlice) for n in ("gate_proj", "up_proj"))
+    for n in ("q_proj", "k_proj", "v_proj"):  # each slice is exactly its layer's dequantized weight
+        torch.testing.assert_close(getattr(attn, n).dense_weight(torch.float32),
+                                   getattr(ref.model.layers[0].self_attn, n).weight, rtol=0, atol=0)
+    calls = []
+    shared = attn.fused_q_proj_k_proj_v_proj.linear
+    shared.register_forward_hook(lambda *a: calls.append(1))
+    assert_same_logits(logits(plain), logits(fused), rtol=1e-5)
+    assert_same_logits(logits(ref), logits(fused))
+    assert len(calls) == 2  # one shared matmul per forward (two forwards above), not one per sibling
+
+
+def test_projections_with_different_packing_stay_apart(tmp_path):
+    model = tiny_llama()
+    out = save_compact(model, compress(model, "mixed-2/4bit"), tmp_path / "m")
+    packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
+    ref = load_compact(out, dtype=torch.float32)
+    assert_same_logits(logits(ref), logits(packed))

@@ -9,7 +9,8 @@ from prunequant.solvers.base import LayerStats
 
 
 def test_registry_covers_recipe_methods():
-    assert set(SOLVERS) == set(PRUNE_METHODS) | set(QUANT_METHODS)
+    # plus channel-mixed quantization, whose per-layer channel sets come from a structural allocation
+    assert set(SOLVERS) == set(PRUNE_METHODS) | set(QUANT_METHODS) | {"mixed", "mixed-rtn"}
 
 
 def test_unknown_method_is_a_clear_error():

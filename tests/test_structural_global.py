@@ -71,6 +71,8 @@ def test_apply_gives_planned_bits_and_reloads(setup, tmp_path):
     m = copy.deepcopy(model)
     rep = apply_allocation(m, alloc, ids, method="gptq")
     assert rep.avg_bits == pytest.approx(alloc.avg_bits, rel=1e-12)
+    # each layer's error is its own quantization error, tr(D H Dᵀ) > 0 (not the weight against itself)
+    assert all(e > 0 for row in rep.layer_errors for e in row.values()) and len(rep.layer_errors[0]) == 7
     assert [b.mlp.down_proj.in_features for b in m.model.layers] == [int(la.keep_mlp.sum()) for la in alloc.layers]
     # the low part of each quantized matrix holds at most 2**low_bits levels per group
     w = m.model.layers[0].mlp.up_proj.weight
@@ -87,7 +89,7 @@ def test_apply_gives_planned_bits_and_reloads(setup, tmp_path):
 def test_relaxed_cost_equals_exact_cost_at_hard_masks_up_to_overheads(setup):
     model, _ = setup
     d = model_dims(model)[0]
-    from prunequant.structural.mixed import MixSpec
+    from prunequant.solvers.mixed import MixSpec
     spec = MixSpec(2, 4, group_size=0, scale_bits=0, bias_bits=0)  # no overheads but column maps
     g = torch.Generator().manual_seed(0)
     masks = {k: torch.rand(n, generator=g) < 0.6 for k, n in d.sizes().items()}

@@ -5,7 +5,7 @@ import torch
 
 from prunequant.errors import RecipeError
 from prunequant.solvers.grid import fit_grid, maxq_of, quantize_to_grid
-from prunequant.structural.mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize, rtn_fake
+from prunequant.solvers.mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize, rtn_fake
 
 from structural_models import one_thread
 
@@ -84,3 +84,31 @@ def test_bad_spec():
         MixSpec(low_bits=4, high_bits=2)
     with pytest.raises(RecipeError):
         MixSpec(low_bits=0)
+
+
+def test_registry_solver_is_mixed_quantize_and_refuses_masks():
+    """The engine reaches channel-mixed quantization through the solver registry, with the layer's own plan."""
+    from prunequant.recipe import LayerPlan
+    from prunequant.solvers import SOLVERS, needs, solve_layer
+    from prunequant.solvers.base import LayerStats
+    from prunequant.solvers.hessian import layer_objective
+    from prunequant.solvers.mixed import MixedQuant
+
+    g = torch.Generator().manual_seed(3)
+    W, X = torch.randn(8, 32, generator=g), torch.randn(200, 32, generator=g)
+    H = X.T @ X / 200
+    high = torch.rand(32, generator=g) < 0.3
+    spec = MixSpec(low_bits=2, high_bits=4, group_size=8)
+    stats = LayerStats(hessian=H, sq_norm=None, n_tokens=200)
+    for method, want, ref in (("mixed", "hessian", mixed_quantize(W, high, spec, H=H)),
+                              ("mixed-rtn", None, mixed_quantize(W, high, spec))):
+        plan = LayerPlan(quant=MixedQuant(spec, tuple(high.tolist()), method))
+        assert needs(plan) == want and not SOLVERS[method].row_separable
+        res = solve_layer(W, stats, plan)
+        assert torch.equal(res.weight, ref.weight) and res.info["bits"] == ref.info["bits"]
+        assert plan.quant.bits == pytest.approx((4 * int(high.sum()) + 2 * int((~high).sum())) / 32)
+    assert res.info.get("error") is None  # rtn: no Hessian to measure against
+    gptq = solve_layer(W, stats, LayerPlan(quant=MixedQuant(spec, tuple(high.tolist()))))
+    assert gptq.info["error"] == pytest.approx(layer_objective(W, gptq.weight, H)) and gptq.info["error"] > 0
+    with pytest.raises(RecipeError, match="pruning mask"):
+        SOLVERS["mixed"].fn(W, stats, plan.quant, mask=torch.ones_like(W, dtype=torch.bool))

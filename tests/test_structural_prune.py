@@ -5,6 +5,7 @@ from prunequant.errors import RecipeError
 from prunequant.structural import (block_influence, drop_blocks, load_structured, prune_block,
                                    prune_structured, remove_blocks, save_structured)
 from prunequant.structural import importance as imp
+from prunequant.structural.arch import parts
 
 from structural_models import one_thread, calib, tiny_model
 
@@ -50,7 +51,7 @@ def test_bias_compensation_is_exact_for_constant_channels():
     x[:, 5] = 0.7
     out_full = b.mlp.down_proj(x)
     keep = torch.tensor([i for i in range(48) if i != 5])
-    prune_block(b, keep_channels=keep, mlp_mean=x.mean(0))
+    prune_block(parts(model)[0], keep_channels=keep, mlp_mean=x.mean(0))
     torch.testing.assert_close(b.mlp.down_proj(x[:, keep]), out_full, atol=1e-5, rtol=1e-5)
 
 
@@ -68,7 +69,7 @@ def test_flap_score_matches_definition():
 def test_gqa_violation_is_refused():
     model = tiny_model(layers=1)
     with pytest.raises(RecipeError, match="grouped-query"):
-        prune_block(model.model.layers[0], keep_heads=torch.tensor([0, 1, 2]))
+        prune_block(parts(model)[0], keep_heads=torch.tensor([0, 1, 2]))
 
 
 def test_remove_blocks_and_reload(tmp_path):
@@ -100,3 +101,12 @@ def test_bad_inputs_raise():
     from prunequant.errors import DataError
     with pytest.raises(DataError):
         prune_structured(model, torch.randn(2, 3), mlp_sparsity=0.5)
+
+
+def test_architecture_without_structure_is_refused():
+    """Shapes come from the ArchSpec: an architecture with fused projections says so in one line."""
+    from prunequant.errors import ModelLoadError
+    from tiny import tiny_model as any_model
+
+    with pytest.raises(ModelLoadError, match="structural pruning does not support 'opt'.*supported: .*qwen2"):
+        prune_structured(any_model("opt"), calib(vocab=64), head_sparsity=0.25)

@@ -1,16 +1,5 @@
-"""Allocators: turn a recipe's global budget into per-layer overrides, from measurements on the real model.
-
-- ``owl``: outlier-weighted layerwise sparsity (blocks with more Wanda-score outliers keep more weights,
-  same global sparsity), measured in one pass over the *uncompressed* model.
-- ``bits``: layer-wise mixed precision: every layer's output-error increase at each candidate bit-width is
-  measured on the calibration data, then a multiple-choice knapsack picks the bits per layer that minimise
-  the total error under the average-bit budget. The error is Fisher-weighted by default,
-  Σ_o F_o (ΔW H ΔWᵀ)_oo with F_o the mean squared loss gradient at output channel o (one backward pass
-  over the uncompressed model): by a second-order expansion it estimates the model-loss increase, so errors
-  of different layers become comparable (an unweighted tr(ΔW H ΔWᵀ) ignores how much the rest of the
-  network amplifies or damps each layer's output error; ``weighting: none`` restores it).
-
-The recipe's ``allocation`` (recipe.Allocation) holds the method and its options.
+"""Allocators: turn a recipe's global budget (recipe.Allocation) into per-layer overrides, from measurements on the
+real model: ``owl`` sparsity and ``bits`` (knapsack over Fisher-weighted layer errors); docs/methods.md.
 """
 from __future__ import annotations
 

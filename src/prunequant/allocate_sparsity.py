@@ -7,7 +7,7 @@ densities around 1 − target, so sparsities span at most target ± λ and avera
 """
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping
 
 import torch
 
@@ -20,12 +20,6 @@ MAX_SPARSITY = 0.99
 def _check_target(target: float) -> None:
     if not 0.0 <= float(target) < 1.0:
         raise RecipeError(f"target sparsity {target} is outside [0, 1); e.g. use 0.5 for 50% of weights pruned")
-
-
-def uniform_sparsity(names: Iterable[Hashable], target: float) -> dict:
-    """Every layer (or block) gets the target sparsity."""
-    _check_target(target)
-    return {n: float(target) for n in names}
 
 
 def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,

@@ -1,16 +1,5 @@
-"""Spreading the block engine over several GPUs (one process per GPU, torch.distributed).
-
-Every rank holds the same model and walks the same blocks. Within a block:
-- calibration sequences are split over ranks (``shard``): each rank runs the forwards of its share and
-  accumulates its part of the Hessian sums, which are then summed over ranks (``all_reduce_``);
-- each linear (or stack of linears sharing a Hessian) is solved by one rank, chosen to balance the
-  solver work (``assign``), and its compressed weight is broadcast to the others.
-With one process, or without torch.distributed initialised, every call is a local no-op, so the
-single-GPU and CPU paths run the very same code.
-
-Launch: ``torchrun --nproc-per-node N script.py`` and in the script
-``torch.distributed.init_process_group("nccl")``, ``torch.cuda.set_device(local_rank)``, then
-``compress_model(..., device=f"cuda:{local_rank}", dist=DistContext.from_env())``.
+"""Spreading the block engine over several GPUs (one process per GPU, torch.distributed); with one process every
+call is a local no-op, so the single-GPU and CPU paths run the same code. docs/architecture.md says how.
 """
 from __future__ import annotations
 

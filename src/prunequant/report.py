@@ -115,6 +115,12 @@ def _figure(w: float, h: float):
     return fig
 
 
+def _save(fig, path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    return Path(path)
+
+
 def plot_retention(results, path: str | Path) -> Path:
     """Grouped bars: retention ratio per measure, one bar per run; a line at 1 (nothing lost)."""
     runs = [r for r in _runs(results) if r["retention"]]
@@ -132,9 +138,7 @@ def plot_retention(results, path: str | Path) -> Path:
     ax.set_title("Retention per measure")
     if runs:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_pareto(results, path: str | Path, quality: str = "sr") -> Path:
@@ -155,9 +159,7 @@ def plot_pareto(results, path: str | Path, quality: str = "sr") -> Path:
     ax.set_ylabel({"sr": "Sr (mean retention)", "srcr": "SrCr"}.get(quality, quality))
     ax.set_title("Quality vs. compression")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_frontier(results, path: str | Path, quality: str = "sr") -> Path:
@@ -180,9 +182,7 @@ def plot_frontier(results, path: str | Path, quality: str = "sr") -> Path:
     ax.grid(alpha=0.3)
     if runs:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return Path(path)
+    return _save(fig, path)
 
 
 def series_of(record: dict) -> str:

@@ -1,20 +1,5 @@
-"""Retention of each measure against the uncompressed model, and a cache of the original model's results.
-
-An evaluation result (the ``metrics`` of a run) is a dict with any of:
-  "texts" (or "perplexity"): {text: {"perplexity": float, ...} or float}        (api.evaluate)
-  "tasks":      {task: {"acc", "acc_norm", "n", "chance"}}                        (tasks.evaluate_tasks)
-  "agreement":  {"kl", "top1"}  of this model against the base                     (semantic.logit_agreement)
-  "similarity": {"similarity"}  of this model's continuations against the base's   (semantic.continuation_similarity)
-
-Ratios (1.0 = nothing lost):
-  ppl:<text>   ppl_base / ppl
-  task:<name>  (acc − chance) / (acc_base − chance), with acc_norm where the task reports it (as the
-               harness: ARC, HellaSwag, PIQA, OpenBookQA, SciQ, user files), acc otherwise; a task on
-               which the base model is not clearly above chance is left out (see ``skipped_measures``)
-  kl           exp(−KL(base ‖ model))
-  top1         top-1 agreement as is
-  similarity   mean cosine similarity as is
-Sr is the mean of the ratios (``srcr.semantic_retention``).
+"""Retention of each measure against the uncompressed model (docs/srcr.md lists the measures), and a cache of
+the original model's results.
 """
 from __future__ import annotations
 

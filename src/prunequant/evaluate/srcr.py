@@ -1,21 +1,5 @@
-"""Semantic retention (Sr) and the retention-compression score SrCr.
-
-Sr is the mean of per-measure retention ratios (evaluate/retention.py: perplexity as ppl_base/ppl,
-chance-adjusted accuracies, embedding similarity of continuations), each clipped below at 0.
-
-SrCr rewards retention and compression together (docs/srcr.md explains the choice):
-
-    SrCr_λ = Sr · (16 / b)^λ,   b = q · (1 − s) = 16 · (1 − TCr)   (stored bits per weight)
-
-- λ = 0: SrCr = Sr; an uncompressed model (s = 0, q = 16) has SrCr = Sr for every λ;
-- λ = 1 (the default): Sr per stored bit, relative to 16-bit weights. A configuration ranks higher
-  exactly when it keeps more meaning per stored bit; at equal TCr the ranking is the ranking by Sr.
-- 0 < λ < 1 leans toward retention, λ > 1 toward compression; at every λ ≥ 0 SrCr grows with Sr and
-  with compression, and at equal Sr the more compressed configuration ranks higher.
-
-``srcr_sqrt_log`` is a *reconstruction* of the paper's metric from third-party summaries (sparsity
-through a square root, bit-width through a logarithm); the paper's exact formula could not be
-retrieved. It is kept for side-by-side reports only.
+"""Semantic retention (Sr: the mean of per-measure retention ratios) and the retention-compression score
+SrCr_λ = Sr · (16 / b)^λ with b the stored bits per weight; docs/srcr.md gives the definitions and properties.
 """
 from __future__ import annotations
 

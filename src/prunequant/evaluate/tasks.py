@@ -1,14 +1,5 @@
-"""Zero-shot multiple-choice scoring in lm-evaluation-harness conventions.
-
-For each choice the log-likelihood of the continuation given the context is computed; ``acc`` is the
-argmax of the raw log-likelihoods, ``acc_norm`` the argmax of log-likelihood / len(choice string) (the
-harness divides by the characters of the choice, not by tokens). Tokenisation follows the harness: context
-and continuation are tokenised jointly without special tokens, the continuation is the tokens past the
-context's own tokenisation, and trailing spaces of the context move into the continuation.
-
-Speed: requests whose model input is identical (e.g. one-token answers " A".." D" of one question) share
-one row; rows are sorted by length, left-padded and scored in batches with one forward each, keeping the
-logits of the continuation positions only. The data sources are listed in ``task_data.TASKS``.
+"""Zero-shot multiple-choice scoring in lm-evaluation-harness conventions (acc, acc_norm by characters), with
+shared rows for identical inputs and length-sorted batches; docs/evaluation.md. Data sources: task_data.TASKS.
 """
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""compressed-tensors export ("pack-quantized"): what transformers (with compressed-tensors) and vLLM load.
-
-Each quantized linear stores ``weight_packed`` (int32, 32/b codes per word, dense bit stream),
-``weight_scale`` (out, groups), ``weight_shape`` and, for asymmetric grids, ``weight_zero_point``
-packed along the output dimension. Pruned weights are stored as the zero point's code (so they
-decode to exactly 0). Layers with different schemes (bits, group size, symmetry) go to separate
-``config_groups`` targeting explicit layer names; layers not quantized are listed in ``ignore``.
-
-Format limits (compressed-tensors 0.20): integer codes of 1..8 bits, contiguous groups (no act-order
-g_idx), integer zero points. Ternary codes use 2 bits. Ragged groups (group size not dividing
-in_features) are re-expressed exactly with gcd(group size, in_features) columns per group.
-transformers 5.23 cannot load asymmetric pack-quantized checkpoints (the zero point's packed shape
-is not set up on load, vllm-project/llm-compressor#1618); ``asymmetric="widen"`` re-expresses an
-asymmetric b-bit grid exactly as a symmetric (b+1)-bit one, which every loader accepts.
+"""compressed-tensors export ("pack-quantized"), what transformers and vLLM load: packed codes, scales and zero
+points per layer, one config group per scheme; docs/format.md gives the layout and the format's limits.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Swap a compressed model's linears for QuantLinears built from the quantization states it was made with.
 
 ``states`` maps a linear's name to its QuantState: ``uniform`` (the engine's GPTQ / RTN; one segment) or
-``channel-mixed`` (structural/mixed.py; a high-bit and a low-bit segment over the permuted input columns).
+``channel-mixed`` (solvers/mixed.py; a high-bit and a low-bit segment over the permuted input columns).
 Before a layer is swapped its state is checked against the model's weight (they must dequantize to the
 same values in the model's dtype), so the packed model computes what the dequantized model computed.
 """
@@ -56,7 +56,7 @@ def state_to(q: QuantState, device) -> QuantState:
 def state_weight(q: QuantState) -> torch.Tensor:
     """Float32 weight a state describes, in the layer's own column order."""
     if q.kind == "channel-mixed":
-        from ..structural.mixed import dequantize_mixed
+        from ..solvers.mixed import dequantize_mixed
 
         return dequantize_mixed(q)
     return q.dequantize()

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from .convert import default_backends
+from .fuse import fuse_siblings
 from .qlinear import QuantLinear, swap_in_packed
 
 log = logging.getLogger(__name__)
@@ -53,14 +54,16 @@ def _packed_layer(model, name: str, entry: dict, parts: dict, device, dtype, pre
 
 
 def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None, *,
-                prefer: dict[int, list[str]] | None = None, check: bool = True, verify: bool = True):
+                prefer: dict[int, list[str]] | None = None, check: bool = True, verify: bool = True,
+                fuse: bool = True):
     """Load a compact (or compressed-tensors pack-quantized) export for inference: (model with QuantLinears
     on ``device``, load record).
 
     ``prefer`` maps bit width → backends to try in order (default: ``default_backends(device)``); every
     packed layer is checked against its dequantized weight on a probe input and falls back (with the
     reason in the record) when a backend fails it. Layers the export stores as floats (pruned but not
-    quantized, act-order grids, ternary) load as dense weights.
+    quantized, act-order grids, ternary) load as dense weights. ``fuse``: sibling projections with the same
+    packing (q/k/v, gate/up) run as one matmul (fuse.py).
     """
     from safetensors import safe_open
 
@@ -78,7 +81,9 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
     from .load_ctensors import is_ctensors, load_ctensors_packed
 
     if is_ctensors(root):
-        return load_ctensors_packed(root, device, dtype, prefer, check, verify)
+        model, record = load_ctensors_packed(root, device, dtype, prefer, check, verify)
+        record["fused_groups"] = fuse_siblings(model, dtype, check) if fuse else 0
+        return model, record
     desc = read_descriptor(root)
     if desc is None:
         raise ModelLoadError(f"{root} has no prunequant-export.json; the packed runtime loads compact and "
@@ -122,5 +127,6 @@ def load_packed(path: str | Path, device=None, dtype: torch.dtype | None = None,
     model = finish_model(model, desc.get("tied", {}), root).to(device)
     record = {"format": FORMAT, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "layers": len(layers), "modules": dict(sorted(counts.items())),
-              "fallbacks": [{"reason": k, "count": v} for k, v in fallbacks.most_common()]}
+              "fallbacks": [{"reason": k, "count": v} for k, v in fallbacks.most_common()],
+              "fused_groups": fuse_siblings(model, dtype, check) if fuse else 0}
     return model, record

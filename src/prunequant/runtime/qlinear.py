@@ -337,11 +337,11 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def _tolerance(dtype) -> float:
+def probe_tolerance(dtype) -> float:
     return {torch.float32: 1e-4, torch.float64: 1e-6, torch.float16: 5e-3}.get(dtype, 2e-2)
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
@@ -368,8 +368,8 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
             try:
                 seg = make_segment(backend, q, cols_dev, device, dtype).to(device)
                 if check and backend != "dense":
-                    err = _rel_err(seg(probe), ref)
-                    if not err <= _tolerance(dtype):
+                    err = rel_err(seg(probe), ref)
+                    if not err <= probe_tolerance(dtype):
                         raise Unsupported(f"probe output differs from the dequantized weight's (rel. error {err:.2e})")
                     if isinstance(seg, PackedSegment) and not torch.equal(seg.dequantize(dtype), W_ref):
                         raise Unsupported("dequantized packed weight differs from the grid's")
@@ -385,8 +385,8 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
                         "fallbacks": tried})
     ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype)).to(device)
     if check and ql.fused and len(segs) > 1:
-        err = _rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
-        if not err <= _tolerance(dtype):
+        err = rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
+        if not err <= probe_tolerance(dtype):
             ql.fused = False
             records[0]["fallbacks"].append(f"fused two-segment kernel: rel. error {err:.2e}, runs per segment")
     return ql, records

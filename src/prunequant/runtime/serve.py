@@ -103,7 +103,7 @@ def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout) -> di
     t0 = time.perf_counter()
     gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-    _sync(device)
+    sync(device)
     dt = time.perf_counter() - t0
     n = gen.shape[1] - ids.shape[1]
     return {"prompt_tokens": int(ids.shape[1]), "new_tokens": int(n), "seconds": round(dt, 3),
@@ -112,27 +112,27 @@ def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout) -> di
 
 # ---- bench ---------------------------------------------------------------------------------------
 
-def _sync(device):
+def sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
-def _median_time(fn, device, warmup: int, repeats: int) -> float:
+def median_time(fn, device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
 
 @torch.inference_mode()
 def prefill_tps(model, ids, warmup: int, repeats: int) -> float:
-    return ids.numel() / _median_time(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), ids.device,
+    return ids.numel() / median_time(lambda: model(input_ids=ids, use_cache=True, logits_to_keep=1), ids.device,
                                       warmup, repeats)
 
 
@@ -183,7 +183,7 @@ def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int) -> flo
         def once():
             dec.reset()
             dec.run(new_tokens)
-        return prompt.shape[0] * new_tokens / _median_time(once, device, warmup, repeats)
+        return prompt.shape[0] * new_tokens / median_time(once, device, warmup, repeats)
 
     def eager():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)

@@ -1,14 +1,5 @@
-"""Budgets and the accounting that lets the search hit them *before* compressing anything.
-
-A budget is either ``tcr=X`` (theoretical compression rate of the block linears must be ≥ X) or
-``size=40MB`` (bytes of the compact export must be ≤ the budget). The search picks the free variables
-of a configuration and *derives* the last one (sparsity or bits) from the layer inventory so that the
-nominal figure lands on the budget; the measured figure after compression is what decides feasibility.
-
-Feasibility, never a soft penalty:
-- ``tcr``: measured TCr ≥ X − TCR_TOLERANCE (1e-3 absolute; only covers per-row rounding of the
-  number of pruned weights, e.g. 33.3% of 576 columns, which can land a hair under the nominal rate);
-- ``size``: the real bytes of the compact export (model files, headers included) ≤ the budget, no slack.
+"""Budgets (``tcr=X`` or ``size=40MB``) and the accounting that derives a configuration's last free variable so
+that its nominal figure lands on the budget before anything is compressed; docs/search.md gives the rules.
 """
 from __future__ import annotations
 

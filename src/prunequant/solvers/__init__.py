@@ -16,6 +16,7 @@ from ..recipe import LayerPlan, PruneSpec, QuantSpec
 from .base import LayerResult, LayerStats
 from .billm import billm_quantize
 from .joint import joint_obs
+from .mixed import mixed_solve
 from .prune import magnitude_prune, sparsegpt_prune, wanda_prune
 from .quant import gptq_quantize, rtn_quantize
 
@@ -37,6 +38,9 @@ SOLVERS: dict[str, Solver] = {
     "rtn": Solver(None, True, lambda w, stats, spec, mask=None: rtn_quantize(w, spec, mask=mask)),
     "gptq": Solver("hessian", True, gptq_quantize),
     "billm": Solver("hessian", False, billm_quantize),  # block-wide salient columns and break points
+    # channel-mixed (solvers.mixed.MixedQuant plans, from a structural allocation): per-column bit widths
+    "mixed": Solver("hessian", False, mixed_solve),
+    "mixed-rtn": Solver(None, False, mixed_solve),
 }
 
 

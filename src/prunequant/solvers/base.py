@@ -2,7 +2,7 @@
 
 Conventions every solver follows:
 - weights are float32 tensors of shape (out_features, in_features) (GPT-2 Conv1D is transposed
-  by models.py before a solver sees it);
+  by models/arch.py before a solver sees it);
 - a mask is a bool tensor of the weight's shape, True where the weight is kept;
 - a uniform quantization grid dequantizes as ``w = scale[:, g] * (code - zero[:, g])`` with integer
   codes in [0, 2**bits - 1] and ``g = g_idx[col]`` the group of each input column.

@@ -1,16 +1,5 @@
-"""Uniform quantization grids: fit (scale, zero) per output row and column group, round onto them.
-
-Convention (solvers/base.py): integer codes in [0, maxq] dequantize as ``w = scale * (code - zero)``.
-``zero`` is always an integer (stored as float), so 0.0 is exactly representable and pruned
-weights can stay exactly zero on the grid.
-
-- asymmetric: the range [min(w, 0), max(w, 0)] is spread over maxq steps (GPTQ's convention);
-- symmetric: zero is the grid middle (maxq + 1) / 2 and scale = 2·max|w| / maxq;
-- ternary (bits 1.58): maxq = 2, zero = 1, levels {-1, 0, +1}·scale, always symmetric.
-
-These functions are meant to be reused column by column by other solvers (GPTQ, joint OBS):
-``fit_grid`` on any (rows, k) block, ``quantize_to_grid`` / ``dequantize_codes`` on one column with
-a (rows, 1) scale/zero.
+"""Uniform quantization grids: fit (scale, zero) per output row and column group, round onto them; integer codes
+in [0, maxq] dequantize as ``w = scale * (code - zero)`` with an integer zero (docs/methods.md: conventions).
 """
 from __future__ import annotations
 

@@ -1,14 +1,5 @@
-"""GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32).
-
-The column loop of GPTQ is sequential over the columns of a block but independent over rows. Done
-with torch ops it costs about ten kernel launches per column, and on a GPU it is launch-bound (a
-7B-shaped model has ~1M columns). Here each program keeps a tile of rows × block-columns in registers
-and walks the columns itself, so a block of up to 256 columns is one launch. quant.gptq_quantize's
-torch loop is the reference this kernel is tested against (tests/test_triton_gptq.py; on the CPU with
-TRITON_INTERPRET=1).
-
-Numerics follow the torch loop: codes = clamp(round_half_even(w / s) + z, 0, maxq) with IEEE
-division, err = (w − s·(q − z)) / d, then the columns right of the current one get w −= err·u.
+"""GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32), tested against quant.gptq_quantize's
+torch loop (on the CPU with TRITON_INTERPRET=1); docs/methods.md says why and how the numerics match.
 """
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import RecipeError
-from .arch import blocks
-from .mixed import MixSpec, matrix_bits
+from ..solvers.mixed import MixSpec, matrix_bits
+from .arch import parts
 
 MASKS = ("keep_heads", "keep_mlp", "high_qkv", "high_o", "high_gu", "high_down")
 
@@ -48,12 +48,9 @@ class LayerDims:
 
 def model_dims(model) -> list[LayerDims]:
     out = []
-    for b in blocks(model):
-        a, m = b.self_attn, b.mlp
-        hd = a.head_dim
-        out.append(LayerDims(a.q_proj.in_features, a.q_proj.out_features // hd, a.k_proj.out_features // hd, hd,
-                             m.down_proj.in_features, a.q_proj.bias is not None, a.o_proj.bias is not None,
-                             m.down_proj.bias is not None))
+    for p in parts(model):
+        out.append(LayerDims(p["q"].in_features, p.n_heads, p.n_kv, p.head_dim, p.inter, p["q"].bias is not None,
+                             p["o"].bias is not None, p["down"].bias is not None))
     return out
 
 

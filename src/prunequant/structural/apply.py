@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from ..errors import RecipeError
+from ..recipe import LayerPlan
+from ..solvers.mixed import MixedQuant
 from .allocation import Allocation, model_dims
+from .arch import ROLES, parts, role_of, structured_arch
 from .calib import block_loop, block_stats
-from .mixed import mixed_quantize
 from .surgery import finish, prune_block
 
 
@@ -21,6 +23,7 @@ class ApplyReport:
     planned_bits: float  # the allocation's exact count (the same number unless something went wrong)
     n_weights: int
     layer_errors: list[dict] = field(default_factory=list)
+    states: dict = field(default_factory=dict)  # layer name -> its channel-mixed QuantState (for packing)
 
 
 @torch.no_grad()
@@ -33,50 +36,42 @@ def apply_allocation(model: nn.Module, allocation: Allocation, calib_ids: torch.
     if dims != allocation.dims:
         raise RecipeError("this allocation was learnt for a model of other shapes: apply it to the model "
                           "it was learnt on, before any other pruning")
-    spec = allocation.spec
+    arch = structured_arch(model)
+    roles = role_of(arch)
     model.eval()
-    total, errors = [0.0], []
 
-    def compress(i, b, inputs, device):
-        la, d = allocation.layers[i], dims[i]
-        a, m = b.self_attn, b.mlp
+    def plan_for(name: str) -> LayerPlan:  # after the block's surgery: masks over the kept channels
+        i, rel = name[len(arch.blocks) + 1:].split(".", 1)
+        la, d = allocation.layers[int(i)], dims[int(i)]
+        high = {"q": la.high_qkv, "k": la.high_qkv, "v": la.high_qkv, "o": la.high_o[la.keep_heads.repeat_interleave(
+            d.head_dim)], "gate": la.high_gu, "up": la.high_gu, "down": la.high_down[la.keep_mlp]}[roles[rel]]
+        return LayerPlan(quant=MixedQuant(allocation.spec, tuple(high.tolist()), "mixed" if method == "gptq" else
+                                          "mixed-rtn", damp))
+
+    def prune(i, p, inputs, device):
+        la = allocation.layers[i]
         prune_heads, prune_mlp = not bool(la.keep_heads.all()), not bool(la.keep_mlp.all())
         if prune_heads or prune_mlp:
-            st = None
-            if compensate:
-                st = block_stats(b, inputs, device, {"o": a.o_proj, "down": m.down_proj})
-            prune_block(b, la.keep_heads.nonzero().flatten() if prune_heads else None,
+            st = block_stats(p.block, inputs, device, {"o": p["o"], "down": p["down"]}) if compensate else None
+            prune_block(p, la.keep_heads.nonzero().flatten() if prune_heads else None,
                         la.keep_mlp.nonzero().flatten() if prune_mlp else None,
                         st["o"].mean if st and prune_heads else None,
                         st["down"].mean if st and prune_mlp else None)
-        kept_cols = la.keep_heads.repeat_interleave(d.head_dim)
-        high = {"q_proj": la.high_qkv, "k_proj": la.high_qkv, "v_proj": la.high_qkv,
-                "o_proj": la.high_o[kept_cols], "gate_proj": la.high_gu, "up_proj": la.high_gu,
-                "down_proj": la.high_down[la.keep_mlp]}
-        owners = {"q_proj": a, "k_proj": a, "v_proj": a, "o_proj": a, "gate_proj": m, "up_proj": m, "down_proj": m}
-        hess = {}
-        if method == "gptq":
-            st = block_stats(b, inputs, device, {"q_proj": a.q_proj, "o_proj": a.o_proj,
-                                                 "gate_proj": m.gate_proj, "down_proj": m.down_proj}, hessian=True)
-            hess = {n: st[src].hessian for n, src in (("q_proj", "q_proj"), ("k_proj", "q_proj"), ("v_proj", "q_proj"),
-                                                       ("o_proj", "o_proj"), ("gate_proj", "gate_proj"),
-                                                       ("up_proj", "gate_proj"), ("down_proj", "down_proj"))}
-        row = {}
-        for n, parent in owners.items():
-            lin = getattr(parent, n)
-            W = lin.weight.data.float()
-            res = mixed_quantize(W, high[n], spec, H=hess.get(n), damp=damp)
-            lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-            total[0] += res.info["bits"]
-            if lin.bias is not None:
-                total[0] += spec.bias_bits * lin.out_features
-            if n in hess:
-                D = W - res.weight
-                row[n] = float(((D @ hess[n]) * D).sum())
-        errors.append(row)
 
-    block_loop(model, calib_ids, batch_size, compress)
+    # one statistics pass per block before any of its layers is quantized, as the allocation was scored
+    report = block_loop(model, calib_ids, batch_size, prune, plan_for=plan_for, sequential=False)
     finish(model)
+    total, errors = 0.0, []
+    for i, p in enumerate(parts(model)):
+        row = {}
+        for role in ROLES:
+            name = f"{arch.blocks}.{i}.{p.rel(role)}"
+            total += report.states[name].info["bits"]
+            if p[role].bias is not None:
+                total += allocation.spec.bias_bits * p[role].out_features
+            if method == "gptq":
+                row[getattr(p.st, role)] = report.layers[name].error
+        errors.append(row)
     model.config.prunequant_mixed_precision = {k: v for k, v in allocation.summary().items() if k != "layers"}
     n_w = sum(d.n_weights for d in dims)
-    return ApplyReport(total[0] / n_w, allocation.avg_bits, n_w, errors)
+    return ApplyReport(total / n_w, allocation.avg_bits, n_w, errors, {n: r.quant for n, r in report.states.items()})

@@ -1,8 +1,4 @@
-"""Where the prunable parts of a model live, and their per-layer shapes.
-
-Decoder-only models whose blocks have ``self_attn.{q,k,v,o}_proj`` and ``mlp.{gate,up,down}_proj`` (Llama,
-Mistral, Qwen2/3, Gemma 2/3, SmolLM, ...); the block loop is the engine's, for every architecture it knows.
-"""
+"""The parts structural pruning resizes and their per-layer shapes, found through the model's ArchSpec."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -11,9 +7,11 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError
+from ..models.arch import ARCHITECTURES, ArchSpec, Structure, arch_of, get_blocks
 
-ATTN_IN = ("q_proj", "k_proj", "v_proj")  # share one input (the normed hidden state)
-MLP_IN = ("gate_proj", "up_proj")
+ATTN_ROLES = ("q", "k", "v", "o")
+MLP_ROLES = ("gate", "up", "down")
+ROLES = ATTN_ROLES + MLP_ROLES
 SHAPES_KEY = "prunequant_layer_shapes"  # config attribute holding the per-layer shapes
 REMOVED_KEY = "prunequant_removed_blocks"  # original indices of whole blocks that were removed
 
@@ -33,44 +31,81 @@ class LayerShape:
         return asdict(self)
 
 
+class Parts:
+    """The resizable linears of one decoder block by role (q, k, v, o, gate, up, down)."""
+
+    def __init__(self, block: nn.Module, structure: Structure):
+        self.block, self.st = block, structure
+        self.attn = block.get_submodule(structure.attn)
+        self.mlp = block.get_submodule(structure.mlp)
+
+    def _owner(self, role: str) -> nn.Module:
+        return self.attn if role in ATTN_ROLES else self.mlp
+
+    def __getitem__(self, role: str) -> nn.Linear:
+        return getattr(self._owner(role), getattr(self.st, role))
+
+    def __setitem__(self, role: str, lin: nn.Linear) -> None:
+        setattr(self._owner(role), getattr(self.st, role), lin)
+
+    def rel(self, role: str) -> str:
+        """The linear's name inside the block (as in ArchSpec.groups)."""
+        return f"{self.st.attn if role in ATTN_ROLES else self.st.mlp}.{getattr(self.st, role)}"
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.attn.head_dim)
+
+    @property
+    def n_heads(self) -> int:
+        return self["q"].out_features // self.head_dim
+
+    @property
+    def n_kv(self) -> int:
+        return self["k"].out_features // self.head_dim
+
+    @property
+    def inter(self) -> int:
+        return self["down"].in_features
+
+    def shape(self, original_index: int) -> LayerShape:
+        return LayerShape(self.n_heads, self.n_kv, self.inter, self["o"].bias is not None,
+                          self["down"].bias is not None, original_index)
+
+
+def structured_arch(model: nn.Module) -> ArchSpec:
+    arch = arch_of(model)
+    if arch.structure is None:
+        ok = sorted(a for a, s in ARCHITECTURES.items() if s.structure is not None)
+        raise ModelLoadError(f"structural pruning does not support {arch.name!r} (fused or ungated projections); "
+                             f"supported: {', '.join(ok)}")
+    return arch
+
+
+def role_of(arch: ArchSpec) -> dict[str, str]:
+    """Role (q, k, v, o, gate, up, down) of each resizable linear by its name inside a block."""
+    st = arch.structure
+    return {f"{st.attn if r in ATTN_ROLES else st.mlp}.{getattr(st, r)}": r for r in ROLES}
+
+
 def blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a causal LM (``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None or len(layers) == 0:
-        raise ModelLoadError(f"{type(model).__name__} has no model.layers: structural pruning supports "
-                             "Llama/Mistral/Qwen/Gemma-shaped causal LMs")
-    b = layers[0]
-    ok = all(hasattr(b.self_attn, n) for n in ATTN_IN + ("o_proj",)) and all(
-        hasattr(b.mlp, n) for n in MLP_IN + ("down_proj",))
-    if not ok:
-        raise ModelLoadError(f"{type(model).__name__} blocks lack q/k/v/o_proj or gate/up/down_proj: "
-                             "structural pruning supports Llama/Mistral/Qwen/Gemma-shaped models only")
+    """The decoder blocks of a model whose architecture structural pruning supports."""
+    layers = get_blocks(model, structured_arch(model))
+    if len(layers) == 0:
+        raise ModelLoadError(f"{type(model).__name__} has no decoder blocks")
     return layers
 
 
-def head_dim(model: nn.Module) -> int:
-    return int(blocks(model)[0].self_attn.head_dim)
-
-
-def layer_shape(block: nn.Module, original_index: int) -> LayerShape:
-    attn, mlp = block.self_attn, block.mlp
-    hd = attn.head_dim
-    return LayerShape(
-        num_attention_heads=attn.q_proj.out_features // hd,
-        num_key_value_heads=attn.k_proj.out_features // hd,
-        intermediate_size=mlp.down_proj.in_features,
-        o_proj_bias=attn.o_proj.bias is not None,
-        down_proj_bias=mlp.down_proj.bias is not None,
-        original_index=original_index,
-    )
+def parts(model: nn.Module) -> list[Parts]:
+    st = structured_arch(model).structure
+    return [Parts(b, st) for b in blocks(model)]
 
 
 def current_shapes(model: nn.Module) -> list[LayerShape]:
     stored = getattr(model.config, SHAPES_KEY, None)
-    layers = blocks(model)
-    originals = [s["original_index"] for s in stored] if stored else list(range(len(layers)))
-    return [layer_shape(b, originals[i]) for i, b in enumerate(layers)]
+    ps = parts(model)
+    originals = [s["original_index"] for s in stored] if stored else list(range(len(ps)))
+    return [p.shape(originals[i]) for i, p in enumerate(ps)]
 
 
 def record_shapes(model: nn.Module) -> None:
@@ -78,13 +113,6 @@ def record_shapes(model: nn.Module) -> None:
     shapes = current_shapes(model)
     model.config.prunequant_layer_shapes = [s.to_dict() for s in shapes]
     model.config.num_hidden_layers = len(shapes)
-
-
-def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
-    a, m = block.self_attn, block.mlp
-    d = {f"self_attn.{n}": getattr(a, n) for n in ATTN_IN + ("o_proj",)}
-    d.update({f"mlp.{n}": getattr(m, n) for n in MLP_IN + ("down_proj",)})
-    return d
 
 
 def new_linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
@@ -95,22 +123,18 @@ def new_linear(in_f: int, out_f: int, bias: bool, like: nn.Linear) -> nn.Linear:
 
 
 @torch.no_grad()
-def resize_block(block: nn.Module, shape: LayerShape) -> None:
+def resize_block(p: Parts, shape: LayerShape) -> None:
     """Replace the linears of a block with empty ones of ``shape`` (weights are loaded afterwards)."""
-    a, m = block.self_attn, block.mlp
-    hd = a.head_dim
-    hidden = a.q_proj.in_features
+    hd, hidden = p.head_dim, p["q"].in_features
     h, kv, inter = shape.num_attention_heads, shape.num_key_value_heads, shape.intermediate_size
-    a.q_proj = new_linear(hidden, h * hd, a.q_proj.bias is not None, a.q_proj)
-    a.k_proj = new_linear(hidden, kv * hd, a.k_proj.bias is not None, a.k_proj)
-    a.v_proj = new_linear(hidden, kv * hd, a.v_proj.bias is not None, a.v_proj)
-    a.o_proj = new_linear(h * hd, hidden, shape.o_proj_bias, a.o_proj)
-    set_gqa(a, h, kv)
-    m.gate_proj = new_linear(hidden, inter, m.gate_proj.bias is not None, m.gate_proj)
-    m.up_proj = new_linear(hidden, inter, m.up_proj.bias is not None, m.up_proj)
-    m.down_proj = new_linear(inter, hidden, shape.down_proj_bias, m.down_proj)
-    if hasattr(m, "intermediate_size"):
-        m.intermediate_size = inter
+    for role, i, o, bias in (("q", hidden, h * hd, None), ("k", hidden, kv * hd, None), ("v", hidden, kv * hd, None),
+                             ("o", h * hd, hidden, shape.o_proj_bias), ("gate", hidden, inter, None),
+                             ("up", hidden, inter, None), ("down", inter, hidden, shape.down_proj_bias)):
+        old = p[role]
+        p[role] = new_linear(i, o, old.bias is not None if bias is None else bias, old)
+    set_gqa(p.attn, h, kv)
+    if hasattr(p.mlp, "intermediate_size"):
+        p.mlp.intermediate_size = inter
 
 
 def set_gqa(attn: nn.Module, n_heads: int, n_kv: int) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import DataError
+from .arch import Parts, structured_arch
 
 
 def check_ids(calib_ids: torch.Tensor) -> torch.Tensor:
@@ -93,13 +94,21 @@ def block_stats(block: nn.Module, inputs, device, names: dict[str, nn.Linear],
     return stats
 
 
-def block_loop(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, hook) -> None:
-    """``hook(i, block, inputs, device)`` on every decoder block inside the engine's loop: the engine captures
-    the block inputs, places the block, and feeds the block's output (after the hook changed it) to the next."""
+def block_loop(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, hook, plan_for=None,
+               sequential: bool = True):
+    """``hook(i, parts, inputs, device)`` on every decoder block inside the engine's loop, then the engine's solve
+    of that block under ``plan_for`` (none by default). The engine captures the block inputs, places the block,
+    and feeds its output (after the hook and the solve changed it) to the next. Returns the engine's report."""
     from ..engine import compress_model
     from ..recipe import LayerPlan
 
-    device = next(model.parameters()).device
-    compress_model(model, check_ids(calib_ids), lambda name: LayerPlan(), device=device, batch_size=batch_size,
-                   keep_states=False, progress=False, offload_activations=False,
-                   block_hook=lambda i, block, arch, inputs, solve, report, dev: hook(i, block, inputs, dev))
+    st = structured_arch(model).structure
+
+    def block_hook(i, block, arch, inputs, solve, report, dev):
+        hook(i, Parts(block, st), inputs, dev)
+        solve()
+
+    return compress_model(model, check_ids(calib_ids), plan_for or (lambda name: LayerPlan()),
+                          device=next(model.parameters()).device, batch_size=batch_size, true_sequential=sequential,
+                          keep_states=plan_for is not None, progress=False, offload_activations=False,
+                          block_hook=block_hook)

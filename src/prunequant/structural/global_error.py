@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import RecipeError
+from ..solvers.mixed import MixSpec
 from .allocation import MASKS, Allocation, LayerDims, discretize, layer_bits, model_dims
 from .calib import batches as split
 from .layerwise import input_stats, layerwise_priorities, priorities_to_logits
-from .mixed import MixSpec
 from .simulate import Simulator, kl_to_teacher, rtn_copies, teacher_pass
 
 

@@ -9,26 +9,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..solvers.mixed import MixSpec, rtn_fake
 from .allocation import LayerDims, model_dims
-from .arch import blocks
+from .arch import parts
 from .calib import InputStats, run_model
-from .mixed import MixSpec, rtn_fake
 
 # which linear's input statistics stand for each shared input
-STAT_OF = {"qkv": "self_attn.q_proj", "o": "self_attn.o_proj", "gu": "mlp.gate_proj", "down": "mlp.down_proj"}
+STAT_OF = {"qkv": "q", "o": "o", "gu": "gate", "down": "down"}
 
 
 @torch.no_grad()
 def input_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> list[dict[str, InputStats]]:
     """Mean / variance / second moment of the inputs of q, o, gate and down projections, per block,
     on the uncompressed model (one forward pass over the calibration data)."""
-    layers = blocks(model)
     dev = next(model.parameters()).device
     stats, handles = [], []
-    for b in layers:
+    for p in parts(model):
         st = {}
-        for key, name in STAT_OF.items():
-            lin = b.get_submodule(name)
+        for key, role in STAT_OF.items():
+            lin = p[role]
             st[key] = InputStats(lin.in_features, dev)
             handles.append(lin.register_forward_pre_hook(lambda m, a, s=st[key]: s.add(a[0])))
         stats.append(st)
@@ -50,25 +49,24 @@ def layerwise_priorities(model: nn.Module, stats: list[dict[str, InputStats]], s
     ``copies``: simulate.rtn_copies of the model (computed here when not given)."""
     out = []
     dq = spec.high_bits - spec.low_bits
-    for i, (b, d, st) in enumerate(zip(blocks(model), model_dims(model), stats)):
-        a, m = b.self_attn, b.mlp
+    for i, (ps, d, st) in enumerate(zip(parts(model), model_dims(model), stats)):
         cp = copies[i] if copies is not None else {}
 
-        def _g(lin, name):
-            return _gain(lin.weight, spec, cp.get(name))
+        def _g(role):
+            return _gain(ps[role].weight, spec, cp.get(role))
 
-        e2 = {k: (s.sq_norm / max(s.n_tokens, 1)).to(a.q_proj.weight.device) for k, s in st.items()}
-        qkv_rows = a.q_proj.out_features + a.k_proj.out_features + a.v_proj.out_features
-        gain_qkv = _g(a.q_proj, "q_proj") + _g(a.k_proj, "k_proj") + _g(a.v_proj, "v_proj")
-        gain_gu = _g(m.gate_proj, "gate_proj") + _g(m.up_proj, "up_proj")
+        e2 = {k: (s.sq_norm / max(s.n_tokens, 1)).to(ps["q"].weight.device) for k, s in st.items()}
+        qkv_rows = ps["q"].out_features + ps["k"].out_features + ps["v"].out_features
+        gain_qkv = _g("q") + _g("k") + _g("v")
+        gain_gu = _g("gate") + _g("up")
         p = {
             "high_qkv": e2["qkv"] * gain_qkv / (dq * qkv_rows),
-            "high_o": e2["o"] * _g(a.o_proj, "o_proj") / (dq * d.hidden),
-            "high_gu": e2["gu"] * gain_gu / (dq * 2 * m.gate_proj.out_features),
-            "high_down": e2["down"] * _g(m.down_proj, "down_proj") / (dq * d.hidden),
+            "high_o": e2["o"] * _g("o") / (dq * d.hidden),
+            "high_gu": e2["gu"] * gain_gu / (dq * 2 * ps["gate"].out_features),
+            "high_down": e2["down"] * _g("down") / (dq * d.hidden),
         }
-        fl_o = st["o"].var.to(e2["o"].device) * a.o_proj.weight.float().pow(2).sum(0)
-        fl_d = st["down"].var.to(e2["o"].device) * m.down_proj.weight.float().pow(2).sum(0)
+        fl_o = st["o"].var.to(e2["o"].device) * ps["o"].weight.float().pow(2).sum(0)
+        fl_d = st["down"].var.to(e2["o"].device) * ps["down"].weight.float().pow(2).sum(0)
         head_cost = d.hidden * d.head_dim * spec.low_bits * (2 + 2 / d.rep)
         p["keep_heads"] = fl_o.reshape(d.n_heads, d.head_dim).sum(1) / head_cost
         p["keep_mlp"] = fl_d / (3 * d.hidden * spec.low_bits)

@@ -64,26 +64,23 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
         raise RecipeError(f"scope {scope!r} unknown: use 'layer' or 'global'")
     if gqa not in ("group", "query"):
         raise RecipeError(f"gqa mode {gqa!r} unknown: use 'group' (whole KV groups) or 'query'")
-    layers = blocks(model)
     before = block_params(model)
     model.eval()
-    hd = layers[0].self_attn.head_dim
     head_counts = mlp_counts = None
     if scope == "global":
         head_counts, mlp_counts = _global_plan(model, calib_ids, hs, ms, metric, gqa, batch_size)
     report = StructuredReport(before, 0, [])
 
-    def prune(i, b, inputs, device):
-        a, m = b.self_attn, b.mlp
-        stats = block_stats(b, inputs, device, {"o": a.o_proj, "down": m.down_proj})
-        n_heads, n_kv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
-        h_score = imp.head_scores(imp.channel_scores(a.o_proj.weight, stats["o"], metric), hd)
-        c_score = imp.channel_scores(m.down_proj.weight, stats["down"], metric)
+    def prune(i, p, inputs, device):
+        stats = block_stats(p.block, inputs, device, {"o": p["o"], "down": p["down"]})
+        n_heads, n_kv = p.n_heads, p.n_kv
+        h_score = imp.head_scores(imp.channel_scores(p["o"].weight, stats["o"], metric), p.head_dim)
+        c_score = imp.channel_scores(p["down"].weight, stats["down"], metric)
         n_h = head_counts[i] if head_counts else round((1 - hs) * n_heads)
         n_c = mlp_counts[i] if mlp_counts else max(1, round((1 - ms) * c_score.numel()))
         keep_h = imp.gqa_keep_heads(h_score, n_kv, n_h, gqa) if n_h < n_heads else None
         keep_c = torch.topk(c_score, n_c).indices.sort().values if n_c < c_score.numel() else None
-        prune_block(b, keep_h, keep_c,
+        prune_block(p, keep_h, keep_c,
                     stats["o"].mean if bias_compensation else None,
                     stats["down"].mean if bias_compensation else None)
         report.kept_heads.append(keep_h.tolist() if keep_h is not None else list(range(n_heads)))
@@ -98,19 +95,17 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
 
 @torch.no_grad()
 def _global_plan(model, calib_ids, hs, ms, metric, gqa, batch_size):
-    layers = blocks(model)
-    hd = layers[0].self_attn.head_dim
     h_scores, c_scores, n_kv = [], [], []
 
-    def score(i, b, inputs, device):
-        stats = block_stats(b, inputs, device, {"o": b.self_attn.o_proj, "down": b.mlp.down_proj})
-        h = imp.head_scores(imp.channel_scores(b.self_attn.o_proj.weight, stats["o"], metric), hd)
-        kv = b.self_attn.k_proj.out_features // hd
+    def score(i, p, inputs, device):
+        stats = block_stats(p.block, inputs, device, {"o": p["o"], "down": p["down"]})
+        h = imp.head_scores(imp.channel_scores(p["o"].weight, stats["o"], metric), p.head_dim)
+        kv = p.n_kv
         rep = h.numel() // kv
         # rank whole groups in group mode so the count is in groups
         h_scores.append(imp.group_scores(h, kv) if gqa == "group" else h)
         n_kv.append((kv, rep))
-        c_scores.append(imp.channel_scores(b.mlp.down_proj.weight, stats["down"], metric))
+        c_scores.append(imp.channel_scores(p["down"].weight, stats["down"], metric))
 
     block_loop(model, calib_ids, batch_size, score)
     hc = _global_counts(h_scores, 1 - hs)

@@ -12,27 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.arch import base_model
+from ..solvers.mixed import MixSpec, rtn_fake
 from .allocation import LayerAllocation
-from .arch import blocks
-from .mixed import MixSpec, rtn_fake
+from .arch import ROLES, parts
 
-_HIGH_KEY = {"q_proj": "high_qkv", "k_proj": "high_qkv", "v_proj": "high_qkv", "o_proj": "high_o",
-             "gate_proj": "high_gu", "up_proj": "high_gu", "down_proj": "high_down"}
-
-
-LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+HIGH_KEY = {"q": "high_qkv", "k": "high_qkv", "v": "high_qkv", "o": "high_o", "gate": "high_gu", "up": "high_gu",
+            "down": "high_down"}
 
 
 @torch.no_grad()
 def rtn_copies(model: nn.Module, spec: MixSpec) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """Per block and linear: (round-to-nearest at low bits, at high bits), computed once."""
     out = []
-    for b in blocks(model):
+    for p in parts(model):
         row = {}
-        for n in LINEAR_NAMES:
-            W = b.get_submodule(n).weight.detach().float()
-            row[n.split(".")[1]] = (rtn_fake(W, spec.low_bits, spec), rtn_fake(W, spec.high_bits, spec))
+        for role in ROLES:
+            W = p[role].weight.detach().float()
+            row[role] = (rtn_fake(W, spec.low_bits, spec), rtn_fake(W, spec.high_bits, spec))
         out.append(row)
     return out
 
@@ -43,36 +40,33 @@ class Simulator:
     def __init__(self, model: nn.Module, spec: MixSpec, means: list[dict] | None = None,
                  compensate: bool = True, copies: list[dict] | None = None):
         self.model = model
-        self.layers = blocks(model)
-        self.masks: list[dict | None] = [None] * len(self.layers)
+        self.parts = parts(model)
+        self.masks: list[dict | None] = [None] * len(self.parts)
         self._patched = []
         copies = copies or rtn_copies(model, spec)
-        for i, b in enumerate(self.layers):
-            hd = b.self_attn.head_dim
-            for parent, names in ((b.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                                  (b.mlp, ("gate_proj", "up_proj", "down_proj"))):
-                for n in names:
-                    lin = getattr(parent, n)
-                    lo32, hi32 = copies[i][n]
-                    lo = lo32.to(lin.weight.dtype)
-                    dW = (hi32 - lo32).to(lin.weight.dtype)
-                    mu = None
-                    if compensate and means is not None and n in ("o_proj", "down_proj"):
-                        mu = means[i]["o" if n == "o_proj" else "down"].to(lin.weight.device, lin.weight.dtype)
-                    lin.forward = self._make(lin, i, n, lo, dW, mu, hd)
-                    self._patched.append(lin)
+        for i, p in enumerate(self.parts):
+            for role in ROLES:
+                lin = p[role]
+                lo32, hi32 = copies[i][role]
+                lo = lo32.to(lin.weight.dtype)
+                dW = (hi32 - lo32).to(lin.weight.dtype)
+                mu = None
+                if compensate and means is not None and role in ("o", "down"):
+                    mu = means[i][role].to(lin.weight.device, lin.weight.dtype)
+                lin.forward = self._make(lin, i, role, lo, dW, mu, p.head_dim)
+                self._patched.append(lin)
 
     def _make(self, lin, i, name, lo, dW, mu, hd):
-        hkey = _HIGH_KEY[name]
+        hkey = HIGH_KEY[name]
 
         def forward(x):
             m = self.masks[i]
             if m is None:
                 return F.linear(x, lin.weight, lin.bias)
             keep = None
-            if name == "o_proj":
+            if name == "o":
                 keep = m["keep_heads"].repeat_interleave(hd)
-            elif name == "down_proj":
+            elif name == "down":
                 keep = m["keep_mlp"]
             if keep is not None:
                 x = x * keep.to(x.dtype)
@@ -85,10 +79,10 @@ class Simulator:
 
     def set_allocation(self, layers: list[LayerAllocation | dict] | None) -> None:
         if layers is None:
-            self.masks = [None] * len(self.layers)
+            self.masks = [None] * len(self.parts)
             return
         self.masks = [la.masks() if isinstance(la, LayerAllocation) else la for la in layers]
-        self.masks = [{k: v.float().to(self.layers[0].self_attn.q_proj.weight.device) if v.dtype == torch.bool else v
+        self.masks = [{k: v.float().to(self.parts[0]["q"].weight.device) if v.dtype == torch.bool else v
                        for k, v in m.items()} for m in self.masks]
 
     def close(self) -> None:
@@ -111,17 +105,13 @@ def teacher_pass(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[to
     from .calib import InputStats
 
     dev = next(model.parameters()).device
-    layers = blocks(model)
-    st = [{"o": InputStats(b.self_attn.o_proj.in_features, dev),
-           "down": InputStats(b.mlp.down_proj.in_features, dev)} for b in layers]
-    hs = []
-    for b, s in zip(layers, st):
-        hs.append(b.self_attn.o_proj.register_forward_pre_hook(lambda m, a, s=s: s["o"].add(a[0])))
-        hs.append(b.mlp.down_proj.register_forward_pre_hook(lambda m, a, s=s: s["down"].add(a[0])))
+    ps = parts(model)
+    st = [{r: InputStats(p[r].in_features, dev) for r in ("o", "down")} for p in ps]
+    hs = [p[r].register_forward_pre_hook(lambda m, a, s=s[r]: s.add(a[0])) for p, s in zip(ps, st) for r in ("o", "down")]
     finals = []
     try:
         for ids in batches:
-            finals.append(model.model(input_ids=ids.to(dev), use_cache=False).last_hidden_state)
+            finals.append(base_model(model)(input_ids=ids.to(dev), use_cache=False).last_hidden_state)
     finally:
         for h in hs:
             h.remove()
@@ -131,7 +121,7 @@ def teacher_pass(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[to
 def kl_to_teacher(model: nn.Module, ids: torch.Tensor, teacher_hidden: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student) of the next-token distributions."""
     dev = next(model.parameters()).device
-    h = model.model(input_ids=ids.to(dev), use_cache=False).last_hidden_state
+    h = base_model(model)(input_ids=ids.to(dev), use_cache=False).last_hidden_state
     head = model.get_output_embeddings()
     log_s = F.log_softmax(head(h).float(), -1).flatten(0, 1)
     with torch.no_grad():

@@ -2,8 +2,8 @@
 
 Shapes differ per layer after pruning, so they are written into the config (``prunequant_layer_shapes``)
 and ``load_structured`` rebuilds them before loading the weights. A FLAP-style bias compensation adds
-to o_proj / down_proj the mean contribution of the removed channels; Llama has no bias there, so a bias
-is added and recorded in the shapes.
+to the output projections (o, down) the mean contribution of the removed channels; where they have no
+bias, one is added and recorded in the shapes.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from ..errors import ModelLoadError, RecipeError
-from .arch import (REMOVED_KEY, SHAPES_KEY, LayerShape, blocks, current_shapes, new_linear, record_shapes,
-                   resize_block, set_gqa)
+from ..models.arch import set_blocks
+from .arch import (REMOVED_KEY, SHAPES_KEY, LayerShape, Parts, blocks, current_shapes, new_linear, parts,
+                   record_shapes, resize_block, set_gqa)
 
 
 def _take(lin: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
@@ -53,39 +54,36 @@ def gqa_layout(keep_heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def prune_block(block: nn.Module, keep_heads: torch.Tensor | None = None,
+def prune_block(p: Parts, keep_heads: torch.Tensor | None = None,
                 keep_channels: torch.Tensor | None = None, attn_mean: torch.Tensor | None = None,
                 mlp_mean: torch.Tensor | None = None) -> None:
-    """Keep only the given query heads and MLP channels of one block (in place).
+    """Keep only the given query heads and MLP channels of one block (``parts(model)[i]``; in place).
 
     ``attn_mean`` / ``mlp_mean``: mean input of o_proj / down_proj over calibration tokens; when given,
     the removed channels' mean contribution is added to that layer's bias (bias compensation).
     """
-    a, m = block.self_attn, block.mlp
-    hd = a.head_dim
     if keep_heads is not None:
-        n_heads, n_kv = a.q_proj.out_features // hd, a.k_proj.out_features // hd
-        keep_heads = keep_heads.to(a.q_proj.weight.device).long().sort().values
-        kv = gqa_layout(keep_heads, n_heads, n_kv)
+        hd = p.head_dim
+        keep_heads = keep_heads.to(p["q"].weight.device).long().sort().values
+        kv = gqa_layout(keep_heads, p.n_heads, p.n_kv)
         ar = torch.arange(hd, device=keep_heads.device)
         q_rows = (keep_heads[:, None] * hd + ar).reshape(-1)
         kv_rows = (kv[:, None] * hd + ar).reshape(-1)
-        comp = _compensation(a.o_proj.weight, q_rows, attn_mean)
-        a.q_proj = _take(a.q_proj, rows=q_rows)
-        a.k_proj = _take(a.k_proj, rows=kv_rows)
-        a.v_proj = _take(a.v_proj, rows=kv_rows)
-        a.o_proj = _take(a.o_proj, cols=q_rows, add_bias=comp)
-        set_gqa(a, keep_heads.numel(), kv.numel())
+        comp = _compensation(p["o"].weight, q_rows, attn_mean)
+        for role, rows in (("q", q_rows), ("k", kv_rows), ("v", kv_rows)):
+            p[role] = _take(p[role], rows=rows)
+        p["o"] = _take(p["o"], cols=q_rows, add_bias=comp)
+        set_gqa(p.attn, keep_heads.numel(), kv.numel())
     if keep_channels is not None:
-        keep = keep_channels.to(m.down_proj.weight.device).long().sort().values
+        keep = keep_channels.to(p["down"].weight.device).long().sort().values
         if keep.numel() == 0:
             raise RecipeError("every MLP channel of a layer would be removed: keep at least one")
-        comp = _compensation(m.down_proj.weight, keep, mlp_mean)
-        m.gate_proj = _take(m.gate_proj, rows=keep)
-        m.up_proj = _take(m.up_proj, rows=keep)
-        m.down_proj = _take(m.down_proj, cols=keep, add_bias=comp)
-        if hasattr(m, "intermediate_size"):
-            m.intermediate_size = keep.numel()
+        comp = _compensation(p["down"].weight, keep, mlp_mean)
+        p["gate"] = _take(p["gate"], rows=keep)
+        p["up"] = _take(p["up"], rows=keep)
+        p["down"] = _take(p["down"], cols=keep, add_bias=comp)
+        if hasattr(p.mlp, "intermediate_size"):
+            p.mlp.intermediate_size = keep.numel()
 
 
 def _compensation(weight: torch.Tensor, kept_cols: torch.Tensor, mean: torch.Tensor | None):
@@ -116,11 +114,11 @@ def drop_blocks(model: nn.Module, indices: list[int]) -> None:
     shapes = current_shapes(model)
     keep = [i for i in range(n) if i not in drop]
     removed = list(getattr(model.config, REMOVED_KEY, []) or []) + [shapes[i].original_index for i in drop]
-    model.model.layers = nn.ModuleList([layers[i] for i in keep])
-    for new_i, b in enumerate(model.model.layers):
-        b.self_attn.layer_idx = new_i
-        if hasattr(b, "layer_idx"):
-            b.layer_idx = new_i
+    set_blocks(model, nn.ModuleList([layers[i] for i in keep]))
+    for new_i, p in enumerate(parts(model)):
+        p.attn.layer_idx = new_i
+        if hasattr(p.block, "layer_idx"):
+            p.block.layer_idx = new_i
     lt = getattr(model.config, "layer_types", None)
     if lt is not None and len(lt) == n:
         model.config.layer_types = [lt[i] for i in keep]
@@ -160,8 +158,8 @@ def load_structured(model_dir: str | Path, dtype: torch.dtype | None = None, dev
                              "load it with AutoModelForCausalLM.from_pretrained instead")
     config.num_hidden_layers = len(shapes)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-    for b, s in zip(blocks(model), shapes):
-        resize_block(b, LayerShape(**s))
+    for p, s in zip(parts(model), shapes):
+        resize_block(p, LayerShape(**s))
     state = {}
     files = sorted(d.glob("*.safetensors"))
     if not files:

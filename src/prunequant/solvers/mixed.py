@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..solvers.base import LayerResult, QuantState
-from ..solvers.grid import fake_quantize, fit_grid, maxq_of, quantize_to_grid
-from ..solvers.hessian import prepare_hessian
-from ..solvers.obs import GridRule, Sweep
+from ..errors import RecipeError
+from .base import LayerResult, LayerStats, QuantState
+from .grid import fake_quantize, fit_grid, maxq_of, quantize_to_grid
+from .hessian import layer_objective, prepare_hessian
+from .obs import GridRule, Sweep
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,6 @@ class MixSpec:
     allow_prune: bool = True  # whether channels may also be removed (a third, 0-bit choice)
 
     def __post_init__(self):
-        from ..errors import RecipeError
-
         for b in (self.low_bits, self.high_bits):
             if b not in range(1, 9):
                 raise RecipeError(f"channel bit width {b} unsupported: use integers 1..8 (e.g. 4/2, 8/4)")
@@ -49,6 +48,41 @@ class MixSpec:
         if self.group_size <= 0:
             return (n_cols > 0) * 1 if exact else 1
         return math.ceil(n_cols / self.group_size) if exact else n_cols / self.group_size
+
+
+@dataclass(frozen=True)
+class MixedQuant:
+    """One layer's plan: input columns where ``high`` is True at spec.high_bits, the others at spec.low_bits.
+    ``method`` "mixed" (GPTQ with per-column widths; reads the Hessian) or "mixed-rtn"."""
+
+    spec: MixSpec
+    high: tuple[bool, ...]
+    method: str = "mixed"
+    damp: float = 0.01
+
+    @property
+    def bits(self) -> float:
+        n_high = sum(self.high)
+        return (n_high * self.spec.high_bits + (len(self.high) - n_high) * self.spec.low_bits) / max(len(self.high), 1)
+
+    @property
+    def group_size(self) -> int:
+        return self.spec.group_size
+
+    def describe(self) -> str:
+        return (f"{self.method} {self.spec.high_bits}/{self.spec.low_bits}-bit ({sum(self.high)} of {len(self.high)} "
+                f"input channels high) g{self.spec.group_size}")
+
+
+def mixed_solve(w: torch.Tensor, stats: LayerStats, plan: MixedQuant, mask=None) -> LayerResult:
+    """The registry's entry: ``mixed_quantize`` of one layer under its plan (with the Hessian for "mixed")."""
+    if mask is not None:
+        raise RecipeError("channel-mixed quantization keeps every weight: it does not follow a pruning mask")
+    H = stats.hessian if plan.method == "mixed" else None
+    res = mixed_quantize(w, torch.tensor(plan.high, dtype=torch.bool), plan.spec, H=H, damp=plan.damp)
+    if H is not None:
+        res.info["error"] = layer_objective(w, res.weight, H)
+    return res
 
 
 def matrix_bits(spec: MixSpec, rows, n_high, n_low, exact: bool = True):
