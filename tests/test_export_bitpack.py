@@ -69,3 +69,33 @@ def test_detect_nm_prefers_cheapest_and_rejects_unstructured():
     assert detect_nm(torch.ones(8, 64, dtype=torch.bool)) is None
 
 
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1000])
+def test_torch_packing_gives_the_numpy_bytes(bits, n, monkeypatch):
+    """The device path (torch ops, used where a block sits on a GPU) writes the same stream as numpy;
+    a small chunk makes the chunk boundaries part of the test."""
+    from prunequant.export import bitpack
+
+    monkeypatch.setattr(bitpack, "_TORCH_CHUNK", 40)
+    g = torch.Generator().manual_seed(bits * 7 + n)
+    values = torch.randint(0, 2**bits, (n,), generator=g, dtype=torch.int64)
+    packed = bitpack.pack_bits_torch(values.to(torch.uint8), bits)
+    assert torch.equal(packed, pack_bits(values, bits))
+    assert torch.equal(bitpack.unpack_bits_torch(packed, bits, n), values)
+    with pytest.raises(ValueError):
+        bitpack.pack_bits_torch(torch.tensor([2**bits]), bits)
+
+
+def test_torch_mask_and_trits_give_the_numpy_bytes():
+    from prunequant.export import bitpack
+
+    mask = torch.rand(37, 29) > 0.3
+    p = bitpack.pack_bits_torch(mask.reshape(-1).to(torch.uint8), 1)
+    assert torch.equal(p, pack_mask(mask))
+    assert torch.equal(bitpack.unpack_bits_torch(p, 1, mask.numel()).bool().reshape(mask.shape), mask)
+    t = torch.randint(0, 3, (1001,))
+    pt = bitpack.pack_trits_torch(t)
+    assert torch.equal(pt, pack_trits(t))
+    assert torch.equal(bitpack.unpack_trits_torch(pt, 1001), t)

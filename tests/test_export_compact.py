@@ -120,3 +120,37 @@ def test_tcr_of_mixed_bits_counts_no_sparsity(tmp_path):
     q = {name: 2 if "mlp" in name else 4 for name in n}
     assert rep["compressed"]["tcr"] == pytest.approx(1 - sum(n[k] * q[k] for k in n) / (16 * sum(n.values())))
     assert all(r["sparsity"] == 0 for r in rep["layers"])
+
+
+def _payload(d):
+    """Every file of an export; a safetensors file as (parsed header, data bytes) (metadata has no fixed order)."""
+    import json
+
+    out = {}
+    for p in sorted(d.iterdir()):
+        if p.name == "prunequant-manifest.json":
+            continue
+        raw = p.read_bytes()
+        if p.suffix == ".safetensors":
+            n = int.from_bytes(raw[:8], "little")
+            out[p.name] = (json.loads(raw[8:8 + n]), raw[8 + n:])
+        else:
+            out[p.name] = raw
+    return out
+
+
+@pytest.mark.parametrize("config", ["4bit-g128", "2:4+4bit", "50%+3bit", "ternary-g128", "4:8+4bit", "8bit-pc"])
+def test_device_encoding_writes_the_cpu_bytes(tmp_path, monkeypatch, config):
+    """Where a block sits on a GPU, codes, masks and ranks are packed there with torch ops (and decoded there
+    on reload); the files must be those of the numpy path. The torch path runs here on the CPU."""
+    from prunequant.export import bitpack
+
+    model = tiny_llama()
+    states = compress(model, config)
+    cpu = save_compact(model, states, tmp_path / "cpu")
+    monkeypatch.setattr(bitpack, "_on_device", lambda t: True)
+    dev = save_compact(model, states, tmp_path / "dev")
+    assert _payload(dev) == _payload(cpu)
+    reloaded = load_compact(dev, dtype=torch.float32)
+    for name in states:
+        assert torch.equal(reloaded.get_submodule(name).weight, model.get_submodule(name).weight)

@@ -246,3 +246,20 @@ def test_in_memory_model_keeps_its_original_on_disk_then_drops_it(ckpt, calib, t
     api.save(res, out, fmt="compact")
     api.drop_original(res)
     assert not kept.exists() and (out / "prunequant.json").is_file()
+
+
+def test_save_later_drops_written_blocks_unless_kept(ckpt, calib, tmp_path):
+    """The CLI saves after compression (records, evaluation): without --eval the compressed blocks are not
+    needed again, so they go back to the meta device once written; the files are the same either way."""
+    kw = dict(calib_text=str(calib), calib_samples=4, seq_len=32, device="cpu", progress=False, fmt="compact",
+              save_later=True)
+    outs = {}
+    for keep in (False, True):
+        model, tok = load_model(str(ckpt), lazy=True)
+        out = tmp_path / f"keep{keep}"
+        res = api.compress(model, RECIPES["gptq"], tokenizer=tok, out=out, keep_model=keep, **kw)
+        on_meta = [p.device.type == "meta" for p in get_blocks(model).parameters()]
+        assert all(on_meta) if not keep else not any(on_meta)
+        api.save(res, out, fmt="compact")
+        outs[keep] = _files(out)
+    assert outs[False] == outs[True]

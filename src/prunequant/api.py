@@ -158,6 +158,8 @@ def compress_data_free(model, plan_for, device=None, progress=True, work_dir: st
             report.states[name] = res.for_export()
         if resume:
             resume.save_block(i, blocks[i], report, arch)
+    if resume:
+        resume.close()
     report.seconds = time.time() - t0
     return report
 
@@ -197,6 +199,7 @@ def compress(
     dtype: torch.dtype | None = None,
     save_later: bool = False,
     keep_original: bool = False,
+    keep_model: bool | None = None,
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
 
@@ -207,7 +210,9 @@ def compress(
     A lazily loaded model (``load_model(..., lazy=True)``) is compressed block by block from its files and
     needs ``out``: each block is written (``fmt``, ``dtype``) as soon as it is done and then dropped.
     ``save_later`` leaves the output open until ``save(result, out, extra=...)`` (e.g. after an
-    evaluation; a lazy model then keeps its compressed blocks in host memory). ``keep_original`` keeps
+    evaluation). A lazy model keeps its compressed blocks in host memory for such later use only with
+    ``keep_model`` (default: ``save_later``); otherwise each block is dropped once written, and
+    ``result.model`` keeps its blocks on the meta device. ``keep_original`` keeps
     the original blocks on disk (``result.original``; the checkpoint itself for a lazy model) so that
     ``original_model(result)`` can stream them back for comparisons without a second copy in memory.
     """
@@ -268,7 +273,7 @@ def compress(
 
         report = EngineReport()
         stream = StreamingExport(model, report.states, out, fmt=fmt or "dense", dtype=dtype, overwrite=overwrite)
-        block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later)
+        block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later if keep_model is None else keep_model)
         try:
             compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
                            batch_size=batch_size, true_sequential=recipe.true_sequential, work_dir=work_dir,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .background import OneBehind
 from .errors import PrunequantError
 from .solvers.base import LayerRecord, LayerResult, QuantState
 
@@ -77,6 +78,7 @@ class Checkpoint:
         self.dir = Path(work_dir)
         self.fingerprint = fingerprint
         self.meta = self.dir / "progress.json"
+        self._thread: OneBehind | None = None
 
     def _refuse(self, path: Path, why: str) -> CheckpointError:
         return CheckpointError(f"resume checkpoint {path} is not one prunequant wrote ({why}); delete {self.dir} "
@@ -97,23 +99,43 @@ class Checkpoint:
         return done
 
     def save_block(self, i, block, report: EngineReport, arch: ArchSpec | str):
-        from safetensors.torch import save_file
-
-        self.dir.mkdir(parents=True, exist_ok=True)
+        """Copy block i's weights and results to the host now; write them on a worker thread (while the next
+        block is compressed). ``wait`` (or ``close``) returns once every block handed over is on disk."""
         prefix = f"{arch if isinstance(arch, str) else arch.blocks}.{i}."
-        if block is not None:
-            sd = {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
-            save_file(sd, str(self.dir / f"block_{i}.safetensors"))
+        sd = None if block is None else {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors: dict[str, torch.Tensor] = {}
         layers = {k: v.to_dict() for k, v in report.layers.items() if k.startswith(prefix)}
         states = {k: _state_to_plain(v) for k, v in report.states.items() if k.startswith(prefix)}
         plain = {"version": FORMAT_VERSION, "layers": _flatten(layers, "layers", tensors),
                  "states": _flatten(states, "states", tensors)}
+        if self._thread is None:
+            self._thread = OneBehind("checkpoint-writer")
+        self._thread.submit(self._write_block, i, sd, tensors, plain)
+
+    def _write_block(self, i, sd, tensors, plain) -> None:
+        from safetensors.torch import save_file
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if sd is not None:
+            save_file(sd, str(self.dir / f"block_{i}.safetensors"))
         save_file(tensors, str(self.dir / f"results_{i}.safetensors"))
         (self.dir / f"results_{i}.json").write_text(json.dumps(plain))
         tmp = self.meta.with_suffix(".tmp")
         tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": i + 1, "version": FORMAT_VERSION}))
         tmp.replace(self.meta)  # the block counts as done only once all its files are complete
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.wait()
+
+    def close(self, failing: bool = False) -> None:
+        """Wait for the last block's files (``failing``: and drop a write error, another error is on its way)."""
+        if self._thread is None:
+            return
+        if failing:
+            self._thread.drain()
+        self._thread.close()
+        self._thread = None
 
     def load_block(self, i, block, report: EngineReport):
         from safetensors import SafetensorError

@@ -336,19 +336,22 @@ def cmd_compress(a) -> int:
     res = api.compress(model, recipe, tokenizer=tok, calib_text=a.calib_text, calib_samples=a.calib_samples,
                        seq_len=a.seq_len, seed=a.seed, device=a.device, batch_size=a.batch_size, out=a.out,
                        overwrite=a.overwrite, fmt=a.format, dtype=_dtype(a.dtype), save_later=True,
+                       keep_model=bool(a.eval),  # the compressed blocks are needed again only to evaluate
                        keep_original=a.eval, act_bits=a.act_bits, work_dir=work_root(a.out), encoding=a.encoding)
     res.record["source_model"] = a.model
     res.record["timings"]["load"] = round(load_seconds, 3)
     extra = {}
     if a.eval:  # the original streams back from disk one block at a time: no second copy in memory
         extra = _evaluate_once(res, a, lambda: _evaluate_compressed(res, tok, a))
+    t_save = time.perf_counter()
     api.save(res, a.out, overwrite=a.overwrite, fmt=a.format, extra=extra, dtype=_dtype(a.dtype))
+    t_save = time.perf_counter() - t_save
     if res.original is not None and a.eval:
         api.drop_original(res)
     print_compression_table(res.record, extra.get("evaluation"))
     if res.record.get("refine"):
         print(_refine_line(res.record["refine"]))
-    print(f"saved to {a.out}")
+    print(f"saved to {a.out} (finishing the output took {t_save:.1f} s)")
     return 0
 
 
@@ -420,13 +423,14 @@ def cmd_eval(a) -> int:
 
     check_context_early(a)
     t0 = time.perf_counter()
-    model, tok = load_model(a.model, verify=a.verify, trust_remote_code=a.trust_remote_code)
+    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    # loaded onto the evaluation device: an export is decoded there, layer by layer
+    model, tok = load_model(a.model, device=dev, verify=a.verify, trust_remote_code=a.trust_remote_code)
     load_seconds = time.perf_counter() - t0
     check_seq_len(model, ("--seq-len", a.seq_len), ("--eval-seq-len", a.eval_seq_len))
     base = None
     if a.against:
         base, _ = load_model(a.against, verify=a.verify, trust_remote_code=a.trust_remote_code)
-    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     model.to(dev)
     if base is not None:
         base.to(dev)

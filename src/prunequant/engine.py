@@ -278,27 +278,36 @@ def compress_model(
     with clock("capture"):
         inputs = capture_block_inputs(model, calib_ids, batch_size, store, layer_types=types)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
-    for i in bar:
-        block = blocks[i]
-        block_inputs = inputs if types is None else [(h, kw[types[i]]) for h, kw in inputs]
-        with clock("onload"):
-            block_io.load(i, block, device)
-        if i < done:
-            resume.load_block(i, block, report)
-            report.resumed_blocks += 1
-        else:
-            solve = functools.partial(_compress_block, i, block, arch, block_inputs, plan_for, device,
-                                      true_sequential, solver, report, keep_states, clock, dist)
-            solve() if block_hook is None else block_hook(i, block, arch, block_inputs, solve, report, device)
-            if resume and dist.rank == 0:
-                resume.save_block(i, block, report, arch)
-        with clock("forward_out"):
-            inputs_next = run_block(block, block_inputs, device, outputs=True)
-            inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
-        with clock("offload"):
-            block_io.unload(i, block)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    try:
+        for i in bar:
+            block = blocks[i]
+            block_inputs = inputs if types is None else [(h, kw[types[i]]) for h, kw in inputs]
+            with clock("onload"):
+                block_io.load(i, block, device)
+            if i < done:
+                resume.load_block(i, block, report)
+                report.resumed_blocks += 1
+            else:
+                solve = functools.partial(_compress_block, i, block, arch, block_inputs, plan_for, device,
+                                          true_sequential, solver, report, keep_states, clock, dist)
+                solve() if block_hook is None else block_hook(i, block, arch, block_inputs, solve, report, device)
+                if resume and dist.rank == 0:
+                    with clock("checkpoint"):  # the copy to the host; the files are written on a thread
+                        resume.save_block(i, block, report, arch)
+            with clock("forward_out"):
+                inputs_next = run_block(block, block_inputs, device, outputs=True)
+                inputs = [(y, kw) for y, (_, kw) in zip(inputs_next, inputs)]
+            with clock("offload"):
+                block_io.unload(i, block)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    except BaseException:
+        if resume:
+            resume.close(failing=True)
+        raise
+    if resume:
+        with clock("checkpoint"):
+            resume.close()
     # the work dir stays until the output is saved (api.save removes it after the final rename)
     report.seconds = time.time() - t0
     return report

@@ -4,6 +4,10 @@ Bit order (documented in docs/format.md): value ``i`` of a ``b``-bit stream occu
 ``[i·b, (i+1)·b)``, least significant bit first, and stream bit ``p`` is bit ``p % 8`` of byte
 ``p // 8``. A stream of n values takes exactly ``ceil(n·b / 8)`` bytes: 3-bit codes really take 3 bits.
 
+Streams of up to 8 bits per value, masks and ternary codes are packed and unpacked with torch ops where the
+tensor lives when that is a GPU (a block still there after compression: no full-size copy to the host),
+with numpy on the CPU; both give the same bytes.
+
 Ternary codes (0..2) are packed five to a byte (3⁵ = 243 ≤ 256): 1.6 bits per code.
 N:M masks are stored as the rank of each group's kept pattern among the C(m, k) patterns with k kept,
 at ``ceil(log2 C(m, k))`` bits per group.
@@ -56,13 +60,72 @@ def _unpack_words(chunk: np.ndarray, bits: int, count: int) -> np.ndarray:
     return out.reshape(-1)[:count]
 
 
-def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2**bits (1 <= bits <= 32) into a uint8 tensor of ceil(n·bits/8) bytes."""
-    if not 1 <= bits <= 32:
-        raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
-    v = values.detach().reshape(-1).cpu()  # converted chunk by chunk: no int64 copy of the whole tensor
+def _on_device(t: torch.Tensor) -> bool:
+    return t.device.type != "cpu"
+
+
+_TORCH_CHUNK = 1 << 24  # values per chunk on a device (a multiple of 8 and of 5): bounded int64 temporaries
+
+
+def pack_bits_torch(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """pack_bits with torch ops where ``values`` lives (1 <= bits <= 8); the same bytes, on that device."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_bits_torch supports 1..8 bits, got {bits}")
+    v = values.detach().reshape(-1)
+    _check_range(v, bits)
+    out = torch.empty(packed_nbytes(v.numel(), bits), dtype=torch.uint8, device=v.device)
+    if bits == 8:
+        return out.copy_(v)
+    shifts = torch.arange(8, device=v.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=v.device, dtype=torch.int64) * 8
+    for start in range(0, v.numel(), _TORCH_CHUNK):
+        c = v[start:start + _TORCH_CHUNK].to(torch.int64)
+        count = c.numel()
+        c = torch.nn.functional.pad(c, (0, -count % 8)).view(-1, 8)
+        word = (c << shifts).sum(1)  # disjoint bit fields: the sum is their OR
+        packed = ((word[:, None] >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+        first, n = start * bits // 8, packed_nbytes(count, bits)
+        out[first:first + n] = packed[:n]
+    return out
+
+
+def unpack_bits_torch(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """unpack_bits with torch ops where ``packed`` lives (1 <= bits <= 8): the first n values as int64."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unpack_bits_torch supports 1..8 bits, got {bits}")
+    p = packed.detach().reshape(-1).view(torch.uint8)
+    if p.numel() < packed_nbytes(n, bits):
+        raise ValueError(f"packed stream has {p.numel()} bytes, {packed_nbytes(n, bits)} needed for {n}×{bits} bits")
+    out = torch.empty(n, dtype=torch.int64, device=p.device)
+    if bits == 8:
+        return out.copy_(p[:n])
+    shifts = torch.arange(8, device=p.device, dtype=torch.int64) * bits
+    byte_shifts = torch.arange(bits, device=p.device, dtype=torch.int64) * 8
+    for start in range(0, n, _TORCH_CHUNK):
+        count = min(_TORCH_CHUNK, n - start)
+        first = start * bits // 8
+        c = p[first:first + packed_nbytes(count, bits)].to(torch.int64)
+        c = torch.nn.functional.pad(c, (0, -c.numel() % bits)).view(-1, bits)
+        word = (c << byte_shifts).sum(1)
+        vals = (word[:, None] >> shifts) & ((1 << bits) - 1)
+        out[start:start + count] = vals.reshape(-1)[:count]
+    return out
+
+
+def _check_range(v: torch.Tensor, bits: int) -> None:
     if v.numel() and (int(v.min()) < 0 or int(v.max()) >= (1 << bits)):
         raise ValueError(f"values outside [0, {(1 << bits) - 1}] cannot be packed at {bits} bits")
+
+
+def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integers < 2**bits (1 <= bits <= 32) into a uint8 tensor of ceil(n·bits/8) bytes
+    (on the values' device when that is a GPU and bits <= 8, else on the CPU)."""
+    if not 1 <= bits <= 32:
+        raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
+    if _on_device(values) and bits <= 8:
+        return pack_bits_torch(values, bits)
+    v = values.detach().reshape(-1).cpu()  # converted chunk by chunk: no int64 copy of the whole tensor
+    _check_range(v, bits)
     out = np.zeros(packed_nbytes(v.numel(), bits), dtype=np.uint8)
     shifts = np.arange(bits, dtype=np.int64)
     for start in range(0, v.numel(), _CHUNK):
@@ -80,9 +143,11 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first n values as int64."""
+    """Inverse of pack_bits: the first n values as int64 (on the stream's device when it is a GPU)."""
     if not 1 <= bits <= 32:
         raise ValueError(f"unpack_bits supports 1..32 bits, got {bits}")
+    if _on_device(packed) and bits <= 8:
+        return unpack_bits_torch(packed, bits, n)
     p = packed.detach().reshape(-1).cpu().numpy().view(np.uint8)
     if p.size < packed_nbytes(n, bits):
         raise ValueError(f"packed stream has {p.size} bytes, {packed_nbytes(n, bits)} needed for {n}×{bits} bits")
@@ -104,12 +169,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor (any shape, row-major) -> 1 bit per element."""
+    if _on_device(mask):
+        return pack_bits_torch(mask.reshape(-1).to(torch.uint8), 1)
     m = mask.detach().reshape(-1).cpu().numpy().astype(np.uint8)
     return torch.from_numpy(np.packbits(m, bitorder="little"))
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     n = math.prod(shape)
+    if _on_device(packed):
+        return unpack_bits_torch(packed, 1, n).bool().reshape(shape)
     p = packed.detach().reshape(-1).cpu().numpy().view(np.uint8)
     if p.size < packed_nbytes(n, 1):
         raise ValueError(f"mask stream has {p.size} bytes, {packed_nbytes(n, 1)} needed")
@@ -128,6 +197,8 @@ def trits_nbytes(n: int) -> int:
 
 def pack_trits(values: torch.Tensor) -> torch.Tensor:
     """Codes in {0, 1, 2}, five per byte (value = Σ c_i·3^i)."""
+    if _on_device(values):
+        return pack_trits_torch(values)
     v = _as_numpy_int(values)
     if v.size and (v.min() < 0 or v.max() > 2):
         raise ValueError("ternary codes must be 0, 1 or 2")
@@ -136,7 +207,26 @@ def pack_trits(values: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy((v @ _TRIT_WEIGHTS).astype(np.uint8))
 
 
+def pack_trits_torch(values: torch.Tensor) -> torch.Tensor:
+    """pack_trits with torch ops where ``values`` lives."""
+    v = values.detach().reshape(-1).to(torch.int64)
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > 2):
+        raise ValueError("ternary codes must be 0, 1 or 2")
+    w = torch.as_tensor(_TRIT_WEIGHTS, device=v.device)
+    return (torch.nn.functional.pad(v, (0, -v.numel() % 5)).view(-1, 5) * w).sum(1).to(torch.uint8)
+
+
+def unpack_trits_torch(packed: torch.Tensor, n: int) -> torch.Tensor:
+    p = packed.detach().reshape(-1).to(torch.int64)
+    if p.numel() < trits_nbytes(n):
+        raise ValueError(f"ternary stream has {p.numel()} bytes, {trits_nbytes(n)} needed")
+    w = torch.as_tensor(_TRIT_WEIGHTS, device=p.device)
+    return ((p[:, None] // w) % 3).reshape(-1)[:n].clone()
+
+
 def unpack_trits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    if _on_device(packed):
+        return unpack_trits_torch(packed, n)
     p = packed.detach().reshape(-1).cpu().numpy().astype(np.int64)
     if p.size < trits_nbytes(n):
         raise ValueError(f"ternary stream has {p.size} bytes, {trits_nbytes(n)} needed")

@@ -49,10 +49,11 @@ def theoretical_bits(bits: float) -> float:
 class LinearExport:
     """One compressed linear as it will be written: the (out, in) float32 weight actually in the model,
     the set of stored positions (``mask``, None = all) and, when its codes describe the weight exactly,
-    the uniform quantization state."""
+    the uniform quantization state. Tensors stay where the module's weight is (a block still on the GPU is
+    encoded there; only the packed bytes travel to the host)."""
 
     name: str
-    weight: torch.Tensor  # (out, in) float32, cpu
+    weight: torch.Tensor  # (out, in) float32, on the module's device
     mask: torch.Tensor | None
     quant: QuantState | None
     transposed: bool
@@ -101,10 +102,12 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     nonzero = W != 0
     # recorded sparsity (for TCr): the mask's; a quantized layer without a mask counts as dense, as in the
     # engine's layer summary, even though its grid rounds some weights to exactly 0
-    if mask is not None:  # counted on the CPU, as ever: a GPU sum may round differently
-        sparsity = 1.0 - float(mask.cpu().float().mean())
+    # an exact integer count, so the record is the same wherever the block is (a float32 mean rounds
+    # differently on a GPU and a CPU), and no copy of the mask travels to the host for it
+    if mask is not None:
+        sparsity = 1.0 - int(mask.sum()) / mask.numel()
     else:
-        sparsity = 0.0 if qs is not None else 1.0 - float(nonzero.cpu().float().mean())
+        sparsity = 0.0 if qs is not None else 1.0 - int(nonzero.sum()) / nonzero.numel()
 
     q = qs if _uniform_ok(qs) else None
     if qs is not None and q is None:
@@ -112,7 +115,8 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if q is not None:
         if tuple(q.codes.shape) != (out_f, in_f):
             raise ExportError(f"layer {name}: codes shape {tuple(q.codes.shape)} differs from the weight's")
-        dq = _quant_on(q, dev).dequantize().to(torch.float32).to(w.dtype).float()
+        q = _quant_on(q, dev)
+        dq = q.dequantize().to(torch.float32).to(w.dtype).float()
         tol = 1e-6 * float(W.abs().max().clamp_min(1e-30)) + 2 * torch.finfo(w.dtype).eps * W.abs()
         exact = (dq - W).abs() <= tol
         if not bool(exact[nonzero].all()):
@@ -140,7 +144,7 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     }
     if notes:
         record["note"] = "; ".join(notes)
-    return LinearExport(name, W.cpu(), None if chosen is None else chosen.cpu(), q, transposed, record)
+    return LinearExport(name, W, chosen, q, transposed, record)
 
 
 def _quant_on(q: QuantState, device) -> QuantState:

@@ -163,9 +163,10 @@ def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dty
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
         w = CompactWriter(tmp, states, dtype, scale_dtype=scale_dtype, max_shard_size=max_shard_size)
-        for key, t in items:
-            w.add(key, t, model.get_submodule)
-        w.close(model, tied, tokenizer, extra_files)
+        with w.writer.aborting():
+            for key, t in items:
+                w.add(key, t, model.get_submodule)
+            w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 
@@ -180,7 +181,7 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     try:
         mask, kept = _decode_mask(base, entry, parts)
         if entry["stored_as"] == "sparse-float":
-            W = torch.zeros(out_f, in_f, dtype=torch.float32)
+            W = torch.zeros(out_f, in_f, dtype=torch.float32, device=mask.device)
             W[mask] = parts[f"{base}.values"].float()
         else:
             W = _dequantize(base, entry, parts, mask, kept, out_f, in_f)
@@ -201,8 +202,9 @@ def _decode_mask(base: str, entry: dict, parts: dict) -> tuple[torch.Tensor | No
         mask = unpack_mask(parts[f"{base}.mask"], (out_f, in_f))
     else:
         m, k = me["m"], me["m"] - me["n"]
-        mask = decode_nm(unpack_bits(parts[f"{base}.nm_index"], me["bits_per_group"], out_f * in_f // m),
-                         m, k, (out_f, in_f))
+        packed = parts[f"{base}.nm_index"]
+        mask = decode_nm(unpack_bits(packed, me["bits_per_group"], out_f * in_f // m),
+                         m, k, (out_f, in_f)).to(packed.device)
     kept = out_f * in_f if mask is None else int(mask.sum())
     if kept != entry["kept"]:
         raise ValueError(f"mask keeps {kept} weights, the descriptor says {entry['kept']}")
@@ -227,16 +229,17 @@ def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
     else:
         sel = unpack_bits(parts[f"{base}.codes"], cb, kept)
     scale = parts[f"{base}.scale"].float()
+    dev = scale.device  # decoded where the parts are (a GPU when the model is loaded there)
     ng = entry["n_groups"]
     z = entry["zero"]
     if z["type"] == "const":
-        zero = torch.full((out_f, ng), z["value"], dtype=torch.float32)
+        zero = torch.full((out_f, ng), z["value"], dtype=torch.float32, device=dev)
     elif z["type"] == "packed":
         zero = unpack_bits(parts[f"{base}.zero"], z["bits"], out_f * ng).reshape(out_f, ng).float()
     else:
         zero = parts[f"{base}.zero"].float()
     if entry["g_idx"] == "contiguous":
-        g = _contiguous_groups(in_f, entry["group_size"] or 0)
+        g = _contiguous_groups(in_f, entry["group_size"] or 0).to(dev)
     else:
         g = parts[f"{base}.g_idx"].long()
     if mask is None:
@@ -244,7 +247,7 @@ def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
     else:
         zg = zero[:, g]
         exact = bool(((zg == zg.round()) & (zg >= 0) & (zg < (1 << cb))).all())
-        codes = zg.to(torch.uint8) if exact else torch.zeros(out_f, in_f, dtype=torch.uint8)
+        codes = zg.to(torch.uint8) if exact else torch.zeros(out_f, in_f, dtype=torch.uint8, device=dev)
         codes[mask] = sel.to(torch.uint8)
     bits = 1.58 if entry["code_encoding"] == "trits" else cb
     return QuantState("uniform", bits, entry["group_size"] or 0, bool(entry.get("symmetric", False)), codes,
@@ -281,7 +284,8 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
     """Rebuild the model from a compact export: architecture from config.json, weights decoded layer by layer.
 
     ``dtype`` defaults to the dtype the export was written in; reconstruction runs in float32 and is
-    then cast, so ``dtype=torch.float32`` gives back the in-memory compressed model's weights.
+    then cast, so ``dtype=torch.float32`` gives back the in-memory compressed model's weights. Layers are
+    decoded on ``device`` (a GPU decodes an 8B model in seconds; the host never holds its float weights).
     """
     from safetensors import safe_open
 
@@ -308,6 +312,8 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str
                     else:
                         grouped.setdefault(name, {})[key] = f.get_tensor(key)
                 for name, parts in grouped.items():
+                    if torch.device(device).type != "cpu":
+                        parts = {k: v.to(device) for k, v in parts.items()}
                     W = decode_linear(name, layers[name], parts)
                     assign_tensor(model, weight_key(name), W, dtype, device)
         except ModelLoadError:

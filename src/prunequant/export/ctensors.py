@@ -109,12 +109,13 @@ def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torc
 
     q = lin.quant
     num_bits, _, sym = scheme
-    codes = q.codes.to("cpu", torch.int64)
-    zero = q.zero.to("cpu", torch.float32).round().to(torch.int64)
-    g = q.g_idx.to("cpu", torch.int64)
+    dev = q.codes.device  # packed where the block is (a GPU): only the int32 words travel to the host
+    codes = q.codes.to(torch.int64)
+    zero = q.zero.to(dev, torch.float32).round().to(torch.int64)
+    g = q.g_idx.to(dev, torch.int64)
     zero_full = zero[:, g]
     if lin.mask is not None:  # pruned positions take the zero point's code: they decode to exactly 0
-        codes = torch.where(lin.mask, codes, zero_full)
+        codes = torch.where(lin.mask.to(dev), codes, zero_full)
     offset = 2 ** (num_bits - 1)
     if sym:
         qv = codes - zero_full  # the signed value; for a widened asymmetric grid it spans ±(2^b − 1)
@@ -124,7 +125,7 @@ def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torc
         raise ExportError(f"layer {name}: codes do not fit the {num_bits}-bit signed range")
     gs = scheme[1]
     # scale/zero of each written group: the original group of its first column (identity unless ragged)
-    first = g[::gs] if gs else g[:1]
+    first = (g[::gs] if gs else g[:1]).cpu()
     base = f"{name}."
     out = {
         base + "weight_packed": pack_to_int32(qv.to(torch.int8), num_bits),
@@ -132,7 +133,7 @@ def _pack_layer(name: str, lin, scheme: tuple[int, int, bool], scale_dtype: torc
         base + "weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
     }
     if not sym:
-        zp = (zero[:, first] - offset).to(torch.int8)
+        zp = (zero[:, first.to(dev)] - offset).to(torch.int8)
         out[base + "weight_zero_point"] = pack_to_int32(zp, num_bits, packed_dim=0)
     return out
 
@@ -247,10 +248,11 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
     with atomic_output(out_dir, overwrite) as tmp:
         w = CompressedTensorsWriter(tmp, states, dtype, scale_dtype=scale_dtype, asymmetric=asymmetric,
                                     fallback=fallback, max_shard_size=max_shard_size)
-        items, tied = model_tensors(model)
-        for key, t in items:
-            w.add(key, t, modules.__getitem__)
-        w.close(model, tied, tokenizer, extra_files)
+        with w.writer.aborting():
+            items, tied = model_tensors(model)
+            for key, t in items:
+                w.add(key, t, modules.__getitem__)
+            w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 

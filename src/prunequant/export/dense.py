@@ -50,10 +50,11 @@ def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *
     out_dir = Path(out_dir)
     with atomic_output(out_dir, overwrite) as tmp:
         w = DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size)
-        items, tied = model_tensors(model)
-        for key, t in items:
-            w.add(key, t, model.get_submodule)
-        w.close(model, tied, tokenizer, extra_files)
+        with w.writer.aborting():
+            items, tied = model_tensors(model)
+            for key, t in items:
+                w.add(key, t, model.get_submodule)
+            w.close(model, tied, tokenizer, extra_files)
     return out_dir
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..background import OneBehind
 from ..errors import ModelLoadError, PrunequantError, RunError
 
 log = logging.getLogger(__name__)
@@ -84,9 +85,21 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+def _hash_all(paths: list[Path]) -> list[str]:
+    """SHA-256 of several files at once (hashlib releases the GIL: shards hash in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def write_manifest(root: str | Path) -> dict:
     root = Path(root)
-    files = {rel: {"size": (root / rel).stat().st_size, "sha256": sha256_file(root / rel)} for rel in _files(root)}
+    rels = _files(root)
+    hashes = _hash_all([root / rel for rel in rels])
+    files = {rel: {"size": (root / rel).stat().st_size, "sha256": h} for rel, h in zip(rels, hashes)}
     manifest = {"prunequant_manifest": MANIFEST_VERSION, "algorithm": "sha256", "files": files}
     (root / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
@@ -115,8 +128,12 @@ def verify_manifest(root: str | Path, full: bool = True) -> dict:
         if size != want["size"]:
             raise ModelLoadError(f"{f} is truncated or altered: {size} bytes, the manifest says {want['size']}; "
                                  "copy it again or re-export")
-        if full and sha256_file(f) != want["sha256"]:
-            raise ModelLoadError(f"{f} is altered: its SHA-256 differs from {MANIFEST}; copy it again or re-export")
+    if full:
+        rels = sorted(files)
+        for rel, h in zip(rels, _hash_all([root / rel for rel in rels])):
+            if h != files[rel]["sha256"]:
+                raise ModelLoadError(f"{root / rel} is altered: its SHA-256 differs from {MANIFEST}; copy it again "
+                                     "or re-export")
     return manifest
 
 
@@ -181,6 +198,9 @@ def parse_size(size: int | str) -> int:
 class ShardWriter:
     """Accumulate groups of tensors and write a safetensors shard whenever ``max_bytes`` is reached.
 
+    Shards are written on a worker thread, one at a time: at most two shards of tensors are in memory
+    (the one filling and the one being written). ``close`` (or ``abort``) waits for the last write.
+
     A group (e.g. all tensors of one layer) always lands in one shard. At ``close()`` the shards are
     named ``{prefix}.safetensors`` (one shard) or ``{prefix}-0000i-of-0000n.safetensors`` with a
     ``{prefix}.safetensors.index.json`` weight map, as transformers expects.
@@ -194,6 +214,7 @@ class ShardWriter:
         self.pending_bytes = 0
         self.written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
         self.total_bytes = 0
+        self._thread: OneBehind | None = None  # shards are written while the next one fills
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -207,17 +228,40 @@ class ShardWriter:
         self.total_bytes += size
 
     def flush(self) -> None:
+        """Hand the pending tensors to the writer thread (after the shard before them is on disk)."""
         if not self.pending:
             return
         from safetensors.torch import save_file
 
         name = f"{self.prefix}.part{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(self.root / name), metadata=self.metadata)
         self.written.append((name, list(self.pending)))
+        if self._thread is None:
+            self._thread = OneBehind("shard-writer")
+        self._thread.submit(save_file, self.pending, str(self.root / name), metadata=self.metadata)
         self.pending, self.pending_bytes = {}, 0
+
+    def abort(self) -> None:
+        """Stop writing (the output is being discarded): wait for the shard in flight, drop the rest."""
+        self.pending, self.pending_bytes = {}, 0
+        if self._thread is not None:
+            self._thread.drain()
+            self._thread.close()
+            self._thread = None
+
+    @contextmanager
+    def aborting(self):
+        """Abort on any exception inside (so the output's removal never races a shard write)."""
+        try:
+            yield self
+        except BaseException:
+            self.abort()
+            raise
 
     def close(self) -> list[str]:
         self.flush()
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
         n = len(self.written)
         if n == 0:
             return []

@@ -95,6 +95,9 @@ class StreamingExport:
     def abort(self, exc: BaseException | None = None) -> None:
         """Remove the partial output (nothing half-written is left)."""
         exc = exc or ExportError("export aborted")
+        shards = getattr(getattr(self, "writer", None), "writer", None)
+        if shards is not None:  # no shard write may outlive the removal of the output
+            shards.abort()
         try:
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
         except BaseException:  # noqa: BLE001 - the context re-raises what it was given

@@ -182,7 +182,7 @@ def _load_export(where: str, dtype, device):
 
     from ..export import load_exported
 
-    model, _fmt = load_exported(where, dtype=dtype, verify=False)  # checked by load_model
+    model, _fmt = load_exported(where, dtype=dtype, device=device, verify=False)  # checked by load_model
     tok = AutoTokenizer.from_pretrained(where)
     _pad(tok)
     model.eval()
