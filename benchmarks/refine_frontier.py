@@ -72,7 +72,8 @@ def run(args) -> None:
     out_dir = Path(args.results)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps)
+    refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps, global_batch=args.global_batch,
+                     lr_code=args.lr_code, lr_scale=args.lr_scale)
     cfgs = configs(refine)
     todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
     proto, base, tok, inputs = protocol(args, device, 32)
@@ -92,9 +93,10 @@ def run(args) -> None:
         else:
             model = copy.deepcopy(base).to("cpu")
             res = compress(model, recipe, tokenizer=tok, calib_samples=args.calib, seq_len=SEQ, seed=0, device=device,
-                           batch_size=args.batch_size, progress=False)
+                           batch_size=args.compress_batch_size or args.batch_size, progress=False)
             model = res.model
             row.update(rates=res.rates, compress_seconds=round(res.report.seconds, 1),
+                       compress_batch_size=args.compress_batch_size or args.batch_size,
                        calibration=res.record["calibration"], refine=res.record.get("refine"))
         row["metrics"] = measure(model, base, tok, device, inputs, {**proto, "batch_size": args.batch_size})
         row["metrics"]["prompts"] = inputs["prompts"]
@@ -254,7 +256,14 @@ if __name__ == "__main__":
     ap.add_argument("--task-limit", type=int, default=200)
     ap.add_argument("--agree-windows", type=int, default=32)
     ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="evaluation windows per forward")
+    ap.add_argument("--compress-batch-size", type=int,
+                    help="calibration windows per forward in the solve and per block-wise refinement step (default: "
+                         "--batch-size; the same for one-shot and refined rows)")
+    ap.add_argument("--global-batch", type=int, default=REFINE.global_batch,
+                    help="windows per global KL step (at most the compress batch size)")
+    ap.add_argument("--lr-code", type=float, default=REFINE.lr_code)
+    ap.add_argument("--lr-scale", type=float, default=REFINE.lr_scale)
     ap.add_argument("--budget", type=float, default=float("inf"))
     ap.add_argument("--also", default=str(RESULTS / "joint_vs_quant"),
                     help="report: add the one-shot points of this joint_vs_quant results folder to the frontier plot")

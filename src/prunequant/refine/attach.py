@@ -74,6 +74,15 @@ class Attached:
             for p, req in frozen:
                 p.requires_grad_(req)
 
+    @contextlib.contextmanager
+    def weights_once(self):
+        """Inside ``active``: every view's weight is computed once, here, outside any checkpointed block, and
+        reused by the forward and by the checkpointed recomputation (half the weight kernels of a step)."""
+        with parametrize.cached():
+            for name in self.views:
+                self.linears[name].weight  # noqa: B018 - fills the cache
+            yield
+
     def state_dict_views(self) -> dict:
         return {n: {k: t.detach().clone() for k, t in v.state_dict().items()} for n, v in self.views.items()}
 

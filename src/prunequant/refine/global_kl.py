@@ -97,10 +97,11 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
                 j, s = order.pop()
                 lp, idx = teacher[j]
                 x = ids[j * batch_size + s: j * batch_size + s + micro].to(device)
-                loss = topk_kl(model(x, use_cache=False).logits, lp[s:s + micro].to(device),
-                               idx[s:s + micro].to(device))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                with views.weights_once():
+                    loss = topk_kl(model(x, use_cache=False).logits, lp[s:s + micro].to(device),
+                                   idx[s:s + micro].to(device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
                 opt.step()
                 views.project_()
                 running += loss.detach()  # no host sync per step
