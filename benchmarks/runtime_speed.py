@@ -317,7 +317,7 @@ def measure(model, args, device, label: str, ref_tokens=None) -> dict:
     for b in args.prefill_batch:
         ids = torch.randint(0, vocab, (b, args.prefill_len), generator=g).to(device)
         with Peak(device) as p:
-            out[f"prefill_b{b}"] = round(prefill_tps(model, ids, device, args.warmup, args.repeats), 1)
+            out[f"prefill_b{b}"] = round(prefill_tps(model, ids, args.warmup, args.repeats), 1)
         peak = max(peak, p.value)
     tokens = None
     for b in args.decode_batch:
