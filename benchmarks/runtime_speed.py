@@ -4,7 +4,7 @@ Two tables, each from one run:
 
 ``kernels``: one linear layer of each Llama-3-8B block shape (q/o 4096→4096, k/v 4096→1024, gate/up
 4096→14336, down 14336→4096), random N(0, 0.02) weights, bf16 activations, 1 / 8 / 32 / 2048 input rows.
-Microseconds per call (triton.testing.do_bench: median, L2 flushed between calls), relative error to the
+Microseconds per call (CUDA-graph replay, L2 flushed before each call: decode's conditions), relative error to the
 dequantized weight's float32 product, for: dense bf16 (cuBLAS); ours at 4-bit g128, 8-bit per channel,
 3-bit g128 and 2-bit g64 (prunequant.runtime.QuantLinear: tuned Triton GEMV / tensor-core kernel /
 dequantize + cuBLAS, whichever its dispatch picks); torch's tinygemm int4 (``_weight_int4pack_mm``);
@@ -52,6 +52,38 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def log(*a):
     print(*a, flush=True)
+
+
+def emit(row: dict, args) -> None:
+    """Print a finished row and append it to --out at once (a run cut short keeps what it measured)."""
+    log(json.dumps(row))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def profile_decode(model, prompt, steps: int = 16, top: int = 12) -> dict:
+    """Where a graph-replayed decode step spends GPU time: the kernels (torch profiler, CUPTI) by total
+    device time, in µs per step and as a share of all kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from prunequant.runtime.serve import GraphDecoder
+
+    dec = GraphDecoder(model, prompt, steps)
+    dec.reset()
+    dec.run(steps)
+    dec.reset()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        dec.run(steps)
+        torch.cuda.synchronize()
+    evs = [(e.key, getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0), e.count)
+           for e in prof.key_averages()]
+    evs = sorted([e for e in evs if e[1] > 0], key=lambda e: -e[1])
+    total = sum(e[1] for e in evs) or 1.0
+    return {"kernel_us_per_step": round(total / steps, 1),
+            "top": [{"kernel": k[:90], "us_per_step": round(t / steps, 2), "share": round(t / total, 3),
+                     "calls_per_step": round(c / steps, 1)} for k, t, c in evs[:top]]}
 
 
 # ---- weights -------------------------------------------------------------------------------------
@@ -166,6 +198,7 @@ def kernels(args) -> list[dict]:
             t_dense = bench_us(lambda: F.linear(x, Wd))
             rows.append({"table": "kernels", "layer": name, "N": N, "K": K, "M": M, "method": "dense bf16",
                          "us": round(t_dense, 2), "x_dense": 1.0, "rel_err": 0.0, "note": "cuBLAS"})
+            emit(rows[-1], args)
             for label, (fn, Wref, note) in builds.items():
                 r = {"table": "kernels", "layer": name, "N": N, "K": K, "M": M, "method": label, "note": note}
                 if fn is None:
@@ -180,7 +213,7 @@ def kernels(args) -> list[dict]:
                     except Exception as e:  # noqa: BLE001
                         r.update(us=None, note=f"{note}; {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 rows.append(r)
-                log(json.dumps(r))
+                emit(r, args)
         del builds
         torch.cuda.empty_cache()
     return rows
@@ -419,12 +452,20 @@ def model_table(args) -> list[dict]:
                 ppl["ppl"] = round(perplexity(model, ppl_ids, 512), 4)
             row, _ = measure(model, args, device, config, ref)
             row.update(ppl, backends=backends, seconds=round(time.time() - t0, 1))
+            if args.profile and cuda:
+                g = torch.Generator().manual_seed(2)
+                for b in args.profile:
+                    prompt = torch.randint(0, model.config.vocab_size, (b, args.decode_prompt), generator=g)
+                    try:
+                        row[f"profile_decode_b{b}"] = profile_decode(model, prompt.to(device))
+                    except Exception as e:  # noqa: BLE001 - a profiler without CUPTI: keep the row
+                        row[f"profile_decode_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
         except Exception as e:  # noqa: BLE001 - one failing configuration keeps its row with the reason
             traceback.print_exc()
             row = {"config": config, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         row.update(table="model", model=args.model or f"llama-{args.shape}-random")
         rows.append(row)
-        log(json.dumps(row))
+        emit(row, args)
         model = None
         gc.collect()
         torch.cuda.empty_cache() if cuda else None
@@ -449,15 +490,14 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=20480)
     ap.add_argument("--ids", default=None, help="a .pt file with evaluation token ids under 'eval' (offline)")
+    ap.add_argument("--profile", type=int, nargs="*", default=None,
+                    help="model table: profile the graph-replayed decode at these batch sizes (torch profiler)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     log(f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
-    rows = kernels(args) if args.table == "kernels" else model_table(args)
+    kernels(args) if args.table == "kernels" else model_table(args)
     if args.out:
-        with open(args.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         from prunequant.runtime.triton_wmm import TRIALS
 
         if TRIALS:  # every tile the tuner timed, to see how close the candidates ran

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,51 @@ def test_triton_kernels_in_the_interpreter():
             assert r["fused"], r
         tol = 1e-5 if "float32" in r["dtype"] else 5e-3
         assert max(r["errs"].values()) < tol, r
+
+
+def test_tuner_times_unsplit_tiles_then_splits_of_the_leaders(monkeypatch):
+    """The tuner's two stages on a fake clock: every unsplit tile is timed, k-splits only for the fastest
+    unsplit tiles, and the overall fastest candidate whose output matches the default's is kept."""
+    from prunequant.runtime import triton_wmm as tw
+
+    gemv = [{"kind": "gemv", "BN": bn, "SPLIT": s} for bn in (4, 8, 16) for s in (1, 2, 4)]
+    clock = {("gemv", 4, 1): 9.0, ("gemv", 8, 1): 5.0, ("gemv", 16, 1): 6.0,
+             ("gemv", 8, 2): 4.0, ("gemv", 8, 4): 3.0, ("gemv", 16, 2): 2.0, ("gemv", 16, 4): 7.0,
+             ("gemv", 4, 2): 0.5, ("gemv", 4, 4): 0.5}  # splits of a slow tile: never timed
+    wrong = {("gemv", 16, 2)}  # the fastest timed candidate computes something else: rejected
+    timed, current = [], {}
+
+    def key(c):
+        return c["kind"], c.get("BN"), c.get("SPLIT", 1)
+
+    def run(x, segments, N, bias, c):
+        current["c"] = c
+        return torch.full((1, N), 2.0 if key(c) in wrong else 1.0)
+
+    def clocked(fn):
+        fn()
+        timed.append(key(current["c"]))
+        return clock.get(timed[-1], 8.0)
+
+    for name, value in {"_TUNED": {}, "_save_cache": lambda: None, "_LOADED": [True],
+                        "_tuning_allowed": lambda x: True, "_gemv_candidates": lambda M, N, s: gemv,
+                        "_sdot_candidates": lambda M, N, s: [], "_pdot_candidates": lambda M: [],
+                        "launch_config": lambda M, N: {"kind": "dot"}, "run": run, "_time": clocked,
+                        "TUNE_SPLIT_LEADERS": 2}.items():
+        monkeypatch.setattr(tw, name, value)
+    seg = types.SimpleNamespace(bits=4, group_size=128, k=64, cols=None)
+    cfg = tw.tuned(torch.zeros(1, 64), [seg], 16, None)
+    assert key(cfg) == ("gemv", 8, 4)
+    assert {k for k in timed if k[2] == 1} == {("dot", None, 1), ("gemv", 4, 1), ("gemv", 8, 1), ("gemv", 16, 1)}
+    assert {k for k in timed if k[2] != 1} == {("gemv", 8, 2), ("gemv", 8, 4), ("gemv", 16, 4)}  # (16, 2) rejected
+
+
+def test_untuned_blocks_tuning_and_nests():
+    from prunequant.runtime import triton_wmm as tw
+
+    fake_cuda = types.SimpleNamespace(is_cuda=True)
+    with tw.untuned():
+        with tw.untuned():
+            assert not tw._tuning_allowed(fake_cuda)
+        assert not tw._tuning_allowed(fake_cuda)
+    assert tw._UNTUNED == [0]

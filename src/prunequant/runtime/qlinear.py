@@ -346,6 +346,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
+@triton_wmm.untuned()
 def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_features: int, out_features: int,
                        bias: torch.Tensor | None, *, device, dtype, prefer: dict[int, list[str]],
                        check: bool = True, seed: int = 0) -> tuple[QuantLinear, list[dict]]:

@@ -24,6 +24,7 @@ tensor-core product sees exactly the dequantized model's weights; the decode ker
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -503,6 +504,7 @@ def _dot_candidates(M: int) -> list[dict]:
 
 _TUNED: dict[str, dict] = {}
 TRIALS: list[dict] = []  # every timed candidate of this process (benchmarks report them)
+TUNE_SPLIT_LEADERS = 2  # unsplit tiles whose k-splits are timed too
 _LOADED = [False]
 
 
@@ -560,8 +562,23 @@ def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
     return f"{dev}|m{_bucket(x.shape[0])}|n{N}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
 
 
+_UNTUNED = [0]
+
+
+@contextlib.contextmanager
+def untuned():
+    """Run with the default tiles, tuning nothing: load-time probes check the kernel's arithmetic at a
+    row count decode never uses, and tuning there would compile every candidate for nothing (each
+    candidate is checked against the default tiles' output when it is tuned)."""
+    _UNTUNED[0] += 1
+    try:
+        yield
+    finally:
+        _UNTUNED[0] -= 1
+
+
 def _tuning_allowed(x: torch.Tensor) -> bool:
-    if not x.is_cuda or os.environ.get("PRUNEQUANT_TUNE", "1") == "0":
+    if not x.is_cuda or _UNTUNED[0] or os.environ.get("PRUNEQUANT_TUNE", "1") == "0":
         return False
     return not torch.cuda.is_current_stream_capturing()
 
@@ -627,24 +644,38 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
         return default
     if len(segments) == 1:
         seg = segments[0]
-        cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + _sdot_candidates(M, N, seg) + \
-            _pdot_candidates(M)
+        # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
+        cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + \
+            (_sdot_candidates(M, N, seg) + _pdot_candidates(M) if M > 1 else [])
     else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
         cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
     ref = run(x, segments, N, bias, default).float()
     tol = 1e-4 if x.dtype == torch.float32 else 1e-2
-    best, best_t = default, float("inf")
-    for c in cands:
+    times: dict[int, float] = {}
+
+    def trial(i: int) -> None:
+        c = cands[i]
         try:
             y = run(x, segments, N, bias, c).float()
             if float((y - ref).norm() / ref.norm().clamp_min(1e-30)) > tol:
-                continue
-            t = _time(lambda c=c: run(x, segments, N, bias, c))
+                return
+            t = _time(lambda: run(x, segments, N, bias, c))
         except Exception:  # noqa: BLE001 - a tile that does not fit this GPU (shared memory, registers)
-            continue
+            return
         TRIALS.append({"key": key, "cfg": c, "us": round(t * 1e3, 2)})
-        if t < best_t:
-            best, best_t = c, t
+        times[i] = t
+
+    # two stages (each candidate compiles a kernel): every tile unsplit, then the k-splits of the best tiles
+    for i, c in enumerate(cands):
+        if c.get("SPLIT", 1) == 1:
+            trial(i)
+    tile = lambda c: tuple(sorted((k, v) for k, v in c.items() if k != "SPLIT"))  # noqa: E731
+    leaders = {tile(cands[i]) for i in sorted(times, key=times.get)[:TUNE_SPLIT_LEADERS]}
+    for i, c in enumerate(cands):
+        if c.get("SPLIT", 1) != 1 and tile(c) in leaders:
+            trial(i)
+    best_i = min(times, key=times.get) if times else None
+    best, best_t = (cands[best_i], times[best_i]) if best_i is not None else (default, float("inf"))
     _TUNED[key] = dict(best, us=round(best_t * 1e3, 2))
     _save_cache()
     return _TUNED[key]
