@@ -448,12 +448,12 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
     never a split shorter than one tile."""
     kw = seg.codes.shape[1]
     out = []
-    for bn, bw, warps, u3 in ((8, 128, 4, False), (8, 256, 4, False), (4, 256, 4, False), (16, 128, 4, False),
-                              (4, 128, 2, False), (8, 64, 2, False), (8, 128, 4, True), (8, 256, 8, True)):
+    for bn, bw, warps, u3 in ((16, 128, 4, False), (8, 256, 4, False), (8, 128, 4, False), (4, 256, 4, False),
+                              (16, 256, 8, False), (8, 128, 4, True)):
         if u3 and (seg.cols is not None or 32 % seg.bits):
             continue
         tiles = triton.cdiv(N, bn)
-        for split in (1, 2, 4, 8, 16):
+        for split in (1, 2, 4, 8):
             if split > 1 and (kw < split * bw or tiles * split > 8192):
                 break
             out.append({"kind": "gemv", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
@@ -462,20 +462,20 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
-    """Tensor-core tiles for a few rows: k-tiles of 128 to 512 columns, inside one group or holding whole
+    """Tensor-core tiles for a few rows: k-tiles of 128 or 256 columns, inside one group or holding whole
     groups."""
     bm = max(16, _pow2(M))
     if seg.bits not in (2, 4, 8) or seg.cols is not None or bm > 64:
         return []
     per, kw = per_word(seg.bits), seg.codes.shape[1]
     out = []
-    for bk in (128, 256, 512):
+    for bk in (128, 256):
         try:
             _sdot_groups(seg.group_size, bk)
         except ValueError:
             continue
         bw = bk // per
-        for bn, warps in ((16, 4), (32, 4), (64, 4)):
+        for bn, warps in ((16, 4), (64, 4)):
             for split in (1, 2, 4, 8):
                 if split > 1 and (kw < 2 * split * bw or triton.cdiv(N, bn) * split > 4096):
                     break
@@ -489,7 +489,7 @@ def _pdot_candidates(M: int) -> list[dict]:
     if bm > 64:
         return []
     return [{"kind": "pdot", "BM": bm, "BN": bn, "BW": bw, "num_warps": w, "num_stages": st}
-            for bn, bw, w, st in ((32, 16, 4, 3), (64, 16, 4, 3), (64, 32, 8, 3), (128, 16, 8, 3))]
+            for bn, bw, w, st in ((32, 16, 4, 3), (64, 32, 8, 3))]
 
 
 def _dot_candidates(M: int) -> list[dict]:
@@ -646,7 +646,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
         seg = segments[0]
         # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
         cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + \
-            (_sdot_candidates(M, N, seg) + _pdot_candidates(M) if M > 1 else [])
+            (_sdot_candidates(M, N, seg) if M > 1 else []) + (_pdot_candidates(M) if M > 8 else [])
     else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
         cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
     ref = run(x, segments, N, bias, default).float()
