@@ -105,6 +105,29 @@ def test_shard_writer_keeps_memory_to_one_shard(tmp_path):
     assert w.close() and peak <= 1000
 
 
+def test_manifest_reuses_hashes_taken_while_writing(tmp_path, monkeypatch):
+    """Shards are hashed on the writer thread as they are written; the manifest reads only what it has not
+    seen, and its hashes are those of the files on disk (a file rewritten afterwards is hashed again)."""
+    import hashlib
+
+    out = tmp_path / "out"
+    with integrity.atomic_output(out) as root:
+        w = integrity.ShardWriter(root, "model", max_bytes=1000)
+        for i in range(6):
+            w.add({f"t{i}": torch.full((100,), float(i))})
+        names = w.close()
+        (root / "config.json").write_text("{}")
+        (root / names[0]).write_bytes((root / names[0]).read_bytes())  # rewritten: its stored hash is stale
+        read = []
+        real = integrity.sha256_file
+        monkeypatch.setattr(integrity, "sha256_file", lambda p, *a: read.append(p.name) or real(p, *a))
+    assert len(names) == 3 and sorted(read) == sorted(["config.json", "model.safetensors.index.json", names[0]])
+    files = json.loads((out / integrity.MANIFEST).read_text())["files"]
+    for rel, f in files.items():
+        assert f["sha256"] == hashlib.sha256((out / rel).read_bytes()).hexdigest()
+    verify_manifest(out)
+
+
 def test_size_report_rates(tmp_path, compressed, capsys):
     model, states, _ = compressed
     compact = size_report(save_compact(model, states, tmp_path / "c"))

@@ -85,14 +85,36 @@ def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
+# hashes taken while an output was being written, by file identity (a rename keeps it; a rewrite does not)
+_HASHED: dict[tuple[int, int, int, int], str] = {}
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def hash_written(path: str | Path) -> None:
+    """Hash a file just written (on a writer thread, while the next one is produced): the manifest then
+    only reads what it has not seen."""
+    path = Path(path)
+    ident = _identity(path)
+    _HASHED[ident] = sha256_file(path)
+
+
+def _hash_one(path: Path) -> str:
+    h = _HASHED.pop(_identity(path), None)
+    return h if h is not None else sha256_file(path)
+
+
 def _hash_all(paths: list[Path]) -> list[str]:
     """SHA-256 of several files at once (hashlib releases the GIL: shards hash in parallel)."""
     from concurrent.futures import ThreadPoolExecutor
 
     if len(paths) < 2:
-        return [sha256_file(p) for p in paths]
+        return [_hash_one(p) for p in paths]
     with ThreadPoolExecutor(max_workers=min(8, len(paths), os.cpu_count() or 1)) as pool:
-        return list(pool.map(sha256_file, paths))
+        return list(pool.map(_hash_one, paths))
 
 
 def write_manifest(root: str | Path) -> dict:
@@ -195,6 +217,11 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def _save_and_hash(save_file, tensors: dict, path: Path, metadata: dict) -> None:
+    save_file(tensors, str(path), metadata=metadata)
+    hash_written(path)
+
+
 class ShardWriter:
     """Accumulate groups of tensors and write a safetensors shard whenever ``max_bytes`` is reached.
 
@@ -237,7 +264,7 @@ class ShardWriter:
         self.written.append((name, list(self.pending)))
         if self._thread is None:
             self._thread = OneBehind("shard-writer")
-        self._thread.submit(save_file, self.pending, str(self.root / name), metadata=self.metadata)
+        self._thread.submit(_save_and_hash, save_file, self.pending, self.root / name, self.metadata)
         self.pending, self.pending_bytes = {}, 0
 
     def abort(self) -> None:
