@@ -196,6 +196,23 @@ def model_tensors(model: nn.Module):
     return items, tied
 
 
+def write_whole_model(model: nn.Module, out_dir: Path, overwrite: bool, make_writer, lookup, tokenizer=None,
+                      extra_files: dict | None = None, items=None, tied=None) -> Path:
+    """Write every tensor of an in-memory model through a format's writer into an atomic output directory
+    (``make_writer(tmp)``; ``lookup(name)`` finds the module of a layer)."""
+    from .integrity import atomic_output
+
+    if items is None:
+        items, tied = model_tensors(model)
+    with atomic_output(out_dir, overwrite) as tmp:
+        w = make_writer(tmp)
+        with w.writer.aborting():
+            for key, t in items:
+                w.add(key, t, lookup)
+            w.close(model, tied, tokenizer, extra_files)
+    return Path(out_dir)
+
+
 def save_config(model: nn.Module, root: Path, dtype: torch.dtype, quantization_config: dict | None = None) -> None:
     """config.json (without any loader-specific quantization config) and generation_config.json."""
     cfg = copy.deepcopy(model.config)

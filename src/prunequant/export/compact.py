@@ -21,8 +21,8 @@ from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, 
                       unpack_bits, unpack_mask, unpack_trits)
 from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
                      finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
-                     write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
+                     write_extras, write_whole_model)
+from .integrity import ExportError, ShardWriter, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,10 @@ def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dty
     bad = sorted(weight_key(n) for n in states if weight_key(n) in tied)
     if bad:
         raise ExportError(f"{bad[0]} is tied to {tied[bad[0]]}; a tied weight cannot be compressed on its own")
-    out_dir = Path(out_dir)
-    with atomic_output(out_dir, overwrite) as tmp:
-        w = CompactWriter(tmp, states, dtype, scale_dtype=scale_dtype, max_shard_size=max_shard_size)
-        with w.writer.aborting():
-            for key, t in items:
-                w.add(key, t, model.get_submodule)
-            w.close(model, tied, tokenizer, extra_files)
-    return out_dir
+    return write_whole_model(
+        model, Path(out_dir), overwrite,
+        lambda tmp: CompactWriter(tmp, states, dtype, scale_dtype=scale_dtype, max_shard_size=max_shard_size),
+        model.get_submodule, tokenizer, extra_files, items, tied)
 
 
 # ---- loading ----------------------------------------------------------------------------------

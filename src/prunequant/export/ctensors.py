@@ -13,9 +13,9 @@ from torch import nn
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult, QuantState
 from .common import (DTYPES, TERNARY_BITS, analyse_linear, assign_tensor, code_bits, dtype_name, empty_model,
-                     finish_model, model_tensors, read_descriptor, save_config, weight_key, write_descriptor,
-                     write_extras)
-from .integrity import ExportError, ShardWriter, atomic_output, parse_size, shard_files, check_integrity
+                     finish_model, read_descriptor, save_config, weight_key, write_descriptor, write_extras,
+                     write_whole_model)
+from .integrity import ExportError, ShardWriter, parse_size, shard_files, check_integrity
 
 log = logging.getLogger(__name__)
 
@@ -244,16 +244,11 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
         raise ExportError(f"{len(reasons)} layer(s) cannot be written as compressed-tensors, e.g. {first}: "
                           f"{reasons[first]}; export in the compact format, or pass fallback='dense' to store "
                           "them unquantized")
-    out_dir = Path(out_dir)
-    with atomic_output(out_dir, overwrite) as tmp:
-        w = CompressedTensorsWriter(tmp, states, dtype, scale_dtype=scale_dtype, asymmetric=asymmetric,
-                                    fallback=fallback, max_shard_size=max_shard_size)
-        with w.writer.aborting():
-            items, tied = model_tensors(model)
-            for key, t in items:
-                w.add(key, t, modules.__getitem__)
-            w.close(model, tied, tokenizer, extra_files)
-    return out_dir
+    return write_whole_model(
+        model, Path(out_dir), overwrite,
+        lambda tmp: CompressedTensorsWriter(tmp, states, dtype, scale_dtype=scale_dtype, asymmetric=asymmetric,
+                                            fallback=fallback, max_shard_size=max_shard_size),
+        modules.__getitem__, tokenizer, extra_files)
 
 
 # ---- loading through prunequant -----------------------------------------------------------------

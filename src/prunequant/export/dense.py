@@ -8,9 +8,9 @@ import torch
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
-from .common import (DTYPES, analyse_linear, dtype_name, forget_mark, model_tensors, read_descriptor, save_config,
-                     write_descriptor, write_extras)
-from .integrity import ShardWriter, atomic_output, parse_size, check_integrity
+from .common import (DTYPES, analyse_linear, dtype_name, forget_mark, read_descriptor, save_config, write_descriptor,
+                     write_extras, write_whole_model)
+from .integrity import ShardWriter, parse_size, check_integrity
 
 FORMAT = "dense"
 
@@ -47,15 +47,9 @@ def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *
     ``states`` (optional) only adds the per-layer record (sparsity, bits) used by ``size_report``.
     """
     dtype_name(dtype)
-    out_dir = Path(out_dir)
-    with atomic_output(out_dir, overwrite) as tmp:
-        w = DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size)
-        with w.writer.aborting():
-            items, tied = model_tensors(model)
-            for key, t in items:
-                w.add(key, t, model.get_submodule)
-            w.close(model, tied, tokenizer, extra_files)
-    return out_dir
+    return write_whole_model(model, Path(out_dir), overwrite,
+                             lambda tmp: DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size),
+                             model.get_submodule, tokenizer, extra_files)
 
 
 def load_dense(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
