@@ -179,6 +179,13 @@ def test_no_verify_loads_with_a_warning(env, capsys, caplog):
     assert code == 0 and "integrity check skipped" in caplog.text
 
 
+def test_checked_export_does_not_claim_the_check_was_skipped(env, capsys, caplog):
+    code, _, err = run(capsys, "eval", env / "done", "--text", env / "eval.txt", "--seq-len", "16",
+                       "--max-tokens", "64")
+    assert code == 0, err
+    assert "integrity check skipped" not in caplog.text
+
+
 def test_group_size_that_does_not_divide_just_works(env, tmp_path, capsys, caplog):
     out = tmp_path / "g48"
     code, _, err = run(capsys, "compress", env / "tiny", "--quant", "gptq:4:g48", "--calib-text", env / "calib.txt",

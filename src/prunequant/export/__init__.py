@@ -19,7 +19,7 @@ from .size import detect_format, print_size_report, size_report, size_tables
 FORMATS = ("compact", "compressed-tensors", "dense")
 
 __all__ = ["FORMATS", "ExportError", "check_integrity", "detect_format", "export", "load_compact", "load_compressed_tensors",
-           "load_dense", "load_exported", "print_size_report", "save_compact", "save_compressed_tensors",
+           "load_dense", "load_checked", "load_exported", "print_size_report", "save_compact", "save_compressed_tensors",
            "save_dense", "size_report", "size_tables", "verify_manifest"]
 
 
@@ -41,6 +41,12 @@ def load_exported(path: str | Path, dtype: torch.dtype | None = None, device: st
     """Load any export (format detected) after checking its manifest; returns (model, format_name)."""
     path = Path(path)
     check_integrity(path, verify)
+    return load_checked(path, dtype, device)
+
+
+def load_checked(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
+    """Load any export (format detected) whose files the caller has already checked (``check_integrity``)."""
+    path = Path(path)
     fmt = detect_format(path)
     loader = {"compact": load_compact, "compressed-tensors": load_compressed_tensors, "dense": load_dense}[fmt]
     return loader(path, dtype=dtype, device=device, verify=False), fmt

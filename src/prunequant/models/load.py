@@ -180,9 +180,9 @@ def _load_export(where: str, dtype, device):
     """A prunequant export (its files already checked against the SHA-256 manifest)."""
     from transformers import AutoTokenizer
 
-    from ..export import load_exported
+    from ..export import load_checked
 
-    model, _fmt = load_exported(where, dtype=dtype, device=device, verify=False)  # checked by load_model
+    model, _fmt = load_checked(where, dtype=dtype, device=device)
     tok = AutoTokenizer.from_pretrained(where)
     _pad(tok)
     model.eval()
