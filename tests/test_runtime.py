@@ -161,6 +161,53 @@ def _interpreted() -> list[dict]:
     return out
 
 
+def _every_kernel_kind() -> list[dict]:
+    """Each kernel kind the tuner can pick (GEMV with and without k-splits and the 3-D unpack, the few-row
+    tensor-core kernel with and without splits, the per-position and the plain dot kernel) on small tiles."""
+    from prunequant.runtime import triton_wmm as tw
+
+    out = []
+    g = torch.Generator().manual_seed(1)
+    for bits, gs, sym, k in ((4, 128, False, 512), (8, 0, True, 256), (2, 64, False, 512), (4, 32, False, 256),
+                             (3, 64, False, 192)):
+        n = 40
+        q = _uniform(torch.randn(n, k, generator=g), bits, gs, sym)
+        ql, _ = build_quant_linear([(q, None)], k, n, None, device="cpu", dtype=torch.float32,
+                                   prefer={bits: ["triton"]})
+        seg, per = ql.segs[0], tw.per_word(bits)
+        cfgs = [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": u3}
+                for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
+        if bits in (2, 4, 8):
+            cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
+                      "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
+        cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": 4, "num_warps": 4, "num_stages": 2},
+                 tw.launch_config(8, n)]
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=g)
+            ref = x @ q.dequantize().t()
+            for c in cfgs:
+                y = tw.run(x, [seg], n, None, c)
+                out.append({"case": f"{bits}b g{gs} m{m}", "cfg": c,
+                            "err": float((y.float() - ref).norm() / ref.norm())})
+    return out
+
+
+def test_every_kernel_kind_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    code = ("import json, torch; torch.set_num_threads(1); import test_runtime as t; "
+            "print(json.dumps(t._every_kernel_kind()))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
+    assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
+            ("pdot", 1, False), ("dot", 1, False)} <= kinds
+    bad = [r for r in rows if not r["err"] < 1e-5]
+    assert not bad, bad[:5]
+
+
 def test_triton_kernels_in_the_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(

@@ -92,6 +92,20 @@ if triton is not None:
                 acc += tl.dot(x, tl.trans(w))
         return acc
 
+    @triton.jit
+    def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
+        """Rows and output columns of program (n-tile, m-tile), with their bounds masks."""
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        return rm, rn, rm < M, rn < N
+
+    @triton.jit
+    def _store_tile(acc, Y, sym, syn, BIAS, rm, rn, m_mask, n_mask, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
+
     @triton.jit(do_not_specialize=["M", "N", "KA", "KB", "GSA", "GSB"])
     def _wmm_kernel(X, sxm, sxk, Y, sym, syn, BIAS, M, N,
                     CA, scna, SA, ZA, ssna, COLA, KA, GSA,
@@ -100,22 +114,14 @@ if triton is not None:
                     COLS_A: tl.constexpr, COLS_B: tl.constexpr, GT_A: tl.constexpr, GT_B: tl.constexpr,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rm = pid_m * BM + tl.arange(0, BM)
-        rn = pid_n * BN + tl.arange(0, BN)
-        m_mask = rm < M
-        n_mask = rn < N
+        rm, rn, m_mask, n_mask = _tile(M, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         acc = _segment(acc, X, sxm, sxk, rm, m_mask, rn, n_mask, CA, scna, SA, ZA, ssna, COLA, KA, GSA,
                        BITS_A, COLS_A, GT_A, IEEE, BK)
         if HAS_B:
             acc = _segment(acc, X, sxm, sxk, rm, m_mask, rn, n_mask, CB, scnb, SB, ZB, ssnb, COLB, KB, GSB,
                            BITS_B, COLS_B, GT_B, IEEE, BK)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        _store_tile(acc, Y, sym, syn, BIAS, rm, rn, m_mask, n_mask, HAS_BIAS)
 
     @triton.jit
     def _code_at(words, J: tl.constexpr, BITS: tl.constexpr):
@@ -157,24 +163,36 @@ if triton is not None:
             t = tl.zeros((BN, BW), dtype=tl.float32)
             xs = tl.zeros((BW,), dtype=tl.float32)
             for j in tl.static_range(PER):
-                k = rw * PER + j
-                k_mask = w_mask & (k < K)
-                if HAS_COLS:
-                    xc = tl.load(COLS + k, mask=k_mask, other=0)
-                else:
-                    xc = k
+                k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
                 xj = tl.load(X + xc * sxk, mask=k_mask, other=0.0).to(tl.float32)
                 f = _code_at(words, j, BITS)
                 if WORD_GROUPS:
                     t += f * (xj * _inv_shift(j, BITS))[None, :]
                     xs += xj
                 else:  # groups change inside a word: the grid per weight
-                    g = k // GS
-                    gm = n_mask[:, None] & k_mask[None, :]
-                    s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-                    z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    s, z = _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS)
                     t += (f * _inv_shift(j, BITS) - z) * s * xj[None, :]
         return t, xs
+
+    @triton.jit
+    def _position(rw, w_mask, J: tl.constexpr, PER: tl.constexpr, K, COLS, HAS_COLS: tl.constexpr):
+        """Code position J of words rw: its weight columns, their mask, and the input columns they read."""
+        k = rw * PER + J
+        k_mask = w_mask & (k < K)
+        if HAS_COLS:
+            xc = tl.load(COLS + k, mask=k_mask, other=0)
+        else:
+            xc = k
+        return k, k_mask, xc
+
+    @triton.jit
+    def _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS):
+        """Scale and zero point of every (row, column) weight: groups that change inside a word."""
+        g = k // GS
+        gm = n_mask[:, None] & k_mask[None, :]
+        s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+        z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+        return s, z
 
     @triton.jit
     def _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS,
@@ -354,12 +372,7 @@ if triton is not None:
         # (dequantized exactly: fma(c·2^sh, s·2^-sh, −z·s) = s·(c − z)) meet the input columns
         # rw·per + j in one tl.dot — no reshape of the unpacked codes.
         PER: tl.constexpr = 32 // BITS
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        rm = pid_m * BM + tl.arange(0, BM)
-        n_mask = rn < N
-        m_mask = rm < M
+        rm, rn, m_mask, n_mask = _tile(M, N, BM, BN)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for w0 in range(0, KW, BW):
             rw = w0 + tl.arange(0, BW)
@@ -372,32 +385,21 @@ if triton is not None:
                 z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
                 zs = z * s
             for j in tl.static_range(PER):
-                k = rw * PER + j
-                k_mask = w_mask & (k < K)
-                if HAS_COLS:
-                    xc = tl.load(COLS + k, mask=k_mask, other=0)
-                else:
-                    xc = k
+                k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
                 x = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
                             other=0.0)
                 f = _code_at(words, j, BITS)
                 if WORD_GROUPS:
                     w = tl.fma(f, s * _inv_shift(j, BITS), -zs)
                 else:
-                    g = k // GS
-                    gm = n_mask[:, None] & k_mask[None, :]
-                    sj = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-                    zj = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+                    sj, zj = _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS)
                     w = (f * _inv_shift(j, BITS) - zj) * sj
                 w = w.to(x.dtype)
                 if IEEE:
                     acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
                     acc += tl.dot(x, tl.trans(w))
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty),
-                 mask=m_mask[:, None] & n_mask[None, :])
+        _store_tile(acc, Y, sym, 1, BIAS, rm, rn, m_mask, n_mask, HAS_BIAS)
 
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
     def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
