@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-CONFIGS = {"w4 g128": ("", "rtn:4:g128"), "w8": ("", "rtn:8"), "2:4+w4 g128": ("magnitude:2:4", "rtn:4:g128"),
-           "w3 g128": ("", "rtn:3:g128")}
+# "w8" is asymmetric g128 (rtn:8's defaults), which torch's int8 kernel does not take (one symmetric scale per
+# row); "w8 pc sym" is the grid that kernel takes, so that the "cpu kernels" mode runs it.
+CONFIGS = {"w4 g128": ("", "rtn:4:g128"), "w8": ("", "rtn:8"), "w8 pc sym": ("", "rtn:8:pc:sym"),
+           "2:4+w4 g128": ("magnitude:2:4", "rtn:4:g128"), "w3 g128": ("", "rtn:3:g128")}
 PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", "The best way to learn",
            "In 1969, the first", "Water boils at", "My favourite recipe is", "The theory of relativity"]
 
@@ -81,7 +83,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory() as d:
             out = save_compact(model, rep.states, Path(d) / "m", torch.bfloat16, tokenizer=tok)
             del model
-            row = {"model": args.model, "config": name, "eval_tokens": int(ids.numel())}
+            row = {"model": args.model, "config": name, "prune": prune, "quant": quant,
+                   "eval_tokens": int(ids.numel())}
             t = time.time()
             triton_first = {b: ["triton"] for b in (2, 3, 4, 8)}
             modes = {"exact": ("cpu", torch.float32, {b: ["packed"] for b in (2, 3, 4, 8)}),
@@ -91,17 +94,22 @@ def main(argv=None):
             for mode in args.modes:
                 device, dtype, prefer = modes[mode]
                 if (device, dtype) not in refs:  # the dequantized model on the same device and dtype
+                    t_ref = time.time()
                     deq = load_compact(out, dtype=dtype).to(device)
                     refs[device, dtype] = (perplexity(deq, ids.to(device), args.window),
                                            [greedy(deq, tok, p, args.new_tokens) for p in PROMPTS])
+                    row.setdefault("seconds_dequantized", {})[f"{device} {dtype}".replace("torch.", "")] = \
+                        round(time.time() - t_ref, 1)
                     del deq
                 ppl_ref, gens = refs[device, dtype]
                 row.setdefault("ppl_dequantized", ppl_ref)
+                t_mode = time.time()
                 packed, rec = load_packed(out, device=device, dtype=dtype, prefer=prefer)
                 ppl = perplexity(packed, ids.to(device), args.window)
                 same = [greedy(packed, tok, p, args.new_tokens) == g for p, g in zip(PROMPTS, gens)]
                 row[mode] = {"ppl": ppl, "ppl_dequantized": ppl_ref, "ppl_rel_diff": abs(ppl / ppl_ref - 1),
-                             "identical_generations": f"{sum(same)}/{len(same)}", "modules": rec["modules"]}
+                             "identical_generations": f"{sum(same)}/{len(same)}", "modules": rec["modules"],
+                             "fallbacks": rec["fallbacks"], "seconds": round(time.time() - t_mode, 1)}
                 print(json.dumps({"config": name, "mode": mode, **row[mode]}), flush=True)
                 del packed
             row["seconds"] = round(time.time() - t, 1)
