@@ -12,6 +12,10 @@ can share one results folder, one of them naming ``baseline``). ``report`` write
 against the issue's targets, refinement time as a ratio to the one-shot time, and the block and global loss
 curves) and, through ``prunequant report``, DIR/ frontier.png (Sr against TCr for quantization only,
 joint one-shot and joint refined).
+
+Second model, reduced protocol for a CPU (BENCHMARKS.md): ``run --model gemma3-270m --device cpu --calib 16
+--calib-seq-len 256 --compress-batch-size 4 --batch-size 2 --eval-tokens 4096 --task-limit 50 --agree-windows 8
+--prompts 8 --refine-steps 20 --global-steps 20 --only ...``.
 """
 from __future__ import annotations
 
@@ -77,6 +81,7 @@ def run(args) -> None:
     cfgs = configs(refine)
     todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
     proto, base, tok, inputs = protocol(args, device, 32)
+    proto["calib"] = [args.calib, args.calib_seq_len]
     t_loop = time.time()
     for name in todo:
         if time.time() - t_loop > args.budget:
@@ -92,8 +97,8 @@ def run(args) -> None:
             row["rates"] = {"tcr": 0.0, "rate_with_overheads": 0.0, "mean_sparsity": 0.0}
         else:
             model = copy.deepcopy(base).to("cpu")
-            res = compress(model, recipe, tokenizer=tok, calib_samples=args.calib, seq_len=SEQ, seed=0, device=device,
-                           batch_size=args.compress_batch_size or args.batch_size, progress=False)
+            res = compress(model, recipe, tokenizer=tok, calib_samples=args.calib, seq_len=args.calib_seq_len, seed=0,
+                           device=device, batch_size=args.compress_batch_size or args.batch_size, progress=False)
             model = res.model
             row.update(rates=res.rates, compress_seconds=round(res.report.seconds, 1),
                        compress_batch_size=args.compress_batch_size or args.batch_size,
@@ -249,6 +254,8 @@ if __name__ == "__main__":
     ap.add_argument("--device")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calib", type=int, default=128)
+    ap.add_argument("--calib-seq-len", type=int, default=SEQ,
+                    help="tokens per calibration window (solve and refinement; evaluation windows stay at %d)" % SEQ)
     ap.add_argument("--refine-steps", type=int, default=REFINE.steps)
     ap.add_argument("--global-steps", type=int, default=REFINE.global_steps)
     ap.add_argument("--eval-tokens", type=int, default=40_000)
