@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from prunequant.runtime import build_quant_linear, pack_codes, pack_model, unpack_codes
 from prunequant.runtime.convert import segments_of
-from prunequant.runtime.qlinear import PackedSegment
+from prunequant.runtime.qlinear import PackedSegment, TinyGemmSegment
 from prunequant.solvers.base import QuantState
 from prunequant.solvers.grid import fit_grid, group_index, quantize_grouped
 from prunequant.solvers.mixed import MixSpec, mixed_quantize
@@ -64,12 +64,25 @@ def test_quant_linear_equals_dequantized_matmul(backend, bits, gs, sym, shape, d
     bias = torch.randn(n, generator=g)
     ql, rec = build_quant_linear([(q, None)], k, n, bias, device="cpu", dtype=dtype, prefer={bits: [backend]})
     assert rec[0]["backend"] == backend, rec
+    assert ql.reconstructable  # every CPU backend can hand the BLAS a dequantized weight for many rows
     x = torch.randn(2, 5, k, generator=g).to(dtype)
-    y = ql(x)
-    assert y.shape == (2, 5, n) and y.dtype == dtype
     ref = _reference(x, q.dequantize(), bias, dtype)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    assert float((y.float() - ref).norm() / ref.norm()) < tol
+    for small_m in (64, 0):  # the kernel for few rows, then the dequantize-once path
+        ql.small_m = small_m
+        y = ql(x)
+        assert y.shape == (2, 5, n) and y.dtype == dtype
+        assert float((y.float() - ref).norm() / ref.norm()) < tol
+
+
+@pytest.mark.parametrize("n,k", [(64, 128), (80, 64), (208, 96), (16, 256)])  # whole and partial 64-row blocks
+def test_tinygemm_cpu_layout_reads_back_the_codes(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    q = _uniform(torch.randn(n, k, generator=g), 4, 32)
+    seg = TinyGemmSegment(q, None, "cpu", torch.float32)
+    assert seg.dequantizable
+    assert torch.equal(seg._cpu_codes(), q.codes.to(torch.int32))
+    torch.testing.assert_close(seg.dequantize(torch.float32), q.dequantize(), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backends", [{4: ["packed"], 8: ["packed"]}, {4: ["tinygemm"], 8: ["int8pack", "packed"]}])

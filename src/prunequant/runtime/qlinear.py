@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "packed", "tinygemm", "int8pack", "dense")
 SMALL_M = 64  # input rows up to which the low-bit kernels run; above, see QuantLinear.large_m
+# torch's CPU kernels take time in proportion to the rows (float32, SmolLM2 shapes): tinygemm's 1.5 ms a row
+# meets dequantize + BLAS (~6 ms) at about 4 rows; int8pack (0.75 ms a row) loses to int8 → float + BLAS at 1
+SMALL_M_CPU = {"tinygemm": 4, "int8pack": 0}
 
 
 class Unsupported(Exception):
@@ -97,11 +100,16 @@ class Segment(nn.Module):
     """One uniform-grid part of a weight: (N, k) over input columns ``cols`` (None = all, in order)."""
 
     backend = "?"
+    dequantizable = False  # whether dequantize() exists: many input rows then take the BLAS path
 
     def __init__(self, n: int, k: int, bits: int, group_size: int, cols: torch.Tensor | None):
         super().__init__()
         self.n, self.k, self.bits, self.group_size = n, k, int(bits), int(group_size)
         self.register_buffer("cols", None if cols is None else cols.to(torch.int32).contiguous())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
 
     def gather(self, x2: torch.Tensor) -> torch.Tensor:
         return x2 if self.cols is None else x2.index_select(1, self.cols)
@@ -112,6 +120,8 @@ class Segment(nn.Module):
 
 class PackedSegment(Segment):
     """Codes packed into int32 words, fp16 (or fp32) scales, uint8 (or fp32) zero points."""
+
+    dequantizable = True
 
     def __init__(self, q: QuantState, cols, device, use_triton: bool):
         n, k = q.codes.shape
@@ -193,6 +203,29 @@ class TinyGemmSegment(Segment):
         else:
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.contiguous(), self.inner_k_tiles))
+            # the CPU kernel's time grows with the input rows: prefill dequantizes instead, if we read its layout
+            self.dequantizable = torch.equal(self._cpu_codes(), codes)
+
+    def _cpu_codes(self) -> torch.Tensor:
+        """(N, kpad) int32 codes back from the CPU layout: blocks of 64 rows, each (kpad, 32) bytes holding rows
+        j (low nibble) and j + 32 (high); a last block of t < 64 rows holds rows 2j and 2j + 1."""
+        flat, kp = self.packed.reshape(-1), self.kpad
+        full, t = divmod(self.n, 64)
+        b = flat[:full * kp * 32].reshape(full, kp, 32)
+        blocks = [torch.cat([b & 15, b >> 4], 2).transpose(1, 2).reshape(full * 64, kp)]
+        if t:
+            b = flat[full * kp * 32:].reshape(kp, t // 2)
+            blocks.append(torch.stack([b & 15, b >> 4], 2).reshape(kp, t).t())
+        return torch.cat(blocks).to(torch.int32)
+
+    def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
+        so = self.scale_offset.float()  # (kpad / group, N, 2): w = (q − 8)·scale + offset, as the kernel does
+        g = torch.arange(self.k, device=so.device) // self.tg_group
+        w = torch.addcmul(so[g, :, 1].t(), self._cpu_codes()[:, :self.k].float() - 8, so[g, :, 0].t()).to(dtype)
+        if out is None:
+            return w
+        out[:, col0:col0 + self.k] = w
+        return out
 
     def _pack_cuda(self, codes: torch.Tensor, order: str) -> torch.Tensor:
         even, odd = codes[:, ::2], codes[:, 1::2]
@@ -244,6 +277,15 @@ class Int8PackSegment(Segment):
         self.register_buffer("weight_int8", w.contiguous())
         self.register_buffer("scales", q.scale.to(device, torch.float32)[:, 0].to(dtype).contiguous())
 
+    dequantizable = True
+
+    def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
+        w = (self.weight_int8.float() * self.scales.float()[:, None]).to(dtype)
+        if out is None:
+            return w
+        out[:, col0:col0 + self.k] = w
+        return out
+
     def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
         return torch._weight_int8pack_mm(self.gather(x2).contiguous(), self.weight_int8, self.scales)
 
@@ -293,10 +335,10 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.contiguous())
         self.small_m, self.large_m = small_m, large_m
         self.fused = len(segments) <= 2 and all(isinstance(s, PackedSegment) and s.use_triton for s in segments)
-        self.reconstructable = all(isinstance(s, PackedSegment) for s in segments)
+        self.reconstructable = all(s.dequantizable for s in segments)
         perm = None
         if any(s.cols is not None for s in segments):
-            perm = torch.cat([s.cols if s.cols is not None else torch.arange(in_features, device=s.codes.device,
+            perm = torch.cat([s.cols if s.cols is not None else torch.arange(in_features, device=s.device,
                                                                             dtype=torch.int32)
                               for s in segments]) if self.reconstructable else None
         self.register_buffer("perm", perm)
@@ -308,7 +350,7 @@ class QuantLinear(nn.Module):
 
     def dense_weight(self, dtype) -> torch.Tensor:
         """The weight over ``perm``'s column order (the original order for one segment without cols)."""
-        out = torch.empty(self.out_features, sum(s.k for s in self.segs), device=self.segs[0].codes.device,
+        out = torch.empty(self.out_features, sum(s.k for s in self.segs), device=self.segs[0].device,
                           dtype=dtype)
         col = 0
         for s in self.segs:
@@ -374,6 +416,12 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
                         raise Unsupported(f"probe output differs from the dequantized weight's (rel. error {err:.2e})")
                     if isinstance(seg, PackedSegment) and not torch.equal(seg.dequantize(dtype), W_ref):
                         raise Unsupported("dequantized packed weight differs from the grid's")
+                    if seg.dequantizable and not isinstance(seg, PackedSegment):
+                        err = rel_err(seg.dequantize(dtype), W_ref.float())
+                        if not err <= probe_tolerance(dtype):
+                            seg.dequantizable = False
+                            tried.append(f"{backend} dequantized for many rows: rel. error {err:.2e}; "
+                                         "the kernel takes every row count")
                 chosen = seg
                 break
             except Unsupported as e:
@@ -384,7 +432,9 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
         segs.append(chosen)
         records.append({"bits": bits, "group_size": q.group_size, "k": q.codes.shape[1], "backend": chosen.backend,
                         "fallbacks": tried})
-    ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype)).to(device)
+    ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype),
+                     small_m=SMALL_M if torch.device(device).type == "cuda"
+                     else min(SMALL_M_CPU.get(s.backend, SMALL_M) for s in segs)).to(device)
     if check and ql.fused and len(segs) > 1:
         err = rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
         if not err <= probe_tolerance(dtype):
