@@ -4,6 +4,7 @@ the same TCr, all measured by one protocol, with the search's wall time.
 
     python benchmarks/search_smollm2.py                       # CPU: 12 trials, calibration 32 x 256
     python benchmarks/search_smollm2.py --device cuda --n-trials 20 --calib 128 --seq-len 512 --eval-tokens 40000
+    python benchmarks/search_smollm2.py --device cuda ... --refine blockwise   # refinement as a searched dimension
 
 Writes benchmarks/results/search/<tag>/ (study.db, trials.json, best_recipe.yaml, pareto.png,
 summary.json, summary.md). Resumable: the study continues from study.db, hand-picked rows are cached
@@ -25,27 +26,34 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from prunequant.recipe import PruneSpec, QuantSpec, Recipe
+from prunequant.recipe import PruneSpec, QuantSpec, Recipe, RefineSpec
 
 RESULTS = Path(__file__).parent / "results" / "search"
 MODEL, BUDGET = "smollm2-135m", "tcr=0.875"
 
 
-def hand_picked(group: int = 128) -> dict:
-    """The TCr 0.875 rows of benchmarks/joint_vs_quant.py (groups of 128, ragged)."""
+def hand_picked(group: int = 128, refine: tuple = (), refine_steps: int = 40) -> dict:
+    """The TCr 0.875 rows of benchmarks/joint_vs_quant.py (groups of 128, ragged), each also refined in every
+    mode the search may pick."""
     def Q(bits):
         return QuantSpec("gptq", bits, group, ragged=True)
 
-    return {
+    rows = {
         f"hand: sparsegpt 50% + gptq 4b g{group} [onepass]": ("joint", Recipe(prune=PruneSpec("sparsegpt", 0.5), quant=Q(4))),
         f"hand: sparsegpt 2:4 + gptq 4b g{group} [onepass]": ("joint", Recipe(prune=PruneSpec("sparsegpt", n=2, m=4),
                                                                               quant=Q(4))),
         f"hand: gptq 2b g{group} (quantization only)": ("quant", Recipe(quant=Q(2))),
     }
+    for mode in refine:
+        for name, (kind, r) in list(rows.items()):
+            if r.refine is None:
+                rows[f"{name} · refined {mode}"] = (kind, replace(r, refine=RefineSpec(mode, steps=refine_steps)))
+    return rows
 
 
 def machine(device: str | None) -> str:
@@ -82,7 +90,8 @@ def markdown(summary: dict) -> str:
 
 
 def study_name(a) -> str:
-    return f"smollm2-135m-tcr0.875-c{a.calib}x{a.seq_len}"
+    refine = f"-refine-{'-'.join(a.refine)}-{a.refine_steps}" if a.refine else ""
+    return f"smollm2-135m-tcr0.875-c{a.calib}x{a.seq_len}{refine}"
 
 
 def hand_rows_only(a, out: Path, common: dict) -> None:
@@ -98,7 +107,7 @@ def hand_rows_only(a, out: Path, common: dict) -> None:
     base = ensure_base_eval(study, InlineExecutor(runner))
     f = out / "summary.json"
     rows = []
-    for name, (kind, recipe) in hand_picked(a.hand_group).items():
+    for name, (kind, recipe) in hand_picked(a.hand_group, tuple(a.refine), a.refine_steps).items():
         old = json.loads(f.read_text()) if f.is_file() else {}
         done = {r["config"]: r for r in old.get("rows", [])}
         if name in done:
@@ -115,6 +124,7 @@ def hand_rows_only(a, out: Path, common: dict) -> None:
 
 def main() -> None:
     from prunequant.search import search
+    from prunequant.search.space import SearchSpace
     from prunequant.search.trial import TrialRunner, TrialSetup
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -130,6 +140,9 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--tag", default=None, help="results subfolder (default: cpu or gpu)")
     ap.add_argument("--results", default=None)
+    ap.add_argument("--refine", nargs="*", default=[], choices=["blockwise", "global", "both"],
+                    help="let the search pick these refinement modes (besides none); hand-picked rows run refined too")
+    ap.add_argument("--refine-steps", type=int, default=40, help="refinement steps (searched and hand-picked rows)")
     ap.add_argument("--hand-only", action="store_true",
                     help="only the hand-picked rows (e.g. in a second process while the search runs); they are "
                          "cached in summary.json, where the search's run picks them up")
@@ -145,8 +158,9 @@ def main() -> None:
         return hand_rows_only(a, out, common)
     t0 = time.time()
     res = search(a.model, BUDGET, a.n_trials, storage=f"sqlite:///{(out / 'study.db').resolve()}",
-                 study_name=study_name(a), full_eval_top_k=a.top_k, out=out,
-                 device=a.device, **common)
+                 study_name=study_name(a), full_eval_top_k=a.top_k, out=out, device=a.device,
+                 space=SearchSpace(refine=("none", *a.refine), refine_steps=a.refine_steps) if a.refine else None,
+                 **common)
     search_seconds = time.time() - t0
     if res.best is None:
         sys.exit("no feasible trial")
@@ -158,7 +172,7 @@ def main() -> None:
     rows = [row_of(f"search: {best['short']} (trial {best['number']})", "search", best["recipe"], best,
                    best["full_eval"])]
     runner = None
-    for name, (kind, recipe) in hand_picked(a.hand_group).items():
+    for name, (kind, recipe) in hand_picked(a.hand_group, tuple(a.refine), a.refine_steps).items():
         if name in cached:
             rows.append(cached[name])
             continue
@@ -172,7 +186,7 @@ def main() -> None:
     summary = {"machine": machine(a.device), "n_trials": n_done, "search_seconds": round(search_seconds, 1),
                "note": "search_seconds is this invocation's wall time (a resumed study counts only the new trials)",
                "protocol": {"calib": [a.calib, a.seq_len], "proxy": [a.proxy, a.proxy_len], "eval_tokens": a.eval_tokens,
-                            "top_k": a.top_k},
+                            "top_k": a.top_k, "refine": list(a.refine), "refine_steps": a.refine_steps},
                "base_perplexity": base_ppl, "best_trial": best["number"], "rows": rows,
                "front": [{k: r.get(k) for k in ("number", "short", "tcr", "kl", "top1", "values")} for r in res.front],
                "date": time.strftime("%Y-%m-%d")}
