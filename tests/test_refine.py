@@ -165,6 +165,39 @@ def test_global_stage_lowers_the_calibration_kl():
         assert st.quant.bits == before[n].bits
 
 
+def test_holdout_split():
+    from prunequant.refine.global_kl import split_holdout
+
+    assert split_holdout(16, 0.125) == (list(range(14)), [14, 15])
+    assert split_holdout(8, 0.05) == (list(range(7)), [7])  # at least one window judges
+    train, judge = split_holdout(3, 0.5)  # too few windows to spare one: the trained windows judge
+    assert train == judge == [0, 1, 2]
+    assert split_holdout(16, 0.0)[1] == list(range(16))
+    with pytest.raises(RecipeError, match="holdout"):
+        RefineSpec(mode="global", holdout=1.0)
+
+
+@pytest.mark.parametrize("lr_scale,expect_kept", [(2e-2, True), (30.0, False)])
+def test_global_stage_keeps_the_best_step_on_held_out_windows(lr_scale, expect_kept):
+    from prunequant.refine.global_kl import calib_kl
+
+    model = tiny_model("llama")
+    ids = calib(n=16)
+    teacher = teacher_topk(model, ids, 32, 4, "cpu")
+    rep = compress_model(model, ids, RECIPES["2bit"].plan_for, device="cpu", batch_size=4, progress=False)
+    one_shot = {n: get_weight(model.get_submodule(n)).clone() for n in rep.states}
+    spec = RefineSpec(mode="global", steps=16, lr_scale=lr_scale, holdout=0.25)
+    log = global_refine(model, ids, rep.states, teacher, spec, batch_size=4, device="cpu")
+    assert log["train_windows"] == 12 and log["judge_windows"] == 4
+    curve = [kl for _, kl in log["judge_curve"]]
+    assert log["kept"] == expect_kept
+    assert log["kl_after"] == pytest.approx(min([log["kl_before"], *curve]), abs=1e-6)
+    # the model holds the weights of the step it reports, measured on the windows it never trained on
+    assert calib_kl(model, ids, teacher, 4, "cpu", list(range(12, 16))) == pytest.approx(log["kl_after"], rel=1e-4)
+    if not expect_kept:
+        assert all(torch.equal(get_weight(model.get_submodule(n)), w) for n, w in one_shot.items())
+
+
 def test_compress_with_refinement_exports_the_same_format_and_tcr(tmp_path):
     tok = tiny_tokenizer()
     (tmp_path / "calib.txt").write_text(TRAIN_TEXT * 20)

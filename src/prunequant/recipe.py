@@ -119,12 +119,15 @@ class RefineSpec:
     lr_scale: float = 2e-2
     topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
     global_batch: int = 4  # windows per global step
+    # share of the calibration windows the global stage does not train on but judges by (best step, keep or not)
+    holdout: float = 0.125
     # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
     # own activations at that depth (then each block also learns to undo the error of the blocks before it)
     target: str = "same-inputs"
 
     def __post_init__(self):
-        _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int)
+        _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int,
+                 holdout=float)
         if self.mode not in REFINE_MODES:
             raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
         if self.steps < 1 or self.global_steps < 0:
@@ -135,6 +138,8 @@ class RefineSpec:
             raise RecipeError(f"refine target {self.target!r} unknown; choose same-inputs or original-stream")
         if self.topk < 1 or self.global_batch < 1:
             raise RecipeError("refine topk and global_batch must be >= 1")
+        if not 0 <= self.holdout < 1:
+            raise RecipeError(f"refine holdout {self.holdout} must be a share of the calibration windows in [0, 1)")
 
     @property
     def blockwise(self) -> bool:

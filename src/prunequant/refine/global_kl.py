@@ -6,7 +6,9 @@ so no second model is held. The loss is the KL over those k tokens plus one buck
 vocabulary, KL(p‖q) ≈ Σ_topk p (log p − log q) + r_p log(r_p / r_q), a lower bound of the full KL
 that is tight when the teacher's tail mass is small. Every compressed linear's view (weights.py)
 trains at once; decoder blocks are gradient-checkpointed where the model supports it, so activation
-memory is one block's. The refined weights are kept only if the KL over all calibration windows drops.
+memory is one block's. A share of the calibration windows (``spec.holdout``) is not trained on: the
+weights of the step with the lowest KL on those windows are kept, and only if it is below the one-shot KL
+(with a few windows, KL on the trained windows alone kept steps that had overfit them).
 """
 from __future__ import annotations
 
@@ -48,15 +50,32 @@ def topk_kl(logits: torch.Tensor, t_lp: torch.Tensor, t_idx: torch.Tensor) -> to
     return (kl + r_p * (r_p.log() - r_q.log())).mean()
 
 
+def _windows(ids, teacher, ws: list[int], batch_size: int):
+    """(ids, top-k log-probs, top-k ids) of calibration windows ``ws`` (teacher is stored per batch)."""
+    pick = [teacher[w // batch_size] for w in ws]
+    lp = torch.stack([t[0][w % batch_size] for t, w in zip(pick, ws)])
+    idx = torch.stack([t[1][w % batch_size] for t, w in zip(pick, ws)])
+    return ids[ws], lp, idx
+
+
 @torch.no_grad()
-def calib_kl(model, ids, teacher, batch_size, device) -> float:
-    tot, n = 0.0, 0
-    for j, i in enumerate(range(0, ids.shape[0], batch_size)):
-        lp, idx = teacher[j]
-        logits = model(ids[i:i + batch_size].to(device), use_cache=False).logits
-        tot += float(topk_kl(logits, lp.to(device), idx.to(device))) * lp.shape[0]
-        n += lp.shape[0]
-    return tot / max(n, 1)
+def calib_kl(model, ids, teacher, batch_size, device, windows: list[int] | None = None) -> float:
+    """Mean top-k KL over the calibration ``windows`` (all by default)."""
+    ws = list(range(ids.shape[0])) if windows is None else windows
+    tot = 0.0
+    for i in range(0, len(ws), batch_size):
+        x, lp, idx = _windows(ids, teacher, ws[i:i + batch_size], batch_size)
+        logits = model(x.to(device), use_cache=False).logits
+        tot += float(topk_kl(logits, lp.to(device), idx.to(device))) * x.shape[0]
+    return tot / max(len(ws), 1)
+
+
+def split_holdout(n: int, share: float) -> tuple[list[int], list[int]]:
+    """(training windows, judging windows): the last ``round(n · share)`` windows (at least one when share
+    > 0 and n ≥ 4) judge; with none held out, the training windows judge themselves."""
+    k = 0 if share <= 0 or n < 4 else min(max(round(n * share), 1), n - 1)
+    train, held = list(range(n - k)), list(range(n - k, n))
+    return train, held or train
 
 
 def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batch_size: int, device,
@@ -68,17 +87,20 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
     model.to(device)
     linears = {n: model.get_submodule(n) for n in all_linear_names(model) if n in states}
     views = Attached(linears, states)
-    log = {"steps": spec.n_global_steps, "curve": []}
+    n_steps = spec.n_global_steps
+    train, judge = split_holdout(ids.shape[0], spec.holdout)
+    log = {"steps": n_steps, "curve": [], "train_windows": len(train),
+           "judge_windows": len(judge) if judge is not train else 0, "judge_curve": []}
     if not views:
         model.to(home)
         return log
-    before = calib_kl(model, ids, teacher, batch_size, device)
-    best = views.state_dict_views()
+    before = calib_kl(model, ids, teacher, batch_size, device, judge)
+    best, best_kl, best_step = views.state_dict_views(), before, 0
+    check_every = max(1, n_steps // 8)
     ckpt = bool(getattr(model, "supports_gradient_checkpointing", False))
     was_training = model.training
     rng = random.Random(seed)
-    micro = min(spec.global_batch, batch_size)
-    chunks = [(j, s) for j in range(len(teacher)) for s in range(0, teacher[j][0].shape[0], micro)]
+    micro = min(spec.global_batch, batch_size, len(train))
     order: list = []
     with views.active(model), torch.enable_grad():
         if ckpt:
@@ -90,39 +112,38 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
         opt = _adam(views.param_groups(spec), device)
         running = torch.zeros((), device=device)
         try:
-            for step in range(spec.n_global_steps):
-                if not order:
-                    order = list(chunks)
+            for step in range(n_steps):
+                if len(order) < micro:
+                    order = list(train)
                     rng.shuffle(order)
-                j, s = order.pop()
-                lp, idx = teacher[j]
-                x = ids[j * batch_size + s: j * batch_size + s + micro].to(device)
+                ws, order = order[:micro], order[micro:]
+                x, lp, idx = _windows(ids, teacher, ws, batch_size)
                 with views.weights_once():
-                    loss = topk_kl(model(x, use_cache=False).logits, lp[s:s + micro].to(device),
-                                   idx[s:s + micro].to(device))
+                    loss = topk_kl(model(x.to(device), use_cache=False).logits, lp.to(device), idx.to(device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
                 views.project_()
                 running += loss.detach()  # no host sync per step
-                if (step + 1) % log_every == 0 or step + 1 == spec.n_global_steps:
+                if (step + 1) % log_every == 0 or step + 1 == n_steps:
                     log["curve"].append(round(float(running) / ((step % log_every) + 1), 6))
                     running = torch.zeros((), device=device)
+                if (step + 1) % check_every == 0 or step + 1 == n_steps:
+                    kl = calib_kl(model, ids, teacher, batch_size, device, judge)
+                    log["judge_curve"].append([step + 1, round(kl, 6)])
+                    if math.isfinite(kl) and kl < best_kl:
+                        best, best_kl, best_step = views.state_dict_views(), kl, step + 1
         finally:
             if ckpt:
                 _checkpointing(model, False)
             model.train(was_training)
-        after = calib_kl(model, ids, teacher, batch_size, device)
-    kept = after < before and math.isfinite(after)
-    if not kept:
-        views.load_state_dict_views(best)
+    kept = best_step > 0
+    views.load_state_dict_views(best)
     views.finish()
     model.to(home)
-    log.update(kl_before=before, kl_after=after if kept else before, kl_trained=after, kept=kept,
-               seconds=round(time.perf_counter() - t0, 2))
+    log.update(kl_before=before, kl_after=best_kl, kl_trained=log["judge_curve"][-1][1] if log["judge_curve"]
+               else before, kept=kept, best_step=best_step, seconds=round(time.perf_counter() - t0, 2))
     return log
-
-
 
 def _checkpointing(model, on: bool) -> None:
     """Per-block activation checkpointing on or off (transformers renamed it in version 5)."""
