@@ -43,9 +43,12 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("triton", "packed", "tinygemm", "int8pack", "dense")
 SMALL_M = 64  # input rows up to which the low-bit kernels run; above, see QuantLinear.large_m
-# torch's CPU kernels take time in proportion to the rows (float32, SmolLM2 shapes): tinygemm's 1.5 ms a row
-# meets dequantize + BLAS (~6 ms) at about 4 rows; int8pack (0.75 ms a row) loses to int8 → float + BLAS at 1
-SMALL_M_CPU = {"tinygemm": 4, "int8pack": 0}
+# Rows up to which torch's CPU kernels beat dequantize (~1.4 ms) + BLAS, SmolLM2 shapes, one thread, on an
+# AVX512-BF16 CPU: in float32 tinygemm costs 1.5 ms a row and int8pack 0.75 ms (the BLAS wins from 1-2 rows);
+# in bfloat16 both take ~0.07 ms at one row (dense's speed) and ~0.02 ms a row more (tinygemm: ~256 rows
+# to break even in whole-model prefill with two threads)
+SMALL_M_CPU = {"tinygemm": {torch.float32: 1, torch.bfloat16: 256},
+               "int8pack": {torch.float32: 0, torch.bfloat16: 16}}
 
 
 class Unsupported(Exception):
@@ -204,10 +207,10 @@ class TinyGemmSegment(Segment):
             self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 codes.contiguous(), self.inner_k_tiles))
             # the CPU kernel's time grows with the input rows: prefill dequantizes instead, if we read its layout
-            self.dequantizable = torch.equal(self._cpu_codes(), codes)
+            self.dequantizable = torch.equal(self._cpu_codes().to(torch.int32), codes)
 
     def _cpu_codes(self) -> torch.Tensor:
-        """(N, kpad) int32 codes back from the CPU layout: blocks of 64 rows, each (kpad, 32) bytes holding rows
+        """(N, kpad) uint8 codes back from the CPU layout: blocks of 64 rows, each (kpad, 32) bytes holding rows
         j (low nibble) and j + 32 (high); a last block of t < 64 rows holds rows 2j and 2j + 1."""
         flat, kp = self.packed.reshape(-1), self.kpad
         full, t = divmod(self.n, 64)
@@ -216,12 +219,12 @@ class TinyGemmSegment(Segment):
         if t:
             b = flat[full * kp * 32:].reshape(kp, t // 2)
             blocks.append(torch.stack([b & 15, b >> 4], 2).reshape(kp, t).t())
-        return torch.cat(blocks).to(torch.int32)
+        return torch.cat(blocks) if len(blocks) > 1 else blocks[0]
 
     def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
-        so = self.scale_offset.float()  # (kpad / group, N, 2): w = (q − 8)·scale + offset, as the kernel does
-        g = torch.arange(self.k, device=so.device) // self.tg_group
-        w = torch.addcmul(so[g, :, 1].t(), self._cpu_codes()[:, :self.k].float() - 8, so[g, :, 0].t()).to(dtype)
+        so = self.scale_offset.float().permute(1, 0, 2).contiguous()[:, :, None]  # w = (q − 8)·s + offset
+        c = self._cpu_codes().view(self.n, -1, self.tg_group).float().sub_(8)
+        w = torch.addcmul(so[..., 1], c, so[..., 0]).reshape(self.n, self.kpad)[:, :self.k].to(dtype)
         if out is None:
             return w
         out[:, col0:col0 + self.k] = w
@@ -434,7 +437,7 @@ def build_quant_linear(parts: list[tuple[QuantState, torch.Tensor | None]], in_f
                         "fallbacks": tried})
     ql = QuantLinear(in_features, out_features, segs, None if bias is None else bias.to(device, dtype),
                      small_m=SMALL_M if torch.device(device).type == "cuda"
-                     else min(SMALL_M_CPU.get(s.backend, SMALL_M) for s in segs)).to(device)
+                     else min(SMALL_M_CPU.get(s.backend, {}).get(dtype, SMALL_M) for s in segs)).to(device)
     if check and ql.fused and len(segs) > 1:
         err = rel_err(ql(probe) - (ql.bias if ql.bias is not None else 0), ref_total)
         if not err <= probe_tolerance(dtype):
