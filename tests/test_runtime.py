@@ -193,8 +193,8 @@ def _every_kernel_kind() -> list[dict]:
         if bits in (2, 4, 8):
             cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
                       "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
-        cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": 4, "num_warps": 4, "num_stages": 2},
-                 tw.launch_config(8, n)]
+        cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
+                 for bw in (4, 16) for sp in (1, 2)] + [tw.launch_config(8, n)]
         for m in (1, 5):
             x = torch.randn(m, k, generator=g)
             ref = x @ q.dequantize().t()
@@ -216,7 +216,13 @@ def test_every_kernel_kind_in_the_interpreter():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
-            ("pdot", 1, False), ("dot", 1, False)} <= kinds
+            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False)} <= kinds
+    from types import SimpleNamespace
+
+    from prunequant.runtime.triton_wmm import _pdot_grid
+    grids = {_pdot_grid(SimpleNamespace(bits=b, group_size=g), bw) for b, g, bw in
+             ((4, 128, 4), (8, 0, 4), (3, 64, 4), (4, 32, 16))}
+    assert grids == {0, 1, 2, 3}  # every way the per-position kernel finds its scales is exercised above
     bad = [r for r in rows if not r["err"] < 1e-5]
     assert not bad, bad[:5]
 
@@ -264,7 +270,7 @@ def test_tuner_times_unsplit_tiles_then_splits_of_the_leaders(monkeypatch):
 
     for name, value in {"_TUNED": {}, "_save_cache": lambda: None, "_LOADED": [True],
                         "_tuning_allowed": lambda x: True, "_gemv_candidates": lambda M, N, s: gemv,
-                        "_sdot_candidates": lambda M, N, s: [], "_pdot_candidates": lambda M: [],
+                        "_sdot_candidates": lambda M, N, s: [], "_pdot_candidates": lambda M, N, s: [],
                         "launch_config": lambda M, N: {"kind": "dot"}, "run": run, "_time": clocked,
                         "TUNE_SPLIT_LEADERS": 2}.items():
         monkeypatch.setattr(tw, name, value)

@@ -118,7 +118,8 @@ def _kernels() -> list[dict]:
         xg = x if c is None else x[:, c.long()]
         ref = xg.double() @ q.dequantize().double().t() + b.double()
         cfgs = T._gemv_candidates(m, n, seg)[:2] + [{"kind": "gemv", "BN": 4, "BW": 4, "SPLIT": 3, "num_warps": 2,
-                                                     "num_stages": 1}] + T._pdot_candidates(m)[:1] + \
+                                                     "num_stages": 1}] + T._pdot_candidates(m, n, seg)[:1] + \
+            [dict(T._pdot_candidates(m, n, seg)[0], SPLIT=3)] + \
             [dict(c, SPLIT=3) for c in T._sdot_candidates(m, n, seg)[:1]]
         for cfg in cfgs:
             y = T.run(x, [seg], n, b, cfg)

@@ -363,43 +363,72 @@ if triton is not None:
         else:
             tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
 
-    @triton.jit(do_not_specialize=["M", "N", "K", "KW", "GS"])
-    def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, GS,
-                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, WORD_GROUPS: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+    @triton.jit(do_not_specialize=["M", "N", "GS"])
+    def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
+                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ATOMIC: tl.constexpr, IEEE: tl.constexpr,
                      BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
-        # Tensor-core product over word tiles: for each word position j, the (BN, BW) weights of code j
-        # (dequantized exactly: fma(c·2^sh, s·2^-sh, −z·s) = s·(c − z)) meet the input columns
-        # rw·per + j in one tl.dot — no reshape of the unpacked codes.
+        # Tensor-core product over word tiles, program (m-tile · n-tile, k-split): for each word position j,
+        # the (BN, BW) weights of code j (dequantized exactly: fma(c·2^sh, s·2^-sh, −z·s) = s·(c − z)) meet
+        # the input columns rw·per + j in one tl.dot — no reshape of the unpacked codes. The next tile's
+        # words are loaded before this one is used. GRID as in _gemv_kernel: 0 groups change inside words,
+        # 1 per word, 2 the tile lies inside one group (one scale per row), 3 one group per row.
         PER: tl.constexpr = 32 // BITS
-        rm, rn, m_mask, n_mask = _tile(M, N, BM, BN)
+        n_tiles = tl.cdiv(N, BN)
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = (pid % n_tiles) * BN + tl.arange(0, BN)
+        rm = (pid // n_tiles) * BM + tl.arange(0, BM)
+        m_mask = rm < M
+        n_mask = rn < N
+        w_lo = pid_k * KWS
+        w_hi = tl.minimum(w_lo + KWS, KW)
+        rw = w_lo + tl.arange(0, BW)
+        w_mask = rw < w_hi
+        words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & w_mask[None, :], other=0)
+        if GRID == 3:
+            s = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            z = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for w0 in range(0, KW, BW):
-            rw = w0 + tl.arange(0, BW)
-            w_mask = rw < KW
-            nw_mask = n_mask[:, None] & w_mask[None, :]
-            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
-            if WORD_GROUPS:
+        for w0 in range(w_lo, w_hi, BW):
+            rw_n = rw + BW
+            w_mask_n = rw_n < w_hi
+            words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=n_mask[:, None] & w_mask_n[None, :],
+                              other=0)
+            if GRID == 1:
                 g = (rw * PER) // GS
+                nw_mask = n_mask[:, None] & w_mask[None, :]
                 s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
                 z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
-                zs = z * s
+            elif GRID == 2:
+                g = (w0 * PER) // GS
+                s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+                z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)[:, None]
             for j in tl.static_range(PER):
                 k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
                 x = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
                             other=0.0)
                 f = _code_at(words, j, BITS)
-                if WORD_GROUPS:
-                    w = tl.fma(f, s * _inv_shift(j, BITS), -zs)
-                else:
+                if GRID == 0:
                     sj, zj = _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS)
                     w = (f * _inv_shift(j, BITS) - zj) * sj
+                else:
+                    w = tl.fma(f, s * _inv_shift(j, BITS), -(z * s))
                 w = w.to(x.dtype)
                 if IEEE:
                     acc += tl.dot(x, tl.trans(w), input_precision="ieee")
                 else:
                     acc += tl.dot(x, tl.trans(w))
-        _store_tile(acc, Y, sym, 1, BIAS, rm, rn, m_mask, n_mask, HAS_BIAS)
+            words, rw, w_mask = words_n, rw_n, w_mask_n
+        if HAS_BIAS:  # added by the first k-split only
+            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        ptr = Y + rm[:, None] * sym + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptr, acc, mask=mask)
+        else:
+            tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
     def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
@@ -486,12 +515,21 @@ def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
     return out
 
 
-def _pdot_candidates(M: int) -> list[dict]:
+def _pdot_candidates(M: int, N: int, seg) -> list[dict]:
+    """Per-position tensor-core tiles (no reshape of the unpacked codes), with k-splits for few rows."""
     bm = max(16, _pow2(M))
     if bm > 64:
         return []
-    return [{"kind": "pdot", "BM": bm, "BN": bn, "BW": bw, "num_warps": w, "num_stages": st}
-            for bn, bw, w, st in ((32, 16, 4, 3), (64, 32, 8, 3))]
+    kw = seg.codes.shape[1]
+    out = []
+    for bn, bw, warps, stages in ((32, 16, 4, 3), (64, 32, 8, 3), (16, 16, 4, 2), (32, 32, 4, 2)):
+        tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
+        for split in (1, 2, 4, 8):
+            if split > 1 and (kw < 2 * split * bw or tiles * split > 4096):
+                break
+            out.append({"kind": "pdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
+                        "num_stages": stages})
+    return out
 
 
 def _dot_candidates(M: int) -> list[dict]:
@@ -648,7 +686,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
         seg = segments[0]
         # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
         cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + \
-            (_sdot_candidates(M, N, seg) if M > 1 else []) + (_pdot_candidates(M) if M > 8 else [])
+            (_sdot_candidates(M, N, seg) + _pdot_candidates(M, N, seg) if M > 1 else [])
     else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
         cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
     ref = run(x, segments, N, bias, default).float()
@@ -798,19 +836,34 @@ def _sdot(x, seg, N, bias, cfg) -> torch.Tensor:
     return y.to(x.dtype) if atomic else y
 
 
+def _pdot_grid(seg, bw: int) -> int:
+    """GRID of _pdot_kernel for word tiles of ``bw`` words (see _gemv_grid)."""
+    per = per_word(seg.bits)
+    if seg.group_size <= 0:
+        return 3
+    if seg.group_size % per:
+        return 0
+    return 2 if seg.group_size % (bw * per) == 0 else 1
+
+
 def _pdot(x, seg, N, bias, cfg) -> torch.Tensor:
     M = x.shape[0]
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    gs, wg = _word_groups(seg)
-    grid = (triton.cdiv(N, cfg["BN"]), triton.cdiv(M, cfg["BM"]))
+    kw, bw = seg.codes.shape[1], cfg["BW"]
+    kws = triton.cdiv(triton.cdiv(kw, cfg.get("SPLIT", 1)), bw) * bw
+    split = triton.cdiv(kw, kws)
+    atomic = split > 1
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else \
+        torch.empty((M, N), device=x.device, dtype=x.dtype)
+    gs, _ = _word_groups(seg)
+    grid = (triton.cdiv(N, cfg["BN"]) * triton.cdiv(M, cfg["BM"]), split)
     _pdot_kernel[grid](x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
                        seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
-                       seg.cols if seg.cols is not None else seg.codes, seg.k, seg.codes.shape[1], gs,
-                       BITS=seg.bits, HAS_COLS=seg.cols is not None, WORD_GROUPS=wg,
-                       HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-                       BM=cfg["BM"], BN=cfg["BN"], BW=cfg["BW"], num_warps=cfg["num_warps"],
+                       seg.cols if seg.cols is not None else seg.codes, seg.k, kw, kws, gs,
+                       BITS=seg.bits, HAS_COLS=seg.cols is not None, GRID=_pdot_grid(seg, bw),
+                       HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x.dtype == torch.float32,
+                       BM=cfg["BM"], BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"],
                        num_stages=cfg["num_stages"])
-    return y
+    return y.to(x.dtype) if atomic else y
 
 
 def _dot(x, segments, N, bias, cfg) -> torch.Tensor:
