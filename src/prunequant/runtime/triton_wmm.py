@@ -106,6 +106,20 @@ if triton is not None:
         tl.store(Y + rm[:, None] * sym + rn[None, :] * syn, acc.to(Y.dtype.element_ty),
                  mask=m_mask[:, None] & n_mask[None, :])
 
+    @triton.jit
+    def _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS: tl.constexpr,
+                     ATOMIC: tl.constexpr):
+        """Store a k-split's (BM, BN) partial sum: the bias from the first split only, atomically if split."""
+        if HAS_BIAS:
+            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        ptr = Y + rm[:, None] * sym + rn[None, :]
+        mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(ptr, acc, mask=mask)
+        else:
+            tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+
     @triton.jit(do_not_specialize=["M", "N", "KA", "KB", "GSA", "GSB"])
     def _wmm_kernel(X, sxm, sxk, Y, sym, syn, BIAS, M, N,
                     CA, scna, SA, ZA, ssna, COLA, KA, GSA,
@@ -353,15 +367,7 @@ if triton is not None:
             else:
                 acc += tl.dot(x, tl.trans(w))
             words, rw = words_n, rw_n
-        if HAS_BIAS:
-            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-        ptr = Y + rm[:, None] * sym + rn[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptr, acc, mask=mask)
-        else:
-            tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+        _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
@@ -420,15 +426,7 @@ if triton is not None:
                 else:
                     acc += tl.dot(x, tl.trans(w))
             words, rw, w_mask = words_n, rw_n, w_mask_n
-        if HAS_BIAS:  # added by the first k-split only
-            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-        ptr = Y + rm[:, None] * sym + rn[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(ptr, acc, mask=mask)
-        else:
-            tl.store(ptr, acc.to(Y.dtype.element_ty), mask=mask)
+        _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
     def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
