@@ -182,7 +182,7 @@ def _every_kernel_kind() -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(1)
     for bits, gs, sym, k in ((4, 128, False, 512), (8, 0, True, 256), (2, 64, False, 512), (4, 32, False, 256),
-                             (3, 64, False, 192)):
+                             (3, 64, False, 192), (4, 128, False, 300)):  # the last: a ragged group and word
         n = 40
         q = _uniform(torch.randn(n, k, generator=g), bits, gs, sym)
         ql, _ = build_quant_linear([(q, None)], k, n, None, device="cpu", dtype=torch.float32,
@@ -195,6 +195,12 @@ def _every_kernel_kind() -> list[dict]:
                       "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
         cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
                  for bw in (4, 16) for sp in (1, 2)] + [tw.launch_config(8, n)]
+        buf = torch.full((n, k + 7), float("nan"))  # prefill's dequantization, into a wider buffer at column 3
+        tw.dequantize_into(seg, buf, 3)
+        words = tw._is_pow2(per) and tw._tile_groups(gs, 32 * per) is not None
+        out.append({"case": f"{bits}b g{gs} dequant", "cfg": {"kind": "dequant", "words": words},
+                    "err": float((buf[:, 3:3 + k] - seg.dequantize_torch(torch.float32)).abs().max())
+                    + float(buf[:, :3].isfinite().any() or buf[:, 3 + k:].isfinite().any())})
         for m in (1, 5):
             x = torch.randn(m, k, generator=g)
             ref = x @ q.dequantize().t()
@@ -217,13 +223,14 @@ def test_every_kernel_kind_in_the_interpreter():
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False)} <= kinds
+    assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     from types import SimpleNamespace
 
     from prunequant.runtime.triton_wmm import _pdot_grid
     grids = {_pdot_grid(SimpleNamespace(bits=b, group_size=g), bw) for b, g, bw in
              ((4, 128, 4), (8, 0, 4), (3, 64, 4), (4, 32, 16))}
     assert grids == {0, 1, 2, 3}  # every way the per-position kernel finds its scales is exercised above
-    bad = [r for r in rows if not r["err"] < 1e-5]
+    bad = [r for r in rows if not (r["err"] == 0 if r["cfg"]["kind"] == "dequant" else r["err"] < 1e-5)]
     assert not bad, bad[:5]
 
 

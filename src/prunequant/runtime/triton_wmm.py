@@ -428,6 +428,38 @@ if triton is not None:
             words, rw, w_mask = words_n, rw_n, w_mask_n
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
+    @triton.jit(do_not_specialize=["N", "K", "KW", "GS", "col0"])
+    def _dequant_words_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, KW, GS,
+                              BITS: tl.constexpr, NGT: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        # Prefill's dequantization, bound by the bytes it writes: each word is read once and unpacked into
+        # its codes in registers, one scale / zero point per row and group of the tile (NGT: groups per
+        # tile; 0 one group per row), the (BN, BW·per) tile stored at once.
+        PER: tl.constexpr = 32 // BITS
+        LOW: tl.constexpr = (1 << BITS) - 1
+        BK: tl.constexpr = BW * PER
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rw = tl.program_id(1) * BW + tl.arange(0, BW)
+        n_mask = rn < N
+        words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < KW)[None, :], other=0)
+        rj = tl.arange(0, PER)
+        f = (((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000).to(tl.float32, bitcast=True)
+        f = f - 8388608.0
+        k0 = tl.program_id(1) * BK
+        if NGT <= 1:
+            g = k0 // GS  # NGT 0: GS is past the last column, so every k is in group 0
+            s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+            z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+            w = (tl.reshape(f, (BN, BK)) - z[:, None]) * s[:, None]
+        else:
+            g = k0 // GS + tl.arange(0, NGT)
+            gm = n_mask[:, None] & (g * GS < K)[None, :]
+            s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            w = tl.reshape((tl.reshape(f, (BN, NGT, BK // NGT)) - z[:, :, None]) * s[:, :, None], (BN, BK))
+        rk = k0 + tl.arange(0, BK)
+        tl.store(OUT + rn[:, None] * son + (col0 + rk)[None, :], w.to(OUT.dtype.element_ty),
+                 mask=n_mask[:, None] & (rk < K)[None, :])
+
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
     def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
                         BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
@@ -780,15 +812,24 @@ def _gemv_grid(seg, bw: int) -> tuple[int, int]:
     return 1, 1
 
 
-def _sdot_groups(group_size: int, bk: int) -> int:
-    """NGT of _sdot_kernel for k-tiles of ``bk`` columns (0: one group per row)."""
+def _tile_groups(group_size: int, bk: int) -> int | None:
+    """Groups per k-tile of ``bk`` columns: 0 one group per row, 1 the tile lies inside one group, more the
+    tile holds that many whole groups (a power of two); None otherwise."""
     if group_size <= 0:
         return 0
     if group_size % bk == 0:
         return 1
     if bk % group_size == 0 and _is_pow2(bk // group_size):
         return bk // group_size
-    raise ValueError(f"k-tiles of {bk} columns neither lie inside nor hold whole groups of {group_size}")
+    return None
+
+
+def _sdot_groups(group_size: int, bk: int) -> int:
+    """NGT of _sdot_kernel for k-tiles of ``bk`` columns."""
+    ngt = _tile_groups(group_size, bk)
+    if ngt is None:
+        raise ValueError(f"k-tiles of {bk} columns neither lie inside nor hold whole groups of {group_size}")
+    return ngt
 
 
 def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
@@ -889,7 +930,16 @@ def _dot(x, segments, N, bias, cfg) -> torch.Tensor:
 def dequantize_into(seg, out: torch.Tensor, col0: int = 0) -> torch.Tensor:
     """Write segment ``seg``'s weights into ``out[:, col0 : col0 + seg.k]`` (out: (N, ≥ col0 + k))."""
     N, K = seg.codes.shape[0], seg.k
-    bn, bk = 32, 128
+    per, kw = per_word(seg.bits), seg.codes.shape[1]
+    bn, bw = 16, 32
+    ngt = _tile_groups(seg.group_size, bw * per) if _is_pow2(per) else None
+    if ngt is not None:
+        gs = seg.group_size if seg.group_size > 0 else K + 1
+        _dequant_words_kernel[(triton.cdiv(N, bn), triton.cdiv(kw, bw))](
+            seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0), out, out.stride(0), col0,
+            N, K, kw, gs, BITS=seg.bits, NGT=ngt, BN=bn, BW=bw, num_warps=4)
+        return out
+    bn, bk = 32, 128  # groups that change inside words, or codes per word not a power of two (3 bits)
     gs = seg.group_size if seg.group_size > 0 else K + 1
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     _dequant_kernel[grid](seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
