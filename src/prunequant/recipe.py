@@ -119,6 +119,8 @@ class RefineSpec:
     lr_scale: float = 2e-2
     topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
     global_batch: int = 4  # windows per global step
+    # the global stage moves every layer at once: its rates are lr_code and lr_scale times this
+    global_lr: float = 1.0
     # share of the calibration windows the global stage does not train on but judges by (best step, keep or not)
     holdout: float = 0.125
     # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
@@ -127,11 +129,13 @@ class RefineSpec:
 
     def __post_init__(self):
         _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int,
-                 holdout=float)
+                 holdout=float, global_lr=float)
         if self.mode not in REFINE_MODES:
             raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
         if self.steps < 1 or self.global_steps < 0:
             raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
+        if not self.global_lr > 0:
+            raise RecipeError(f"refine global_lr {self.global_lr} must be positive (a multiplier of the rates)")
         if not (self.lr_code > 0 and self.lr_scale >= 0):
             raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
         if self.target not in ("same-inputs", "original-stream"):

@@ -109,7 +109,7 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
-        opt = _adam(views.param_groups(spec), device)
+        opt = _adam([dict(g, lr=g["lr"] * spec.global_lr) for g in views.param_groups(spec)], device)
         running = torch.zeros((), device=device)
         try:
             for step in range(n_steps):
