@@ -327,3 +327,18 @@ def test_original_stream_targets_follow_the_uncompressed_model():
     assert all(b["kept"] and b["error_after"] < b["error_before"] for b in ref.log)
     with pytest.raises(RecipeError, match="target"):
         RefineSpec(target="teacher")
+
+
+def test_global_lr_scales_the_global_stage_rates():
+    """global_lr multiplies the global stage's rates: near zero the weights (and the KL) stay where the
+    block-wise stage left them; at 1 they move."""
+    moved = {}
+    for mult in (1e-7, 1.0):
+        model = tiny_model("llama")
+        ids = calib(n=8)
+        teacher = teacher_topk(model, ids, 32, 4, "cpu")
+        rep = compress_model(model, ids, RECIPES["2bit"].plan_for, device="cpu", batch_size=4, progress=False)
+        spec = RefineSpec(mode="global", steps=4, holdout=0, global_lr=mult)
+        log = global_refine(model, ids, rep.states, teacher, spec, batch_size=4, device="cpu")
+        moved[mult] = max(abs(kl - log["kl_before"]) for _, kl in log["judge_curve"])
+    assert moved[1e-7] < 1e-5 < moved[1.0]
