@@ -119,8 +119,9 @@ class RefineSpec:
     lr_scale: float = 2e-2
     topk: int = 64  # teacher log-probabilities kept per token for the global KL (plus the tail mass)
     global_batch: int = 4  # windows per global step
-    # the global stage moves every layer at once: its rates are lr_code and lr_scale times this
-    global_lr: float = 1.0
+    # the global stage moves every layer at once: its rates are lr_code and lr_scale times this (0.1 chosen on
+    # held-out calibration windows, BENCHMARKS.md, issue 19)
+    global_lr: float = 0.1
     # share of the calibration windows the global stage does not train on but judges by (best step, keep or not)
     holdout: float = 0.125
     # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
