@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 CALIB = ("Alpha beta gamma delta. " * 40 + "\n") * 30
 FAST = ["--calib-samples", "4", "--seq-len", "16"]
 
-# Runs the CLI, but stops for good after block 0's checkpoint is on disk (and says so in a marker file),
+# Runs the CLI, but stops for good once block 0's checkpoint is on disk (and says so in a marker file),
 # so that the test can SIGKILL it at a known point.
 STOP_AFTER_BLOCK_0 = """
 import pathlib, sys, time
@@ -26,6 +26,7 @@ save = ck.Checkpoint.save_block
 def save_then_wait(self, i, *a, **k):
     save(self, i, *a, **k)
     if i == 0:
+        self.wait()  # save_block hands the files to a writer thread; the marker must follow them to disk
         pathlib.Path(sys.argv[1]).write_text("block 0 saved")
         time.sleep(600)
 ck.Checkpoint.save_block = save_then_wait
