@@ -427,7 +427,7 @@ def model_table(args) -> list[dict]:
         try:
             model, tok = build_dense(args, device, pruned=config == "mix+pruned")
             ref = None
-            if config != "dense" and not args.model:
+            if config != "dense" and not args.model and args.twin:
                 twin, _ = build_dense(args, device, pruned=config == "mix+pruned")
                 ref = dequantized_twin_tokens(twin, config, args, device)
                 del twin
@@ -490,6 +490,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=20480)
     ap.add_argument("--ids", default=None, help="a .pt file with evaluation token ids under 'eval' (offline)")
+    ap.add_argument("--no-twin", dest="twin", action="store_false",
+                    help="skip the random model's dequantized twin (its token check means little on flat logits)")
     ap.add_argument("--profile", type=int, nargs="*", default=None,
                     help="model table: profile the graph-replayed decode at these batch sizes (torch profiler)")
     ap.add_argument("--out", default=None)
