@@ -195,6 +195,9 @@ def _every_kernel_kind() -> list[dict]:
                       "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
         cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
                  for bw in (4, 16) for sp in (1, 2)] + [tw.launch_config(8, n)]
+        if k == 300:  # more splits than this K holds: a tile tuned on a longer layer of its size bucket
+            cfgs += [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": 8, "num_warps": 4, "num_stages": 1, "U3": False},
+                     {"kind": "pdot", "BM": 16, "BN": 16, "BW": 16, "SPLIT": 8, "num_warps": 4, "num_stages": 2}]
         buf = torch.full((n, k + 7), float("nan"))  # prefill's dequantization, into a wider buffer at column 3
         tw.dequantize_into(seg, buf, 3)
         words = tw._is_pow2(per) and tw._tile_groups(gs, 32 * per) is not None
@@ -286,6 +289,37 @@ def test_tuner_times_unsplit_tiles_then_splits_of_the_leaders(monkeypatch):
     assert key(cfg) == ("gemv", 8, 4)
     assert {k for k in timed if k[2] == 1} == {("dot", None, 1), ("gemv", 4, 1), ("gemv", 8, 1), ("gemv", 16, 1)}
     assert {k for k in timed if k[2] != 1} == {("gemv", 8, 2), ("gemv", 8, 4), ("gemv", 16, 4)}  # (16, 2) rejected
+
+
+def test_layers_of_one_size_bucket_share_one_tuning(monkeypatch):
+    """A channel-mixed model gives every layer its own hi/lo column counts: layers within an eighth of a
+    power of two of each other share one tuned tile instead of each timing every candidate."""
+    from prunequant.runtime import triton_wmm as tw
+
+    x = torch.zeros(1, 8)
+
+    def segs(k_hi):
+        cols = torch.zeros(1, dtype=torch.int32)
+        return [types.SimpleNamespace(bits=8, group_size=128, k=k_hi, cols=cols),
+                types.SimpleNamespace(bits=4, group_size=128, k=4096 - k_hi, cols=cols)]
+
+    assert tw.tune_key(x, segs(1017), 10752, False) == tw.tune_key(x, segs(1020), 10700, False)
+    assert tw.tune_key(x, segs(1017), 10752, False) != tw.tune_key(x, segs(1500), 10752, False)
+    assert tw.tune_key(x, segs(1017), 4096, False) != tw.tune_key(x, segs(1017), 14336, False)
+    assert [tw._size_bucket(n) for n in (4096, 6144, 14336, 28672)] == [4096, 6144, 14336, 28672]
+    assert all(n <= tw._size_bucket(n) <= n * 1.25 for n in range(1, 5000))
+    tuned_once = []
+    monkeypatch.setattr(tw, "_TUNED", {})
+    monkeypatch.setattr(tw, "_LOADED", [True])
+    monkeypatch.setattr(tw, "_save_cache", lambda: None)
+    monkeypatch.setattr(tw, "_tuning_allowed", lambda x: True)
+    monkeypatch.setattr(tw, "run", lambda *a: tuned_once.append(1) or torch.ones(1, 16))
+    monkeypatch.setattr(tw, "_time", lambda fn: 1.0)
+    monkeypatch.setattr(tw, "_dot_candidates", lambda M: [])
+    monkeypatch.setattr(tw, "launch_config", lambda M, N: {"kind": "dot"})
+    first = tw.tuned(x, segs(1017), 10752, None)
+    calls = len(tuned_once)
+    assert calls > 0 and tw.tuned(x, segs(1023), 10752, None) == first and len(tuned_once) == calls
 
 
 def test_untuned_blocks_tuning_and_nests():

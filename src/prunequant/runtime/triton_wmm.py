@@ -614,6 +614,14 @@ def _bucket(M: int) -> int:
     return M if M <= 8 else _pow2(M)
 
 
+def _size_bucket(n: int) -> int:
+    """``n`` rounded up to an eighth of the power of two above it: a channel-mixed or non-uniformly pruned
+    model gives each layer its own column counts, and tuning each one alone would time hundreds of
+    layers that want the same tiles (every configuration is valid for every size: splits follow K)."""
+    step = max(1, _pow2(n) // 8)
+    return -(-int(n) // step) * step
+
+
 _DEVICE_NAMES: dict[int, str] = {}
 
 
@@ -628,8 +636,9 @@ def _device_name(t: torch.Tensor) -> str:
 
 def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
     dev = _device_name(x)
-    segs = ";".join(f"{s.bits}b,g{s.group_size},k{s.k},{'cols' if s.cols is not None else 'all'}" for s in segments)
-    return f"{dev}|m{_bucket(x.shape[0])}|n{N}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
+    segs = ";".join(f"{s.bits}b,g{s.group_size},k{_size_bucket(s.k)},{'cols' if s.cols is not None else 'all'}"
+                    for s in segments)
+    return f"{dev}|m{_bucket(x.shape[0])}|n{_size_bucket(N)}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
 
 
 _UNTUNED = [0]
