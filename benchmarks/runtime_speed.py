@@ -62,14 +62,14 @@ def emit(row: dict, args) -> None:
             f.write(json.dumps(row) + "\n")
 
 
-def profile_decode(model, prompt, steps: int = 16, top: int = 12) -> dict:
+def profile_decode(model, prompt, steps: int = 16, top: int = 12, compile=False) -> dict:
     """Where a graph-replayed decode step spends GPU time: the kernels (torch profiler, CUPTI) by total
     device time, in µs per step and as a share of all kernel time."""
     from torch.profiler import ProfilerActivity, profile
 
     from prunequant.runtime.serve import GraphDecoder
 
-    dec = GraphDecoder(model, prompt, steps)
+    dec = GraphDecoder(model, prompt, steps, compile)
     dec.reset()
     dec.run(steps)
     dec.reset()
@@ -357,7 +357,8 @@ def measure(model, args, device, label: str, ref_tokens=None) -> dict:
         prompt = torch.randint(0, vocab, (b, args.decode_prompt), generator=g).to(device)
         with Peak(device) as p:
             if cuda:
-                tps, toks = decode_graph_tps(model, prompt, args.decode, args.warmup, args.repeats)
+                tps, toks = decode_graph_tps(model, prompt, args.decode, args.warmup, args.repeats,
+                                             compile=args.compile)
             else:
                 from structural_speed import decode_eager_tps, decode_tokens_eager
 
@@ -457,13 +458,13 @@ def model_table(args) -> list[dict]:
                 for b in args.profile:
                     prompt = torch.randint(0, model.config.vocab_size, (b, args.decode_prompt), generator=g)
                     try:
-                        row[f"profile_decode_b{b}"] = profile_decode(model, prompt.to(device))
+                        row[f"profile_decode_b{b}"] = profile_decode(model, prompt.to(device), compile=args.compile)
                     except Exception as e:  # noqa: BLE001 - a profiler without CUPTI: keep the row
                         row[f"profile_decode_b{b}"] = {"error": f"{type(e).__name__}: {e}"[:200]}
         except Exception as e:  # noqa: BLE001 - one failing configuration keeps its row with the reason
             traceback.print_exc()
             row = {"config": config, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-        row.update(table="model", model=args.model or f"llama-{args.shape}-random")
+        row.update(table="model", model=args.model or f"llama-{args.shape}-random", compiled=bool(args.compile and cuda))
         rows.append(row)
         emit(row, args)
         model = None
@@ -490,6 +491,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ppl-tokens", type=int, default=20480)
     ap.add_argument("--ids", default=None, help="a .pt file with evaluation token ids under 'eval' (offline)")
+    ap.add_argument("--compile", action="store_true",
+                    help="decode steps through torch.compile on both sides (the model body fused; kernels as ops)")
     ap.add_argument("--no-twin", dest="twin", action="store_false",
                     help="skip the random model's dequantized twin (its token check means little on flat logits)")
     ap.add_argument("--profile", type=int, nargs="*", default=None,

@@ -270,10 +270,11 @@ def forced_decode_logits(model, prompt, forced) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def decode_graph_tps(model, prompt, new_tokens, warmup, repeats, check_steps: int = 16):
-    """One greedy decode step captured as a CUDA graph (runtime.serve.GraphDecoder), replayed ``new_tokens``
-    times per timed run. Returns (tokens/s, the first ``check_steps`` tokens it produced)."""
-    dec = GraphDecoder(model, prompt, new_tokens)
+def decode_graph_tps(model, prompt, new_tokens, warmup, repeats, check_steps: int = 16, compile=False):
+    """One greedy decode step captured as a CUDA graph (runtime.serve.GraphDecoder; ``compile``: of the
+    torch.compile'd forward), replayed ``new_tokens`` times per timed run. Returns (tokens/s, the first
+    ``check_steps`` tokens it produced)."""
+    dec = GraphDecoder(model, prompt, new_tokens, compile)
     dec.reset()  # check run: the tokens the graph produces (compared with the eager decode's)
     toks = []
     for _ in range(min(check_steps, new_tokens)):

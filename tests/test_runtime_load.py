@@ -271,3 +271,74 @@ def test_projections_with_different_packing_stay_apart(tmp_path):
     packed, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
     ref = load_compact(out, dtype=torch.float32)
     assert_same_logits(logits(ref), logits(packed))
+
+
+def _compiled_step(backend: str) -> dict:
+    """One decode step of a tiny packed model (q/k/v and gate/up fused), eager and through torch.compile:
+    the logits, and how many times the packed kernel ran in each."""
+    from transformers import StaticCache
+
+    from prunequant.runtime import fuse_siblings, pack_model, triton_wmm
+    from prunequant.runtime.serve import compiled
+    from structural_models import calib, tiny_model
+    from test_runtime import _uniform
+
+    torch.manual_seed(0)
+    model = tiny_model(layers=2, hidden=64, inter=96, heads=4, kv=2).eval()
+    states = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name:
+            states[name] = _uniform(mod.weight.data.float(), 4, 32)
+            mod.weight.data.copy_(states[name].dequantize())
+    with torch.no_grad():
+        pack_model(model, states, prefer={4: ["triton"]})
+        fused = fuse_siblings(model, torch.float32)
+    calls, kernel = [0], triton_wmm.matmul
+
+    def counting(*a, **k):
+        calls[0] += 1
+        return kernel(*a, **k)
+    triton_wmm.matmul = counting
+    out = {"fused": fused}
+    with torch.inference_mode():
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        ids = calib(1, 12)
+        tok = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:].argmax(-1)
+        step = compiled(model, backend)
+        for name, fwd in (("eager", model), ("compiled", step), ("compiled again", step)):
+            for layer in cache.layers:  # every step at the same position
+                layer.cumulative_length.fill_(ids.shape[1])
+            calls[0] = 0
+            logits = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            out[name] = {"calls": calls[0], "logits": logits.flatten().tolist()}
+    out["shared_state_released"] = all(m._x is None and m._y is None for m in model.modules()
+                                       if type(m).__name__ == "SharedProjection")
+    return out
+
+
+def test_packed_kernels_trace_into_torch_compile():
+    """The Triton kernels enter a compiled graph as custom ops (interpreter here): same logits, and a fused
+    q/k/v or gate/up projection still runs its kernel once per step, not once per sibling."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
+    code = ("import json, torch; torch.set_num_threads(1); import test_runtime_load as t; "
+            "print(json.dumps(t._compiled_step('aot_eager')))")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["fused"] == 4 and r["shared_state_released"]
+    assert r["eager"]["calls"] == 8  # per block: q/k/v, o, gate/up, down
+    for name in ("compiled", "compiled again"):
+        assert r[name]["calls"] == 8, r[name]["calls"]
+        diff = max(abs(a - b) for a, b in zip(r[name]["logits"], r["eager"]["logits"]))
+        assert diff < 1e-5, diff
+
+
+def test_bench_decodes_through_torch_compile_on_the_cpu(tmp_path):
+    from prunequant.runtime.serve import bench, load_for_serving
+
+    out, _, _ = _exports(tmp_path)
+    model, _, _ = load_for_serving(str(out), "cpu", torch.float32)
+    res = bench(model, [2], 16, 4, decode_prompt_len=8, repeats=1, compile="aot_eager")
+    assert res["decode_compiled"] and res["decode"]["2"] > 0

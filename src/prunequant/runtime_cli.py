@@ -30,6 +30,9 @@ def add_serve_parsers(sub) -> None:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", help="write the results to this JSON file")
     b.add_argument("--against", help="a model to measure the same way (e.g. the uncompressed one)")
+    b.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile (both models): fuses the norms, RoPE and adds between the "
+                        "layers, most of a batch-1 step besides the weights; the first steps compile")
     _add_device_args(b)
 
 
@@ -88,7 +91,8 @@ def cmd_bench(a) -> int:
     device, dtype = _device_of(a)
     model, _, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, kernel=a.kernel, verify=a.verify)
     res = {"model": a.dir, "load": rec}
-    res.update(bench(model, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats))
+    res.update(bench(model, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats,
+                     compile=a.compile))
     print(format_bench(a.dir, res))
     if a.against:
         del model
@@ -96,7 +100,8 @@ def cmd_bench(a) -> int:
             torch.cuda.empty_cache()
         base, _, brec = load_for_serving(a.against, device, dtype, verify=a.verify)
         res["against"] = {"model": a.against, "load": brec}
-        res["against"].update(bench(base, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats))
+        res["against"].update(bench(base, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats,
+                                    compile=a.compile))
         res["ratios"] = ratios(res, res["against"])
         print(format_bench(a.against, res["against"]))
         r = res["ratios"]

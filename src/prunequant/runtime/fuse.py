@@ -30,7 +30,8 @@ class SharedProjection(nn.Module):
         self._x = self._version = self._y = None
 
     def output(self, x: torch.Tensor, last: bool) -> torch.Tensor:
-        version = None if x.is_inference() else x._version  # inference tensors keep no version counter
+        # traced by torch.compile: the identity of the traced input decides (no version counters there)
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
         if self._x is not x or self._version != version:
             self._y, self._x, self._version = self.linear(x), x, version
         y = self._y

@@ -37,7 +37,7 @@ from torch import nn
 
 from ..solvers.base import QuantState
 from ..solvers.grid import group_index
-from . import triton_wmm
+from . import ops, triton_wmm
 
 log = logging.getLogger(__name__)
 
@@ -150,13 +150,13 @@ class PackedSegment(Segment):
             out = torch.empty(self.n, self.k, device=self.codes.device, dtype=dtype)
             col0 = 0
         if self.use_triton and triton_wmm.available(self.codes):
-            return triton_wmm.dequantize_into(self, out, col0)
+            return ops.dequantize_into(self, out, col0)
         out[:, col0:col0 + self.k] = self.dequantize_torch(out.dtype)
         return out
 
     def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
         if self.use_triton and x2.shape[0] <= small_m and triton_wmm.available(x2):
-            return triton_wmm.matmul(x2, [self], self.n)
+            return ops.matmul(x2, [self], self.n)
         return F.linear(self.gather(x2), self.dequantize(x2.dtype))
 
 
@@ -366,7 +366,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         m = x2.shape[0]
         if self.fused and (m <= self.small_m or self.large_m == "kernel") and triton_wmm.available(x2):
-            y = triton_wmm.matmul(x2, list(self.segs), self.out_features, self.bias)
+            y = ops.matmul(x2, list(self.segs), self.out_features, self.bias)
         elif self.reconstructable and m > self.small_m:
             xp = x2 if self.perm is None else x2.index_select(1, self.perm)
             y = F.linear(xp, self.dense_weight(x2.dtype), self.bias)

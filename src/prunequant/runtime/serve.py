@@ -7,7 +7,8 @@ model next to the compressed one (``bench --against``).
 Timings: prefill = one forward of ``batch × prompt_len`` tokens with the KV cache on (logits of the last
 position only); decode = greedy steps after a ``decode_prompt_len``-token prompt. On CUDA one decode step
 is captured in a CUDA graph over a static KV cache (the same on both sides of a comparison); on the CPU
-decode runs eagerly. Warm-up runs are untimed; the median of ``repeats`` is reported.
+decode runs eagerly. With ``compile`` the decode step is the torch.compile'd forward (over a static cache on
+the CPU too). Warm-up runs are untimed; the median of ``repeats`` is reported.
 """
 from __future__ import annotations
 
@@ -136,14 +137,25 @@ def prefill_tps(model, ids, warmup: int, repeats: int) -> float:
                                       warmup, repeats)
 
 
+def compiled(model, compile: bool | str):
+    """The model's forward for decode steps: as it is, or through torch.compile (``compile`` True for the
+    default backend, or a backend's name), which fuses the element-wise work between the layers; the
+    packed kernels stay opaque custom ops (runtime/ops.py)."""
+    if not compile:
+        return model
+    return torch.compile(model.forward, dynamic=False, backend="inductor" if compile is True else compile)
+
+
 class GraphDecoder:
     """Greedy decode over a StaticCache; one step captured as a CUDA graph (every tensor it touches keeps
-    its address), replayed per token; ``reset`` rewinds to just after the prompt."""
+    its address), replayed per token; ``reset`` rewinds to just after the prompt. With ``compile`` the
+    captured step is the torch.compile'd forward."""
 
-    def __init__(self, model, prompt, new_tokens: int):
+    def __init__(self, model, prompt, new_tokens: int, compile: bool | str = False):
         from transformers import StaticCache
 
         self.model = model
+        self.forward = compiled(model, compile)
         self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
         out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.first = out.logits[:, -1:].argmax(-1)
@@ -153,7 +165,7 @@ class GraphDecoder:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # compiles and tunes the kernels outside the capture
-            for _ in range(2):
+            for _ in range(3 if compile else 2):
                 self._step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
@@ -161,7 +173,7 @@ class GraphDecoder:
             self._step()
 
     def _step(self):
-        o = self.model(input_ids=self.tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        o = self.forward(input_ids=self.tok, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.tok.copy_(o.logits[:, -1:].argmax(-1))
 
     def reset(self):
@@ -175,15 +187,29 @@ class GraphDecoder:
 
 
 @torch.inference_mode()
-def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int) -> float:
+def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int, compile: bool | str = False) -> float:
     device = prompt.device
     if device.type == "cuda":
-        dec = GraphDecoder(model, prompt, new_tokens)
+        dec = GraphDecoder(model, prompt, new_tokens, compile)
 
         def once():
             dec.reset()
             dec.run(new_tokens)
         return prompt.shape[0] * new_tokens / median_time(once, device, warmup, repeats)
+    if compile:
+        fwd = compiled(model, compile)
+        static = static_decode(model, prompt, new_tokens)
+
+        def steps():
+            tok, cache = static()
+            t = time.perf_counter()
+            for _ in range(new_tokens):
+                out = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                tok = out.logits[:, -1:].argmax(-1)
+            return time.perf_counter() - t
+        for _ in range(max(warmup, 1)):  # the first step compiles
+            steps()
+        return prompt.shape[0] * new_tokens / statistics.median(steps() for _ in range(repeats))
 
     def eager():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
@@ -199,6 +225,19 @@ def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int) -> flo
     return prompt.shape[0] * new_tokens / statistics.median(eager() for _ in range(repeats))
 
 
+def static_decode(model, prompt, new_tokens: int):
+    """A function giving (first token, StaticCache holding the prompt): a compiled step sees fixed shapes."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
+
+    def start():
+        cache.reset()
+        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1:].argmax(-1), cache
+    return start
+
+
 def _peak(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -206,9 +245,9 @@ def _peak(device) -> float:
 
 
 def bench(model, batches: list[int], prompt_len: int, decode: int, decode_prompt_len: int = 256,
-          warmup: int = 1, repeats: int = 3, seed: int = 0) -> dict:
+          warmup: int = 1, repeats: int = 3, seed: int = 0, compile: bool | str = False) -> dict:
     """Prefill and decode tokens/s per batch size, weight bytes, peak memory (GPU: allocated by torch;
-    CPU: the process's peak resident set)."""
+    CPU: the process's peak resident set); ``compile``: decode steps through torch.compile."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ctx = getattr(model.config, "max_position_embeddings", None)
@@ -220,12 +259,13 @@ def bench(model, batches: list[int], prompt_len: int, decode: int, decode_prompt
         torch.cuda.reset_peak_memory_stats()
     res = {"device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
            "weights_gib": round(module_bytes(model) / 2**30, 4),
-           "packed_linears": sum(isinstance(m, QuantLinear) for m in model.modules()), "prefill": {}, "decode": {}}
+           "packed_linears": sum(isinstance(m, QuantLinear) for m in model.modules()),
+           "decode_compiled": bool(compile), "prefill": {}, "decode": {}}
     for b in batches:
         ids = torch.randint(0, vocab, (b, prompt_len), generator=g).to(device)
         res["prefill"][str(b)] = round(prefill_tps(model, ids, warmup, repeats), 2)
         prompt = torch.randint(0, vocab, (b, decode_prompt_len), generator=g).to(device)
-        res["decode"][str(b)] = round(decode_tps(model, prompt, decode, warmup, repeats), 2)
+        res["decode"][str(b)] = round(decode_tps(model, prompt, decode, warmup, repeats, compile), 2)
     res["peak_gib"] = round(_peak(device), 3)
     res["peak_kind"] = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
     return res
