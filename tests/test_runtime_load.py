@@ -342,3 +342,23 @@ def test_bench_decodes_through_torch_compile_on_the_cpu(tmp_path):
     model, _, _ = load_for_serving(str(out), "cpu", torch.float32)
     res = bench(model, [2], 16, 4, decode_prompt_len=8, repeats=1, compile="aot_eager")
     assert res["decode_compiled"] and res["decode"]["2"] > 0
+
+
+def test_generate_through_torch_compile_gives_the_same_text(tmp_path):
+    import io
+
+    from torch._dynamo.utils import counters
+
+    from prunequant.runtime.serve import generate, load_for_serving
+
+    out, _, _ = _exports(tmp_path)
+    model, tok, _ = load_for_serving(str(out), "cpu", torch.float32)
+    texts = []
+    for compile in (False, "aot_eager"):
+        counters.clear()
+        buf = io.StringIO()
+        r = generate(model, tok, "the quick brown", 12, out=buf, compile=compile)
+        texts.append(buf.getvalue())
+        assert r["new_tokens"] == 12
+        assert (counters["stats"]["unique_graphs"] > 0) == bool(compile)
+    assert texts[0] == texts[1] and texts[0].strip()

@@ -80,9 +80,27 @@ def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, ke
 
 # ---- generate ------------------------------------------------------------------------------------
 
+def compile_kwargs(device, compile: bool | str) -> dict:
+    """``generate`` arguments that run the steps through torch.compile over a static cache (transformers
+    compiles them; on CUDA its mode replays each step as a CUDA graph)."""
+    from transformers import CompileConfig
+
+    if not compile:
+        return {}
+    cuda = torch.device(device).type == "cuda"
+    cfg = CompileConfig(dynamic=False, backend="inductor" if compile is True else compile,
+                        mode="reduce-overhead" if cuda else "default")
+    if not cuda:
+        if not hasattr(CompileConfig, "_compile_all_devices"):
+            raise PrunequantError("this transformers version compiles generate() on CUDA only; drop --compile")
+        cfg._compile_all_devices = True  # transformers' switch for compiling off CUDA
+    return {"cache_implementation": "static", "compile_config": cfg}
+
+
 @torch.inference_mode()
-def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout) -> dict:
-    """Greedy generation of ``prompt``, streamed to ``out`` as it is produced; returns the timing."""
+def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout, compile: bool | str = False) -> dict:
+    """Greedy generation of ``prompt``, streamed to ``out`` as it is produced; returns the timing
+    (``compile``: the steps through torch.compile; the first ones compile, and count)."""
     from transformers import TextStreamer
 
     if tok is None:
@@ -101,14 +119,28 @@ def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout) -> di
             out.flush()
 
     streamer = Stream(tok, skip_prompt=True, skip_special_tokens=True)
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+              **compile_kwargs(device, compile))
+    compile_s = None
+    if compile:  # compile the prompt's and the decode step's graphs first, so that tokens/s is the steady rate
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class AfterThree(StoppingCriteria):  # the same max_new_tokens sizes the same static cache
+            def __call__(self, input_ids, scores, **kwargs):
+                done = input_ids.shape[1] >= ids.shape[1] + 3
+                return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=max_new_tokens, stopping_criteria=StoppingCriteriaList([AfterThree()]),
+                       **kw)
+        sync(device)
+        compile_s = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    gen = model.generate(ids, max_new_tokens=max_new_tokens, streamer=streamer, **kw)
     sync(device)
     dt = time.perf_counter() - t0
     n = gen.shape[1] - ids.shape[1]
     return {"prompt_tokens": int(ids.shape[1]), "new_tokens": int(n), "seconds": round(dt, 3),
-            "tokens_per_s": round(n / dt, 2) if dt > 0 else None}
+            "tokens_per_s": round(n / dt, 2) if dt > 0 else None, "compile_seconds": compile_s}
 
 
 # ---- bench ---------------------------------------------------------------------------------------
