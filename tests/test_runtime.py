@@ -182,14 +182,25 @@ def _every_kernel_kind() -> list[dict]:
     out = []
     g = torch.Generator().manual_seed(1)
     for bits, gs, sym, k in ((4, 128, False, 512), (8, 0, True, 256), (2, 64, False, 512), (4, 32, False, 256),
-                             (3, 64, False, 192), (4, 128, False, 300)):  # the last: a ragged group and word
+                             (3, 64, False, 192), (4, 128, False, 300),  # a ragged group and word
+                             (4, 48, False, 192)):  # groups of 6 words: the few-row GEMV's grid per word
         n = 40
         q = _uniform(torch.randn(n, k, generator=g), bits, gs, sym)
         ql, _ = build_quant_linear([(q, None)], k, n, None, device="cpu", dtype=torch.float32,
                                    prefer={bits: ["triton"]})
         seg, per = ql.segs[0], tw.per_word(bits)
-        cfgs = [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": u3}
-                for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
+        rows = [{"kind": "gemvr", "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
+                for bw in (4, 8) for sp in (1, 2) if tw._gemv_grid(seg, bw) in ((0, 1), (1, 1), (2, 1), (3, 1))]
+        if gs == 48:
+            assert {tw._gemv_grid(seg, c["BW"])[0] for c in rows} == {1}
+            for m in (1, 5):
+                x = torch.randn(m, k, generator=g)
+                ref = x @ q.dequantize().t()
+                out += [{"case": f"{bits}b g{gs} m{m}", "cfg": c,
+                         "err": float((tw.run(x, [seg], n, None, c).float() - ref).norm() / ref.norm())} for c in rows]
+            continue
+        cfgs = rows + [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": u3}
+                       for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
         if bits in (2, 4, 8):
             cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
                       "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
@@ -225,11 +236,14 @@ def test_every_kernel_kind_in_the_interpreter():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
-            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False)} <= kinds
+            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False)} <= kinds
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     from types import SimpleNamespace
 
-    from prunequant.runtime.triton_wmm import _pdot_grid
+    from prunequant.runtime.triton_wmm import _gemv_grid, _pdot_grid
+    grids = {_gemv_grid(SimpleNamespace(bits=b, group_size=g), bw)[0] for b, g, bw in
+             ((4, 48, 4), (8, 0, 4), (3, 64, 4), (4, 128, 8))}
+    assert grids == {0, 1, 2, 3}  # the few-row GEMV meets every grid above
     grids = {_pdot_grid(SimpleNamespace(bits=b, group_size=g), bw) for b, g, bw in
              ((4, 128, 4), (8, 0, 4), (3, 64, 4), (4, 32, 16))}
     assert grids == {0, 1, 2, 3}  # every way the per-position kernel finds its scales is exercised above

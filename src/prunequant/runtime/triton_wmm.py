@@ -314,6 +314,68 @@ if triton is not None:
                 tl.store(Y + rn, out.to(Y.dtype.element_ty), mask=n_mask)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
+    def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
+                          BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          ATOMIC: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        # _gemv_kernel for a few input rows: each word tile is unpacked once for all MR rows (the one-row
+        # kernel unpacks it again per row), products accumulated as (MR, BN, BW). GRID as in _gemv_kernel,
+        # 2 only with the tile inside one group.
+        PER: tl.constexpr = 32 // BITS
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rm = tl.arange(0, MR)
+        m_mask = rm < M
+        w_lo = pid_k * KWS
+        w_hi = tl.minimum(w_lo + KWS, KW)
+        acc = tl.zeros((MR, BN), dtype=tl.float32)
+        xacc = tl.zeros((MR,), dtype=tl.float32)
+        for w0 in range(w_lo, w_hi, BW):
+            rw = w0 + tl.arange(0, BW)
+            w_mask = rw < w_hi
+            nw_mask = n_mask[:, None] & w_mask[None, :]
+            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+            t = tl.zeros((MR, BN, BW), dtype=tl.float32)
+            xs = tl.zeros((MR, BW), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
+                xj = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
+                             other=0.0).to(tl.float32)
+                f = _code_at(words, j, BITS)
+                if GRID == 0:  # groups change inside a word: the grid per weight
+                    sw, zw = _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS)
+                    t += ((f * _inv_shift(j, BITS) - zw) * sw)[None, :, :] * xj[:, None, :]
+                else:
+                    t += f[None, :, :] * (xj * _inv_shift(j, BITS))[:, None, :]
+                    xs += xj
+            if GRID == 1:
+                g = (rw * PER) // GS
+                sw = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                zw = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(sw[None, :, :] * (t - zw[None, :, :] * xs[:, None, :]), axis=2)
+            elif GRID == 2:
+                g = (w0 * PER) // GS
+                s1 = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+                z1 = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+                acc += s1[None, :] * (tl.sum(t, axis=2) - z1[None, :] * tl.sum(xs, axis=1)[:, None])
+            else:
+                acc += tl.sum(t, axis=2)
+                xacc += tl.sum(xs, axis=1)
+        if GRID == 3:
+            s_row = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
+            z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
+            acc = s_row[None, :] * (acc - z_row[None, :] * xacc[:, None])
+        if HAS_BIAS:  # added by the first k-split only
+            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+        out_mask = m_mask[:, None] & n_mask[None, :]
+        if ATOMIC:
+            tl.atomic_add(Y + rm[:, None] * sym + rn[None, :], acc, mask=out_mask)
+        else:
+            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=out_mask)
+
+    @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
                      NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
@@ -522,6 +584,25 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
     return out
 
 
+def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
+    """Few-row GEMV tiles (2-16 rows): a tile inside one group where the grid is per group of words."""
+    if not 2 <= M <= 16:
+        return []
+    kw = seg.codes.shape[1]
+    out = []
+    for bn, bw, warps in ((8, 16, 4), (16, 16, 4), (32, 16, 8), (16, 32, 8)):
+        grid_kind, ngt = _gemv_grid(seg, bw)
+        if grid_kind == 2 and ngt != 1:
+            continue
+        tiles = triton.cdiv(N, bn)
+        for split in (1, 2, 4, 8):
+            if split > 1 and (kw < split * bw or tiles * split > 8192):
+                break
+            out.append({"kind": "gemvr", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
+                        "num_stages": 2})
+    return out
+
+
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
     """Tensor-core tiles for a few rows: k-tiles of 128 or 256 columns, inside one group or holding whole
     groups."""
@@ -724,7 +805,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     if len(segments) == 1:
         seg = segments[0]
         # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
-        cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + \
+        cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + _gemv_rows_candidates(M, N, seg) + \
             (_sdot_candidates(M, N, seg) + _pdot_candidates(M, N, seg) if M > 1 else [])
     else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
         cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
@@ -782,6 +863,8 @@ def run(x, segments, N, bias, cfg) -> torch.Tensor:
     kind = cfg["kind"]
     if kind == "gemv":
         return _gemv(x, segments[0], N, bias, cfg)
+    if kind == "gemvr":
+        return _gemv_rows(x, segments[0], N, bias, cfg)
     if kind == "pdot":
         return _pdot(x, segments[0], N, bias, cfg)
     if kind == "sdot":
@@ -861,6 +944,28 @@ def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
                        HAS_BIAS=bias is not None, ATOMIC=atomic, ONE_ROW=one_row, BN=cfg["BN"], BW=bw,
                        UNPACK3=cfg.get("U3", False),
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype) if atomic else y
+
+
+def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
+    M = x.shape[0]
+    kw, bw = seg.codes.shape[1], cfg["BW"]
+    grid_kind, ngt = _gemv_grid(seg, bw)
+    if M > 16 or (grid_kind == 2 and ngt != 1):
+        raise ValueError(f"few-row GEMV tiles take up to 16 rows, each tile inside one group (got {M} rows, "
+                         f"{bw} words)")
+    kws = triton.cdiv(triton.cdiv(kw, cfg["SPLIT"]), bw) * bw
+    split = triton.cdiv(kw, kws)
+    atomic = split > 1
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else \
+        torch.empty((M, N), device=x.device, dtype=x.dtype)
+    gs, _ = _word_groups(seg)
+    _gemv_rows_kernel[(triton.cdiv(N, cfg["BN"]), split)](
+        x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
+        seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
+        seg.cols if seg.cols is not None else seg.codes, seg.k, kw, kws, gs,
+        BITS=seg.bits, HAS_COLS=seg.cols is not None, GRID=grid_kind, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
