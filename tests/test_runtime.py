@@ -102,6 +102,38 @@ def test_channel_mixed_layer(backends):
         assert float((ql(x) - ref).norm() / ref.norm()) < 1e-5
 
 
+def _pruned24(n: int, k: int, bits: int, gs: int, seed: int = 0) -> QuantState:
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(n, k, generator=g)
+    top = W.abs().reshape(n, -1, 4).topk(2, -1).indices
+    keep = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(n, k)
+    return _uniform(W * keep, bits, gs)  # pruned weights on the zero point: 0 exactly
+
+
+@pytest.mark.parametrize("bits,gs,k", [(4, 128, 512), (4, 128, 300), (8, 0, 256), (3, 64, 192), (4, 48, 192)])
+def test_sparse24_segment_holds_the_weight_exactly(bits, gs, k):
+    from prunequant.runtime.qlinear import module_bytes
+
+    q = _pruned24(40, k, bits, gs)
+    ql, rec = build_quant_linear([(q, None)], k, 40, None, device="cpu", dtype=torch.float32,
+                                 prefer={bits: ["sparse24"]})
+    assert rec[0]["backend"] == "sparse24" and not rec[0]["fallbacks"]
+    assert torch.equal(ql.dense_weight(torch.float32), q.dequantize())
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(ql(x), x @ q.dequantize().t(), rtol=1e-5, atol=1e-5)
+    packed, _ = build_quant_linear([(q, None)], k, 40, None, device="cpu", dtype=torch.float32,
+                                   prefer={bits: ["packed"]})
+    if (bits, gs) == (4, 128):  # kept codes 2 bits a weight + positions 1 bit, against 4
+        assert module_bytes(ql) < 0.8 * module_bytes(packed)
+
+
+def test_sparse24_refuses_a_dense_weight_with_the_reason():
+    q = _uniform(torch.randn(16, 64, generator=torch.Generator().manual_seed(2)), 4, 32)
+    ql, rec = build_quant_linear([(q, None)], 64, 16, None, device="cpu", dtype=torch.float32,
+                                 prefer={4: ["sparse24", "packed"]})
+    assert rec[0]["backend"] == "packed" and "not 2:4 sparse" in rec[0]["fallbacks"][0]
+
+
 def test_unsupported_shape_falls_back_with_a_reason():
     q = _uniform(torch.randn(20, 64, generator=torch.Generator().manual_seed(4)), 4, 32)
     ql, rec = build_quant_linear([(q, None)], 64, 20, None, device="cpu", dtype=torch.float32,
@@ -222,6 +254,17 @@ def _every_kernel_kind() -> list[dict]:
                 y = tw.run(x, [seg], n, None, c)
                 out.append({"case": f"{bits}b g{gs} m{m}", "cfg": c,
                             "err": float((y.float() - ref).norm() / ref.norm())})
+    for bits, gs, k in ((4, 128, 300), (8, 0, 256), (3, 64, 192)):  # 2:4 codes: grids 2, 3 and 0
+        q = _pruned24(24, k, bits, gs)
+        ql, _ = build_quant_linear([(q, None)], k, 24, None, device="cpu", dtype=torch.float32,
+                                   prefer={bits: ["sparse24"]})
+        view = ql.segs[0].kernel_view()
+        for m in (1, 5):
+            x = torch.randn(m, k, generator=g)
+            ref = x @ q.dequantize().t()
+            for c in [tw._rows_default(view)] + tw._gemv_rows_candidates(m, 24, view)[:3]:
+                out.append({"case": f"2:4 {bits}b g{gs} m{m}", "cfg": dict(c, kind="gemvr 2:4"),
+                            "err": float((tw.run(x, [view], 24, None, c).float() - ref).norm() / ref.norm())})
     return out
 
 
@@ -236,7 +279,7 @@ def test_every_kernel_kind_in_the_interpreter():
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
-            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False)} <= kinds
+            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False), ("gemvr 2:4", 1, False)} <= kinds
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     from types import SimpleNamespace
 

@@ -314,13 +314,17 @@ if triton is not None:
                 tl.store(Y + rn, out.to(Y.dtype.element_ty), mask=n_mask)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
-    def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
-                          BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          ATOMIC: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
+                          BITS: tl.constexpr, HAS_COLS: tl.constexpr, HAS_META: tl.constexpr, GRID: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr,
+                          BW: tl.constexpr):
         # _gemv_kernel for a few input rows: each word tile is unpacked once for all MR rows (the one-row
         # kernel unpacks it again per row), products accumulated as (MR, BN, BW). GRID as in _gemv_kernel,
-        # 2 only with the tile inside one group.
+        # 2 only with the tile inside one group. HAS_META: 2:4-sparse codes, the kept two of every four
+        # columns; kept code k reads input column 4·(k // 2) + its 2-bit position (16 per META word), so the
+        # inputs are gathered per weight row (XN = BN) instead of shared by the rows (XN = 1).
         PER: tl.constexpr = 32 // BITS
+        XN: tl.constexpr = BN if HAS_META else 1
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
@@ -330,42 +334,49 @@ if triton is not None:
         w_lo = pid_k * KWS
         w_hi = tl.minimum(w_lo + KWS, KW)
         acc = tl.zeros((MR, BN), dtype=tl.float32)
-        xacc = tl.zeros((MR,), dtype=tl.float32)
+        xacc = tl.zeros((MR, XN), dtype=tl.float32)
         for w0 in range(w_lo, w_hi, BW):
             rw = w0 + tl.arange(0, BW)
             w_mask = rw < w_hi
             nw_mask = n_mask[:, None] & w_mask[None, :]
             words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
             t = tl.zeros((MR, BN, BW), dtype=tl.float32)
-            xs = tl.zeros((MR, BW), dtype=tl.float32)
+            xs = tl.zeros((MR, XN, BW), dtype=tl.float32)
             for j in tl.static_range(PER):
                 k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
-                xj = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
-                             other=0.0).to(tl.float32)
+                if HAS_META:
+                    nk_mask = n_mask[:, None] & k_mask[None, :]
+                    mw = tl.load(META + rn[:, None] * smn + (k // 16)[None, :], mask=nk_mask, other=0)
+                    col = 4 * (k // 2)[None, :] + ((mw >> ((k % 16) * 2)[None, :]) & 3)
+                    xj = tl.load(X + rm[:, None, None] * sxm + col[None, :, :] * sxk,
+                                 mask=m_mask[:, None, None] & nk_mask[None, :, :], other=0.0).to(tl.float32)
+                else:
+                    xj = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
+                                 other=0.0).to(tl.float32)[:, None, :]
                 f = _code_at(words, j, BITS)
                 if GRID == 0:  # groups change inside a word: the grid per weight
                     sw, zw = _weight_grid(S, Z, ssn, rn, n_mask, k, k_mask, GS)
-                    t += ((f * _inv_shift(j, BITS) - zw) * sw)[None, :, :] * xj[:, None, :]
+                    t += ((f * _inv_shift(j, BITS) - zw) * sw)[None, :, :] * xj
                 else:
-                    t += f[None, :, :] * (xj * _inv_shift(j, BITS))[:, None, :]
+                    t += f[None, :, :] * (xj * _inv_shift(j, BITS))
                     xs += xj
             if GRID == 1:
                 g = (rw * PER) // GS
                 sw = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
                 zw = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
-                acc += tl.sum(sw[None, :, :] * (t - zw[None, :, :] * xs[:, None, :]), axis=2)
+                acc += tl.sum(sw[None, :, :] * (t - zw[None, :, :] * xs), axis=2)
             elif GRID == 2:
                 g = (w0 * PER) // GS
                 s1 = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
                 z1 = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
-                acc += s1[None, :] * (tl.sum(t, axis=2) - z1[None, :] * tl.sum(xs, axis=1)[:, None])
+                acc += s1[None, :] * (tl.sum(t, axis=2) - z1[None, :] * tl.sum(xs, axis=2))
             else:
                 acc += tl.sum(t, axis=2)
-                xacc += tl.sum(xs, axis=1)
+                xacc += tl.sum(xs, axis=2)
         if GRID == 3:
             s_row = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
-            acc = s_row[None, :] * (acc - z_row[None, :] * xacc[:, None])
+            acc = s_row[None, :] * (acc - z_row[None, :] * xacc)
         if HAS_BIAS:  # added by the first k-split only
             bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
             acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
@@ -585,8 +596,10 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
 
 
 def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
-    """Few-row GEMV tiles (2-16 rows): a tile inside one group where the grid is per group of words."""
-    if not 2 <= M <= 16:
+    """Few-row GEMV tiles (2-16 rows; 1-32 for 2:4 codes, which only this kernel reads): a tile inside one
+    group where the grid is per group of words."""
+    sparse24 = getattr(seg, "meta", None) is not None
+    if not (1 if sparse24 else 2) <= M <= (ROWS_MAX if sparse24 else 16):
         return []
     kw = seg.codes.shape[1]
     out = []
@@ -601,6 +614,18 @@ def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
             out.append({"kind": "gemvr", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
                         "num_stages": 2})
     return out
+
+
+ROWS_MAX = 32  # input rows the few-row GEMV takes
+
+
+def _rows_default(seg) -> dict:
+    """The untuned few-row GEMV tile for ``seg``: the widest word tile that lies inside one group."""
+    for bw in (16, 8, 4, 2, 1):
+        grid_kind, ngt = _gemv_grid(seg, bw)
+        if grid_kind != 2 or ngt == 1:
+            break
+    return {"kind": "gemvr", "BN": 16, "BW": bw, "SPLIT": 1, "num_warps": 4, "num_stages": 2}
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
@@ -718,7 +743,7 @@ def _device_name(t: torch.Tensor) -> str:
 def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
     dev = _device_name(x)
     segs = ";".join(f"{s.bits}b,g{s.group_size},k{_size_bucket(s.k)},{'cols' if s.cols is not None else 'all'}"
-                    for s in segments)
+                    + (",2:4" if getattr(s, "meta", None) is not None else "") for s in segments)
     return f"{dev}|m{_bucket(x.shape[0])}|n{_size_bucket(N)}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
 
 
@@ -791,7 +816,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     """The launch configuration for this input: cached, else timed over the candidates (the fastest whose
     output matches the untuned kernel's), else the untuned default."""
     M = x.shape[0]
-    env = _override(M)
+    env = None if getattr(segments[0], "meta", None) is not None else _override(M)
     if env is not None:
         return env
     _load_cache()
@@ -799,10 +824,13 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    default = launch_config(M, N)
+    sparse24 = getattr(segments[0], "meta", None) is not None
+    default = _rows_default(segments[0]) if sparse24 else launch_config(M, N)
     if not _tuning_allowed(x):
         return default
-    if len(segments) == 1:
+    if sparse24:
+        cands = [default] + _gemv_rows_candidates(M, N, segments[0])
+    elif len(segments) == 1:
         seg = segments[0]
         # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
         cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + _gemv_rows_candidates(M, N, seg) + \
@@ -951,9 +979,10 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
     M = x.shape[0]
     kw, bw = seg.codes.shape[1], cfg["BW"]
     grid_kind, ngt = _gemv_grid(seg, bw)
-    if M > 16 or (grid_kind == 2 and ngt != 1):
-        raise ValueError(f"few-row GEMV tiles take up to 16 rows, each tile inside one group (got {M} rows, "
-                         f"{bw} words)")
+    meta = getattr(seg, "meta", None)
+    if M > ROWS_MAX or (grid_kind == 2 and ngt != 1):
+        raise ValueError(f"few-row GEMV tiles take up to {ROWS_MAX} rows, each tile inside one group (got {M} "
+                         f"rows, {bw} words)")
     kws = triton.cdiv(triton.cdiv(kw, cfg["SPLIT"]), bw) * bw
     split = triton.cdiv(kw, kws)
     atomic = split > 1
@@ -963,9 +992,10 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
     _gemv_rows_kernel[(triton.cdiv(N, cfg["BN"]), split)](
         x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
-        seg.cols if seg.cols is not None else seg.codes, seg.k, kw, kws, gs,
-        BITS=seg.bits, HAS_COLS=seg.cols is not None, GRID=grid_kind, HAS_BIAS=bias is not None, ATOMIC=atomic,
-        MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        seg.cols if seg.cols is not None else seg.codes, meta if meta is not None else seg.codes,
+        meta.stride(0) if meta is not None else 0, seg.k, kw, kws, gs,
+        BITS=seg.bits, HAS_COLS=seg.cols is not None, HAS_META=meta is not None, GRID=grid_kind,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
