@@ -299,7 +299,9 @@ def convert(model, config: str, device) -> dict:
                 new = gemlite_linear(q, bias, dt)
                 label = "gemlite"
             else:
-                prefer = {4: ["tinygemm"]} if config == "w4 tinygemm" else {b: ["triton", "packed"] for b in (2, 3, 4, 8)}
+                prefer = {4: ["tinygemm"]} if config == "w4 tinygemm" else \
+                    {4: ["sparse24", "triton", "packed"]} if config == "2:4+w4 sparse24" else \
+                    {b: ["triton", "packed"] for b in (2, 3, 4, 8)}
                 new, recs = build_quant_linear(segments_of(q), W.shape[1], W.shape[0], bias, device=device, dtype=dt,
                                                prefer=prefer)
                 label = new.backend
@@ -417,8 +419,8 @@ def perplexity(model, ids: torch.Tensor, window: int) -> float:
 def model_table(args) -> list[dict]:
     device = args.device
     cuda = device == "cuda"
-    configs = args.configs or ["dense", "w4", "w4 tinygemm", "w4 gemlite", "w8", "2:4+w4", "2:4 bf16",
-                               "mix+pruned"]
+    configs = args.configs or ["dense", "w4", "w4 tinygemm", "w4 gemlite", "w8", "2:4+w4", "2:4+w4 sparse24",
+                               "2:4 bf16", "mix+pruned"]
     if not cuda:
         configs = [c for c in configs if c not in ("w4 gemlite", "2:4 bf16")]
     rows = []

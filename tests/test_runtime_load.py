@@ -21,6 +21,20 @@ from test_export_fixtures import VOCAB, assert_same_logits, compress, logits, ti
 EXACT = {b: ["packed"] for b in (2, 3, 4, 8)}  # dequantize-per-call: the float32 weights of the export exactly
 
 
+def test_sparse24_loads_a_24_export_smaller_with_the_same_logits(tmp_path):
+    from prunequant.runtime.qlinear import module_bytes
+    from prunequant.runtime.serve import backends_for
+
+    model = tiny_llama()
+    out = save_compact(model, compress(model, "2:4+4bit"), tmp_path / "m")
+    ref = load_compact(out, dtype=torch.float32)
+    s24, rec = load_packed(out, device="cpu", dtype=torch.float32, prefer=backends_for("sparse24", "cpu"))
+    assert rec["modules"] == {"4-bit:sparse24": 14}, rec
+    packed, _ = load_packed(out, device="cpu", dtype=torch.float32, prefer=EXACT)
+    assert module_bytes(s24) < module_bytes(packed)
+    assert_same_logits(logits(ref), logits(s24))
+
+
 @pytest.mark.parametrize("config", ["4bit-g128", "2:4+4bit", "50%+3bit", "mixed-2/4bit", "8bit-pc", "4bit-g96-ragged",
                                     "ternary-g128", "2:4"])
 def test_packed_load_equals_the_dequantized_model(tmp_path, config):

@@ -45,10 +45,11 @@ def _add_device_args(p) -> None:
                         "with AVX512-BF16, bfloat16 runs torch's int4/int8 kernels ~20x faster)")
     p.add_argument("--exact", action="store_true",
                    help="run packed layers by dequantize-per-call (bit-exact dequantized weights; slow)")
-    p.add_argument("--kernel", choices=("auto", "triton", "tinygemm"), default="auto",
+    p.add_argument("--kernel", choices=("auto", "triton", "tinygemm", "sparse24"), default="auto",
                    help="first choice for packed layers (auto: Triton on CUDA, torch's int4/int8 on the CPU; "
                         "tinygemm: torch's int4 kernel for 4-bit layers, fastest decode on an H200 but slow "
-                        "prefill); a layer it cannot hold falls back")
+                        "prefill; sparse24: 2:4-sparse layers as kept codes + 2-bit positions, 0.76x the "
+                        "memory of 4-bit codes); a layer it cannot hold falls back")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="load a directory whose files do not match its manifest")
 

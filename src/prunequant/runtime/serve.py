@@ -52,6 +52,8 @@ def backends_for(kernel: str, device, exact: bool = False) -> dict[int, list[str
         prefer[4] = ["tinygemm"] + [b for b in prefer.get(4, []) if b != "tinygemm"]
     elif kernel == "triton":
         prefer = {b: ["triton"] + [x for x in order if x != "triton"] for b, order in prefer.items()}
+    elif kernel == "sparse24":  # 2:4-sparse layers as kept codes + positions; the others as before
+        prefer = {b: ["sparse24"] + [x for x in order if x != "sparse24"] for b, order in prefer.items()}
     return prefer
 
 
