@@ -475,9 +475,34 @@ def model_table(args) -> list[dict]:
     return rows
 
 
+def memory_table(args) -> list[dict]:
+    """Bytes of the block linears as each configuration holds them (CPU; the GPU layouts of these
+    backends are the same tensors): one block of the shape, times the number of blocks."""
+    from gpu_scale import fill_block, llama_config
+    from transformers import AutoModelForCausalLM
+
+    rows = []
+    for config in args.configs or ["w4", "2:4+w4", "2:4+w4 sparse24", "w8"]:
+        cfg = llama_config(args.shape, blocks=1)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        fill_block(model.model.layers[0], 1, "cpu")
+        model.model.layers[0].to(args.dtype)
+        dense = sum(getattr(p, a).weight.numel() * 2 for _, p, a in block_linears(model))
+        backends = convert(model, config, "cpu")
+        blocks = llama_config(args.shape).num_hidden_layers
+        mib = linear_bytes(model) * blocks / 2**20
+        row = {"table": "memory", "model": f"llama-{args.shape}", "config": config, "backends": backends,
+               "linear_mib": round(mib, 1), "dense_bf16_mib": round(dense * blocks / 2**20, 1),
+               "ratio": round(mib * 2**20 / (dense * blocks), 4)}
+        rows.append(row)
+        emit(row, args)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("table", choices=("kernels", "model"))
+    ap.add_argument("table", choices=("kernels", "model", "memory"))
     ap.add_argument("--shape", default="8b", help="gpu_scale.py shape of the random model (8b, 1b, tiny)")
     ap.add_argument("--model", default=None, help="a real model instead (e.g. smollm2-135m)")
     ap.add_argument("--configs", nargs="*", default=None)
@@ -503,7 +528,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     log(f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
-    kernels(args) if args.table == "kernels" else model_table(args)
+    {"kernels": kernels, "model": model_table, "memory": memory_table}[args.table](args)
     if args.out:
         from prunequant.runtime.triton_wmm import TRIALS
 
