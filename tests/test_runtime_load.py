@@ -287,9 +287,9 @@ def test_projections_with_different_packing_stay_apart(tmp_path):
     assert_same_logits(logits(ref), logits(packed))
 
 
-def _compiled_step(backend: str) -> dict:
-    """One decode step of a tiny packed model (q/k/v and gate/up fused), eager and through torch.compile:
-    the logits, and how many times the packed kernel ran in each."""
+def _compiled_step(backend: str, sparse24: bool = False) -> dict:
+    """One decode step of a tiny packed model (q/k/v and gate/up fused; or 2:4-sparse layers held as
+    sparse24), eager and through torch.compile: the logits, and how many times the packed kernel ran."""
     from transformers import StaticCache
 
     from prunequant.runtime import fuse_siblings, pack_model, triton_wmm
@@ -302,10 +302,14 @@ def _compiled_step(backend: str) -> dict:
     states = {}
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and ".layers." in name:
-            states[name] = _uniform(mod.weight.data.float(), 4, 32)
+            W = mod.weight.data.float()
+            if sparse24:  # the two largest of every four
+                top = W.abs().reshape(W.shape[0], -1, 4).topk(2, -1).indices
+                W = W * torch.zeros_like(W).reshape(W.shape[0], -1, 4).scatter_(-1, top, 1.0).reshape(W.shape)
+            states[name] = _uniform(W, 4, 32)
             mod.weight.data.copy_(states[name].dequantize())
     with torch.no_grad():
-        pack_model(model, states, prefer={4: ["triton"]})
+        pack_model(model, states, prefer={4: ["sparse24" if sparse24 else "triton"]})
         fused = fuse_siblings(model, torch.float32)
     calls, kernel = [0], triton_wmm.matmul
 
@@ -337,16 +341,17 @@ def test_packed_kernels_trace_into_torch_compile():
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
         [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
     code = ("import json, torch; torch.set_num_threads(1); import test_runtime_load as t; "
-            "print(json.dumps(t._compiled_step('aot_eager')))")
+            "print(json.dumps([t._compiled_step('aot_eager'), t._compiled_step('aot_eager', sparse24=True)]))")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert r["fused"] == 4 and r["shared_state_released"]
-    assert r["eager"]["calls"] == 8  # per block: q/k/v, o, gate/up, down
-    for name in ("compiled", "compiled again"):
-        assert r[name]["calls"] == 8, r[name]["calls"]
-        diff = max(abs(a - b) for a, b in zip(r[name]["logits"], r["eager"]["logits"]))
-        assert diff < 1e-5, diff
+    fused, s24 = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fused["fused"] == 4 and fused["shared_state_released"] and s24["fused"] == 0
+    for r, calls in ((fused, 8), (s24, 14)):  # per block: q/k/v, o, gate/up, down; 2:4: the 7 linears
+        assert r["eager"]["calls"] == calls
+        for name in ("compiled", "compiled again"):
+            assert r[name]["calls"] == calls, r[name]["calls"]
+            diff = max(abs(a - b) for a, b in zip(r[name]["logits"], r["eager"]["logits"]))
+            assert diff < 1e-5, diff
 
 
 def test_bench_decodes_through_torch_compile_on_the_cpu(tmp_path):

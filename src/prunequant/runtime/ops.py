@@ -15,20 +15,21 @@ import torch
 from . import triton_wmm
 
 
-def _segment(codes, scale, zero, cols, bits, group_size, k):
-    return SimpleNamespace(codes=codes, scale=scale, zero=zero, cols=cols, bits=bits, group_size=group_size, k=k)
+def _segment(codes, scale, zero, cols, bits, group_size, k, meta=None):
+    return SimpleNamespace(codes=codes, scale=scale, zero=zero, cols=cols, bits=bits, group_size=group_size, k=k,
+                           meta=meta)
 
 
 @torch.library.custom_op("prunequant::packed_mm", mutates_args=())
 def packed_mm(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
               cols: list[Optional[torch.Tensor]], bits: list[int], group_sizes: list[int], ks: list[int], n: int,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    segs = [_segment(*a) for a in zip(codes, scales, zeros, cols, bits, group_sizes, ks)]
+              bias: Optional[torch.Tensor], metas: list[Optional[torch.Tensor]]) -> torch.Tensor:
+    segs = [_segment(*a) for a in zip(codes, scales, zeros, cols, bits, group_sizes, ks, metas)]
     return triton_wmm.matmul(x, segs, n, bias)
 
 
 @packed_mm.register_fake
-def _packed_mm_fake(x, codes, scales, zeros, cols, bits, group_sizes, ks, n, bias):
+def _packed_mm_fake(x, codes, scales, zeros, cols, bits, group_sizes, ks, n, bias, metas):
     return x.new_empty((x.shape[0], n))
 
 
@@ -50,7 +51,7 @@ def matmul(x: torch.Tensor, segments: list, n: int, bias: torch.Tensor | None = 
         return triton_wmm.matmul(x, segments, n, bias)
     return packed_mm(x, [s.codes for s in segments], [s.scale for s in segments], [s.zero for s in segments],
                      [s.cols for s in segments], [s.bits for s in segments], [s.group_size for s in segments],
-                     [s.k for s in segments], n, bias)
+                     [s.k for s in segments], n, bias, [getattr(s, "meta", None) for s in segments])
 
 
 def dequantize_into(seg, out: torch.Tensor, col0: int) -> torch.Tensor:

@@ -210,9 +210,8 @@ class Sparse24Segment(Segment):
         return out
 
     def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:
-        if (self.use_triton and x2.shape[0] <= min(small_m, triton_wmm.ROWS_MAX) and triton_wmm.available(x2)
-                and not torch.compiler.is_compiling()):
-            return triton_wmm.matmul(x2, [self.kernel_view()], self.n)
+        if self.use_triton and x2.shape[0] <= min(small_m, triton_wmm.ROWS_MAX) and triton_wmm.available(x2):
+            return ops.matmul(x2, [self.kernel_view()], self.n)
         return F.linear(x2, self.dequantize(x2.dtype))
 
 
