@@ -34,7 +34,6 @@ import argparse
 import gc
 import json
 import math
-import statistics
 import sys
 import time
 import traceback

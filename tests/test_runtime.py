@@ -1,11 +1,6 @@
 """Packed inference linears (prunequant.runtime): packing round-trips exactly on the grid, and every backend
 computes the dequantized weight's matmul (the Triton kernel through Triton's CPU interpreter)."""
-import json
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +12,7 @@ from prunequant.runtime.qlinear import PackedSegment, TinyGemmSegment
 from prunequant.solvers.base import QuantState
 from prunequant.solvers.grid import fit_grid, group_index, quantize_grouped
 from prunequant.solvers.mixed import MixSpec, mixed_quantize
+from interpreter import interpreted
 
 
 def _uniform(W: torch.Tensor, bits: int, gs: int, sym: bool = False) -> QuantState:
@@ -269,14 +265,7 @@ def _every_kernel_kind() -> list[dict]:
 
 
 def test_every_kernel_kind_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, torch; torch.set_num_threads(1); import test_runtime as t; "
-            "print(json.dumps(t._every_kernel_kind()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = interpreted("test_runtime", "_every_kernel_kind()")
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False), ("gemvr 2:4", 1, False)} <= kinds
@@ -295,14 +284,7 @@ def test_every_kernel_kind_in_the_interpreter():
 
 
 def test_triton_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, torch; torch.set_num_threads(1); import test_runtime as t; "
-            "print(json.dumps(t._interpreted()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = interpreted("test_runtime", "_interpreted()")
     for r in rows:
         assert r["available"] and set(r["backends"]) == {"triton"}, r
         if r["case"] == "mixed":

@@ -2,10 +2,6 @@
 (logits, greedy generations), with no float weight of a packed layer ever made; the decode kernels
 (through Triton's interpreter) against a float64 reference; bad directories fail in one line."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ from prunequant.export import load_compact, save_compact
 from prunequant.runtime import QuantLinear
 from prunequant.runtime.fuse import ProjectionSlice
 from prunequant.runtime.load import load_packed
+from interpreter import interpreted
 from test_export_fixtures import VOCAB, assert_same_logits, compress, logits, tiny_gpt2, tiny_llama
 
 
@@ -143,14 +140,7 @@ def _kernels() -> list[dict]:
 
 
 def test_decode_kernels_in_the_interpreter():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, torch; torch.set_num_threads(1); import test_runtime_load as t; "
-            "print(json.dumps(t._kernels()))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = interpreted("test_runtime_load", "_kernels()")
     assert {r["cfg"] for r in rows} == {"gemv", "pdot", "sdot"}
     for r in rows:
         assert r["err"] < 1e-5, r
@@ -337,14 +327,8 @@ def _compiled_step(backend: str, sparse24: bool = False) -> dict:
 def test_packed_kernels_trace_into_torch_compile():
     """The Triton kernels enter a compiled graph as custom ops (interpreter here): same logits, and a fused
     q/k/v or gate/up projection still runs its kernel once per step, not once per sibling."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(Path(__file__).parent), str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")]))
-    code = ("import json, torch; torch.set_num_threads(1); import test_runtime_load as t; "
-            "print(json.dumps([t._compiled_step('aot_eager'), t._compiled_step('aot_eager', sparse24=True)]))")
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    fused, s24 = json.loads(proc.stdout.strip().splitlines()[-1])
+    fused = interpreted("test_runtime_load", "_compiled_step('aot_eager')")
+    s24 = interpreted("test_runtime_load", "_compiled_step('aot_eager', sparse24=True)")
     assert fused["fused"] == 4 and fused["shared_state_released"] and s24["fused"] == 0
     for r, calls in ((fused, 8), (s24, 14)):  # per block: q/k/v, o, gate/up, down; 2:4: the 7 linears
         assert r["eager"]["calls"] == calls

@@ -107,6 +107,16 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _split_program(M, N, KW, KWS, BM: tl.constexpr, BN: tl.constexpr):
+        """Program (n-tile, k-split) over all input rows: (k-split, output rows and mask, input rows and
+        mask, its word range [w_lo, w_hi))."""
+        pid_k = tl.program_id(1)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rm = tl.arange(0, BM)
+        w_lo = pid_k * KWS
+        return pid_k, rn, rn < N, rm, rm < M, w_lo, tl.minimum(w_lo + KWS, KW)
+
+    @triton.jit
     def _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS: tl.constexpr,
                      ATOMIC: tl.constexpr):
         """Store a k-split's (BM, BN) partial sum: the bias from the first split only, atomically if split."""
@@ -325,14 +335,7 @@ if triton is not None:
         # inputs are gathered per weight row (XN = BN) instead of shared by the rows (XN = 1).
         PER: tl.constexpr = 32 // BITS
         XN: tl.constexpr = BN if HAS_META else 1
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_mask = rn < N
-        rm = tl.arange(0, MR)
-        m_mask = rm < M
-        w_lo = pid_k * KWS
-        w_hi = tl.minimum(w_lo + KWS, KW)
+        pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, MR, BN)
         acc = tl.zeros((MR, BN), dtype=tl.float32)
         xacc = tl.zeros((MR, XN), dtype=tl.float32)
         for w0 in range(w_lo, w_hi, BW):
@@ -377,14 +380,7 @@ if triton is not None:
             s_row = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             acc = s_row[None, :] * (acc - z_row[None, :] * xacc)
-        if HAS_BIAS:  # added by the first k-split only
-            bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
-            acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
-        out_mask = m_mask[:, None] & n_mask[None, :]
-        if ATOMIC:
-            tl.atomic_add(Y + rm[:, None] * sym + rn[None, :], acc, mask=out_mask)
-        else:
-            tl.store(Y + rm[:, None] * sym + rn[None, :], acc.to(Y.dtype.element_ty), mask=out_mask)
+        _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
@@ -397,15 +393,8 @@ if triton is not None:
         PER: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = (1 << BITS) - 1
         BK: tl.constexpr = BW * PER
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_mask = rn < N
-        rm = tl.arange(0, BM)
-        m_mask = rm < M
+        pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, BM, BN)
         rj = tl.arange(0, PER)
-        w_lo = pid_k * KWS
-        w_hi = tl.minimum(w_lo + KWS, KW)
         k_hi = tl.minimum(w_hi * PER, K)
         rw = w_lo + tl.arange(0, BW)
         words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :], other=0)
@@ -586,13 +575,15 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
                               (16, 256, 8, False), (8, 128, 4, True)):
         if u3 and (seg.cols is not None or 32 % seg.bits):
             continue
-        tiles = triton.cdiv(N, bn)
-        for split in (1, 2, 4, 8):
-            if split > 1 and (kw < split * bw or tiles * split > 8192):
-                break
-            out.append({"kind": "gemv", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
-                        "num_stages": 1, "U3": u3})
+        out += _gemv_splits({"kind": "gemv", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 1, "U3": u3},
+                            kw, triton.cdiv(N, bn))
     return out
+
+
+def _gemv_splits(tile: dict, kw: int, tiles: int) -> list[dict]:
+    """``tile`` with k-splits 1, 2, 4, 8: never a split shorter than one tile, at most 8192 programs."""
+    return [dict(tile, SPLIT=split) for split in (1, 2, 4, 8)
+            if split == 1 or (kw >= split * tile["BW"] and tiles * split <= 8192)]
 
 
 def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
@@ -607,12 +598,8 @@ def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
         grid_kind, ngt = _gemv_grid(seg, bw)
         if grid_kind == 2 and ngt != 1:
             continue
-        tiles = triton.cdiv(N, bn)
-        for split in (1, 2, 4, 8):
-            if split > 1 and (kw < split * bw or tiles * split > 8192):
-                break
-            out.append({"kind": "gemvr", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
-                        "num_stages": 2})
+        out += _gemv_splits({"kind": "gemvr", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 2}, kw,
+                            triton.cdiv(N, bn))
     return out
 
 
