@@ -255,6 +255,11 @@ def _every_kernel_kind() -> list[dict]:
         ql, _ = build_quant_linear([(q, None)], k, 24, None, device="cpu", dtype=torch.float32,
                                    prefer={bits: ["sparse24"]})
         view = ql.segs[0].kernel_view()
+        buf = torch.full((24, k + 7), float("nan"))  # kept values scattered, pruned ones zeroed, nothing beside
+        ql.segs[0].dequantize(torch.float32, buf, 3)
+        out.append({"case": f"2:4 {bits}b g{gs} dequant", "cfg": {"kind": "dequant", "words": False},
+                    "err": float((buf[:, 3:3 + k] - q.dequantize()).abs().max())
+                    + float(buf[:, :3].isfinite().any() or buf[:, 3 + k:].isfinite().any())})
         for m in (1, 5):
             x = torch.randn(m, k, generator=g)
             ref = x @ q.dequantize().t()

@@ -203,6 +203,8 @@ class Sparse24Segment(Segment):
         if out is None:
             out = torch.empty(self.n, self.k, device=self.meta.device, dtype=dtype)
             col0 = 0
+        if self.use_triton and triton_wmm.available(out) and not torch.compiler.is_compiling():
+            return triton_wmm.dequantize_into(self.kernel_view(), out, col0)
         kept = self.inner.dequantize_torch(dtype)
         pos = unpack_codes(self.meta, 2, self.k // 2).long()
         idx = 4 * (torch.arange(self.k // 2, device=pos.device) // 2) + pos

@@ -100,10 +100,12 @@ def compile_kwargs(device, compile: bool | str) -> dict:
 
 
 @torch.inference_mode()
-def generate(model, tok, prompt: str, max_new_tokens: int, out=sys.stdout, compile: bool | str = False) -> dict:
-    """Greedy generation of ``prompt``, streamed to ``out`` as it is produced; returns the timing
-    (``compile``: the steps through torch.compile; the first ones compile, and count)."""
+def generate(model, tok, prompt: str, max_new_tokens: int, out=None, compile: bool | str = False) -> dict:
+    """Greedy generation of ``prompt``, streamed to ``out`` (default: the current sys.stdout) as it is
+    produced; returns the timing (``compile``: the steps through torch.compile, compiled first)."""
     from transformers import TextStreamer
+
+    out = out if out is not None else sys.stdout
 
     if tok is None:
         raise ModelLoadError("this model directory has no tokenizer; export it with its tokenizer to generate text")

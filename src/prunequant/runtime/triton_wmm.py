@@ -523,8 +523,10 @@ if triton is not None:
                  mask=n_mask[:, None] & (rk < K)[None, :])
 
     @triton.jit(do_not_specialize=["N", "K", "GS", "col0"])
-    def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS,
-                        BITS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _dequant_kernel(C, scn, S, Z, ssn, OUT, son, col0, N, K, GS, META, smn,
+                        BITS: tl.constexpr, HAS_META: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        # HAS_META: 2:4 codes, kept code k stored at column 4·(k // 2) + its position (the caller zeroes
+        # the pruned ones)
         PER: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = (1 << BITS) - 1
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -536,7 +538,12 @@ if triton is not None:
         s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=mask, other=0.0).to(tl.float32)
         z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=mask, other=0.0).to(tl.float32)
         w = (code - z) * s
-        tl.store(OUT + rn[:, None] * son + (col0 + rk)[None, :], w.to(OUT.dtype.element_ty), mask=mask)
+        if HAS_META:
+            mw = tl.load(META + rn[:, None] * smn + (rk // 16)[None, :], mask=mask, other=0)
+            col = 4 * (rk // 2)[None, :] + ((mw >> ((rk % 16) * 2)[None, :]) & 3)
+        else:
+            col = rk[None, :]
+        tl.store(OUT + rn[:, None] * son + col0 + col, w.to(OUT.dtype.element_ty), mask=mask)
 
 
 # ---- launch configurations -----------------------------------------------------------------------
@@ -1059,20 +1066,26 @@ def _dot(x, segments, N, bias, cfg) -> torch.Tensor:
 
 
 def dequantize_into(seg, out: torch.Tensor, col0: int = 0) -> torch.Tensor:
-    """Write segment ``seg``'s weights into ``out[:, col0 : col0 + seg.k]`` (out: (N, ≥ col0 + k))."""
+    """Write segment ``seg``'s weights into ``out[:, col0 : col0 + seg.k]`` (out: (N, ≥ col0 + k)); 2:4
+    codes (``seg.meta``) into ``out[:, col0 : col0 + 2·seg.k]``."""
     N, K = seg.codes.shape[0], seg.k
     per, kw = per_word(seg.bits), seg.codes.shape[1]
+    meta = getattr(seg, "meta", None)
+    if meta is not None:
+        out[:, col0:col0 + 2 * K].zero_()
     bn, bw = 16, 32
-    ngt = _tile_groups(seg.group_size, bw * per) if _is_pow2(per) else None
+    ngt = _tile_groups(seg.group_size, bw * per) if _is_pow2(per) and meta is None else None
     if ngt is not None:
         gs = seg.group_size if seg.group_size > 0 else K + 1
         _dequant_words_kernel[(triton.cdiv(N, bn), triton.cdiv(kw, bw))](
             seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0), out, out.stride(0), col0,
             N, K, kw, gs, BITS=seg.bits, NGT=ngt, BN=bn, BW=bw, num_warps=4)
         return out
-    bn, bk = 32, 128  # groups that change inside words, or codes per word not a power of two (3 bits)
+    bn, bk = 32, 128  # groups that change inside words, 3-bit codes, or 2:4 codes
     gs = seg.group_size if seg.group_size > 0 else K + 1
     grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     _dequant_kernel[grid](seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
-                          out, out.stride(0), col0, N, K, gs, BITS=seg.bits, BN=bn, BK=bk, num_warps=4)
+                          out, out.stride(0), col0, N, K, gs, meta if meta is not None else seg.codes,
+                          meta.stride(0) if meta is not None else 0, BITS=seg.bits, HAS_META=meta is not None,
+                          BN=bn, BK=bk, num_warps=4)
     return out
