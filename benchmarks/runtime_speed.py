@@ -465,7 +465,8 @@ def model_table(args) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - one failing configuration keeps its row with the reason
             traceback.print_exc()
             row = {"config": config, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
-        row.update(table="model", model=args.model or f"llama-{args.shape}-random", compiled=bool(args.compile and cuda))
+        row.update(table="model", model=args.model or f"llama-{args.shape}-random",
+                   compiled=bool(args.compile and cuda))
         rows.append(row)
         emit(row, args)
         model = None

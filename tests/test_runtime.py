@@ -273,7 +273,8 @@ def test_every_kernel_kind_in_the_interpreter():
     rows = interpreted("test_runtime", "_every_kernel_kind()")
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
-            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False), ("gemvr 2:4", 1, False)} <= kinds
+            ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
+            ("gemvr 2:4", 1, False)} <= kinds
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     from types import SimpleNamespace
 

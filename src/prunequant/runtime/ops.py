@@ -15,7 +15,8 @@ import torch
 from . import triton_wmm
 
 
-def _segment(codes, scale, zero, cols, bits, group_size, k, meta=None):
+def segment_view(codes, scale, zero, cols, bits, group_size, k, meta=None):
+    """What the kernels read of a segment (codes, grid, columns, 2:4 positions), without the module."""
     return SimpleNamespace(codes=codes, scale=scale, zero=zero, cols=cols, bits=bits, group_size=group_size, k=k,
                            meta=meta)
 
@@ -24,7 +25,7 @@ def _segment(codes, scale, zero, cols, bits, group_size, k, meta=None):
 def packed_mm(x: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
               cols: list[Optional[torch.Tensor]], bits: list[int], group_sizes: list[int], ks: list[int], n: int,
               bias: Optional[torch.Tensor], metas: list[Optional[torch.Tensor]]) -> torch.Tensor:
-    segs = [_segment(*a) for a in zip(codes, scales, zeros, cols, bits, group_sizes, ks, metas)]
+    segs = [segment_view(*a) for a in zip(codes, scales, zeros, cols, bits, group_sizes, ks, metas)]
     return triton_wmm.matmul(x, segs, n, bias)
 
 
@@ -37,7 +38,7 @@ def _packed_mm_fake(x, codes, scales, zeros, cols, bits, group_sizes, ks, n, bia
 def packed_dequant(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group_size: int,
                    k: int, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(codes.shape[0], k, device=codes.device, dtype=dtype)
-    return triton_wmm.dequantize_into(_segment(codes, scale, zero, None, bits, group_size, k), out, 0)
+    return triton_wmm.dequantize_into(segment_view(codes, scale, zero, None, bits, group_size, k), out, 0)
 
 
 @packed_dequant.register_fake

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -196,8 +195,7 @@ class Sparse24Segment(Segment):
     def kernel_view(self):
         """What the few-row GEMV reads: the kept codes' segment with the positions beside it."""
         s = self.inner
-        return SimpleNamespace(codes=s.codes, scale=s.scale, zero=s.zero, cols=None, bits=s.bits,
-                               group_size=s.group_size, k=s.k, meta=self.meta)
+        return ops.segment_view(s.codes, s.scale, s.zero, None, s.bits, s.group_size, s.k, self.meta)
 
     def dequantize(self, dtype, out: torch.Tensor | None = None, col0: int = 0) -> torch.Tensor:
         if out is None:
@@ -208,7 +206,7 @@ class Sparse24Segment(Segment):
         kept = self.inner.dequantize_torch(dtype)
         pos = unpack_codes(self.meta, 2, self.k // 2).long()
         idx = 4 * (torch.arange(self.k // 2, device=pos.device) // 2) + pos
-        out[:, col0:col0 + self.k] = torch.zeros(self.n, self.k, device=out.device, dtype=dtype).scatter_(1, idx, kept)
+        out[:, col0:col0 + self.k].zero_().scatter_(1, idx.expand(self.n, -1), kept)
         return out
 
     def forward(self, x2: torch.Tensor, small_m: int = SMALL_M) -> torch.Tensor:

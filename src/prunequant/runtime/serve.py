@@ -82,6 +82,10 @@ def load_for_serving(spec: str, device=None, dtype=None, exact: bool = False, ke
 
 # ---- generate ------------------------------------------------------------------------------------
 
+def _backend(compile: bool | str) -> str:
+    return "inductor" if compile is True else compile
+
+
 def compile_kwargs(device, compile: bool | str) -> dict:
     """``generate`` arguments that run the steps through torch.compile over a static cache (transformers
     compiles them; on CUDA its mode replays each step as a CUDA graph)."""
@@ -90,8 +94,7 @@ def compile_kwargs(device, compile: bool | str) -> dict:
     if not compile:
         return {}
     cuda = torch.device(device).type == "cuda"
-    cfg = CompileConfig(dynamic=False, backend="inductor" if compile is True else compile,
-                        mode="reduce-overhead" if cuda else "default")
+    cfg = CompileConfig(dynamic=False, backend=_backend(compile), mode="reduce-overhead" if cuda else "default")
     if not cuda:
         if not hasattr(CompileConfig, "_compile_all_devices"):
             raise PrunequantError("this transformers version compiles generate() on CUDA only; drop --compile")
@@ -179,7 +182,14 @@ def compiled(model, compile: bool | str):
     packed kernels stay opaque custom ops (runtime/ops.py)."""
     if not compile:
         return model
-    return torch.compile(model.forward, dynamic=False, backend="inductor" if compile is True else compile)
+    return torch.compile(model.forward, dynamic=False, backend=_backend(compile))
+
+
+def static_cache(model, prompt, new_tokens: int):
+    """A StaticCache with room for the prompt and the new tokens: a compiled or captured step sees fixed shapes."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
 
 
 class GraphDecoder:
@@ -188,11 +198,9 @@ class GraphDecoder:
     captured step is the torch.compile'd forward."""
 
     def __init__(self, model, prompt, new_tokens: int, compile: bool | str = False):
-        from transformers import StaticCache
-
         self.model = model
         self.forward = compiled(model, compile)
-        self.cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
+        self.cache = static_cache(model, prompt, new_tokens)
         out = model(input_ids=prompt, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.first = out.logits[:, -1:].argmax(-1)
         self.tok = self.first.clone()
@@ -233,11 +241,12 @@ def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int, compil
             dec.run(new_tokens)
         return prompt.shape[0] * new_tokens / median_time(once, device, warmup, repeats)
     if compile:
-        fwd = compiled(model, compile)
-        static = static_decode(model, prompt, new_tokens)
+        fwd, cache = compiled(model, compile), static_cache(model, prompt, new_tokens)
 
         def steps():
-            tok, cache = static()
+            cache.reset()
+            tok = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1:]
+            tok = tok.argmax(-1)
             t = time.perf_counter()
             for _ in range(new_tokens):
                 out = fwd(input_ids=tok, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -259,19 +268,6 @@ def decode_tps(model, prompt, new_tokens: int, warmup: int, repeats: int, compil
     for _ in range(warmup):
         eager()
     return prompt.shape[0] * new_tokens / statistics.median(eager() for _ in range(repeats))
-
-
-def static_decode(model, prompt, new_tokens: int):
-    """A function giving (first token, StaticCache holding the prompt): a compiled step sees fixed shapes."""
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + new_tokens + 8)
-
-    def start():
-        cache.reset()
-        out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1:].argmax(-1), cache
-    return start
 
 
 def _peak(device) -> float:

@@ -738,7 +738,8 @@ def tune_key(x: torch.Tensor, segments: list, N: int, has_bias: bool) -> str:
     dev = _device_name(x)
     segs = ";".join(f"{s.bits}b,g{s.group_size},k{_size_bucket(s.k)},{'cols' if s.cols is not None else 'all'}"
                     + (",2:4" if getattr(s, "meta", None) is not None else "") for s in segments)
-    return f"{dev}|m{_bucket(x.shape[0])}|n{_size_bucket(N)}|{segs}|{str(x.dtype).replace('torch.', '')}|{'bias' if has_bias else ''}"
+    dtype = str(x.dtype).replace("torch.", "")
+    return f"{dev}|m{_bucket(x.shape[0])}|n{_size_bucket(N)}|{segs}|{dtype}|{'bias' if has_bias else ''}"
 
 
 _UNTUNED = [0]
@@ -810,7 +811,8 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     """The launch configuration for this input: cached, else timed over the candidates (the fastest whose
     output matches the untuned kernel's), else the untuned default."""
     M = x.shape[0]
-    env = None if getattr(segments[0], "meta", None) is not None else _override(M)
+    sparse24 = getattr(segments[0], "meta", None) is not None
+    env = None if sparse24 else _override(M)
     if env is not None:
         return env
     _load_cache()
@@ -818,7 +820,6 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    sparse24 = getattr(segments[0], "meta", None) is not None
     default = _rows_default(segments[0]) if sparse24 else launch_config(M, N)
     if not _tuning_allowed(x):
         return default
@@ -989,7 +990,8 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
         seg.cols if seg.cols is not None else seg.codes, meta if meta is not None else seg.codes,
         meta.stride(0) if meta is not None else 0, seg.k, kw, kws, gs,
         BITS=seg.bits, HAS_COLS=seg.cols is not None, HAS_META=meta is not None, GRID=grid_kind,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, ATOMIC=atomic, MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
