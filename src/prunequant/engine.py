@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from .checkpoint import Checkpoint
 from .distributed import DistContext
 from .models import ArchSpec, arch_of, block_linears, get_blocks, get_weight, set_weight
-from .onload import BlockIO, decide_offload, store_nest, to_device, to_store
+from .onload import BlockIO, decide_offload, store_nest, to_device, to_store, trim_host_heap
 from .recipe import LayerPlan
 from .solvers import needs, row_separable, solve_layer
 from .solvers.base import LayerRecord, LayerResult, LayerStats, QuantState
@@ -301,6 +301,7 @@ def compress_model(
                 block_io.unload(i, block)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            trim_host_heap()
     except BaseException:
         if resume:
             resume.close(failing=True)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import ModelLoadError
 from .models import ARCHITECTURES, arch_of, get_blocks
-from .onload import BlockIO
+from .onload import BlockIO, trim_host_heap
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +235,7 @@ def streamed_original(model: nn.Module, files: SafetensorsFiles) -> nn.Module:
 
 def _drop(block, _args, _output) -> None:
     block.to("meta")  # returns None: a forward hook's return value would replace the output
+    trim_host_heap()
 
 
 def _reader(files, prefix, dtype):

