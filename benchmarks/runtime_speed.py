@@ -59,6 +59,10 @@ def emit(row: dict, args) -> None:
     if args.out:
         with open(args.out, "a") as f:
             f.write(json.dumps(row) + "\n")
+        from prunequant.runtime.triton_wmm import TRIALS
+
+        if TRIALS:  # every tile the tuner timed so far, to see how close the candidates ran
+            Path(args.out).with_suffix(".trials.json").write_text(json.dumps(TRIALS))
 
 
 def profile_decode(model, prompt, steps: int = 16, top: int = 12, compile=False) -> dict:
@@ -529,11 +533,6 @@ def main(argv=None):
     args.dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     log(f"# torch {torch.__version__}, device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}")
     {"kernels": kernels, "model": model_table, "memory": memory_table}[args.table](args)
-    if args.out:
-        from prunequant.runtime.triton_wmm import TRIALS
-
-        if TRIALS:  # every tile the tuner timed, to see how close the candidates ran
-            Path(args.out).with_suffix(".trials.json").write_text(json.dumps(TRIALS))
 
 
 if __name__ == "__main__":

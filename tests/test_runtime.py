@@ -218,7 +218,7 @@ def _every_kernel_kind() -> list[dict]:
                                    prefer={bits: ["triton"]})
         seg, per = ql.segs[0], tw.per_word(bits)
         rows = [{"kind": "gemvr", "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
-                for bw in (4, 8) for sp in (1, 2) if tw._gemv_grid(seg, bw) in ((0, 1), (1, 1), (2, 1), (3, 1))]
+                for bw in (4, 8, 16) for sp in (1, 2)]
         if gs == 48:
             assert {tw._gemv_grid(seg, c["BW"])[0] for c in rows} == {1}
             for m in (1, 5):
@@ -248,7 +248,7 @@ def _every_kernel_kind() -> list[dict]:
             ref = x @ q.dequantize().t()
             for c in cfgs:
                 y = tw.run(x, [seg], n, None, c)
-                out.append({"case": f"{bits}b g{gs} m{m}", "cfg": c,
+                out.append({"case": f"{bits}b g{gs} m{m}", "cfg": c, "grid": tw._gemv_grid(seg, c.get("BW", 1)),
                             "err": float((y.float() - ref).norm() / ref.norm())})
     for bits, gs, k in ((4, 128, 300), (8, 0, 256), (3, 64, 192)):  # 2:4 codes: grids 2, 3 and 0
         q = _pruned24(24, k, bits, gs)
@@ -263,8 +263,9 @@ def _every_kernel_kind() -> list[dict]:
         for m in (1, 5):
             x = torch.randn(m, k, generator=g)
             ref = x @ q.dequantize().t()
-            for c in [tw._rows_default(view)] + tw._gemv_rows_candidates(m, 24, view)[:3]:
+            for c in [tw.ROWS_DEFAULT] + tw._gemv_rows_candidates(m, 24, view)[:3]:
                 out.append({"case": f"2:4 {bits}b g{gs} m{m}", "cfg": dict(c, kind="gemvr 2:4"),
+                            "grid": tw._gemv_grid(view, c["BW"]),
                             "err": float((tw.run(x, [view], 24, None, c).float() - ref).norm() / ref.norm())})
     return out
 
@@ -276,6 +277,8 @@ def test_every_kernel_kind_in_the_interpreter():
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
             ("gemvr 2:4", 1, False)} <= kinds
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
+    for kind in ("gemvr", "gemvr 2:4"):  # few-row tiles holding several whole groups, dense and 2:4
+        assert any(r["cfg"]["kind"] == kind and r["grid"][0] == 2 and r["grid"][1] > 1 for r in rows), kind
     from types import SimpleNamespace
 
     from prunequant.runtime.triton_wmm import _gemv_grid, _pdot_grid

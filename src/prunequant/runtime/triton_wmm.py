@@ -326,13 +326,14 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
                           BITS: tl.constexpr, HAS_COLS: tl.constexpr, HAS_META: tl.constexpr, GRID: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, MR: tl.constexpr, BN: tl.constexpr,
-                          BW: tl.constexpr):
+                          NGT: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, MR: tl.constexpr,
+                          BN: tl.constexpr, BW: tl.constexpr):
         # _gemv_kernel for a few input rows: each word tile is unpacked once for all MR rows (the one-row
-        # kernel unpacks it again per row), products accumulated as (MR, BN, BW). GRID as in _gemv_kernel,
-        # 2 only with the tile inside one group. HAS_META: 2:4-sparse codes, the kept two of every four
-        # columns; kept code k reads input column 4·(k // 2) + its 2-bit position (16 per META word), so the
-        # inputs are gathered per weight row (XN = BN) instead of shared by the rows (XN = 1).
+        # kernel unpacks it again per row), products accumulated as (MR, BN, BW). GRID and NGT as in
+        # _gemv_kernel. HAS_META: 2:4-sparse codes, the kept two of every four columns; kept code k reads
+        # input column 4·(k // 2) + its 2-bit position (16 per META word): the four inputs of its group are
+        # loaded once for all weight rows and each row selects its own (XN = BN inputs per row, not 1), so
+        # no load is gathered per weight.
         PER: tl.constexpr = 32 // BITS
         XN: tl.constexpr = BN if HAS_META else 1
         pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, MR, BN)
@@ -348,11 +349,16 @@ if triton is not None:
             for j in tl.static_range(PER):
                 k, k_mask, xc = _position(rw, w_mask, j, PER, K, COLS, HAS_COLS)
                 if HAS_META:
-                    nk_mask = n_mask[:, None] & k_mask[None, :]
-                    mw = tl.load(META + rn[:, None] * smn + (k // 16)[None, :], mask=nk_mask, other=0)
-                    col = 4 * (k // 2)[None, :] + ((mw >> ((k % 16) * 2)[None, :]) & 3)
-                    xj = tl.load(X + rm[:, None, None] * sxm + col[None, :, :] * sxk,
-                                 mask=m_mask[:, None, None] & nk_mask[None, :, :], other=0.0).to(tl.float32)
+                    mw = tl.load(META + rn[:, None] * smn + (k // 16)[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                                 other=0)
+                    pos = ((mw >> ((k % 16) * 2)[None, :]) & 3)[None, :, :]
+                    xp = X + rm[:, None] * sxm + (4 * (k // 2))[None, :] * sxk
+                    mk = m_mask[:, None] & k_mask[None, :]
+                    x0 = tl.load(xp, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                    x1 = tl.load(xp + sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                    x2 = tl.load(xp + 2 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                    x3 = tl.load(xp + 3 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                    xj = tl.where(pos < 2, tl.where(pos == 0, x0, x1), tl.where(pos == 2, x2, x3))
                 else:
                     xj = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
                                  other=0.0).to(tl.float32)[:, None, :]
@@ -368,11 +374,19 @@ if triton is not None:
                 sw = tl.load(S + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
                 zw = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=nw_mask, other=0.0).to(tl.float32)
                 acc += tl.sum(sw[None, :, :] * (t - zw[None, :, :] * xs), axis=2)
-            elif GRID == 2:
+            elif GRID == 2 and NGT == 1:
                 g = (w0 * PER) // GS
                 s1 = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
                 z1 = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
                 acc += s1[None, :] * (tl.sum(t, axis=2) - z1[None, :] * tl.sum(xs, axis=2))
+            elif GRID == 2:  # the tile holds NGT whole groups: sum each group's words, then its grid
+                g = (w0 * PER) // GS + tl.arange(0, NGT)
+                ng_mask = n_mask[:, None] & (g * GS < K)[None, :]
+                sg = tl.load(S + rn[:, None] * ssn + g[None, :], mask=ng_mask, other=0.0).to(tl.float32)
+                zg = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=ng_mask, other=0.0).to(tl.float32)
+                tg = tl.sum(tl.reshape(t, (MR, BN, NGT, BW // NGT)), axis=3)
+                xg = tl.sum(tl.reshape(xs, (MR, XN, NGT, BW // NGT)), axis=3)
+                acc += tl.sum(sg[None, :, :] * (tg - zg[None, :, :] * xg), axis=2)
             else:
                 acc += tl.sum(t, axis=2)
                 xacc += tl.sum(xs, axis=2)
@@ -594,17 +608,13 @@ def _gemv_splits(tile: dict, kw: int, tiles: int) -> list[dict]:
 
 
 def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
-    """Few-row GEMV tiles (2-16 rows; 1-32 for 2:4 codes, which only this kernel reads): a tile inside one
-    group where the grid is per group of words."""
+    """Few-row GEMV tiles (2-16 rows; 1-32 for 2:4 codes, which only this kernel reads)."""
     sparse24 = getattr(seg, "meta", None) is not None
     if not (1 if sparse24 else 2) <= M <= (ROWS_MAX if sparse24 else 16):
         return []
     kw = seg.codes.shape[1]
     out = []
-    for bn, bw, warps in ((8, 16, 4), (16, 16, 4), (32, 16, 8), (16, 32, 8)):
-        grid_kind, ngt = _gemv_grid(seg, bw)
-        if grid_kind == 2 and ngt != 1:
-            continue
+    for bn, bw, warps in ((8, 16, 4), (16, 16, 4), (32, 16, 8), (16, 32, 8), (8, 32, 4), (16, 8, 4), (32, 8, 4)):
         out += _gemv_splits({"kind": "gemvr", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 2}, kw,
                             triton.cdiv(N, bn))
     return out
@@ -613,13 +623,7 @@ def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
 ROWS_MAX = 32  # input rows the few-row GEMV takes
 
 
-def _rows_default(seg) -> dict:
-    """The untuned few-row GEMV tile for ``seg``: the widest word tile that lies inside one group."""
-    for bw in (16, 8, 4, 2, 1):
-        grid_kind, ngt = _gemv_grid(seg, bw)
-        if grid_kind != 2 or ngt == 1:
-            break
-    return {"kind": "gemvr", "BN": 16, "BW": bw, "SPLIT": 1, "num_warps": 4, "num_stages": 2}
+ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "num_warps": 4, "num_stages": 2}  # untuned
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
@@ -820,7 +824,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    default = _rows_default(segments[0]) if sparse24 else launch_config(M, N)
+    default = dict(ROWS_DEFAULT) if sparse24 else launch_config(M, N)
     if not _tuning_allowed(x):
         return default
     if sparse24:
@@ -975,9 +979,8 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
     kw, bw = seg.codes.shape[1], cfg["BW"]
     grid_kind, ngt = _gemv_grid(seg, bw)
     meta = getattr(seg, "meta", None)
-    if M > ROWS_MAX or (grid_kind == 2 and ngt != 1):
-        raise ValueError(f"few-row GEMV tiles take up to {ROWS_MAX} rows, each tile inside one group (got {M} "
-                         f"rows, {bw} words)")
+    if M > ROWS_MAX:
+        raise ValueError(f"few-row GEMV tiles take up to {ROWS_MAX} rows (got {M})")
     kws = triton.cdiv(triton.cdiv(kw, cfg["SPLIT"]), bw) * bw
     split = triton.cdiv(kw, kws)
     atomic = split > 1
@@ -989,7 +992,7 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
         seg.cols if seg.cols is not None else seg.codes, meta if meta is not None else seg.codes,
         meta.stride(0) if meta is not None else 0, seg.k, kw, kws, gs,
-        BITS=seg.bits, HAS_COLS=seg.cols is not None, HAS_META=meta is not None, GRID=grid_kind,
+        BITS=seg.bits, HAS_COLS=seg.cols is not None, HAS_META=meta is not None, GRID=grid_kind, NGT=ngt,
         HAS_BIAS=bias is not None, ATOMIC=atomic, MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
