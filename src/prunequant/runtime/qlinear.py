@@ -1,30 +1,6 @@
-"""Inference linears that keep our quantized weights packed and multiply with low-bit kernels.
-
-A ``QuantLinear`` computes ``y = x · Wᵀ + b`` from one or two *segments*: a uniform-grid QuantState
-(solvers/base.py: ``w = scale[:, g] · (code − zero[:, g])``) over some input columns. A plain quantized
-layer is one segment over all columns; a channel-mixed layer (structural/mixed.py splits the *input*
-columns into a high-bit and a low-bit part) is two, whose products are added.
-
-Segment backends (``BACKENDS``), tried in the order asked for, each checked against the dequantized
-weight on a probe input before it is kept (what failed, and why, is recorded):
-
-- ``triton``: our codes packed ``32 // bits`` per int32 word (2, 3, 4, 8 bits), fp16 scales and uint8
-  zero points; the Triton kernels of triton_wmm.py unpack them in registers (CUDA): a float32 GEMV for a
-  few input rows, a tensor-core kernel for more, tiles timed per shape and cached. Both segments of a
-  mixed layer run in one launch, gathering their input columns in the kernel. Above ``small_m`` input
-  rows the weight is dequantized once into a dense buffer and multiplied by cuBLAS
-  (``large_m = "reconstruct"``), or the kernel runs with large tiles (``large_m = "kernel"``).
-- ``packed``: the same storage, dequantized with torch ops at every call (the CPU path; the fallback
-  where Triton is missing).
-- ``tinygemm``: 4-bit, torch's own int4 kernel (``aten._weight_int4pack_mm`` on CUDA, bf16 only;
-  ``_weight_int4pack_mm_for_cpu``). Its grid is ``(q − 8)·s + m``; ours maps to it exactly in real
-  numbers (``m = s·(8 − zero)``), but scale and offset are stored in the activation dtype (bf16 on
-  CUDA), so its weights differ from the grid by that rounding. Group sizes 32..256 (ours are re-expressed
-  in the largest that divides them, input padded with zeros when the columns do not fill the last group);
-  N must be a multiple of 8 (CUDA) / 16 (CPU).
-- ``int8pack``: 8-bit per-channel symmetric grids on ``torch._weight_int8pack_mm`` (a real kernel on the
-  CPU; on CUDA torch ships a naive one-thread-per-output reference kernel — ask for it explicitly).
-- ``dense``: the dequantized weight in the activation dtype (always works; saves no memory).
+"""Inference linears that keep quantized weights packed and multiply with low-bit kernels: ``QuantLinear``
+over one or two uniform-grid segments (a channel-mixed layer is two), with backends tried in order and
+each checked against the dequantized weight on load. Storage, backends and kernels: docs/runtime.md.
 """
 from __future__ import annotations
 

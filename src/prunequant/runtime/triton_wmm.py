@@ -1,26 +1,6 @@
-"""Weight-only matmul over our packed uniform-grid codes, as Triton kernels (CUDA; the CPU runs them only
-under TRITON_INTERPRET=1, for the tests).
-
-``y = x · Wᵀ (+ b)`` where W is held as one or two *segments*, each a (N, K_s) matrix of b-bit codes
-(b ∈ {2, 3, 4, 8}) packed into int32 words, ``32 // b`` codes per word, code k in word k // per at bit
-(k % per)·b — for 2, 4 and 8 bits the same bytes as export/bitpack.py's little-endian stream — with a
-grid per output row and group of ``group_size`` consecutive columns (``w = scale · (code − zero)``, the
-convention of solvers/base.py), reading its input columns ``x[:, cols]`` (channel-level mixed precision:
-the high-bit and the low-bit columns of one layer are two segments of one launch).
-
-Two regimes:
-- decode (few input rows, memory-bound): ``_gemv_kernel`` reads whole words of a few rows per step,
-  unpacks them in registers and accumulates ``x · w`` elementwise in float32 (no tensor cores: at one to
-  eight rows the weight bytes are the cost), optionally split over K with float32 atomics;
-- more rows: ``_wmm_kernel`` dequantizes weight tiles to the activation dtype and uses ``tl.dot``;
-  above ``QuantLinear.small_m`` rows the layer is dequantized once (``dequantize_into``) and multiplied
-  by cuBLAS instead.
-The tiles of both kernels are chosen per (GPU, shape, rows) by timing a few candidates on first use
-(``tuned``) and cached, in memory and in a JSON file (``PRUNEQUANT_TILE_CACHE``).
-
-Weights are dequantized in float32 — ``(code − zero) · scale`` is exact there, since scales are fp16
-values and codes/zeros small integers. The dot kernel rounds them once to the activation dtype, so the
-tensor-core product sees exactly the dequantized model's weights; the decode kernel keeps them in float32.
+"""Weight-only matmul over packed uniform-grid codes as Triton kernels (CUDA; on the CPU only under
+TRITON_INTERPRET=1, for the tests): GEMVs for decode, tensor-core kernels for more rows, dequantization for
+prefill, and the tile tuner with its cache. Code layout, kernels and tuning: docs/runtime.md.
 """
 from __future__ import annotations
 
