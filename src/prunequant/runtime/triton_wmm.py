@@ -332,12 +332,13 @@ if triton is not None:
                     mw = tl.load(META + rn[:, None] * smn + (k // 16)[None, :], mask=n_mask[:, None] & k_mask[None, :],
                                  other=0)
                     pos = ((mw >> ((k % 16) * 2)[None, :]) & 3)[None, :, :]
-                    xp = X + rm[:, None] * sxm + (4 * (k // 2))[None, :] * sxk
-                    mk = m_mask[:, None] & k_mask[None, :]
-                    x0 = tl.load(xp, mask=mk, other=0.0).to(tl.float32)[:, None, :]
-                    x1 = tl.load(xp + sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
-                    x2 = tl.load(xp + 2 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
-                    x3 = tl.load(xp + 3 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                    if j % 2 == 0:  # codes 2i and 2i + 1 (PER is even) select from the same four inputs
+                        xp = X + rm[:, None] * sxm + (4 * (k // 2))[None, :] * sxk
+                        mk = m_mask[:, None] & k_mask[None, :]
+                        x0 = tl.load(xp, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                        x1 = tl.load(xp + sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                        x2 = tl.load(xp + 2 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
+                        x3 = tl.load(xp + 3 * sxk, mask=mk, other=0.0).to(tl.float32)[:, None, :]
                     xj = tl.where(pos < 2, tl.where(pos == 0, x0, x1), tl.where(pos == 2, x2, x3))
                 else:
                     xj = tl.load(X + rm[:, None] * sxm + xc[None, :] * sxk, mask=m_mask[:, None] & k_mask[None, :],
