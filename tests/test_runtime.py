@@ -219,6 +219,7 @@ def _every_kernel_kind() -> list[dict]:
         seg, per = ql.segs[0], tw.per_word(bits)
         rows = [{"kind": "gemvr", "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
                 for bw in (4, 8, 16) for sp in (1, 2)]
+        rows.append({"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 2, "MR": 4, "num_warps": 4, "num_stages": 2})
         if gs == 48:
             assert {tw._gemv_grid(seg, c["BW"])[0] for c in rows} == {1}
             for m in (1, 5):
@@ -260,10 +261,11 @@ def _every_kernel_kind() -> list[dict]:
         out.append({"case": f"2:4 {bits}b g{gs} dequant", "cfg": {"kind": "dequant", "words": False},
                     "err": float((buf[:, 3:3 + k] - q.dequantize()).abs().max())
                     + float(buf[:, :3].isfinite().any() or buf[:, 3 + k:].isfinite().any())})
-        for m in (1, 5):
+        for m in (1, 5, 20):  # 20 rows: blocks of 8 and of 4 rows
             x = torch.randn(m, k, generator=g)
             ref = x @ q.dequantize().t()
-            for c in [tw.ROWS_DEFAULT] + tw._gemv_rows_candidates(m, 24, view)[:3]:
+            for c in [tw.ROWS_DEFAULT] + tw._gemv_rows_candidates(m, 24, view)[:3] + \
+                    [c for c in tw._gemv_rows_candidates(m, 24, view) if c.get("MR") == 4][:1]:
                 out.append({"case": f"2:4 {bits}b g{gs} m{m}", "cfg": dict(c, kind="gemvr 2:4"),
                             "grid": tw._gemv_grid(view, c["BW"]),
                             "err": float((tw.run(x, [view], 24, None, c).float() - ref).norm() / ref.norm())})
@@ -279,6 +281,8 @@ def test_every_kernel_kind_in_the_interpreter():
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     for kind in ("gemvr", "gemvr 2:4"):  # few-row tiles holding several whole groups, dense and 2:4
         assert any(r["cfg"]["kind"] == kind and r["grid"][0] == 2 and r["grid"][1] > 1 for r in rows), kind
+        assert any(r["cfg"]["kind"] == kind and r["cfg"].get("MR") == 4 and int(r["case"].split(" m")[-1]) > 4
+                   for r in rows), kind  # several blocks of input rows
     from types import SimpleNamespace
 
     from prunequant.runtime.triton_wmm import _gemv_grid, _pdot_grid

@@ -88,11 +88,11 @@ if triton is not None:
 
     @triton.jit
     def _split_program(M, N, KW, KWS, BM: tl.constexpr, BN: tl.constexpr):
-        """Program (n-tile, k-split) over all input rows: (k-split, output rows and mask, input rows and
-        mask, its word range [w_lo, w_hi))."""
+        """Program (n-tile, k-split, block of BM input rows; a 2-D grid has one block): (k-split, output
+        rows and mask, input rows and mask, its word range [w_lo, w_hi))."""
         pid_k = tl.program_id(1)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.arange(0, BM)
+        rm = tl.program_id(2) * BM + tl.arange(0, BM)
         w_lo = pid_k * KWS
         return pid_k, rn, rn < N, rm, rm < M, w_lo, tl.minimum(w_lo + KWS, KW)
 
@@ -598,13 +598,15 @@ def _gemv_rows_candidates(M: int, N: int, seg) -> list[dict]:
     for bn, bw, warps in ((8, 16, 4), (16, 16, 4), (32, 16, 8), (16, 32, 8), (8, 32, 4), (16, 8, 4), (32, 8, 4)):
         out += _gemv_splits({"kind": "gemvr", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 2}, kw,
                             triton.cdiv(N, bn))
+    if M > 8:  # blocks of 8 or 4 rows, each program reading the weights again (all rows at once spill)
+        out += [dict(c, MR=mr) for mr in (8, 4) for c in out if c["SPLIT"] == 1]
     return out
 
 
 ROWS_MAX = 32  # input rows the few-row GEMV takes
 
 
-ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "num_warps": 4, "num_stages": 2}  # untuned
+ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "MR": 8, "num_warps": 4, "num_stages": 2}  # untuned
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
@@ -962,19 +964,20 @@ def _gemv_rows(x, seg, N, bias, cfg) -> torch.Tensor:
     meta = getattr(seg, "meta", None)
     if M > ROWS_MAX:
         raise ValueError(f"few-row GEMV tiles take up to {ROWS_MAX} rows (got {M})")
+    mr = min(_pow2(M), cfg.get("MR", ROWS_MAX))  # rows per program: more rows spill the accumulators
     kws = triton.cdiv(triton.cdiv(kw, cfg["SPLIT"]), bw) * bw
     split = triton.cdiv(kw, kws)
     atomic = split > 1
     y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else \
         torch.empty((M, N), device=x.device, dtype=x.dtype)
     gs, _ = _word_groups(seg)
-    _gemv_rows_kernel[(triton.cdiv(N, cfg["BN"]), split)](
+    _gemv_rows_kernel[(triton.cdiv(N, cfg["BN"]), split, triton.cdiv(M, mr))](
         x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0),
         seg.cols if seg.cols is not None else seg.codes, meta if meta is not None else seg.codes,
         meta.stride(0) if meta is not None else 0, seg.k, kw, kws, gs,
         BITS=seg.bits, HAS_COLS=seg.cols is not None, HAS_META=meta is not None, GRID=grid_kind, NGT=ngt,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, MR=_pow2(M), BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"],
+        HAS_BIAS=bias is not None, ATOMIC=atomic, MR=mr, BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
