@@ -1,0 +1,82 @@
+"""Registers, spills and shared memory of the runtime's kernel tiles on a CUDA architecture, without a GPU:
+each tuner candidate of a layer shape is launched through the real dispatch with the launches captured,
+compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx). Tiles that spill or need
+more than ~128 registers per thread hold few warps per SM; a GPU run decides, this only says why.
+
+    python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 [--sparse24] [--arch 90] [--out F]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from prunequant.recipe import QuantSpec
+from prunequant.runtime import build_quant_linear
+from prunequant.runtime import triton_wmm as tw
+from prunequant.runtime.ptx import captured, compile_launch, resources
+from prunequant.solvers.quant import rtn_quantize
+
+
+def segment(n: int, k: int, bits: int, group_size: int, sparse24: bool):
+    W = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
+    mask = None
+    if sparse24:
+        top = W.abs().reshape(n, -1, 4).topk(2, -1).indices
+        mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(n, k)
+    q = rtn_quantize(W, QuantSpec(method="rtn", bits=bits, group_size=group_size, ragged=True), mask).quant
+    ql, _ = build_quant_linear([(q, None)], k, n, None, device="cpu", dtype=torch.bfloat16,
+                               prefer={bits: ["sparse24" if sparse24 else "packed"]})
+    return ql.segs[0].kernel_view() if sparse24 else ql.segs[0]
+
+
+def candidates(m: int, n: int, seg, sparse24: bool) -> list[dict]:
+    if sparse24:
+        return [tw.ROWS_DEFAULT] + tw._gemv_rows_candidates(m, n, seg)
+    out = [tw.launch_config(m, n)] + tw._gemv_rows_candidates(m, n, seg)
+    out += tw._gemv_candidates(m, n, seg) if m <= 8 else []
+    out += tw._sdot_candidates(m, n, seg) + tw._pdot_candidates(m, n, seg) if m > 1 else []
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--k", type=int, default=4096)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--sparse24", action="store_true")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    seg = segment(args.n, args.k, args.bits, args.group_size, args.sparse24)
+    rows = []
+    for m in args.rows:
+        x = torch.randn(m, args.k).to(torch.bfloat16)
+        seen = set()
+        for c in candidates(m, args.n, seg, args.sparse24):
+            key = json.dumps({k: v for k, v in c.items() if k != "SPLIT"}, sort_keys=True)
+            if key in seen:  # a k-split changes the grid, not the compiled kernel
+                continue
+            seen.add(key)
+            with captured() as launches:
+                try:
+                    tw.run(x, [seg], args.n, None, c)
+                except ValueError:  # a tile this shape does not take
+                    continue
+            row = {"rows": m, "cfg": c}
+            try:
+                row.update(resources(compile_launch(*launches[0], arch=args.arch), args.arch))
+            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
+                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
