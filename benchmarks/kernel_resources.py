@@ -3,7 +3,8 @@ each tuner candidate of a layer shape is launched through the real dispatch with
 compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx). Tiles that spill or need
 more than ~128 registers per thread hold few warps per SM; a GPU run decides, this only says why.
 
-    python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 [--sparse24] [--arch 90] [--out F]
+    PYTHONPATH=src:benchmarks python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 \\
+        [--sparse24] [--arch 90] [--out F]
 """
 from __future__ import annotations
 
@@ -12,20 +13,15 @@ import json
 
 import torch
 
-from prunequant.recipe import QuantSpec
 from prunequant.runtime import build_quant_linear
 from prunequant.runtime import triton_wmm as tw
 from prunequant.runtime.ptx import captured, compile_launch, resources
-from prunequant.solvers.quant import rtn_quantize
+from runtime_speed import prune24, rtn
 
 
 def segment(n: int, k: int, bits: int, group_size: int, sparse24: bool):
     W = torch.randn(n, k, generator=torch.Generator().manual_seed(0))
-    mask = None
-    if sparse24:
-        top = W.abs().reshape(n, -1, 4).topk(2, -1).indices
-        mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(-1, top, True).reshape(n, k)
-    q = rtn_quantize(W, QuantSpec(method="rtn", bits=bits, group_size=group_size, ragged=True), mask).quant
+    q = rtn(W, bits, group_size, False, prune24(W) if sparse24 else None)
     ql, _ = build_quant_linear([(q, None)], k, n, None, device="cpu", dtype=torch.bfloat16,
                                prefer={bits: ["sparse24" if sparse24 else "packed"]})
     return ql.segs[0].kernel_view() if sparse24 else ql.segs[0]

@@ -225,7 +225,7 @@ def _every_kernel_kind() -> list[dict]:
             for m in (1, 5):
                 x = torch.randn(m, k, generator=g)
                 ref = x @ q.dequantize().t()
-                out += [{"case": f"{bits}b g{gs} m{m}", "cfg": c,
+                out += [{"case": f"{bits}b g{gs} m{m}", "cfg": c, "grid": tw._gemv_grid(seg, c["BW"]),
                          "err": float((tw.run(x, [seg], n, None, c).float() - ref).norm() / ref.norm())} for c in rows]
             continue
         cfgs = rows + [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": u3}
