@@ -377,14 +377,29 @@ if triton is not None:
             acc = s_row[None, :] * (acc - z_row[None, :] * xacc)
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
+    @triton.jit
+    def _split_codes(words, BITS: tl.constexpr):
+        """(…, per) codes of int32 words (2, 4 or 8 bits), code j at index j: halves joined on a new last axis
+        until each element holds one code."""
+        v = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
+        if BITS <= 8:
+            v = tl.join(v & 0xFF, (v >> 8) & 0xFF)
+        if BITS <= 4:
+            v = tl.join(v & 0xF, (v >> 4) & 0xF)
+        if BITS <= 2:
+            v = tl.join(v & 0x3, (v >> 2) & 0x3)
+        return v
+
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                     JOIN: tl.constexpr):
         # Tensor cores for a few input rows: program (n-tile, k-split) unpacks each (BN, BW) word tile once
         # into its (BN, BW·per) weights and multiplies every input row with it; the next tile's words are
         # loaded before this one is used. NGT: groups per k-tile (0: one group per row; 1: the tile lies
-        # inside one group; more: the tile holds NGT whole groups).
+        # inside one group; more: the tile holds NGT whole groups). JOIN: unpack by halving the words with
+        # tl.join, which keeps each word's codes in one thread, so the reshape to (BN, BK) moves no data.
         PER: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = (1 << BITS) - 1
         BK: tl.constexpr = BW * PER
@@ -404,14 +419,18 @@ if triton is not None:
             rk = w0 * PER + tl.arange(0, BK)
             x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & (rk < k_hi)[None, :],
                         other=0.0)
-            c3 = ((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000
-            f = c3.to(tl.float32, bitcast=True) - 8388608.0
+            if JOIN:
+                f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                f = tl.reshape(f, (BN, BK))
+            else:
+                c3 = ((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000
+                f = tl.reshape(c3.to(tl.float32, bitcast=True) - 8388608.0, (BN, BK))
             if NGT <= 1:
                 if NGT == 1:
                     g = (w0 * PER) // GS
                     s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
                     z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
-                w = ((tl.reshape(f, (BN, BK)) - z[:, None]) * s[:, None]).to(x.dtype)
+                w = ((f - z[:, None]) * s[:, None]).to(x.dtype)
             else:
                 g = (w0 * PER) // GS + tl.arange(0, NGT)
                 gm = n_mask[:, None] & (g * GS < K)[None, :]
@@ -610,25 +629,24 @@ ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "MR": 8, "num_wa
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
-    """Tensor-core tiles for a few rows: k-tiles of 128 or 256 columns, inside one group or holding whole
-    groups."""
+    """Tensor-core tiles for a few rows: k-tiles of 64-256 columns, inside one group or holding whole
+    groups; the codes unpacked as a 3-D tile and reshaped, or by halving words with tl.join ("X")."""
     bm = max(16, _pow2(M))
     if seg.bits not in (2, 4, 8) or seg.cols is not None or bm > 64:
         return []
     per, kw = per_word(seg.bits), seg.codes.shape[1]
     out = []
-    for bk in (128, 256):
-        try:
-            _sdot_groups(seg.group_size, bk)
-        except ValueError:
+    for bk, bn, warps, expand in ((128, 16, 4, False), (128, 64, 4, False), (256, 16, 4, False),
+                                  (256, 64, 4, False), (128, 16, 4, True), (128, 32, 4, True), (128, 64, 4, True),
+                                  (256, 32, 4, True)):
+        if _tile_groups(seg.group_size, bk) is None:
             continue
         bw = bk // per
-        for bn, warps in ((16, 4), (64, 4)):
-            for split in (1, 2, 4, 8):
-                if split > 1 and (kw < 2 * split * bw or triton.cdiv(N, bn) * split > 4096):
-                    break
-                out.append({"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
-                            "num_stages": 2})
+        for split in (1, 2, 4, 8):
+            if split > 1 and (kw < 2 * split * bw or triton.cdiv(N, bn) * split > 4096):
+                break
+            out.append({"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
+                        "num_stages": 2, "X": expand})
     return out
 
 
@@ -998,7 +1016,8 @@ def _sdot(x, seg, N, bias, cfg) -> torch.Tensor:
         x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0), seg.k, kw, kws, gs,
         BITS=seg.bits, HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x.dtype == torch.float32, NGT=ngt,
-        BM=cfg["BM"], BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BM=cfg["BM"], BN=cfg["BN"], BW=bw, JOIN=cfg.get("X", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
