@@ -509,17 +509,14 @@ if triton is not None:
                               BITS: tl.constexpr, NGT: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
         # Prefill's dequantization, bound by the bytes it writes: each word is read once and unpacked into
         # its codes in registers, one scale / zero point per row and group of the tile (NGT: groups per
-        # tile; 0 one group per row), the (BN, BW·per) tile stored at once.
+        # tile; 0 one group per row), the (BN, BW·per) tile stored at once. Only for 2, 4 and 8 bits.
         PER: tl.constexpr = 32 // BITS
-        LOW: tl.constexpr = (1 << BITS) - 1
         BK: tl.constexpr = BW * PER
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rw = tl.program_id(1) * BW + tl.arange(0, BW)
         n_mask = rn < N
         words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < KW)[None, :], other=0)
-        rj = tl.arange(0, PER)
-        f = (((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000).to(tl.float32, bitcast=True)
-        f = f - 8388608.0
+        f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
         k0 = tl.program_id(1) * BK
         if NGT <= 1:
             g = k0 // GS  # NGT 0: GS is past the last column, so every k is in group 0
