@@ -141,6 +141,19 @@ if triton is not None:
         return (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _split_codes(words, BITS: tl.constexpr):
+        """The codes of int32 words (2, 4 or 8 bits) as (…, 2, …, 2): halves joined on new last axes until each
+        element holds one code, so that a reshape to (…, per) puts code j at index j, in the word's thread."""
+        v = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
+        if BITS <= 8:
+            v = tl.join(v & 0xFF, (v >> 8) & 0xFF)
+        if BITS <= 4:
+            v = tl.join(v & 0xF, (v >> 4) & 0xF)
+        if BITS <= 2:
+            v = tl.join(v & 0x3, (v >> 2) & 0x3)
+        return v
+
+    @triton.jit
     def _inv_shift(J: tl.constexpr, BITS: tl.constexpr):
         """2^-sh for code J (see _code_at), built from its exponent bits (exact)."""
         DIRECT: tl.constexpr = 23 // BITS
@@ -155,13 +168,11 @@ if triton is not None:
         PER: tl.constexpr = 32 // BITS
         if UNPACK3 and WORD_GROUPS and not HAS_COLS and PER * BITS == 32:
             # all codes of a word at once: (BN, BW, PER) against the (BW, PER) contiguous inputs
-            LOW: tl.constexpr = (1 << BITS) - 1
             rj = tl.arange(0, PER)
             k2 = rw[:, None] * PER + rj[None, :]
             x2 = tl.load(X + k2 * sxk, mask=w_mask[:, None] & (k2 < K), other=0.0).to(tl.float32)
-            c3 = ((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000
-            f3 = c3.to(tl.float32, bitcast=True) - 8388608.0
-            t = tl.sum(f3 * x2[None, :, :], axis=2)
+            f3 = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            t = tl.sum(tl.reshape(f3, (BN, BW, PER)) * x2[None, :, :], axis=2)
             xs = tl.sum(x2, axis=1)
         else:
             t = tl.zeros((BN, BW), dtype=tl.float32)
@@ -376,19 +387,6 @@ if triton is not None:
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             acc = s_row[None, :] * (acc - z_row[None, :] * xacc)
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
-
-    @triton.jit
-    def _split_codes(words, BITS: tl.constexpr):
-        """(…, per) codes of int32 words (2, 4 or 8 bits), code j at index j: halves joined on a new last axis
-        until each element holds one code."""
-        v = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
-        if BITS <= 8:
-            v = tl.join(v & 0xFF, (v >> 8) & 0xFF)
-        if BITS <= 4:
-            v = tl.join(v & 0xF, (v >> 4) & 0xF)
-        if BITS <= 2:
-            v = tl.join(v & 0x3, (v >> 2) & 0x3)
-        return v
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
