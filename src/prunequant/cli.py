@@ -69,15 +69,19 @@ def _add_load_args(p):
                    help="let a hub model run the Python code it ships (off by default)")
 
 
-def _add_job_args(p):
+def _add_calib_args(p, calib_samples):
     p.add_argument("--calib-text", default="wiki")
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--calib-samples", type=int, default=calib_samples)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", required=True)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true")
+
+
+def _add_job_args(p):
+    _add_calib_args(p, calib_samples=64)
     p.add_argument("--eval", action="store_true")
     _add_eval_args(p)
     _add_load_args(p)
@@ -106,20 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--refine-global-steps", type=int, help="steps of the global KL stage (default: --refine-steps)")
     c.add_argument("--act-bits", type=int, choices=[4, 8], help="simulated per-token activation quantization "
                    "(W·A8 / W·A4) with SmoothQuant migration folded into the norms")
-    c.add_argument("--calib-text", default="wiki")
-    c.add_argument("--calib-samples", type=int, default=128)
-    c.add_argument("--seq-len", type=int, default=512)
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--batch-size", type=int, default=8)
-    c.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if present)")
-    c.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    _add_calib_args(c, calib_samples=128)
     c.add_argument("--format", default="dense", choices=["dense", "compact", "compressed-tensors"])
     c.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="dtype of stored floats (default: the model's, so reload is exact)")
     c.add_argument("--load-dtype", default="float32", choices=["auto", "float32", "float16", "bfloat16"],
                    help="dtype the model is loaded and run in while compressing (auto: a checkpoint "
                    "directory's own dtype on a GPU, float32 on the CPU)")
-    c.add_argument("--overwrite", action="store_true")
     c.add_argument("--eval", action="store_true", help="evaluate the original and the compressed model: "
                    "perplexity, KL/top-1 agreement, retention, Sr and SrCr")
     c.add_argument("--tasks", default=None, help="with --eval: zero-shot tasks, e.g. arc_easy,piqa,hellaswag; "
@@ -258,14 +255,9 @@ _WRITERS = ("compress", "structured", "global")
 
 def check_context_early(a) -> None:
     """For a local checkpoint the context is known before its weights are read: check window lengths then."""
-    ctx = _config_context(getattr(a, "model", None))
-    if not ctx:
-        return
-    for flag in ("seq_len", "eval_seq_len"):
-        v = getattr(a, flag, None)
-        if v and v > ctx and (flag == "seq_len" or a.cmd == "eval" or getattr(a, "eval", False)):
-            raise PrunequantError(f"--{flag.replace('_', '-')} {v} is longer than the model's context of {ctx} "
-                                  f"tokens; use at most {ctx}")
+    evals = a.cmd == "eval" or getattr(a, "eval", False)
+    _check_windows(_config_context(getattr(a, "model", None)), ("--seq-len", getattr(a, "seq_len", None)),
+                   ("--eval-seq-len", getattr(a, "eval_seq_len", None) if evals else None))
 
 
 def _config_context(spec) -> int | None:
@@ -292,7 +284,11 @@ def _output_lock_of(a):
 
 def check_seq_len(model, *pairs) -> None:
     """Windows longer than the model's context give meaningless numbers: refuse them."""
-    ctx = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    _check_windows(getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None),
+                   *pairs)
+
+
+def _check_windows(ctx: int | None, *pairs) -> None:
     for flag, v in pairs:
         if ctx and v and v > ctx:
             raise PrunequantError(f"{flag} {v} is longer than the model's context of {ctx} tokens; use at most {ctx}")
@@ -458,12 +454,10 @@ def cmd_eval(a) -> int:
 
 def _rates_of(spec: str) -> dict | None:
     rec = Path(spec) / "prunequant.json"
-    if rec.is_file():
-        try:
-            return json.loads(rec.read_text()).get("rates")
-        except json.JSONDecodeError:
-            return None
-    return None
+    try:
+        return json.loads(rec.read_text()).get("rates") if rec.is_file() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _job_setup(a):
@@ -541,8 +535,6 @@ def cmd_structured(a) -> int:
 
 
 def cmd_global(a) -> int:
-    from dataclasses import asdict
-
     from .structural import apply_allocation, layerwise_allocation, learn_global_allocation
 
     try:

@@ -20,7 +20,7 @@ import optuna
 from ..errors import PrunequantError
 from ..recipe import Recipe
 from .budget import Budget, Inventory
-from .space import Infeasible, Resolved, resolve, suggest
+from .space import Infeasible, Resolved, suggest
 
 log = logging.getLogger(__name__)
 CONFIG_ATTR = "search_config"
