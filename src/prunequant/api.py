@@ -18,7 +18,7 @@ from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
 from .outputs import check_output_path, output_lock, work_root
 from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
-                     set_weight)
+                     named_linears, set_weight)
 from .solvers import needs, solve_layer
 from .accounting import summarize
 from .recipe import Recipe
@@ -49,8 +49,7 @@ def library_versions() -> dict:
            "python": platform.python_version()}
     for pkg in ("safetensors", "compressed_tensors", "optuna", "gguf"):
         try:
-            mod = __import__(pkg)
-            out[pkg] = getattr(mod, "__version__", "?")
+            out[pkg] = getattr(__import__(pkg), "__version__", "?")
         except ImportError:
             pass
     return out
@@ -61,12 +60,7 @@ def _ids_sha(ids: torch.Tensor) -> str:
 
 
 def linear_param_counts(model) -> list[tuple[str, int]]:
-    arch = arch_of(model)
-    out = []
-    for i, block in enumerate(get_blocks(model, arch)):
-        for rel, mod in block_linears(block, arch).items():
-            out.append((f"{arch.blocks}.{i}.{rel}", get_weight(mod).numel()))
-    return out
+    return [(name, get_weight(mod).numel()) for _, name, mod in named_linears(model)]
 
 
 def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, announce: bool = True) -> None:
@@ -75,22 +69,19 @@ def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, ann
     per row (ragged, as GPTQ does); ``announce`` says so (compress() does, once per run)."""
     from .export.ctensors import ragged_problem
 
-    arch = arch_of(model)
     ragged: dict[tuple[int, int], list[str]] = {}
-    for i, block in enumerate(get_blocks(model, arch)):
-        for rel, mod in block_linears(block, arch).items():
-            name = f"{arch.blocks}.{i}.{rel}"
-            plan = recipe.plan_for(name)
-            in_f = get_weight(mod).shape[1]
-            q, p = plan.quant, plan.prune
-            if q and q.group_size and in_f % q.group_size:
-                ragged.setdefault((q.group_size, in_f), []).append(name)
-                why = ragged_problem(name, in_f, q.group_size) if fmt == "compressed-tensors" else None
-                if why:
-                    raise PrunequantError(why)
-            if p and p.structured and in_f % p.m:
-                raise PrunequantError(f"N:M pattern {p.n}:{p.m} needs {name}'s {in_f} input features to be a "
-                                      f"multiple of {p.m}")
+    for _, name, mod in named_linears(model):
+        plan = recipe.plan_for(name)
+        in_f = get_weight(mod).shape[1]
+        q, p = plan.quant, plan.prune
+        if q and q.group_size and in_f % q.group_size:
+            ragged.setdefault((q.group_size, in_f), []).append(name)
+            why = ragged_problem(name, in_f, q.group_size) if fmt == "compressed-tensors" else None
+            if why:
+                raise PrunequantError(why)
+        if p and p.structured and in_f % p.m:
+            raise PrunequantError(f"N:M pattern {p.n}:{p.m} needs {name}'s {in_f} input features to be a "
+                                  f"multiple of {p.m}")
     for (g, in_f), names in (ragged.items() if announce else ()):
         last = in_f % g if g < in_f else in_f
         log.warning("group size %d does not divide the %d input features of %d layer(s) (e.g. %s): the last group "
@@ -123,10 +114,8 @@ def enable_act_quant(model, bits: int):
 
 def compress_data_free(model, plan_for, device=None, progress=True, work_dir: str | Path | None = None,
                        fingerprint: str = "") -> EngineReport:
-    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine).
-
-    With ``work_dir`` every finished block is checkpointed as in the engine, and a later call with the same
-    ``fingerprint`` resumes after it (the directory is left for the caller to remove once saved)."""
+    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine),
+    checkpointing every block under ``work_dir`` and resuming there as the engine does."""
     from tqdm.auto import tqdm
 
     from .checkpoint import Checkpoint
@@ -203,19 +192,13 @@ def compress(
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
 
-    Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) in a
-    subdirectory per recipe and calibration fingerprint; re-running resumes there until the result is saved.
-    ``fmt``: the export format the result is meant for, checked against the recipe before any work.
-
-    A lazily loaded model (``load_model(..., lazy=True)``) is compressed block by block from its files and
-    needs ``out``: each block is written (``fmt``, ``dtype``) as soon as it is done and then dropped.
-    ``save_later`` leaves the output open until ``save(result, out, extra=...)`` (e.g. after an
-    evaluation). A lazy model keeps its compressed blocks in host memory for such later use only with
-    ``keep_model`` (default: ``save_later``); otherwise each block is dropped once written, and
-    ``result.model`` keeps its blocks on the meta device. ``keep_original`` keeps
-    the original blocks on disk (``result.original``; the checkpoint itself for a lazy model) so that
-    ``original_model(result)`` can stream them back for comparisons without a second copy in memory.
-    """
+    Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) per recipe and
+    calibration fingerprint; re-running resumes there until the result is saved. ``fmt``: the export format
+    meant, checked against the recipe before any work. A lazily loaded model (``load_model(..., lazy=True)``)
+    needs ``out``: each block is written (``fmt``, ``dtype``) once done, then dropped unless ``keep_model``
+    (default: ``save_later``, which leaves the output open until ``save(result, out, extra=...)``).
+    ``keep_original`` keeps the original blocks on disk, so that ``original_model(result)`` can stream them
+    back for comparisons without a second copy in memory."""
     from .lazy import is_lazy, lazy_source, save_blocks
 
     if out is not None:
@@ -380,11 +363,9 @@ def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fm
          extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``result`` in a format of prunequant.export (dense, compact, compressed-tensors).
 
-    Every format is written to a temporary sibling, gets a SHA-256 manifest, and is renamed into place
-    when complete; prunequant.json (recipe, seeds, hashes, versions, results) goes in with it. Dense keeps
-    the model's own dtype by default, so reloading gives back exactly the evaluated weights. The resume
-    checkpoints (``result.work_dir``) are removed only after the final rename.
-    """
+    It goes to a temporary sibling with a SHA-256 manifest and prunequant.json, then is renamed into place;
+    dense keeps the model's own dtype, so reloading gives back exactly the evaluated weights. The resume
+    checkpoints (``result.work_dir``) are removed only after the final rename."""
     from .checkpoint import clear_work_dir
     from .export import export as export_fn
 

@@ -1,14 +1,11 @@
 """The sequential block-wise engine.
 
-Catch the inputs of the first decoder block, then for each block: collect per-linear input
-statistics with hooks, hand each weight to a solver, and re-run the calibration activations through
-the *compressed* block so that later blocks see (and compensate) the error of earlier ones.
-Only the current block sits on the compute device (onload.BlockIO); activations stay there too, or
-in pinned CPU memory when they do not fit (decided from the free GPU memory unless told).
-Linears that share an input and an identical row-separable plan (q/k/v, gate/up under GPTQ) are
-solved as one stacked matrix: one Hessian factorisation and one column loop instead of several.
-With a distributed.DistContext the work is spread over processes (one per GPU).
-"""
+Catch the inputs of the first decoder block, then for each block: collect per-linear input statistics with
+hooks, hand each weight to a solver, and re-run the calibration activations through the *compressed* block
+so that later blocks see (and compensate) the error of earlier ones. Only the current block sits on the
+compute device (onload.BlockIO); activations stay there or in pinned CPU memory. Linears sharing an input
+and an identical row-separable plan (q/k/v under GPTQ) are solved as one stacked matrix. A
+distributed.DistContext spreads the work over processes (one per GPU)."""
 from __future__ import annotations
 
 import contextlib
@@ -122,10 +119,8 @@ def _tf32():
 def gram(x: torch.Tensor) -> torch.Tensor:
     """xᵀx (x: tokens × features) in float32.
 
-    bf16/fp16 activations on CUDA use the tensor cores: their products are exact in float32 and
-    accumulate in float32, so the result equals a float32 product up to summation order (TF32 is
-    exact for them too: its 10-bit mantissa holds bf16's 7 and fp16's 10). float32 inputs stay float32.
-    """
+    bf16/fp16 on CUDA use the tensor cores: products are exact in float32 and accumulate in float32 (TF32 too:
+    its 10-bit mantissa holds bf16's 7 and fp16's 10), so only the summation order differs from float32."""
     global _MM_OUT_DTYPE
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         if _MM_OUT_DTYPE is not False:
@@ -231,17 +226,14 @@ def compress_model(
 ) -> EngineReport:
     """Compress ``model`` in place, block by block; returns per-layer results.
 
-    The model may live on the CPU (or partly on the meta device, with a ``block_io`` that materialises
-    each block); only the block being compressed is moved to ``device``. ``offload_activations``:
-    True keeps calibration activations in pinned CPU memory, False on ``device``, None decides from
-    the free GPU memory. ``work_dir`` (optional) holds a checkpoint after every block; a later call
-    with the same ``fingerprint`` resumes from it instead of starting over; it is kept after the last
-    block (the caller removes it once the result is saved). ``dist`` spreads the work
-    over processes (see distributed.py). ``block_hook(i, block, arch, inputs, solve, report, device)``, if
-    given, is called instead of each block's solve and must call ``solve()`` itself (refine.BlockRefiner).
-    ``report`` (optional) is filled in place, so a ``block_io`` can read each block's states as it
-    finishes (e.g. to write it out).
-    """
+    The model may live on the CPU (or partly on the meta device, with a ``block_io`` that materialises each
+    block); only the block being compressed is moved to ``device``. ``offload_activations``: True keeps
+    calibration activations in pinned CPU memory, False on ``device``, None decides from the free GPU memory.
+    ``work_dir`` holds a checkpoint after every block, from which a later call with the same ``fingerprint``
+    resumes; the caller removes it once the result is saved. ``dist`` spreads the work over processes.
+    ``block_hook(i, block, arch, inputs, solve, report, device)`` replaces each block's solve and must call
+    ``solve()`` itself (refine.BlockRefiner). ``report`` is filled in place, so a ``block_io`` can read each
+    block's states as it finishes."""
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
     dist = dist or DistContext()
@@ -410,12 +402,9 @@ def _apply(solved, rels, owner, linears, plans, prefix, report, keep_states, dis
         module = linears[rel]
         if solved is not None:
             _, w, res, secs = solved[k]
-            weight = res.weight
-            name = prefix + rel
-            state = None
-            if keep_states:
-                state = res.for_export()
-            records.append((name, LayerRecord.of(name, w, plans[rel], res, secs), state))
+            weight, name = res.weight, prefix + rel
+            records.append((name, LayerRecord.of(name, w, plans[rel], res, secs),
+                            res.for_export() if keep_states else None))
         else:
             weight = torch.empty(get_weight(module).shape, dtype=torch.float32, device=device)
         set_weight(module, dist.broadcast_(weight.to(device=device, dtype=torch.float32), owner))

@@ -97,13 +97,16 @@ def block_linears(block: nn.Module, arch: ArchSpec) -> dict[str, nn.Module]:
     return out
 
 
-def all_linear_names(model: nn.Module) -> list[str]:
-    arch = arch_of(model)
-    names = []
+def named_linears(model: nn.Module, arch: ArchSpec | None = None):
+    """(block index, full name, module) of every block linear, in execution order."""
+    arch = arch or arch_of(model)
     for i, block in enumerate(get_blocks(model, arch)):
-        for rel in block_linears(block, arch):
-            names.append(f"{arch.blocks}.{i}.{rel}")
-    return names
+        for rel, module in block_linears(block, arch).items():
+            yield i, f"{arch.blocks}.{i}.{rel}", module
+
+
+def all_linear_names(model: nn.Module) -> list[str]:
+    return [name for _, name, _ in named_linears(model)]
 
 
 def get_weight(module: nn.Module) -> torch.Tensor:

@@ -73,17 +73,12 @@ class Inventory:
 
     @classmethod
     def of(cls, model) -> "Inventory":
-        from ..models import arch_of, block_linears, get_blocks, get_weight
+        from ..models import arch_of, get_blocks, get_weight, named_linears
 
         arch = arch_of(model)
-        layers = []
-        blocks = get_blocks(model, arch)
-        for i, block in enumerate(blocks):
-            for rel, mod in block_linears(block, arch).items():
-                o, n = get_weight(mod).shape
-                layers.append(Layer(f"{arch.blocks}.{i}.{rel}", int(o), int(n), i))
+        layers = [Layer(name, *map(int, get_weight(mod).shape), i) for i, name, mod in named_linears(model, arch)]
         total = sum(p.numel() for p in model.parameters())
-        return cls(layers, len(blocks), arch.blocks, total - sum(x.n_params for x in layers))
+        return cls(layers, len(get_blocks(model, arch)), arch.blocks, total - sum(x.n_params for x in layers))
 
     def to_dict(self) -> dict:
         return {"layers": [asdict(x) for x in self.layers], "n_blocks": self.n_blocks,

@@ -1,14 +1,8 @@
-"""Simulated (fake-quant) activation quantization with SmoothQuant scale migration.
+"""Simulated (fake-quant) per-token activation quantization with SmoothQuant scale migration.
 
-Every chosen linear's input is quantized per token, symmetrically, to ``bits`` (8 or 4; 16 = off)
-before the matmul, so W8A8 / W4A8-style baselines can be evaluated in float.
-
-SmoothQuant moves activation outliers into the weights: per input channel j,
-s_j = max|X_j|^α / max|W_:,j|^(1-α); then X' = X / s and W' = W · s (columns), leaving X W ᵀ unchanged.
-Where the input is the output of a LayerNorm/RMSNorm (q/k/v, gate/up, fc1, ...), the division is
-folded into the norm's weight (one s shared by all linears that read it); elsewhere (o_proj,
-down_proj, ...) a forward pre-hook divides the activation.
-"""
+SmoothQuant moves activation outliers into the weights: X' = X / s and W' = W · s per input channel j, with
+s_j = max|X_j|^α / max|W_:,j|^(1-α). The division folds into the norm before the linears where there is one
+(q/k/v, gate/up, fc1), else a forward pre-hook divides the activation (o_proj, down_proj)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

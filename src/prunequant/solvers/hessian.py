@@ -26,18 +26,10 @@ def prepare_hessian(
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Copy W and H, fix dead columns, damp H and return (W, U, info) with U = chol(H⁻¹, upper).
 
-    - W: (out, in); H: (in, in), e.g. the mean of x xᵀ (its scale does not matter: damping is relative).
-    - Dead input columns (diag(H) == 0, the input is always zero) get H[i, i] = 1 and W[:, i] = 0,
-      as GPTQ does: those weights never influence the output.
-    - Damping adds ``d * mean(diag(H))`` to the diagonal. If a Cholesky factorisation fails, d is
-      multiplied by 10 and the factorisation retried, up to ``max_tries`` attempts in all.
-    - ``perm`` (act-order): a permutation of the input columns applied to W and H *after* the dead
-      column fix; the returned W and U are in permuted order and the caller undoes it with
-      ``W[:, torch.argsort(perm)]``.
-
-    Everything is computed on W's device in float64 if W or H is float64, else float32.
-    info = {"damp": relative damping used, "dead": number of dead columns, "tries": attempts}.
-    """
+    Dead input columns (diag(H) == 0) get H[i, i] = 1 and W[:, i] = 0, as GPTQ does. Damping adds
+    ``d * mean(diag(H))`` to the diagonal, d growing tenfold per failed factorisation (``max_tries`` in all).
+    ``perm`` (act-order) permutes the columns after the dead-column fix; the caller undoes it with
+    ``W[:, torch.argsort(perm)]``. float64 if W or H is, else float32; info: damp, dead, tries."""
     if W.ndim != 2 or H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
         raise ValueError(f"need W (out, in) and H (in, in); got W {tuple(W.shape)} and H {tuple(H.shape)}")
     dtype = compute_dtype(W, H)

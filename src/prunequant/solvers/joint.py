@@ -181,20 +181,11 @@ def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: Quant
               mask: torch.Tensor | None = None, mask_rule: str = "obs", per_row: bool = False) -> LayerResult:
     """Prune and quantize one weight (out, in) in a single OBS sweep (see the module docstring).
 
-    Returns a LayerResult with the dequantized weight (pruned entries exactly 0), the mask (True = kept),
-    the QuantState (codes, scale, zero, g_idx; static groups g_idx = arange(in) // group_size) and
-    info = {error: ‖WX − ŴX‖²/n_tokens against the given W, damp, dead, sparsity}.
-    Damping is ``quant.damp`` (so that sparsity 0 reproduces gptq_quantize exactly).
-
-    ``mask_rule``: "obs" prunes the lowest w²/U_jj² (SparseGPT's rule); "quant" the lowest *marginal*
-    cost of pruning over keeping, (w² − (w − q(w))²)/U_jj², with q the grid the weight would be rounded to
-    (a weight that rounds to 0 anyway is free to prune).
-    ``per_row``: unstructured windows prune the same count in every row (each row ends at exactly
-    round(sparsity · in)); False (default, as the dispatched SparseGPT) selects over the whole window with
-    one threshold, as the reference SparseGPT does (same layer total, rows may differ).
-    ``mask`` (True = kept) fixes the mask instead of choosing it (then the sweep equals SparseGPT with that
-    mask followed by GPTQ with the mask kept, keep-mask, up to where group grids are fitted).
-    """
+    Returns the dequantized weight (pruned entries exactly 0), the mask, the QuantState (static groups) and
+    info = {error, damp, dead, sparsity}; damping is ``quant.damp`` so that sparsity 0 reproduces gptq_quantize.
+    ``mask_rule``: "obs" prunes the lowest w²/U_jj² (SparseGPT's rule); "quant" the lowest marginal cost of
+    pruning over rounding (a weight that rounds to 0 anyway is free). ``per_row``: as in sparsegpt_prune.
+    ``mask`` (True = kept) fixes the mask (the sweep then equals SparseGPT with it followed by keep-mask GPTQ)."""
     H = _check(W, stats, prune, quant)
     if mask is not None and mask.shape != W.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(W.shape)}")

@@ -101,22 +101,12 @@ def _check_tokens(stats: LayerStats, method: str) -> None:
 # ---- SparseGPT ----------------------------------------------------------------------------------
 
 def sparsegpt_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec, per_row: bool = True) -> LayerResult:
-    """SparseGPT: OBS pruning with the damped inverse Hessian, column block by column block.
+    """SparseGPT: OBS pruning with the damped inverse Hessian, column block by column block (obs.py's sweep).
 
-    In each block of ``spec.blocksize`` columns the mask is chosen from the OBS saliency w²/d²
-    (d = diagonal of the Cholesky factor of H⁻¹) on the weights as updated so far; each pruned
-    weight's error is spread over the later columns of its row exactly as a column-by-column sweep
-    would (one batched triangular solve per segment, obs.prune_errors), and the
-    columns right of the block are updated once per block (lazy batch update).
-
-    Unstructured: ``per_row=True`` prunes exactly the same count in every row of each block (so each
-    row ends at exactly ``round(sparsity · in)``); ``per_row=False`` selects over the whole block as
-    the reference SparseGPT code does (same layer total, rows may differ).
-    N:M: every m columns the n lowest-saliency weights of each row are pruned (block size is
-    rounded to a multiple of m so groups never straddle blocks).
-
-    info: error (‖WX − ŴX‖²/n_tokens with the undamped H), damp, dead.
-    """
+    Each block's mask comes from the saliency w²/d² on the weights as updated so far. Unstructured:
+    ``per_row=True`` prunes the same count in every row of each block; False selects over the whole block, as
+    the reference SparseGPT does (same layer total). N:M: the block size is rounded to a multiple of m so
+    groups never straddle blocks. info: error (‖WX − ŴX‖²/n_tokens with the undamped H), damp, dead."""
     _check_weight(W)
     _check_tokens(stats, "sparsegpt")
     if stats.hessian is None:

@@ -77,18 +77,12 @@ def _check_stats(stats: LayerStats | None, W: torch.Tensor, method: str) -> torc
 
 def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
                   mask: torch.Tensor | None = None) -> LayerResult:
-    """GPTQ: quantize column by column, spreading each column's rounding error over the columns not
-    yet quantized through the upper Cholesky factor U of the damped H⁻¹, with lazy block updates.
+    """GPTQ: quantize column by column, spreading each rounding error over the later columns (obs.py's sweep).
 
-    Grids: per channel (fitted once on W), or per group of ``spec.group_size`` columns, fitted when the
-    group's first column is reached on the weights as updated so far (as GPTQ does). With act-order
-    (columns visited by decreasing diag(H)) groups are STATIC: fitted up front in the original column
-    order, so g_idx stays arange(in) // group_size.
-    ``mask`` (True = kept): pruned weights end exactly 0 (their code is the zero point), grids are
-    fitted on kept weights only, and the error of setting a pruned weight to 0 is propagated like any
-    rounding error.
-    info: error (‖WX − ŴX‖²/n_tokens against the given W, pruned weights as 0), damp, dead.
-    """
+    Group grids are fitted when a group's first column is reached, on the weights as updated so far; with
+    act-order they are static (fitted up front, so g_idx stays arange(in) // group_size). ``mask`` (True =
+    kept): pruned weights end exactly 0 and grids fit the kept weights only.
+    info: error (‖WX − ŴX‖²/n_tokens against the given W, pruned weights as 0), damp, dead."""
     _check(W, mask)
     H = _check_stats(stats, W, "gptq")
     if spec.blocksize < 1:
