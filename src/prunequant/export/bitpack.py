@@ -1,17 +1,9 @@
 """Dense bit streams for integer codes, masks and N:M index ranks (the compact format's payloads).
 
-Bit order (documented in docs/format.md): value ``i`` of a ``b``-bit stream occupies stream bits
-``[i·b, (i+1)·b)``, least significant bit first, and stream bit ``p`` is bit ``p % 8`` of byte
-``p // 8``. A stream of n values takes exactly ``ceil(n·b / 8)`` bytes: 3-bit codes really take 3 bits.
-
-Streams of up to 8 bits per value, masks and ternary codes are packed and unpacked with torch ops where the
-tensor lives when that is a GPU (a block still there after compression: no full-size copy to the host),
-with numpy on the CPU; both give the same bytes.
-
-Ternary codes (0..2) are packed five to a byte (3⁵ = 243 ≤ 256): 1.6 bits per code.
-N:M masks are stored as the rank of each group's kept pattern among the C(m, k) patterns with k kept,
-at ``ceil(log2 C(m, k))`` bits per group.
-"""
+Bit order (docs/format.md): value i of a b-bit stream is stream bits [i·b, (i+1)·b), least significant bit
+first, so 3-bit codes really take 3 bits. Ternary codes go five to a byte (3⁵ = 243 ≤ 256); an N:M group is
+stored as the rank of its kept pattern among the C(m, k) ones. A tensor on a GPU is packed there with torch
+ops (no full-size copy to the host), one on the CPU with numpy; both give the same bytes."""
 from __future__ import annotations
 
 import itertools
@@ -269,11 +261,8 @@ def decode_nm(ranks: torch.Tensor, m: int, k: int, shape) -> torch.Tensor:
 
 
 def detect_nm(mask: torch.Tensor, candidates=(4, 8, 16, 2)) -> tuple[int, int] | None:
-    """(n_pruned, m) of the cheapest N:M description of a mask, or None if it is not N:M.
-
-    Every group of m consecutive input weights of every row must keep the same number k (0 < k < m).
-    The cost is ceil(log2 C(m, k)) / m bits per weight; a 2:4 mask is also 4:8, and 2:4 wins.
-    """
+    """(n_pruned, m) of the cheapest N:M description of a mask (every group of m consecutive input weights of
+    every row keeps the same 0 < k < m), or None. Cost: ceil(log2 C(m, k)) / m bits per weight, so 2:4 beats 4:8."""
     rows, cols = mask.shape
     best = None
     for m in candidates:

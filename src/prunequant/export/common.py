@@ -47,10 +47,9 @@ def theoretical_bits(bits: float) -> float:
 
 @dataclass
 class LinearExport:
-    """One compressed linear as it will be written: the (out, in) float32 weight actually in the model,
-    the set of stored positions (``mask``, None = all) and, when its codes describe the weight exactly,
-    the uniform quantization state. Tensors stay where the module's weight is (a block still on the GPU is
-    encoded there; only the packed bytes travel to the host)."""
+    """One compressed linear as it will be written: the (out, in) float32 weight in the model, the stored
+    positions (``mask``, None = all) and the uniform quantization state when its codes describe the weight
+    exactly. Tensors stay on the module's device: only the packed bytes travel to the host."""
 
     name: str
     weight: torch.Tensor  # (out, in) float32, on the module's device
@@ -77,11 +76,8 @@ def mask_cost_bits(mask: torch.Tensor, value_bits: float) -> float:
 def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> LinearExport:
     """Decide how a linear is stored so that reloading gives back exactly the model's weight.
 
-    Candidates for the stored positions: all of them, the state's mask (valid if the weight is 0
-    wherever it is False) and the weight's non-zeros; the cheapest is chosen. Codes are kept only if
-    they dequantize to the model's weight on the stored positions; otherwise the layer is stored as
-    float values, with a warning (the state then does not describe the model).
-    """
+    The cheapest of all positions, the state's mask (if the weight is 0 outside it) and the weight's non-zeros
+    is stored. Codes that do not dequantize to the weight are dropped with a warning (floats are stored)."""
     transposed = is_conv1d(module)
     w = module.weight.detach()
     dev = w.device  # the checks run where the weight is (a block still on the GPU: far faster than the CPU)

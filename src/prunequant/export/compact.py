@@ -1,13 +1,7 @@
-"""The compact format: a pruned + quantized model stored near its theoretical size (docs/format.md).
+"""The compact format: a pruned + quantized model stored near its theoretical size.
 
-Per compressed linear ``L`` (tensor names ``L.weight.<part>``):
-- ``mask`` (1 bit per weight) or ``nm_index`` (rank of each N:M group's kept pattern), if sparse;
-- ``codes``: the kept weights' integer codes only, packed at their bit width (ternary: 5 per byte);
-- ``scale`` (out, groups) in fp16 by default; ``zero`` packed at the code width unless constant;
-- ``g_idx`` only when the groups are not contiguous (act-order);
-- ``values``: the kept weights as floats, for layers pruned but not quantized.
-Everything else is stored as it is, in the chosen dtype.
-"""
+Per compressed linear: a bitmask or N:M pattern ranks if sparse, then only the kept weights, as codes packed
+at their bit width with fp16 scales, or as floats when not quantized. Tensor names and layout: docs/format.md."""
 from __future__ import annotations
 
 import logging
@@ -17,6 +11,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult
+from ..solvers.grid import group_index
 from .bitpack import (decode_nm, detect_nm, encode_nm, nm_rank_bits, pack_bits, pack_mask, pack_trits,
                       unpack_bits, unpack_mask, unpack_trits)
 from .common import (DTYPES, TERNARY_BITS, LinearExport, analyse_linear, assign_tensor, dtype_name, empty_model,
@@ -29,11 +24,6 @@ log = logging.getLogger(__name__)
 FORMAT = "prunequant-compact"
 PREFIX = "compact"
 PARTS = ("mask", "nm_index", "codes", "scale", "zero", "g_idx", "values")
-
-
-def _contiguous_groups(in_f: int, group_size: int) -> torch.Tensor:
-    idx = torch.arange(in_f, dtype=torch.int64)
-    return torch.zeros_like(idx) if group_size <= 0 else idx // group_size
 
 
 def _encode_mask(base: str, mask: torch.Tensor, tensors: dict) -> dict:
@@ -78,7 +68,7 @@ def _encode_quant(base: str, lin: LinearExport, mask, scale_dtype, tensors: dict
         tensors[f"{base}.zero"] = zero.to(scale_dtype)
         enc["zero"] = {"type": "float"}
     g = q.g_idx.detach().to("cpu", torch.int64)
-    if torch.equal(g, _contiguous_groups(in_f, q.group_size)):
+    if torch.equal(g, group_index(in_f, q.group_size).long()):
         enc["g_idx"] = "contiguous"
     else:
         tensors[f"{base}.g_idx"] = g.to(torch.int16 if n_groups <= 32767 else torch.int32)
@@ -152,9 +142,8 @@ def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dty
                  overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
     """Write ``model`` (its compressed linears described by ``states``) in the compact format.
 
-    The model's weights are the truth: each layer's codes/mask are checked against them, so reloading
-    gives back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales).
-    """
+    The model's weights are the truth: each layer's codes/mask are checked against them, so reloading gives
+    back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales)."""
     dtype_name(dtype), dtype_name(scale_dtype)
     items, tied = model_tensors(model)
     bad = sorted(weight_key(n) for n in states if weight_key(n) in tied)
@@ -235,7 +224,7 @@ def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
     else:
         zero = parts[f"{base}.zero"].float()
     if entry["g_idx"] == "contiguous":
-        g = _contiguous_groups(in_f, entry["group_size"] or 0).to(dev)
+        g = group_index(in_f, entry["group_size"] or 0, dev).long()
     else:
         g = parts[f"{base}.g_idx"].long()
     if mask is None:
@@ -277,12 +266,9 @@ def layer_of(key: str, layers: dict) -> str | None:
 
 def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  verify: bool = True):
-    """Rebuild the model from a compact export: architecture from config.json, weights decoded layer by layer.
-
-    ``dtype`` defaults to the dtype the export was written in; reconstruction runs in float32 and is
-    then cast, so ``dtype=torch.float32`` gives back the in-memory compressed model's weights. Layers are
-    decoded on ``device`` (a GPU decodes an 8B model in seconds; the host never holds its float weights).
-    """
+    """Rebuild the model from a compact export, decoding layer by layer on ``device`` (a GPU decodes an 8B model
+    in seconds; the host never holds its float weights). Decoding runs in float32, then casts to ``dtype``
+    (default: the export's), so ``dtype=torch.float32`` gives back the in-memory compressed model's weights."""
     from safetensors import safe_open
 
     root = Path(path)

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult, QuantState
+from ..solvers.grid import group_index
 from .common import (DTYPES, TERNARY_BITS, analyse_linear, assign_tensor, code_bits, dtype_name, empty_model,
                      finish_model, read_descriptor, save_config, weight_key, write_descriptor, write_extras,
                      write_whole_model)
@@ -35,11 +36,7 @@ def _unsupported_reason(module: nn.Module, q: QuantState | None, asymmetric: str
     if not 1 <= bits <= 8 or (q.bits != TERNARY_BITS and q.bits != int(q.bits)):
         return f"{q.bits}-bit codes (pack-quantized holds 1..8-bit integers)"
     in_f = q.codes.shape[1]
-    if q.group_size > 0:
-        contiguous = torch.arange(in_f) // q.group_size
-    else:
-        contiguous = torch.zeros(in_f, dtype=torch.int64)
-    if not torch.equal(q.g_idx.to("cpu", torch.int64), contiguous):
+    if not torch.equal(q.g_idx.to("cpu", torch.int64), group_index(in_f, q.group_size).long()):
         return "act-order groups (g_idx) are not expressible in compressed-tensors >= 0.20; use the compact format"
     ragged = ragged_problem("this layer", in_f, q.group_size)
     if ragged:
@@ -84,13 +81,8 @@ def _is_symmetric(zero: torch.Tensor, bits: int) -> bool:
 
 
 def _ct_group_size(q: QuantState) -> int:
-    """Group size as written: compressed-tensors needs it to divide in_features, so a ragged layout
-    (last group of a row smaller, e.g. g128 over 576 columns) is re-expressed exactly with groups of
-    gcd(group size, in_features), each repeating the scale and zero point of the group it lies in."""
-    in_f = q.codes.shape[1]
-    if q.group_size <= 0:
-        return 0
-    return math.gcd(q.group_size, in_f)
+    """Group size as written: a ragged layout becomes gcd(group size, in_features)-column groups (ragged_problem)."""
+    return math.gcd(q.group_size, q.codes.shape[1]) if q.group_size > 0 else 0
 
 
 def _scheme_of(q: QuantState, asymmetric: str) -> tuple[int, int, bool]:
@@ -153,6 +145,14 @@ def _quantization_config(schemes: dict[tuple, list[str]], ignore: list[str]) -> 
             "sparsity_config": {}, "transform_config": {}, **qc.model_dump(exclude={"quant_method"})}
 
 
+def _check_options(dtype, scale_dtype, asymmetric: str, fallback: str) -> None:
+    dtype_name(dtype), dtype_name(scale_dtype or dtype)
+    if asymmetric not in ASYM_MODES:
+        raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
+    if fallback not in ("error", "dense"):
+        raise ExportError(f"fallback={fallback!r}: choose 'error' or 'dense'")
+
+
 class CompressedTensorsWriter:
     """Writes a pack-quantized checkpoint as tensors come (whole model, or block by block); a layer the
     format cannot express is refused (``fallback="error"``) or stored as floats (``"dense"``)."""
@@ -160,13 +160,8 @@ class CompressedTensorsWriter:
     def __init__(self, root: Path, states: dict[str, LayerResult], dtype: torch.dtype, *,
                  scale_dtype: torch.dtype | None = None, asymmetric: str = "zero-point", fallback: str = "error",
                  max_shard_size: int | str = "2GB"):
-        dtype_name(dtype)
+        _check_options(dtype, scale_dtype, asymmetric, fallback)
         self.scale_dtype = scale_dtype or dtype
-        dtype_name(self.scale_dtype)
-        if asymmetric not in ASYM_MODES:
-            raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
-        if fallback not in ("error", "dense"):
-            raise ExportError(f"fallback={fallback!r}: choose 'error' or 'dense'")
         self.root, self.states, self.dtype = root, states, dtype
         self.asymmetric, self.fallback = asymmetric, fallback
         self.writer = ShardWriter(root, "model", parse_size(max_shard_size))
@@ -223,12 +218,7 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
     ``fallback``: "error" refuses layers the format cannot express; "dense" stores them as floats
     (listed in ``ignore``).
     """
-    dtype_name(dtype)
-    dtype_name(scale_dtype or dtype)
-    if asymmetric not in ASYM_MODES:
-        raise ExportError(f"asymmetric={asymmetric!r}: choose one of {', '.join(ASYM_MODES)}")
-    if fallback not in ("error", "dense"):
-        raise ExportError(f"fallback={fallback!r}: choose 'error' or 'dense'")
+    _check_options(dtype, scale_dtype, asymmetric, fallback)
     modules = dict(model.named_modules())
     missing = sorted(n for n in states if n not in modules)
     if missing:
@@ -268,10 +258,8 @@ def schemes_by_module(model: nn.Module, qconfig) -> dict:
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu", verify: bool = True):
-    """Load a pack-quantized checkpoint by decompressing each layer in float32 with its own scheme.
-
-    Works for mixed schemes and asymmetric grids, which transformers 5.23's loader mishandles.
-    """
+    """Load a pack-quantized checkpoint by decompressing each layer in float32 with its own scheme (mixed schemes
+    and asymmetric grids too, which transformers 5.23's loader mishandles)."""
     import json
 
     from compressed_tensors.compressors import BaseCompressor

@@ -225,13 +225,9 @@ def _save_and_hash(save_file, tensors: dict, path: Path, metadata: dict) -> None
 class ShardWriter:
     """Accumulate groups of tensors and write a safetensors shard whenever ``max_bytes`` is reached.
 
-    Shards are written on a worker thread, one at a time: at most two shards of tensors are in memory
-    (the one filling and the one being written). ``close`` (or ``abort``) waits for the last write.
-
-    A group (e.g. all tensors of one layer) always lands in one shard. At ``close()`` the shards are
-    named ``{prefix}.safetensors`` (one shard) or ``{prefix}-0000i-of-0000n.safetensors`` with a
-    ``{prefix}.safetensors.index.json`` weight map, as transformers expects.
-    """
+    Shards are written one at a time on a worker thread, so at most two shards of tensors are in memory; a group
+    (e.g. one layer's tensors) always lands in one shard. ``close()`` names them as transformers expects
+    (``{prefix}.safetensors``, or numbered shards with an index)."""
 
     def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
                  metadata: dict | None = None):

@@ -1,12 +1,6 @@
-"""Size accounting of an export directory: bytes on disk, bits per original parameter, TCr and the
-real compression rate, per compressed layer and in total.
-
-- TCr (theoretical) from the recorded sparsity s and bits q of each compressed layer:
-  ``1 − Σ n·q·(1−s) / (16·Σ n)`` (q = 16 for layers pruned but not quantized, log2 3 for ternary).
-- Real compression rate against 16-bit storage: ``1 − 8·bytes / (16·n_params)``, for the compressed
-  linears (their tensors' bytes) and for the whole model (all model files: tensors, safetensors
-  headers, config and descriptor JSON; tokenizer and run records are listed apart).
-"""
+"""Size accounting of an export directory: bytes on disk, bits per original parameter, TCr (from the recorded
+sparsity and bits of each layer) and the real compression rate against 16-bit storage, per compressed layer
+and in total. Formulas and what counts as a model file: docs/format.md."""
 from __future__ import annotations
 
 import math
