@@ -1,11 +1,8 @@
 """The storage ledger: bits of each compressed layer from its typed specs, TCr and the real rate.
 
 The report, the search budget and the bit allocator all count here. Stored bits follow the compact export
-(docs/format.md): codes at their width (ternary: 5 trits per byte, 1.6 bits), per group an fp16 scale and a
-zero point at the code width (none when symmetric), a 1-bit-per-weight mask (unstructured) or the rank of each
-N:M group's kept pattern; weights pruned but not quantized are stored as 16-bit values. TCr counts the
-weights alone against 16 bits: ``1 − Σ n·q·(1−s) / (16·Σ n)``, q = log2 3 for ternary.
-"""
+(docs/format.md: codes, per-group scales and zero points, mask or N:M ranks); TCr counts the weights alone
+against 16 bits: ``1 − Σ n·q·(1−s) / (16·Σ n)``, q = log2 3 for ternary."""
 from __future__ import annotations
 
 import math

@@ -1,10 +1,7 @@
-"""Lazy model I/O for local safetensors checkpoints: the model as a skeleton on the meta device with only
-embeddings, norms and head materialised; each decoder block read from its shards when the engine reaches
-it and dropped after. The same reader streams an original model's blocks back for evaluation.
-
-Tensors are read with plain positioned reads (no memory map), so nothing of a shard stays resident once a
-block has been copied to where it runs.
-"""
+"""Lazy model I/O for local safetensors checkpoints: a skeleton on the meta device with only embeddings, norms
+and head materialised, each decoder block read from its shards when the engine reaches it and dropped after
+(also to stream an original model back for evaluation). Plain positioned reads, no memory map, so nothing of
+a shard stays resident once a block has been copied to where it runs."""
 from __future__ import annotations
 
 import json
@@ -17,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError
+from .export.common import assign_tensor
 from .models import ARCHITECTURES, arch_of, get_blocks
 from .onload import BlockIO, trim_host_heap
 
@@ -30,11 +28,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 class SafetensorsFiles:
-    """The tensors of a checkpoint directory (one file or shards + index), read on demand.
-
-    Every file is checked up front (present, header readable, size as the header says), so a missing or
-    truncated shard fails before any work, with one line naming the file.
-    """
+    """The tensors of a checkpoint directory (one file or shards + index), read on demand; every file is checked
+    up front (present, header readable, size as the header says), so a damaged one fails before any work."""
 
     def __init__(self, root: str | Path, files: list[Path] | None = None):
         self.root = Path(root)
@@ -124,18 +119,6 @@ def skeleton(config, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
-def _set_tensor(module: nn.Module, key: str, value: torch.Tensor) -> None:
-    mod_name, _, attr = key.rpartition(".")
-    owner = module.get_submodule(mod_name) if mod_name else module
-    if attr in owner._parameters:
-        old = owner._parameters[attr]
-        if old is not None and tuple(old.shape) != tuple(value.shape):
-            raise ModelLoadError(f"tensor {key} has shape {tuple(value.shape)}, the model expects {tuple(old.shape)}")
-        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
-    else:
-        owner._buffers[attr] = value
-
-
 def load_lazy(where: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model of a checkpoint directory with every block left on the meta device (see LazyBlocks)."""
     from transformers import AutoConfig
@@ -150,7 +133,7 @@ def load_lazy(where: str | Path, dtype: torch.dtype = torch.float32) -> nn.Modul
     block_prefix = arch.blocks + "."
     for k in files.keys():
         if not k.startswith(block_prefix):
-            _set_tensor(model, k, files.read(k, "cpu", dtype))
+            assign_tensor(model, k, files.read(k, "cpu", dtype), dtype, "cpu")
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(block_prefix)]
     if missing:
@@ -171,7 +154,7 @@ def lazy_source(model: nn.Module) -> SafetensorsFiles | None:
 
 def load_block(files: SafetensorsFiles, prefix: str, block: nn.Module, device, dtype: torch.dtype) -> None:
     for k in [k for k in files.keys() if k.startswith(prefix)]:
-        _set_tensor(block, k[len(prefix):], files.read(k, device, dtype))
+        assign_tensor(block, k[len(prefix):], files.read(k, device, dtype), dtype, device)
 
 
 class LazyBlocks(BlockIO):
@@ -225,7 +208,8 @@ def streamed_original(model: nn.Module, files: SafetensorsFiles) -> nn.Module:
     shared = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers())}
     for k, t in shared.items():
         if not k.startswith(prefix):
-            _set_tensor(base, k, t.data if isinstance(t, nn.Parameter) else t)
+            v = t.data if isinstance(t, nn.Parameter) else t
+            assign_tensor(base, k, v, v.dtype, v.device)
     for i, block in enumerate(get_blocks(base, arch)):
         block.to("meta")
         block.register_forward_pre_hook(_reader(files, f"{prefix}{i}.", dtype), with_kwargs=True)

