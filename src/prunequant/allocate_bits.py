@@ -1,14 +1,9 @@
 """Mixed precision per layer: choose each layer's bit width under an average-bit budget.
 
-A multiple-choice knapsack: each layer picks one bit width b, paying n_params · (b + overhead(b))
-bits of storage and an error sensitivity[layer][b] (e.g. the layer objective ‖WX − ŴX‖² at b bits,
-or the model-loss increase). We minimise the total error subject to
-Σ n · (b + overhead(b)) ≤ avg_bits · Σ n, solved by dynamic programming over the budget.
-
-The DP is exact when all costs are integers after scaling by a common unit (the usual case: integer
-bits and overheads of the form k/group_size); otherwise costs are rounded *up* to a grid of at most
-``max_units`` steps, so the answer always respects the budget and is optimal up to that resolution.
-"""
+A multiple-choice knapsack: each layer picks a width b, paying n · (b + overhead(b)) bits and an error
+sensitivity[layer][b]; the total error is minimised under Σ n · (b + overhead(b)) ≤ avg_bits · Σ n by dynamic
+programming over the budget, exact for integer costs after scaling (the usual case), else with costs rounded
+*up* to at most ``max_units`` steps, so the budget always holds."""
 from __future__ import annotations
 
 import math

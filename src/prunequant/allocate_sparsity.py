@@ -24,13 +24,9 @@ def _check_target(target: float) -> None:
 
 def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,
                   mean: float | None = None) -> tuple[int, int]:
-    """(number of Wanda scores above M × mean score, number of scores) for one linear layer.
-
-    By default the mean is this layer's own. OWL's reference code uses the mean over all linear
-    layers of the decoder block; to reproduce that exactly, pass the block mean as ``mean``
-    (e.g. Σ score sums / Σ counts from a first pass). Sum the counts of a block's layers to get
-    the block's ratio for :func:`owl_sparsity`.
-    """
+    """(number of Wanda scores above M × mean score, number of scores) for one linear layer. The mean is this
+    layer's own unless ``mean`` is given (OWL's reference code uses the block's); summed over a block's layers,
+    the counts give its ratio for :func:`owl_sparsity`."""
     if M <= 0:
         raise RecipeError(f"OWL outlier threshold M={M} must be positive, e.g. 5")
     norm = stats.col_norm.to(device=W.device, dtype=torch.float32)

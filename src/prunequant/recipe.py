@@ -398,9 +398,7 @@ def _numbers(spec, **kinds) -> None:
 
 
 def _merge(base, changes: dict, cls):
-    if base is None:
-        return cls(**changes)
-    return replace(base, **changes)
+    return cls(**changes) if base is None else replace(base, **changes)
 
 
 # ---- command-line shorthands ------------------------------------------------------------------
@@ -418,6 +416,11 @@ def parse_prune(text: str) -> PruneSpec:
     raise RecipeError(f"cannot read --prune {text!r}: use METHOD:SPARSITY (sparsegpt:0.5) or METHOD:N:M (wanda:2:4)")
 
 
+_QUANT_OPTIONS = {"pc": ("group_size", 0), "perchannel": ("group_size", 0), "sym": ("symmetric", True),
+                  "asym": ("symmetric", False), "actorder": ("act_order", True), "act_order": ("act_order", True),
+                  "mse": ("mse_clip", True), "ragged": ("ragged", True)}
+
+
 def parse_quant(text: str) -> QuantSpec:
     """``gptq:4:g128``, ``rtn:8``, ``gptq:3:g64:sym:actorder:mse``, ``gptq:1.58`` (ternary), ``billm:1``."""
     parts = text.split(":")
@@ -431,18 +434,8 @@ def parse_quant(text: str) -> QuantSpec:
     for p in parts[2:]:
         if re.fullmatch(r"g\d+", p):
             kw["group_size"] = int(p[1:])
-        elif p in ("pc", "perchannel", "g0"):
-            kw["group_size"] = 0
-        elif p == "sym":
-            kw["symmetric"] = True
-        elif p == "asym":
-            kw["symmetric"] = False
-        elif p in ("actorder", "act_order"):
-            kw["act_order"] = True
-        elif p == "mse":
-            kw["mse_clip"] = True
-        elif p == "ragged":
-            kw["ragged"] = True
+        elif p in _QUANT_OPTIONS:
+            kw.update([_QUANT_OPTIONS[p]])
         else:
             raise RecipeError(f"unknown --quant option {p!r}; options: gN, pc, sym, asym, actorder, mse, ragged")
     if kw["bits"] == 1.58:

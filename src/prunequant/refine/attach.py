@@ -1,10 +1,8 @@
 """Put trainable views (weights.py) in place of compressed linears' weights, and take them out again.
 
-While attached, each linear's ``weight`` is computed from its view on every access (torch's
-parametrize), so any forward of the block or model — also one recomputed by gradient checkpointing —
-trains the views; every other parameter is frozen. ``finish`` writes each view's exported weight into
-the linear and its stored pieces into the run's layer states.
-"""
+While attached, ``weight`` is computed from the view on every access (torch's parametrize), so any forward,
+also one recomputed by gradient checkpointing, trains the views. ``finish`` writes each view's exported
+weight into the linear and its stored pieces into the run's layer states."""
 from __future__ import annotations
 
 import contextlib

@@ -1,13 +1,10 @@
 """Block-wise refinement: after a block is solved, match the original block's outputs.
 
-The engine calls a ``BlockRefiner`` once per block in place of the plain solve. It records the
-original block's outputs on the block's calibration inputs (the compressed model's own activations,
-the same inputs the solvers saw) — or, with ``target="original-stream"``, on the original model's own
-activations at that depth, which it carries from block to block — lets the solve run, then trains the block's views (weights.py) to
-minimise the relative squared error ‖block'(X) − block(X)‖² / ‖block(X)‖² with Adam, one calibration
-batch per step. The refined weights are kept only if they lower the error over all calibration
-batches; otherwise the block keeps its one-shot weights. One block at a time is on the device.
-"""
+The engine calls a ``BlockRefiner`` per block in place of the plain solve. It records the original block's
+outputs on the block's calibration inputs (or, with ``target="original-stream"``, on the original model's
+own activations at that depth), lets the solve run, then trains the block's views (weights.py) with Adam on
+the relative squared output error. The refined weights are kept only if they lower the error over all
+calibration batches."""
 from __future__ import annotations
 
 import random

@@ -1,15 +1,10 @@
 """Global refinement: KL from the original model's next-token distribution, on the calibration tokens.
 
-The teacher is the model itself before compression: ``teacher_topk`` keeps, per calibration token,
-its top-k log-probabilities and their ids (k = 64 by default: 65k tokens x 64 x 8 bytes = 34 MB),
-so no second model is held. The loss is the KL over those k tokens plus one bucket for the rest of the
-vocabulary, KL(p‖q) ≈ Σ_topk p (log p − log q) + r_p log(r_p / r_q), a lower bound of the full KL
-that is tight when the teacher's tail mass is small. Every compressed linear's view (weights.py)
-trains at once; decoder blocks are gradient-checkpointed where the model supports it, so activation
-memory is one block's. A share of the calibration windows (``spec.holdout``) is not trained on: the
-weights of the step with the lowest KL on those windows are kept, and only if it is below the one-shot KL
-(with a few windows, KL on the trained windows alone kept steps that had overfit them).
-"""
+The teacher is the model before compression, kept as its top-k log-probabilities per token (``teacher_topk``;
+k = 64: 65k tokens take 34 MB), so no second model is held. The loss is the KL over those k plus one bucket
+for the rest of the vocabulary, a lower bound of the full KL, tight when the tail mass is small. Every view
+(weights.py) trains at once, blocks gradient-checkpointed. The step with the lowest KL on held-out windows
+(``spec.holdout``) is kept, and only if below the one-shot KL: on few windows, the trained ones overfit."""
 from __future__ import annotations
 
 import math

@@ -1,17 +1,9 @@
 """Trainable views of a compressed linear that only move what its format stores as continuous.
 
-Each view rebuilds the weight from its stored pieces, so the refined layer exports exactly as the
-one-shot one did (same format, same bits, same mask):
-- ``UniformWeight`` (uniform grids): a latent code per kept weight rounded with a straight-through
-  estimator, a per-group scale (log-parametrised, rounded to fp16 as every export stores it) and, for
-  asymmetric grids, a per-group integer zero point (also straight-through). Pruned weights stay at code
-  = zero, i.e. exactly 0.
-- ``BinaryWeight`` (BiLLM residual binarization): signs and group markers fixed, the means and scales
-  per row and block trained (kept as the solver keeps them; this kind exports as float values).
-- ``MaskedWeight`` (pruned, not quantized): the kept weights train, the pruned ones stay 0.
-
-A view starts at the one-shot weight exactly (codes and scales as solved), so step 0 is the one-shot model.
-"""
+Each view rebuilds the weight from its stored pieces, so the refined layer exports as the one-shot one did
+(same format, bits and mask), and starts at the one-shot weight exactly: ``UniformWeight`` (straight-through
+codes and integer zero points, fp16-rounded log scales; pruned weights stay exactly 0), ``BinaryWeight``
+(BiLLM: signs fixed, means and scales trained) and ``MaskedWeight`` (pruned, not quantized)."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,10 +1,8 @@
 """Configuration search: the compression recipe that keeps the most meaning for a budget.
 
-``search(model, budget="tcr=0.875", n_trials=20, ...)`` runs an optuna multi-objective study (proxy
-retention vs compression, the budget a hard constraint), scores the most promising trials fully,
-and writes the best recipe, every trial and a plot. See space.py (what is searched), budget.py (how
-budgets are met and checked), trial.py (what one trial measures), study.py (the driver).
-"""
+``search(...)`` runs an optuna multi-objective study (proxy retention vs compression, the budget a hard
+constraint) and scores the most promising trials fully: space.py (what is searched), budget.py (how budgets
+are met), trial.py (what one trial measures), study.py (the driver)."""
 from __future__ import annotations
 
 import re
@@ -66,12 +64,9 @@ def search(
 ) -> SearchResult:
     """Search compression configurations of ``model`` (hub id, directory, .gguf or 'smollm2-135m') under a budget.
 
-    ``n_trials`` is the number of completed trials the study should hold: re-running with the same
-    ``storage`` and ``study_name`` continues an interrupted search (or extends it with a larger count).
-    Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``. With ``warm_start`` a new
-    study first tries the standard recipes that meet the budget (SparseGPT + GPTQ joint at 4 and at 3 bits,
-    GPTQ alone, 2:4 + GPTQ; see space.SEED_PREFERENCES), so it starts from the hand-picker's answer.
-    """
+    ``n_trials`` completed trials in all: re-running with the same ``storage`` and ``study_name`` continues or
+    extends the search. Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``. With
+    ``warm_start`` a new study first tries the standard recipes that meet the budget (space.SEED_PREFERENCES)."""
     from . import report, study as st
     from .executors import InlineExecutor, RayExecutor, import_ray
     from .space import resolve

@@ -1,9 +1,6 @@
-"""Where trials run: in this process, or on Ray actors (one per worker, one GPU each where GPUs exist).
-
-Both expose ``submit(token, method, *args)`` and ``next_result()``; the driver keeps ``size`` calls in
-flight and tells optuna each result as it arrives (optuna's ask-and-tell). Ray does the scheduling and
-placement; nothing here decides which machine runs what.
-"""
+"""Where trials run: in this process, or on Ray actors (one per worker, one GPU each where GPUs exist). Both
+expose ``submit(token, method, *args)`` and ``next_result()``; the driver keeps ``size`` calls in flight
+(optuna's ask-and-tell), and Ray alone decides placement."""
 from __future__ import annotations
 
 import os

@@ -1,12 +1,9 @@
 """The search driver: an optuna study (multi-objective, constrained), asked and told from here.
 
-Objectives: (1) proxy retention exp(−KL) — maximise; (2) compression — the measured TCr for ``tcr``
-budgets, the real compression rate 1 − bytes/bytes₁₆ of the compact export for ``size`` budgets —
-maximise. The budget is a hard constraint (optuna ``constraints_func``; ≤ 0 is feasible): an
-infeasible trial is kept and marked, never scored down. The study (trials, the search settings, the
-original model's evaluation and the full evaluations) lives in optuna storage, so re-running the same
-command continues it and several machines can share one database.
-"""
+Objectives, both maximised: proxy retention exp(−KL), and compression (the measured TCr for ``tcr`` budgets,
+the compact export's real rate for ``size`` budgets). The budget is a hard constraint: an infeasible trial
+is kept and marked, never scored down. Everything lives in optuna storage, so re-running the same command
+continues the study and several machines can share one database."""
 from __future__ import annotations
 
 import logging

@@ -1,11 +1,8 @@
 """One trial's work, done where the model lives (the driver's process, or a Ray actor per GPU).
 
-``TrialRunner`` loads the model once, then for each configuration: compresses a copy (api.compress,
-same calibration protocol as ``prunequant compress``), measures TCr and — for size budgets — the real
-bytes of the compact export, and scores the cheap proxy: KL(original ‖ compressed) of next-token
-distributions on a few sequences disjoint from the calibration data (other articles of the corpus,
-and past the tokens used for perplexity). ``full_eval`` adds perplexity on the evaluation texts, retention ratios, Sr and SrCr.
-"""
+``TrialRunner`` loads the model once, then per configuration compresses a copy (as ``prunequant compress``
+does), measures TCr (and for size budgets the compact export's bytes) and the cheap proxy: KL(original ‖
+compressed) on a few sequences disjoint from the calibration and perplexity data. ``full_eval`` adds the suite."""
 from __future__ import annotations
 
 import copy

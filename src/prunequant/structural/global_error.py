@@ -1,12 +1,10 @@
 """Global-error allocation: learn keep / high-precision masks of every layer against the model's own output.
 
-The LLM stays frozen. Mask logits (directly, or emitted per layer by a small hypernetwork from a learnt
-layer embedding) are relaxed with hard Gumbel-sigmoid samples and a straight-through gradient; both bit
-widths are simulated by cached round-to-nearest copies (simulate.py). The loss is the KL divergence to
-the uncompressed model's next-token distribution (and/or next-token cross-entropy) plus a Lagrangian
-budget term on the bits per original weight of the sampled masks, whose multiplier rises while over budget and
-falls while under. At the end the logits are thresholded to meet the budget exactly (allocation.py).
-"""
+The LLM stays frozen. Mask logits (direct, or from a small hypernetwork over learnt layer embeddings) are
+sampled as hard Gumbel-sigmoids with straight-through gradients, both bit widths simulated by cached RTN
+copies (simulate.py). Loss: KL to the uncompressed model's next-token distribution (and/or cross-entropy)
+plus a Lagrangian term on the bits per original weight; at the end the logits are thresholded to meet the
+budget exactly (allocation.py)."""
 from __future__ import annotations
 
 import math
