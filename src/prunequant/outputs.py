@@ -1,10 +1,8 @@
 """One writer per output directory, and the checks on an output path that can be made before any work.
 
-A run that writes ``OUT`` holds ``OUT.prunequant-lock`` from its start to the final rename: the file is
-created beside the output and locked with ``flock`` (released by the kernel when the holder dies, so a
-lock left by a killed run is taken over, never trusted), and it names the holder's process id for the
-message a second run gets. The resume checkpoints live in ``OUT.prunequant-work/<recipe fingerprint>/``.
-"""
+A run that writes ``OUT`` holds an ``flock`` on ``OUT.prunequant-lock`` (naming its process id) up to the
+final rename; the kernel releases it when the holder dies, so a lock left by a killed run is taken over,
+never trusted. The resume checkpoints live in ``OUT.prunequant-work/<recipe fingerprint>/``."""
 from __future__ import annotations
 
 import contextlib

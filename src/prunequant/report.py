@@ -1,11 +1,8 @@
 """Evaluation report: a terminal table, JSON, a Markdown table and PNG plots for one or several runs.
 
-A run is a dict {"name": str, "tcr": float (theoretical compression rate, 0 = uncompressed),
-"metrics": evaluation result (see evaluate/retention.py), "retention": {measure: ratio}} and optionally
-"sr" (else computed as the mean of the ratios), "srcr" and "series" (which curve of the frontier plot it
-belongs to, e.g. "joint refined"; ``series_of`` names it from a compression record). Plots use matplotlib's Agg canvas directly
-(no pyplot, no display needed).
-"""
+A run is a dict {"name", "tcr" (0 = uncompressed), "metrics" (evaluate/retention.py), "retention": {measure:
+ratio}}, optionally with "sr" (default: the mean ratio), "srcr" and "series" (its curve in the frontier plot,
+``series_of``). Plots use matplotlib's Agg canvas directly (no pyplot, no display needed)."""
 from __future__ import annotations
 
 import json

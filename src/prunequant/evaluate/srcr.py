@@ -12,11 +12,8 @@ BASE_BITS = 16.0
 
 
 def semantic_retention(ratios: Mapping[str, float], weights: Mapping[str, float] | None = None) -> float:
-    """Sr: the (optionally weighted) mean of retention ratios, each clipped below at 0.
-
-    A ratio above 1 (the compressed model measured better than the base, e.g. within noise) is kept as is;
-    a negative one (an accuracy below chance after chance adjustment) counts as 0 retained.
-    """
+    """Sr: the (optionally weighted) mean of retention ratios, each clipped below at 0: a ratio above 1 (better
+    than the base, e.g. within noise) is kept, a negative one (below chance after adjustment) counts as 0."""
     if not ratios:
         raise PrunequantError("no retention measures given: Sr needs at least one ratio (e.g. {'ppl_wiki': 0.9})")
     total = wsum = 0.0
@@ -94,12 +91,9 @@ def _sqrt_log_exponent(sparsity: float, bits: float) -> float:
 def srcr_sqrt_log(sr: float, sparsity: float = 0.0, bits: float = BASE_BITS, lam: float = 1.0) -> float:
     """Reconstruction, NOT the paper's verified formula: Sr · 2^(λ · (log2(16/q) + √s)).
 
-    Same shape as ``srcr`` with the sparsity term log2(1/(1 − s)) replaced by √s, as third-party summaries
-    describe the paper's metric (sparsity through a square root, bit-width through a logarithm). It equals
-    Sr at λ = 0 and when uncompressed and grows with Sr, s and 16/q, but it prices a bit removed by pruning
-    differently from one removed by quantization: at equal TCr, 25% + 4-bit gets 2^0.085 ≈ 6% more than
-    3-bit alone, 50% + 4-bit 2^-0.29 ≈ 18% less than 2-bit alone.
-    """
+    ``srcr`` with the sparsity term log2(1/(1 − s)) replaced by √s, as third-party summaries describe the paper's
+    metric. It prices a bit removed by pruning differently from one removed by quantization: at equal TCr,
+    25% + 4-bit gets ≈ 6% more than 3-bit alone, 50% + 4-bit ≈ 18% less than 2-bit alone."""
     _check(sr, lam)
     return sr * 2.0 ** (lam * _sqrt_log_exponent(sparsity, bits))
 

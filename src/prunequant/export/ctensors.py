@@ -213,11 +213,9 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
                             extra_files: dict | None = None) -> Path:
     """Write a compressed-tensors "pack-quantized" checkpoint with config.json's quantization_config.
 
-    ``scale_dtype`` defaults to ``dtype``. ``asymmetric``: "zero-point" (native, b bits + packed zero
-    points; vLLM) or "widen" (exact symmetric (b+1)-bit; also loads in transformers 5.23).
-    ``fallback``: "error" refuses layers the format cannot express; "dense" stores them as floats
-    (listed in ``ignore``).
-    """
+    ``scale_dtype`` defaults to ``dtype``. ``asymmetric``: "zero-point" (b bits + packed zero points; vLLM) or
+    "widen" (exact symmetric (b+1)-bit; also loads in transformers 5.23). ``fallback``: "error" refuses layers
+    the format cannot express; "dense" stores them as floats (listed in ``ignore``)."""
     _check_options(dtype, scale_dtype, asymmetric, fallback)
     modules = dict(model.named_modules())
     missing = sorted(n for n in states if n not in modules)

@@ -42,10 +42,8 @@ class DenseWriter:
 def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
                states: dict[str, LayerResult] | None = None, max_shard_size: int | str = "2GB",
                overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write every weight in ``dtype`` as a standard sharded safetensors checkpoint any tool can load.
-
-    ``states`` (optional) only adds the per-layer record (sparsity, bits) used by ``size_report``.
-    """
+    """Write every weight in ``dtype`` as a standard sharded safetensors checkpoint any tool can load; ``states``
+    (optional) only adds the per-layer record (sparsity, bits) that ``size_report`` reads."""
     dtype_name(dtype)
     return write_whole_model(model, Path(out_dir), overwrite,
                              lambda tmp: DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size),

@@ -38,11 +38,8 @@ class OutputChangedError(ExportError, RunError):
 
 @contextmanager
 def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool = True):
-    """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir.
-
-    On any exception the temporary directory is removed and out_dir is untouched. An existing out_dir
-    is replaced only with ``overwrite``, and only once the new one is complete.
-    """
+    """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir. On any
+    exception it is removed and out_dir is untouched; an existing out_dir is replaced only with ``overwrite``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory; remove it or choose another")
@@ -128,10 +125,8 @@ def write_manifest(root: str | Path) -> dict:
 
 
 def verify_manifest(root: str | Path, full: bool = True) -> dict:
-    """Check every file named in the manifest (size always, SHA-256 when ``full``).
-
-    Raises ModelLoadError naming the first missing, truncated or altered file.
-    """
+    """Check every file named in the manifest (size always, SHA-256 when ``full``); a ModelLoadError names the
+    first missing, truncated or altered one."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -176,12 +171,9 @@ def written_by_prunequant(root: str | Path) -> bool:
 
 
 def check_integrity(root: str | Path, verify: bool = True) -> None:
-    """Verify a local model directory before it is loaded or measured.
-
-    With a manifest: every file is checked. Without one, a directory that prunequant wrote is refused (its
-    manifest was deleted or never copied: nothing proves the weights are the ones evaluated); other
-    checkpoints pass. ``verify=False`` (``--no-verify``) skips the check with a warning.
-    """
+    """Verify a local model directory before it is loaded or measured: every file against its manifest. Without
+    one, a directory prunequant wrote is refused (nothing proves its weights are the ones evaluated); other
+    checkpoints pass. ``verify=False`` (``--no-verify``) skips the check with a warning."""
     root = Path(root)
     has_manifest = (root / MANIFEST).is_file()
     if not verify:

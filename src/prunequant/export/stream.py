@@ -32,11 +32,8 @@ def _dedup(items):
 
 
 class StreamingExport:
-    """An export in progress: ``add_block`` as blocks finish, then ``finish`` (or ``abort``).
-
-    The output is written to a temporary sibling of ``out_dir`` and renamed into place by ``finish`` after
-    its manifest, as every export is.
-    """
+    """An export in progress: ``add_block`` as blocks finish, then ``finish`` (renamed into place after its
+    manifest, as every export is) or ``abort``."""
 
     def __init__(self, model: nn.Module, states: dict, out_dir: str | Path, fmt: str = "dense",
                  dtype: torch.dtype | None = None, overwrite: bool = False, **opts):

@@ -83,12 +83,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torc
                verify: bool = True, trust_remote_code: bool = False, lazy: bool = False):
     """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name.
 
-    A local directory is checked first (export.check_integrity): a prunequant output must match its
-    manifest; ``verify=False`` skips that with a warning. Code shipped with a checkpoint runs only with
-    ``trust_remote_code`` (``--trust-remote-code``). ``lazy``: for a safetensors checkpoint (a hub id is
-    downloaded first), return a skeleton whose decoder blocks stay on the meta device, read one at a time
-    when compressed (prunequant.lazy); other sources load in full.
-    """
+    A local directory is checked first (export.check_integrity; ``verify=False`` only warns). Code shipped with
+    a checkpoint runs only with ``trust_remote_code``. ``lazy``: a safetensors checkpoint (a hub id downloaded
+    first) comes back with its decoder blocks on the meta device, read one at a time (prunequant.lazy)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..export.integrity import MANIFEST, check_integrity

@@ -98,13 +98,9 @@ class Inventory:
 
 
 def nominal(recipe: Recipe, inv: Inventory) -> dict:
-    """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it.
-
-    Allocators keep these figures: OWL preserves the parameter-weighted mean sparsity of the layers it
-    touches (with uniform bits, so TCr is exact); the bit allocator keeps the average bits of the layers
-    it touches ≤ ``avg_bits`` (so TCr is a lower bound). The search never combines an allocator with
-    overrides that would break these invariants (see space.py).
-    """
+    """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it. Allocators
+    keep these figures (OWL the mean sparsity, exactly; the bit allocator at most ``avg_bits``, so TCr is a
+    lower bound), and the search never adds overrides that would break that (space.py)."""
     avg = recipe.allocation.avg_bits if recipe.allocation.method == "bits" else None
     # other tensors at 16 bits; ~1 kB per compressed layer of safetensors header and descriptor JSON, and
     # ~4 kB of config and manifest (measured on the compact format; the budget check uses the real bytes)

@@ -20,12 +20,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerStats:
-    """Input statistics of one linear layer over the calibration tokens.
-
-    ``hessian`` is the running mean of x xᵀ (float32, (in, in)), ``sq_norm`` the sum over tokens of
-    x_j² per input column (float32, (in,)), ``n_tokens`` how many token vectors were seen.
-    Either statistic may be None when no solver of the run needs it.
-    """
+    """Input statistics of one linear layer over the calibration tokens, None where no solver of the run needs
+    them: ``hessian`` the mean of x xᵀ (float32, (in, in)), ``sq_norm`` the sum of x_j² per input column
+    (float32, (in,)), ``n_tokens`` the token vectors seen."""
 
     hessian: torch.Tensor | None
     sq_norm: torch.Tensor | None

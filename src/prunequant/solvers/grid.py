@@ -94,12 +94,9 @@ def fit_grid(
     grid_points: int = 100,
     norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit a grid per output row and group of ``group_size`` input columns (0 = one group per row).
-
-    Returns (scale, zero), each of shape (rows, n_groups) in W's float dtype. ``mask`` (True = kept)
-    fits the grid on the kept weights only. ``mse_clip`` searches a shrink factor p of the range in
-    [1 - maxshrink, 1] (steps of 1/grid_points) minimising sum |w - q(w)|^norm per group, as GPTQ does.
-    """
+    """Fit a grid per output row and group of ``group_size`` input columns (0 = one group per row): (scale, zero),
+    each (rows, n_groups) in W's float dtype, on the kept weights only with a ``mask``. ``mse_clip`` shrinks the
+    range by the p in [1 - maxshrink, 1] minimising sum |w - q(w)|^norm per group, as GPTQ does."""
     if W.dim() != 2:
         raise ValueError(f"fit_grid expects a 2-D (rows, cols) tensor, got shape {tuple(W.shape)}")
     maxq = maxq_of(bits)

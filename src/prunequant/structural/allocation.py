@@ -1,13 +1,9 @@
 """One budget for pruning and precision: per-layer channel decisions, their exact cost in bits, and how
 continuous priorities (learnt logits or layer-wise error scores) become decisions that meet the budget.
 
-Per layer the decisions are six masks over *original* channels:
-``keep_heads`` (query heads), ``keep_mlp`` (MLP channels): structural pruning;
-``high_qkv`` / ``high_gu`` (hidden channels entering q,k,v / gate,up), ``high_o`` / ``high_down``
-(input channels of o_proj / down_proj): high (True) or low precision.
-Bits per original parameter = all stored bits of the block linears (codes, grids, column maps, biases)
-/ the number of weights of the original block linears (embeddings and norms are not counted).
-"""
+Per layer, six masks over *original* channels: ``keep_heads`` / ``keep_mlp`` (structural pruning) and
+``high_qkv`` / ``high_gu`` / ``high_o`` / ``high_down`` (the input channels of those projections at high
+precision). Bits per original parameter: all stored bits of the block linears over their original weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -47,11 +43,8 @@ class LayerDims:
 
 
 def model_dims(model) -> list[LayerDims]:
-    out = []
-    for p in parts(model):
-        out.append(LayerDims(p["q"].in_features, p.n_heads, p.n_kv, p.head_dim, p.inter, p["q"].bias is not None,
-                             p["o"].bias is not None, p["down"].bias is not None))
-    return out
+    return [LayerDims(p["q"].in_features, p.n_heads, p.n_kv, p.head_dim, p.inter, p["q"].bias is not None,
+                      p["o"].bias is not None, p["down"].bias is not None) for p in parts(model)]
 
 
 @dataclass
@@ -266,11 +259,8 @@ def _top_up(dims, prios, las, spec, budget_bits, gqa):
 
 def discretize(dims: list[LayerDims], prios: list[dict], spec: MixSpec, target_bits: float,
                gqa: str = "group", per_layer: bool = False, info: dict | None = None) -> Allocation:
-    """Decisions meeting ``target_bits`` per original weight exactly (never above), from priorities.
-
-    per_layer=True gives every layer its own budget (target × its weights) — the layer-wise baseline;
-    otherwise one threshold across the model spends the budget wherever priorities are highest.
-    """
+    """Decisions meeting ``target_bits`` per original weight exactly (never above), from priorities: per layer
+    (``per_layer``, the layer-wise baseline) or with one threshold across the model."""
     if per_layer:
         layers = []
         for d, p in zip(dims, prios):

@@ -1,9 +1,5 @@
-"""Calibration statistics of a block's linears for structural decisions: mean, variance, ‖x_j‖², x xᵀ.
-
-The block loop itself is the engine's (engine.compress_model with a block hook): these statistics are
-gathered on the block's inputs as the engine hands them over, i.e. on the outputs of the blocks already
-pruned before it, which is how errors get compensated.
-"""
+"""Calibration statistics of a block's linears for structural decisions: mean, variance, ‖x_j‖², x xᵀ. They are
+gathered inside the engine's block loop, on the outputs of the blocks already pruned, so errors get compensated."""
 from __future__ import annotations
 
 import torch

@@ -115,12 +115,9 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
                             temperature: tuple[float, float] = (1.0, 0.3), noise: bool = True,
                             budget_weight: float = 1.0, dual_lr: float = 0.5, batch_size: int = 4,
                             seed: int = 0, log_every: int = 0) -> Allocation:
-    """Learn per-layer keep and high/low masks under one budget of ``avg_bits`` per original weight.
-
-    objective: "kl" (to the uncompressed model's logits), "ce" (next-token loss) or "kl+ce".
-    init: "layerwise" (warm start from the layer-wise allocation at the same budget) or "uniform"
-    (everything kept at high precision). The returned allocation meets the budget exactly.
-    """
+    """Learn per-layer keep and high/low masks meeting a budget of ``avg_bits`` per original weight exactly.
+    objective: "kl" (to the uncompressed logits), "ce" or "kl+ce"; init: "layerwise" (warm start from the
+    layer-wise allocation at the same budget) or "uniform" (everything kept at high precision)."""
     if objective not in ("kl", "ce", "kl+ce"):
         raise RecipeError(f"objective {objective!r} unknown: use 'kl', 'ce' or 'kl+ce'")
     if init not in ("layerwise", "uniform"):

@@ -56,12 +56,9 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int
 
 
 def gqa_keep_heads(head: torch.Tensor, n_kv: int, n_keep: int, mode: str) -> torch.Tensor:
-    """Indices of query heads to keep, GQA-consistent.
-
-    mode "group": whole KV groups (with all their query heads) are kept or removed; n_keep is rounded to
-    whole groups. mode "query": every KV head is kept and each keeps the same number of query heads.
-    At least one group/head survives. Returned indices are sorted (heads stay with their KV head).
-    """
+    """Indices of query heads to keep (sorted), GQA-consistent: mode "group" keeps or removes whole KV groups
+    (n_keep rounded to groups), mode "query" keeps every KV head with the same number of query heads each.
+    At least one group/head survives."""
     n_heads = head.numel()
     rep = n_heads // n_kv
     by_group = head.reshape(n_kv, rep)

@@ -1,9 +1,6 @@
-"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit.
-
-This is the baseline the global-error allocation is measured against (and its warm start): errors use
-the diagonal of the input second moment (E[x_c²]), and structural removal is scored by FLAP's
-fluctuation Var(x_c)·‖W[:, c]‖² — the output error left after bias compensation.
-"""
+"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit; the
+baseline (and warm start) of the global-error allocation. Errors use E[x_c²]; structural removal is scored by
+FLAP's fluctuation Var(x_c)·‖W[:, c]‖², the output error left after bias compensation."""
 from __future__ import annotations
 
 import torch

@@ -1,10 +1,8 @@
 """Physically smaller models: cut heads / MLP channels / whole blocks, and save and reload them.
 
-Shapes differ per layer after pruning, so they are written into the config (``prunequant_layer_shapes``)
-and ``load_structured`` rebuilds them before loading the weights. A FLAP-style bias compensation adds
-to the output projections (o, down) the mean contribution of the removed channels; where they have no
-bias, one is added and recorded in the shapes.
-"""
+Per-layer shapes go into the config (``prunequant_layer_shapes``), from which ``load_structured`` rebuilds
+the model. FLAP-style bias compensation adds the removed channels' mean contribution to the o/down biases
+(adding a bias, recorded in the shapes, where there was none)."""
 from __future__ import annotations
 
 import json
@@ -57,11 +55,9 @@ def gqa_layout(keep_heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tenso
 def prune_block(p: Parts, keep_heads: torch.Tensor | None = None,
                 keep_channels: torch.Tensor | None = None, attn_mean: torch.Tensor | None = None,
                 mlp_mean: torch.Tensor | None = None) -> None:
-    """Keep only the given query heads and MLP channels of one block (``parts(model)[i]``; in place).
-
-    ``attn_mean`` / ``mlp_mean``: mean input of o_proj / down_proj over calibration tokens; when given,
-    the removed channels' mean contribution is added to that layer's bias (bias compensation).
-    """
+    """Keep only the given query heads and MLP channels of one block (``parts(model)[i]``; in place). With
+    ``attn_mean`` / ``mlp_mean`` (mean inputs of o_proj / down_proj), the removed channels' mean contribution
+    goes into that layer's bias."""
     if keep_heads is not None:
         hd = p.head_dim
         keep_heads = keep_heads.to(p["q"].weight.device).long().sort().values
