@@ -391,18 +391,15 @@ if triton is not None:
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                     JOIN: tl.constexpr):
+                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
         # Tensor cores for a few input rows: program (n-tile, k-split) unpacks each (BN, BW) word tile once
         # into its (BN, BW·per) weights and multiplies every input row with it; the next tile's words are
         # loaded before this one is used. NGT: groups per k-tile (0: one group per row; 1: the tile lies
-        # inside one group; more: the tile holds NGT whole groups). JOIN: unpack by halving the words with
-        # tl.join, which keeps each word's codes in one thread, so the reshape to (BN, BK) moves no data.
+        # inside one group; more: the tile holds NGT whole groups). Words are unpacked by joining halves
+        # (_split_codes), so the reshape to (BN, BK) moves no data; a 3-D broadcast unpack spilled.
         PER: tl.constexpr = 32 // BITS
-        LOW: tl.constexpr = (1 << BITS) - 1
         BK: tl.constexpr = BW * PER
         pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, BM, BN)
-        rj = tl.arange(0, PER)
         k_hi = tl.minimum(w_hi * PER, K)
         rw = w_lo + tl.arange(0, BW)
         words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :], other=0)
@@ -417,12 +414,8 @@ if triton is not None:
             rk = w0 * PER + tl.arange(0, BK)
             x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & (rk < k_hi)[None, :],
                         other=0.0)
-            if JOIN:
-                f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                f = tl.reshape(f, (BN, BK))
-            else:
-                c3 = ((words[:, :, None] >> (rj * BITS)[None, None, :]) & LOW) | 0x4B000000
-                f = tl.reshape(c3.to(tl.float32, bitcast=True) - 8388608.0, (BN, BK))
+            f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            f = tl.reshape(f, (BN, BK))
             if NGT <= 1:
                 if NGT == 1:
                     g = (w0 * PER) // GS
@@ -624,24 +617,22 @@ ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "MR": 8, "num_wa
 
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
-    """Tensor-core tiles for a few rows: k-tiles of 64-256 columns, inside one group or holding whole
-    groups; the codes unpacked as a 3-D tile and reshaped, or by halving words with tl.join ("X")."""
+    """Tensor-core tiles for a few rows: k-tiles of 128 or 256 columns, inside one group or holding whole
+    groups (the four tiles that won every 8- and 32-row shape of BENCHMARKS run 6)."""
     bm = max(16, _pow2(M))
     if seg.bits not in (2, 4, 8) or seg.cols is not None or bm > 64:
         return []
     per, kw = per_word(seg.bits), seg.codes.shape[1]
     out = []
-    for bk, bn, warps, expand in ((128, 16, 4, False), (128, 64, 4, False), (256, 16, 4, False),
-                                  (256, 64, 4, False), (128, 16, 4, True), (128, 32, 4, True), (128, 64, 4, True),
-                                  (256, 32, 4, True)):
+    for bk, bn in ((128, 16), (128, 32), (128, 64), (256, 32)):
         if _tile_groups(seg.group_size, bk) is None:
             continue
         bw = bk // per
         for split in (1, 2, 4, 8):
             if split > 1 and (kw < 2 * split * bw or triton.cdiv(N, bn) * split > 4096):
                 break
-            out.append({"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
-                        "num_stages": 2, "X": expand})
+            out.append({"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": 4,
+                        "num_stages": 2})
     return out
 
 
@@ -1011,8 +1002,7 @@ def _sdot(x, seg, N, bias, cfg) -> torch.Tensor:
         x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0), seg.k, kw, kws, gs,
         BITS=seg.bits, HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x.dtype == torch.float32, NGT=ngt,
-        BM=cfg["BM"], BN=cfg["BN"], BW=bw, JOIN=cfg.get("X", False), num_warps=cfg["num_warps"],
-        num_stages=cfg["num_stages"])
+        BM=cfg["BM"], BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
