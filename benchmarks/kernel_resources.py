@@ -1,6 +1,7 @@
 """Registers, spills and shared memory of the runtime's kernel tiles on a CUDA architecture, without a GPU:
 each tuner candidate of a layer shape is launched through the real dispatch with the launches captured,
-compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx). Tiles that spill or need
+compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx); then prefill's
+dequantization kernel (rows "prefill"). Tiles that spill or need
 more than ~128 registers per thread hold few warps per SM; a GPU run decides, this only says why.
 
     PYTHONPATH=src:benchmarks python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 \\
@@ -49,6 +50,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     seg = segment(args.n, args.k, args.bits, args.group_size, args.sparse24)
     rows = []
+
+    def measure(launch, row: dict) -> None:
+        try:
+            row.update(resources(compile_launch(*launch, arch=args.arch), args.arch))
+        except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
+            row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
     for m in args.rows:
         x = torch.randn(m, args.k).to(torch.bfloat16)
         seen = set()
@@ -62,13 +72,12 @@ def main(argv=None):
                     tw.run(x, [seg], args.n, None, c)
                 except ValueError:  # a tile this shape does not take
                     continue
-            row = {"rows": m, "cfg": c}
-            try:
-                row.update(resources(compile_launch(*launches[0], arch=args.arch), args.arch))
-            except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            measure(launches[0], {"rows": m, "cfg": c})
+    with captured() as launches:  # prefill's dequantization into a bf16 buffer
+        tw.dequantize_into(seg, torch.zeros(args.n, args.k, dtype=torch.bfloat16))
+    for kernel, a, kw in launches:
+        measure((kernel, a, kw), {"rows": "prefill", "cfg": {"kind": "dequant", "kernel": kernel.fn.__name__
+                                                              if hasattr(kernel, "fn") else str(kernel)}})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
