@@ -1,8 +1,8 @@
 """Registers, spills and shared memory of the runtime's kernel tiles on a CUDA architecture, without a GPU:
 each tuner candidate of a layer shape is launched through the real dispatch with the launches captured,
 compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx); then prefill's
-dequantization kernel (rows "prefill"). Tiles that spill or need
-more than ~128 registers per thread hold few warps per SM; a GPU run decides, this only says why.
+dequantization kernel (rows "prefill"). Tiles that spill or need more than ~128 registers per thread hold
+few warps per SM; a GPU run decides, this only says why.
 
     PYTHONPATH=src:benchmarks python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 \\
         [--sparse24] [--arch 90] [--out F]
@@ -76,8 +76,7 @@ def main(argv=None):
     with captured() as launches:  # prefill's dequantization into a bf16 buffer
         tw.dequantize_into(seg, torch.zeros(args.n, args.k, dtype=torch.bfloat16))
     for kernel, a, kw in launches:
-        measure((kernel, a, kw), {"rows": "prefill", "cfg": {"kind": "dequant", "kernel": kernel.fn.__name__
-                                                              if hasattr(kernel, "fn") else str(kernel)}})
+        measure((kernel, a, kw), {"rows": "prefill", "cfg": {"kind": "dequant", "kernel": kernel.fn.__name__}})
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -142,8 +142,9 @@ if triton is not None:
 
     @triton.jit
     def _split_codes(words, BITS: tl.constexpr):
-        """The codes of int32 words (2, 4 or 8 bits) as (…, 2, …, 2): halves joined on new last axes until each
-        element holds one code, so that a reshape to (…, per) puts code j at index j, in the word's thread."""
+        """The codes of int32 words (2, 4 or 8 bits) as float32 (…, 2, …, 2): halves joined on new last axes until
+        each element holds one code, so that a reshape to (…, per) puts code j at index j, in the word's thread
+        (the float conversion as in _code_at)."""
         v = tl.join(words & 0xFFFF, (words >> 16) & 0xFFFF)
         if BITS <= 8:
             v = tl.join(v & 0xFF, (v >> 8) & 0xFF)
@@ -151,7 +152,7 @@ if triton is not None:
             v = tl.join(v & 0xF, (v >> 4) & 0xF)
         if BITS <= 2:
             v = tl.join(v & 0x3, (v >> 2) & 0x3)
-        return v
+        return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
     def _inv_shift(J: tl.constexpr, BITS: tl.constexpr):
@@ -171,7 +172,7 @@ if triton is not None:
             rj = tl.arange(0, PER)
             k2 = rw[:, None] * PER + rj[None, :]
             x2 = tl.load(X + k2 * sxk, mask=w_mask[:, None] & (k2 < K), other=0.0).to(tl.float32)
-            f3 = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            f3 = _split_codes(words, BITS)
             t = tl.sum(tl.reshape(f3, (BN, BW, PER)) * x2[None, :, :], axis=2)
             xs = tl.sum(x2, axis=1)
         else:
@@ -414,7 +415,7 @@ if triton is not None:
             rk = w0 * PER + tl.arange(0, BK)
             x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & (rk < k_hi)[None, :],
                         other=0.0)
-            f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            f = _split_codes(words, BITS)
             f = tl.reshape(f, (BN, BK))
             if NGT <= 1:
                 if NGT == 1:
@@ -507,7 +508,7 @@ if triton is not None:
         rw = tl.program_id(1) * BW + tl.arange(0, BW)
         n_mask = rn < N
         words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < KW)[None, :], other=0)
-        f = (_split_codes(words, BITS) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        f = _split_codes(words, BITS)
         k0 = tl.program_id(1) * BK
         if NGT <= 1:
             g = k0 // GS  # NGT 0: GS is past the last column, so every k is in group 0
