@@ -1,9 +1,5 @@
-"""Solvers: one function per method over a layer's weight and its input statistics.
-
-``SOLVERS`` is the registry: each method's statistic (none, per-column squared norms, the full Hessian),
-whether its rows are solved independently (so linears sharing an input may be stacked), and its function.
-``solve_layer`` runs a LayerPlan: prune, quantize, or both (one-pass joint OBS or in sequence).
-"""
+"""Solvers: the registry ``SOLVERS`` (each method's statistic, row separability and function) and
+``solve_layer``, which runs a LayerPlan: prune, quantize, or both (one-pass joint OBS or in sequence)."""
 from __future__ import annotations
 
 from dataclasses import dataclass

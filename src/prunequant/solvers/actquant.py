@@ -1,8 +1,4 @@
-"""Simulated (fake-quant) per-token activation quantization with SmoothQuant scale migration.
-
-SmoothQuant moves activation outliers into the weights: X' = X / s and W' = W · s per input channel j, with
-s_j = max|X_j|^α / max|W_:,j|^(1-α). The division folds into the norm before the linears where there is one
-(q/k/v, gate/up, fc1), else a forward pre-hook divides the activation (o_proj, down_proj)."""
+"""Simulated per-token activation quantization with SmoothQuant migration (docs/methods.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -84,11 +80,8 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor, handle: ActQuantHandle) ->
 def apply_activation_quant(model: nn.Module, act_absmax: dict[str, torch.Tensor], bits: int = 8,
                            alpha: float = 0.5, smooth: bool = True,
                            groups: list[tuple[str, list[str]]] = ()) -> ActQuantHandle:
-    """Fake-quantize the inputs of the linears named in ``act_absmax`` (per token, ``bits``), after
-    SmoothQuant migration with strength ``alpha`` if ``smooth``. ``act_absmax[name]`` is the per-input-
-    channel max |x| of that linear on calibration data, measured on the unmodified model.
-    ``groups``: (norm, linears) whose smoothing folds into the norm (models.norm_groups); other linears get
-    their inputs divided by a pre-hook. Modifies the model in place; ``remove()`` on the handle undoes it."""
+    """Fake-quantize the inputs of the linears in ``act_absmax`` (per-channel max |x|), SmoothQuant first if
+    ``smooth``; ``groups`` fold the smoothing into norms. In place; ``remove()`` on the handle undoes it."""
     if bits not in ACT_BITS:
         raise RecipeError(f"activation bits {bits} unsupported; choose one of {', '.join(map(str, ACT_BITS))}")
     if not 0 <= alpha <= 1:

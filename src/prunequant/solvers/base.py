@@ -1,12 +1,4 @@
-"""Data passed between the engine and the solvers.
-
-Conventions every solver follows:
-- weights are float32 tensors of shape (out_features, in_features) (GPT-2 Conv1D is transposed
-  by models/arch.py before a solver sees it);
-- a mask is a bool tensor of the weight's shape, True where the weight is kept;
-- a uniform quantization grid dequantizes as ``w = scale[:, g] * (code - zero[:, g])`` with integer
-  codes in [0, 2**bits - 1] and ``g = g_idx[col]`` the group of each input column.
-"""
+"""Data passed between the engine and the solvers; conventions (shapes, masks, grids): docs/methods.md."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -41,11 +33,7 @@ class LayerStats:
 
 @dataclass
 class QuantState:
-    """How a quantized weight is stored: enough to pack it and to dequantize it exactly.
-
-    kind "uniform": codes (uint8, weight shape), scale/zero (float32, (out, n_groups)), g_idx (int32, (in,)).
-    Other kinds (e.g. "binary-residual") keep their own tensors in ``extra`` and are exported dequantized.
-    """
+    """How a quantized weight is stored: enough to pack it and to dequantize it exactly (docs/methods.md)."""
 
     kind: str
     bits: float

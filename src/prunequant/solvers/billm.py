@@ -1,8 +1,5 @@
-"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style), over the OBS sweep.
-
-Per block: salient columns binarized twice, the rest split at a break point into two groups, each with its
-own mean and scale; then column by column with GPTQ-style error compensation. Details and storage: docs/methods.md.
-"""
+"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style), over the OBS
+sweep; details and storage: docs/methods.md."""
 from __future__ import annotations
 
 import torch
@@ -82,11 +79,8 @@ def _split_errors(W1, absw, mn, cw, fr, amax):
 
 
 def _fit_block(W1: torch.Tensor, d: torch.Tensor, kept: torch.Tensor, n_breaks: int, max_salient: float):
-    """Search salient columns and break point of one block. Returns (salient (cols,) bool,
-    params (rows, 8) = (m1, a1, m2, a2, mc, ac, ms, as), break p (scalar tensor)).
-
-    Two stages to stay cheap: the salient count is chosen with a coarse set of break points, then
-    the break point is refined for that count."""
+    """Salient columns and break point of one block: (salient (cols,) bool, params (rows, 8) =
+    (m1, a1, m2, a2, mc, ac, ms, as), break p (scalar tensor))."""
     rows, cols = W1.shape
     cw = 1.0 / d**2  # OBS weight of each column's error
     order = torch.argsort((W1**2 * kept).sum(0) * cw, descending=True)
@@ -118,13 +112,8 @@ def _fit_block(W1: torch.Tensor, d: torch.Tensor, kept: torch.Tensor, n_breaks: 
 
 def billm_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: torch.Tensor | None = None,
                    *, max_salient: float = 0.1, n_breaks: int = 32) -> LayerResult:
-    """BiLLM-style 1-bit residual binarization with GPTQ-style error compensation (see module doc).
-
-    ``max_salient``: largest fraction of a block's columns that may be salient (2 signs each).
-    With a mask (True = kept) pruned weights stay exactly 0 and are left out of every fit.
-    info: error, bits_per_weight (all storage incl. group markers and fp16 params), bits_signs,
-    bits_paper (BiLLM's counting: signs + column bitmap), salient_fraction, damp, dead.
-    """
+    """BiLLM-style 1-bit residual binarization with GPTQ-style error compensation; pruned weights (``mask``)
+    stay exactly 0. info: error, bit counts, salient_fraction, damp, dead (docs/methods.md)."""
     if W.dim() != 2:
         raise ValueError(f"weight must be (out, in), got shape {tuple(W.shape)}")
     if stats is None or stats.hessian is None or stats.n_tokens <= 0:

@@ -1,6 +1,5 @@
 """Uniform quantization grids: fit (scale, zero) per output row and column group, round onto them; integer codes
-in [0, maxq] dequantize as ``w = scale * (code - zero)`` with an integer zero (docs/methods.md: conventions).
-"""
+in [0, maxq] dequantize as ``w = scale * (code - zero)`` with an integer zero (docs/methods.md: conventions)."""
 from __future__ import annotations
 
 import math
@@ -94,9 +93,8 @@ def fit_grid(
     grid_points: int = 100,
     norm: float = 2.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fit a grid per output row and group of ``group_size`` input columns (0 = one group per row): (scale, zero),
-    each (rows, n_groups) in W's float dtype, on the kept weights only with a ``mask``. ``mse_clip`` shrinks the
-    range by the p in [1 - maxshrink, 1] minimising sum |w - q(w)|^norm per group, as GPTQ does."""
+    """Per output row and group of ``group_size`` columns (0: one per row): (scale, zero), each (rows, n_groups)
+    in W's float dtype, fitted on the kept weights with a ``mask``; ``mse_clip`` as in GPTQ."""
     if W.dim() != 2:
         raise ValueError(f"fit_grid expects a 2-D (rows, cols) tensor, got shape {tuple(W.shape)}")
     maxq = maxq_of(bits)

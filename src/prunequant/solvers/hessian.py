@@ -1,10 +1,4 @@
-"""Shared OBS numerics: dead columns, relative damping, the upper Cholesky factor of H⁻¹.
-
-SparseGPT, GPTQ and the joint solver all walk the input columns left to right and need, for
-column i, the row i of the inverse Hessian of the *remaining* columns {i, i+1, ...}. The upper
-Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) holds exactly that: U[i, i:] = (H_F⁻¹)[i, F] / sqrt((H_F⁻¹)[i, i])
-with F = {i, ...}, so U[i, i]² is the OBS denominator and U[i, i:] / U[i, i] the update direction.
-"""
+"""Shared OBS numerics: dead columns, relative damping, the upper Cholesky factor of H⁻¹ (docs/methods.md)."""
 from __future__ import annotations
 
 import torch
@@ -24,12 +18,8 @@ def prepare_hessian(
     max_tries: int = 6,
     perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Copy W and H, fix dead columns, damp H and return (W, U, info) with U = chol(H⁻¹, upper).
-
-    Dead input columns (diag(H) == 0) get H[i, i] = 1 and W[:, i] = 0, as GPTQ does. Damping adds
-    ``d * mean(diag(H))`` to the diagonal, d growing tenfold per failed factorisation (``max_tries`` in all).
-    ``perm`` (act-order) permutes the columns after the dead-column fix; the caller undoes it with
-    ``W[:, torch.argsort(perm)]``. float64 if W or H is, else float32; info: damp, dead, tries."""
+    """Copy W and H, fix dead columns, damp H and return (W, U, info) with U = chol(H⁻¹, upper);
+    ``perm`` (act-order) permutes the columns; info: damp, dead, tries (docs/methods.md)."""
     if W.ndim != 2 or H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
         raise ValueError(f"need W (out, in) and H (in, in); got W {tuple(W.shape)} and H {tuple(H.shape)}")
     dtype = compute_dtype(W, H)
@@ -77,6 +67,22 @@ def prepare_hessian(
         f"{', '.join(f'{d:g}' for d in tried)}); the Hessian is not positive semidefinite. "
         "Use more calibration tokens, float32 statistics, a larger damp (e.g. damp=0.1), "
         "or a method that needs no Hessian (wanda/magnitude, rtn) for this layer")
+
+
+def check_tokens(stats, method: str, fallback: str) -> None:
+    if stats.n_tokens <= 0:
+        raise NumericalError(f"{method} needs calibration inputs but this layer saw none (e.g. an MoE expert no token "
+                             f"was routed to): use more calibration data, or {fallback} for this layer")
+
+
+def checked_hessian(stats, W: torch.Tensor, method: str, fallback: str) -> torch.Tensor:
+    """The layer's Hessian on W's device, or the error that says why there is none to use."""
+    if stats is None or stats.hessian is None:
+        raise ValueError(f"{method} needs stats.hessian (collect the Hessian for this layer)")
+    check_tokens(stats, method, fallback)
+    if stats.hessian.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match weight {tuple(W.shape)}")
+    return stats.hessian.detach().to(W.device)
 
 
 def layer_objective(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:

@@ -1,17 +1,14 @@
-"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in ONE column sweep (obs.py).
-
-Mask windows are chosen, and group grids fitted, on the weights as updated so far, so a mask sees the
-quantization errors of earlier columns. How and why: docs/methods.md.
-"""
+"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in one column sweep,
+so a mask sees the quantization errors of earlier columns (docs/methods.md)."""
 from __future__ import annotations
 
 import torch
 
-from ..errors import NumericalError, RecipeError
+from ..errors import RecipeError
 from ..recipe import PruneSpec, QuantSpec
 from .base import LayerResult, LayerStats, QuantState
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, quantize_to_grid
-from .hessian import layer_objective, prepare_hessian
+from .hessian import checked_hessian, layer_objective, prepare_hessian
 from .obs import GridRule, Sweep, after_pruning, fixed_blocks, n_pruned, nm_keep, prune_lowest
 
 
@@ -23,11 +20,8 @@ def _windows(cols: int, prune: PruneSpec) -> list[tuple[int, int]]:
 
 def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: PruneSpec, per_row: bool,
             deq: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask of the window [a, b): prune the lowest saliency — n per m-group, or for unstructured a count
-    that keeps the running total at round(sparsity · weights so far), per row (``per_row``) or over the
-    whole window (SparseGPT's reference threshold). Saliency w²/U_jj² (SparseGPT), or with ``deq`` (the
-    values the weights would be rounded to) the marginal cost (w² − (w − deq)²)/U_jj², ties (e.g. every
-    weight that rounds to 0 costs 0) broken by w²/U_jj²."""
+    """Mask of the window [a, b): the lowest saliency pruned, w²/U_jj², or with ``deq`` the marginal cost of
+    pruning over rounding (docs/methods.md)."""
     sal = cur ** 2 * inv_d2
     if deq is not None:
         marginal = (cur ** 2 - (cur - deq) ** 2) * inv_d2
@@ -61,13 +55,7 @@ def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: Q
     if quant.method != "gptq":
         raise RecipeError(f"the one-pass joint solver quantizes with GPTQ grids, not {quant.method!r}; "
                           "use quant method gptq, or joint mode keep-mask")
-    if stats is None or stats.hessian is None:
-        raise ValueError("joint_obs needs stats.hessian (collect the Hessian for this layer)")
-    if stats.n_tokens <= 0:
-        raise NumericalError("the joint solver needs calibration inputs but this layer saw none (e.g. an MoE "
-                             "expert no token was routed to): use more calibration data, or rtn/magnitude here")
-    if stats.hessian.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match weight {tuple(W.shape)}")
+    H = checked_hessian(stats, W, "joint_obs", "rtn/magnitude")
     if prune.structured and W.shape[1] % prune.m:
         raise RecipeError(f"N:M pattern {prune.n}:{prune.m} needs the input size to be a multiple of {prune.m}, "
                           f"but this layer has {W.shape[1]} inputs; use unstructured sparsity or leave it dense")
@@ -76,7 +64,7 @@ def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: Q
                           "columns: turn act_order off for N:M joint compression")
     if quant.blocksize < 1 or prune.blocksize < 1:
         raise RecipeError("block sizes must be positive numbers of columns, e.g. 128")
-    return stats.hessian.detach().to(W.device)
+    return H
 
 
 class _JointRule(GridRule):
@@ -179,13 +167,8 @@ MASK_RULES = ("obs", "quant")
 
 def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: QuantSpec, *,
               mask: torch.Tensor | None = None, mask_rule: str = "obs", per_row: bool = False) -> LayerResult:
-    """Prune and quantize one weight (out, in) in a single OBS sweep (see the module docstring).
-
-    Returns the dequantized weight (pruned entries exactly 0), the mask, the QuantState (static groups) and
-    info = {error, damp, dead, sparsity}; damping is ``quant.damp`` so that sparsity 0 reproduces gptq_quantize.
-    ``mask_rule``: "obs" prunes the lowest w²/U_jj² (SparseGPT's rule); "quant" the lowest marginal cost of
-    pruning over rounding (a weight that rounds to 0 anyway is free). ``per_row``: as in sparsegpt_prune.
-    ``mask`` (True = kept) fixes the mask (the sweep then equals SparseGPT with it followed by keep-mask GPTQ)."""
+    """Prune and quantize one weight (out, in) in a single OBS sweep; ``mask_rule``, ``per_row`` and a fixed
+    ``mask`` (True = kept): docs/methods.md. info: error, damp, dead, sparsity."""
     H = _check(W, stats, prune, quant)
     if mask is not None and mask.shape != W.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(W.shape)}")

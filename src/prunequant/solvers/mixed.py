@@ -1,10 +1,5 @@
-"""Channel-level mixed precision: a high-bit and a low-bit set of input channels in one weight matrix.
-
-Storage layout: the input columns are permuted so the high-precision ones come first; each part is a
-plain group-quantized matrix (groups of ``group_size`` consecutive columns *within the part*), plus a
-1-bit-per-column map saying which part a column went to. GPTQ runs over the whole permuted matrix, so
-the error of the high part is compensated by the low part and vice versa (per-column bit widths).
-"""
+"""Channel-level mixed precision: a high-bit and a low-bit set of input channels in one weight matrix
+(storage layout: docs/methods.md)."""
 from __future__ import annotations
 
 import math
@@ -147,13 +142,8 @@ class _MixedRule(GridRule):
 
 def mixed_quantize(W: torch.Tensor, high: torch.Tensor, spec: MixSpec, H: torch.Tensor | None = None,
                    damp: float = 0.01, blocksize: int = 128) -> LayerResult:
-    """Quantize W (out, in): columns with ``high`` True at spec.high_bits, the rest at spec.low_bits.
-
-    With a Hessian H (mean x xᵀ of the inputs) this is GPTQ over the permuted matrix [high | low] with
-    per-column bit widths; without one it is round-to-nearest of each part.
-    Returns the dequantized weight in the original column order; ``quant.extra`` holds the permutation
-    and a QuantState per part (codes, scale, zero relative to the part's own columns).
-    """
+    """Quantize W (out, in): columns with ``high`` True at spec.high_bits, the rest at spec.low_bits
+    (GPTQ over [high | low] with a Hessian, else RTN); the weight comes back in the original column order."""
     if W.dim() != 2 or high.shape != (W.shape[1],):
         raise ValueError(f"need W (out, in) and a bool mask of its {W.shape[-1]} input columns")
     high = high.to(device=W.device, dtype=torch.bool)

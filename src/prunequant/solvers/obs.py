@@ -1,11 +1,4 @@
-"""The OBS column sweep every Hessian solver shares (GPTQ, SparseGPT, joint, BiLLM, channel-mixed).
-
-Columns are visited left to right over U = chol(H⁻¹, upper) (hessian.py). Each column rounds to a value its
-method chooses (a ``Rule``); the scaled error (w − q)/U_ii is spread at once over the later columns of the
-block and, once per block, over everything right of it (lazy block updates). A rule may also split a block
-into runs (mask windows, group starts) and solve a whole run at once (Triton kernel, triangular solve).
-Also here: the mask helpers every pruning rule uses.
-"""
+"""The OBS column sweep every Hessian solver shares (docs/methods.md), and the mask helpers."""
 from __future__ import annotations
 
 import logging
@@ -44,12 +37,8 @@ def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def prune_errors(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Scaled errors E of OBS-pruning the entries of a segment where ``keep`` is False, columns left to right.
-
-    A column sweep sets E_i = (current w_i)/U_ii where pruned and 0 where kept, with current w_i =
-    w_i − Σ_{k<i} E_k U_ki; so per row E·A = W∘p with A = U·diag(p) + diag(1 − p) (p = 1 where pruned),
-    upper triangular: one batched triangular solve instead of a launch per column.
-    """
+    """Scaled errors of OBS-pruning a segment's entries where ``keep`` is False, as one batched triangular
+    solve instead of a launch per column (docs/methods.md)."""
     rows, L = Wseg.shape
     p = (~keep).to(Wseg.dtype)
     E = torch.empty_like(Wseg)
@@ -154,11 +143,8 @@ def triton_columns(W: torch.Tensor, blocksize: int):
 
 
 class GridRule(Rule):
-    """Round each column to its group's grid; pruned entries (``keep`` False) take the zero point (→ exactly 0).
-
-    ``scale``/``zero`` (rows, n_groups) hold the grids as fitted (subclasses fit them in ``start``);
-    ``codes`` receives the codes in sweep order.
-    """
+    """Round each column to its group's grid (``scale``/``zero`` (rows, n_groups), fitted in ``start``);
+    pruned entries take the zero point. ``codes`` receives the codes in sweep order."""
 
     def __init__(self, W: torch.Tensor, col_group: list[int], n_groups: int, maxq: int,
                  keep: torch.Tensor | None, blocksize: int):

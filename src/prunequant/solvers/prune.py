@@ -1,17 +1,12 @@
-"""Pruning solvers: magnitude, Wanda and SparseGPT, unstructured or N:M.
-
-Masks are True where a weight is kept. N:M means n of every m consecutive input weights are
-pruned (recipe.py). Counts are exact: ``round(sparsity · size)`` weights are pruned per scope
-(per row for Wanda and SparseGPT, per layer for magnitude by default), ties broken arbitrarily.
-"""
+"""Pruning solvers: magnitude, Wanda and SparseGPT, unstructured or N:M (masks True where kept)."""
 from __future__ import annotations
 
 import torch
 
-from ..errors import NumericalError, RecipeError
+from ..errors import RecipeError
 from ..recipe import PruneSpec
 from .base import LayerResult, LayerStats
-from .hessian import compute_dtype, layer_objective, prepare_hessian
+from .hessian import check_tokens, checked_hessian, compute_dtype, layer_objective, prepare_hessian
 from .obs import Rule, Sweep, fixed_blocks, n_pruned, nm_keep, prune_errors, prune_lowest
 
 
@@ -78,11 +73,9 @@ def _wanda_score(W: torch.Tensor, stats: LayerStats) -> torch.Tensor:
 
 
 def wanda_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> LayerResult:
-    """Wanda: score |W_ij| · ‖x_j‖₂, pruned per output row (unstructured) or per N:M group.
-
-    info["error"] is ‖WX − ŴX‖²/n_tokens when stats.hessian is present, else None."""
+    """Wanda: score |W_ij| · ‖x_j‖₂, pruned per output row (unstructured) or per N:M group."""
     _check_weight(W)
-    _check_tokens(stats, "wanda")
+    check_tokens(stats, "wanda", "magnitude pruning / a dense override")
     W = W.detach()
     mask = _spec_mask(_wanda_score(W, stats), spec, per_row=True)
     W_hat = W.clone()
@@ -91,33 +84,18 @@ def wanda_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec) -> LayerRes
     return _result(W_hat, mask, err)
 
 
-def _check_tokens(stats: LayerStats, method: str) -> None:
-    if stats.n_tokens <= 0:
-        raise NumericalError(
-            f"{method} needs calibration inputs but this layer saw none (e.g. an MoE expert no token was "
-            f"routed to): use more calibration data, or magnitude pruning / a dense override for this layer")
-
-
 # ---- SparseGPT ----------------------------------------------------------------------------------
 
 def sparsegpt_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec, per_row: bool = True) -> LayerResult:
-    """SparseGPT: OBS pruning with the damped inverse Hessian, column block by column block (obs.py's sweep).
-
-    Each block's mask comes from the saliency w²/d² on the weights as updated so far. Unstructured:
-    ``per_row=True`` prunes the same count in every row of each block; False selects over the whole block, as
-    the reference SparseGPT does (same layer total). N:M: the block size is rounded to a multiple of m so
-    groups never straddle blocks. info: error (‖WX − ŴX‖²/n_tokens with the undamped H), damp, dead."""
+    """SparseGPT: OBS pruning, column block by column block (obs.py's sweep); ``per_row``: docs/methods.md."""
     _check_weight(W)
-    _check_tokens(stats, "sparsegpt")
-    if stats.hessian is None:
-        raise ValueError("sparsegpt needs stats.hessian (collect the Hessian for this layer)")
     rows, cols = W.shape
     if spec.structured:
         _check_nm(cols, spec.n, spec.m)
     if spec.blocksize < 1:
         raise RecipeError(f"block size {spec.blocksize} must be a positive number of columns, e.g. 128")
     W0 = W.detach()
-    H = stats.hessian.detach().to(W0.device)
+    H = checked_hessian(stats, W0, "sparsegpt", "magnitude pruning / a dense override")
     if not spec.structured and n_pruned(spec.sparsity, cols if per_row else W.numel()) == 0:
         return _result(W0.clone(), torch.ones_like(W0, dtype=torch.bool), 0.0, damp=None, dead=0)
 

@@ -1,17 +1,13 @@
-"""Weight quantization solvers on uniform grids: round-to-nearest and GPTQ.
-
-Pure tensor functions: a weight (out, in), optional statistics and a QuantSpec in, a LayerResult out.
-The returned weight is always exactly ``QuantState.dequantize()`` of the returned state.
-"""
+"""Weight quantization solvers on uniform grids: round-to-nearest and GPTQ."""
 from __future__ import annotations
 
 import torch
 
-from ..errors import NumericalError, RecipeError
+from ..errors import RecipeError
 from ..recipe import QuantSpec
 from .base import LayerResult, LayerStats, QuantState
 from .grid import TERNARY_BITS, fit_grid, group_index, maxq_of, n_groups_of, quantize_grouped
-from .hessian import layer_objective, prepare_hessian
+from .hessian import checked_hessian, layer_objective, prepare_hessian
 from .obs import GridRule, Sweep, fixed_blocks
 
 
@@ -63,28 +59,12 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None = N
     return _finish(state, mask, {"method": "rtn", "spec": spec.describe()}, W.dtype)
 
 
-def _check_stats(stats: LayerStats | None, W: torch.Tensor, method: str) -> torch.Tensor:
-    if stats is None or stats.hessian is None:
-        raise ValueError(f"{method} needs stats.hessian (collect the Hessian for this layer)")
-    if stats.n_tokens <= 0:
-        raise NumericalError(
-            f"{method} needs calibration inputs but this layer saw none (e.g. an MoE expert no token was "
-            f"routed to): use more calibration data, or rtn for this layer")
-    if stats.hessian.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"Hessian shape {tuple(stats.hessian.shape)} does not match weight {tuple(W.shape)}")
-    return stats.hessian.detach().to(W.device)
-
-
 def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
                   mask: torch.Tensor | None = None) -> LayerResult:
-    """GPTQ: quantize column by column, spreading each rounding error over the later columns (obs.py's sweep).
-
-    Group grids are fitted when a group's first column is reached, on the weights as updated so far; with
-    act-order they are static (fitted up front, so g_idx stays arange(in) // group_size). ``mask`` (True =
-    kept): pruned weights end exactly 0 and grids fit the kept weights only.
-    info: error (‖WX − ŴX‖²/n_tokens against the given W, pruned weights as 0), damp, dead."""
+    """GPTQ: quantize column by column, spreading each rounding error over the later columns (obs.py's sweep);
+    pruned weights (``mask`` False) end exactly 0. info: error, damp, dead."""
     _check(W, mask)
-    H = _check_stats(stats, W, "gptq")
+    H = checked_hessian(stats, W, "gptq", "rtn")
     if spec.blocksize < 1:
         raise RecipeError(f"block size {spec.blocksize} must be a positive number of columns, e.g. 128")
     rows, cols = W.shape
