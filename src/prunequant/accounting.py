@@ -1,8 +1,5 @@
-"""The storage ledger: bits of each compressed layer from its typed specs, TCr and the real rate.
-
-The report, the search budget and the bit allocator all count here. Stored bits follow the compact export
-(docs/format.md: codes, per-group scales and zero points, mask or N:M ranks); TCr counts the weights alone
-against 16 bits: ``1 − Σ n·q·(1−s) / (16·Σ n)``, q = log2 3 for ternary."""
+"""The storage ledger: bits of each compressed layer from its typed specs, TCr and the real rate
+(docs/internals.md)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,5 @@
 """Allocators: turn a recipe's global budget (recipe.Allocation) into per-layer overrides, from measurements on the
-real model: ``owl`` sparsity and ``bits`` (knapsack over Fisher-weighted layer errors); docs/methods.md.
-"""
+real model: ``owl`` sparsity and ``bits`` (knapsack over Fisher-weighted layer errors); docs/methods.md."""
 from __future__ import annotations
 
 import copy
@@ -89,9 +88,7 @@ def _owl(model, recipe, calib_ids, device, batch_size):
 
 def output_fisher(model, calib_ids, names: list[str], device=None, max_samples: int = 16,
                   batch_size: int = 4) -> dict[str, torch.Tensor]:
-    """Per output channel of each named linear: the mean over tokens of (∂ loss / ∂ output)², loss = the
-    next-token cross-entropy of the uncompressed model on ``calib_ids`` (the empirical Fisher's diagonal in
-    output space). Weights get no gradients; only activations are kept for the backward pass."""
+    """Per output channel of each named linear: the mean over tokens of (∂ loss / ∂ output)² (docs/internals.md)."""
     from .engine import default_device
 
     dev = torch.device(device) if device else default_device()

@@ -1,9 +1,5 @@
-"""Mixed precision per layer: choose each layer's bit width under an average-bit budget.
-
-A multiple-choice knapsack: each layer picks a width b, paying n · (b + overhead(b)) bits and an error
-sensitivity[layer][b]; the total error is minimised under Σ n · (b + overhead(b)) ≤ avg_bits · Σ n by dynamic
-programming over the budget, exact for integer costs after scaling (the usual case), else with costs rounded
-*up* to at most ``max_units`` steps, so the budget always holds."""
+"""Mixed precision per layer: each layer's bit width under an average-bit budget, by a multiple-choice knapsack
+(docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -48,11 +44,8 @@ def allocate_bits(
     overhead_bits: dict[float, float] | None = None,
     max_units: int = 200_000,
 ) -> dict[str, float]:
-    """Bits per layer minimising Σ sensitivity[layer][bits] with average storage ≤ ``avg_bits``.
-
-    ``overhead_bits[b]``: extra storage per weight at b bits (scale/zero; see overhead_per_param);
-    counted in the budget. Raises RecipeError when even the cheapest choice per layer exceeds it.
-    """
+    """Bits per layer minimising Σ sensitivity[layer][bits] with average storage (``overhead_bits`` included)
+    ≤ ``avg_bits``; RecipeError when even the cheapest choice per layer exceeds it."""
     names = list(sensitivity)
     if not names:
         return {}
@@ -114,11 +107,7 @@ def average_bits(
     in_features: dict[str, int] | None = None,
     overhead: dict[str, float] | None = None,
 ) -> float:
-    """Achieved storage bits per weight over the assigned layers, scale/zero overhead included.
-
-    ``overhead[layer]`` overrides the computed per-weight overhead (e.g. BiLLM's reported extra bits);
-    per-channel grids (group_size 0) need ``in_features`` per layer.
-    """
+    """Achieved storage bits per weight over the assigned layers, scale/zero overhead included."""
     total = bits = 0.0
     for name, b in assign.items():
         n = n_params[name]

@@ -1,7 +1,4 @@
-"""Per-layer sparsity allocation: uniform, and OWL (Outlier-Weighted Layerwise sparsity, Yin et al. 2023).
-
-A block's outlier ratio is the fraction of its Wanda scores |W_ij|·‖x_j‖₂ above M × their mean; blocks with
-more outliers are more sensitive and get lower sparsity, within target ± λ and averaging to the target."""
+"""Per-layer sparsity allocation: uniform, and OWL (Outlier-Weighted Layerwise sparsity; docs/internals.md)."""
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping
@@ -21,9 +18,8 @@ def _check_target(target: float) -> None:
 
 def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,
                   mean: float | None = None) -> tuple[int, int]:
-    """(number of Wanda scores above M × mean score, number of scores) for one linear layer. The mean is this
-    layer's own unless ``mean`` is given (OWL's reference code uses the block's); summed over a block's layers,
-    the counts give its ratio for :func:`owl_sparsity`."""
+    """(number of Wanda scores above M × mean score, number of scores) for one linear layer; the mean is
+    this layer's own unless ``mean`` is given."""
     if M <= 0:
         raise RecipeError(f"OWL outlier threshold M={M} must be positive, e.g. 5")
     norm = stats.col_norm.to(device=W.device, dtype=torch.float32)
@@ -34,12 +30,8 @@ def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,
 
 def owl_sparsity(outlier_ratio: Mapping[Hashable, float], target: float, lam: float = 0.08,
                  params: Mapping[Hashable, int] | None = None) -> dict:
-    """OWL per-block sparsity from per-block outlier ratios.
-
-    More outliers → lower sparsity. Sparsities lie in [target − λ, target + λ] (up to the shift that
-    restores the mean), clipped to [0, 0.99], and their mean weighted by ``params`` (parameter
-    count per block; equal weights if None) equals ``target`` exactly whenever clipping allows it.
-    """
+    """OWL per-block sparsity from per-block outlier ratios: more outliers, lower sparsity; the mean weighted by
+    ``params`` equals ``target`` whenever clipping allows it."""
     _check_target(target)
     if lam < 0 or lam >= 1:
         raise RecipeError(f"OWL lambda {lam} must be in [0, 1), e.g. 0.08 (sparsities span target ± lambda)")

@@ -65,8 +65,7 @@ def linear_param_counts(model) -> list[tuple[str, int]]:
 
 def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, announce: bool = True) -> None:
     """Fail before any work when a layer's shape cannot take its plan (N:M) or the export format cannot
-    store it. A group size that does not divide a layer's width gives that layer a smaller last group
-    per row (ragged, as GPTQ does); ``announce`` says so (compress() does, once per run)."""
+    store it; ``announce`` warns of ragged groups."""
     from .export.ctensors import ragged_problem
 
     ragged: dict[tuple[int, int], list[str]] = {}
@@ -191,14 +190,7 @@ def compress(
     keep_model: bool | None = None,
 ) -> CompressionResult:
     """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
-
-    Every finished block is checkpointed under ``work_dir`` (default ``OUT.prunequant-work``) per recipe and
-    calibration fingerprint; re-running resumes there until the result is saved. ``fmt``: the export format
-    meant, checked against the recipe before any work. A lazily loaded model (``load_model(..., lazy=True)``)
-    needs ``out``: each block is written (``fmt``, ``dtype``) once done, then dropped unless ``keep_model``
-    (default: ``save_later``, which leaves the output open until ``save(result, out, extra=...)``).
-    ``keep_original`` keeps the original blocks on disk, so that ``original_model(result)`` can stream them
-    back for comparisons without a second copy in memory."""
+    Resume, lazy models and ``keep_original``: docs/internals.md."""
     from .lazy import is_lazy, lazy_source, save_blocks
 
     if out is not None:
@@ -361,11 +353,7 @@ def _refine_global(model, ids, report, refine, teacher, hook, batch_size, device
 
 def save(result: CompressionResult, out: str | Path, overwrite: bool = False, fmt: str = "dense",
          extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
-    """Write ``result`` in a format of prunequant.export (dense, compact, compressed-tensors).
-
-    It goes to a temporary sibling with a SHA-256 manifest and prunequant.json, then is renamed into place;
-    dense keeps the model's own dtype, so reloading gives back exactly the evaluated weights. The resume
-    checkpoints (``result.work_dir``) are removed only after the final rename."""
+    """Write ``result`` in a format of prunequant.export (dense, compact, compressed-tensors), atomically."""
     from .checkpoint import clear_work_dir
     from .export import export as export_fn
 

@@ -1,8 +1,4 @@
-"""One write at a time on a worker thread, so that disk writes overlap the next block's compression.
-
-``submit`` first waits for the job before it: at most one job is in flight, so its memory (one shard,
-one block checkpoint) is bounded; a job's exception surfaces at the next ``submit`` or ``wait``.
-"""
+"""One write at a time on a worker thread, so that disk writes overlap the next block's compression."""
 from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor

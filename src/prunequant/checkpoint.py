@@ -1,9 +1,5 @@
-"""Per-block checkpoints of the engine, so that an interrupted run resumes where it stopped.
-
-Nothing here can execute code on load: block weights and every tensor of the per-layer results
-(masks, codes, scales, solver extras) are safetensors; everything else is JSON in which a tensor
-appears as ``{"__tensor__": key}``. A file that does not parse as such is refused, never guessed at.
-"""
+"""Per-block checkpoints of the engine, so that an interrupted run resumes where it stopped; safetensors and
+JSON only, nothing that can execute code on load."""
 from __future__ import annotations
 
 import json

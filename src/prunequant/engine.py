@@ -1,11 +1,5 @@
-"""The sequential block-wise engine.
-
-Catch the inputs of the first decoder block, then for each block: collect per-linear input statistics with
-hooks, hand each weight to a solver, and re-run the calibration activations through the *compressed* block
-so that later blocks see (and compensate) the error of earlier ones. Only the current block sits on the
-compute device (onload.BlockIO); activations stay there or in pinned CPU memory. Linears sharing an input
-and an identical row-separable plan (q/k/v under GPTQ) are solved as one stacked matrix. A
-distributed.DistContext spreads the work over processes (one per GPU)."""
+"""The sequential block-wise engine: each block is solved on the outputs of the compressed blocks before it
+(docs/internals.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -62,10 +56,7 @@ def block_layer_types(model) -> list[str] | None:
 @torch.no_grad()
 def capture_block_inputs(model, calib_ids: torch.Tensor, batch_size: int, store: torch.device,
                          layer_types: list[str] | None = None):
-    """Run the model up to its first decoder block; return per-batch (hidden_states, kwargs).
-
-    With ``layer_types`` (``block_layer_types``) kwargs is {layer type: kwargs of the first block of that
-    type}: the model runs up to the first block of the last type to appear (blocks before it run in full)."""
+    """Run the model up to its first decoder block; return per-batch (hidden_states, kwargs)."""
     blocks = get_blocks(model)
     inputs: list[tuple[torch.Tensor, dict]] = []
     first = {}
@@ -117,10 +108,7 @@ def _tf32():
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx (x: tokens × features) in float32.
-
-    bf16/fp16 on CUDA use the tensor cores: products are exact in float32 and accumulate in float32 (TF32 too:
-    its 10-bit mantissa holds bf16's 7 and fp16's 10), so only the summation order differs from float32."""
+    """xᵀx (x: tokens × features) in float32 (bf16/fp16 on CUDA through the tensor cores)."""
     global _MM_OUT_DTYPE
     if x.is_cuda and x.dtype in (torch.bfloat16, torch.float16):
         if _MM_OUT_DTYPE is not False:
@@ -224,16 +212,7 @@ def compress_model(
     block_hook: Callable | None = None,
     report: EngineReport | None = None,
 ) -> EngineReport:
-    """Compress ``model`` in place, block by block; returns per-layer results.
-
-    The model may live on the CPU (or partly on the meta device, with a ``block_io`` that materialises each
-    block); only the block being compressed is moved to ``device``. ``offload_activations``: True keeps
-    calibration activations in pinned CPU memory, False on ``device``, None decides from the free GPU memory.
-    ``work_dir`` holds a checkpoint after every block, from which a later call with the same ``fingerprint``
-    resumes; the caller removes it once the result is saved. ``dist`` spreads the work over processes.
-    ``block_hook(i, block, arch, inputs, solve, report, device)`` replaces each block's solve and must call
-    ``solve()`` itself (refine.BlockRefiner). ``report`` is filled in place, so a ``block_io`` can read each
-    block's states as it finishes."""
+    """Compress ``model`` in place, block by block; returns per-layer results (arguments: docs/internals.md)."""
     t0 = time.time()
     device = torch.device(device) if device is not None else default_device()
     dist = dist or DistContext()

@@ -1,7 +1,5 @@
-"""Lazy model I/O for local safetensors checkpoints: a skeleton on the meta device with only embeddings, norms
-and head materialised, each decoder block read from its shards when the engine reaches it and dropped after
-(also to stream an original model back for evaluation). Plain positioned reads, no memory map, so nothing of
-a shard stays resident once a block has been copied to where it runs."""
+"""Lazy model I/O for local safetensors checkpoints: each decoder block read when the engine reaches it and
+dropped after (docs/internals.md)."""
 from __future__ import annotations
 
 import json
@@ -158,10 +156,8 @@ def load_block(files: SafetensorsFiles, prefix: str, block: nn.Module, device, d
 
 
 class LazyBlocks(BlockIO):
-    """The engine's BlockIO for a lazily loaded model: block i is read from the checkpoint onto the compute
-    device when its turn comes; after it, ``on_done(i, block)`` sees the compressed block (e.g. to write it)
-    and the block is dropped back to the meta device, or kept in host memory with ``keep=True``.
-    ``peak_blocks`` counts the most blocks ever materialised at once."""
+    """The engine's BlockIO for a lazily loaded model: block i is read onto the compute device when its turn
+    comes, passed to ``on_done(i, block)`` after, then dropped (or kept with ``keep=True``)."""
 
     def __init__(self, model: nn.Module, on_done=None, keep: bool = False):
         super().__init__()
@@ -198,9 +194,7 @@ def is_lazy(model: nn.Module) -> bool:
 
 
 def streamed_original(model: nn.Module, files: SafetensorsFiles) -> nn.Module:
-    """A second model that shares everything outside the blocks with ``model`` and reads each of its
-    blocks from ``files`` just before the block runs, dropping it right after: the original model for
-    comparisons, at the memory cost of one block."""
+    """The original model for comparisons, at the memory cost of one block (docs/internals.md)."""
     arch = arch_of(model)
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     base = skeleton(model.config, dtype)

@@ -1,5 +1,4 @@
-"""Device placement for the block engine: one decoder block at a time on the compute device (a ``BlockIO`` moves
-it there and back, or materialises a block of a meta-device model and drops it after), and calibration
+"""Device placement for the block engine: one decoder block at a time on the compute device, and calibration
 activations on the GPU or in pinned CPU memory, decided from the free GPU memory."""
 from __future__ import annotations
 
@@ -24,22 +23,15 @@ def _malloc_trim():
 
 
 def trim_host_heap() -> None:
-    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; a no-op elsewhere). Each block
-    frees tensors of every size between 128 KiB and 32 MiB, which glibc keeps in its heap once its mmap
-    threshold has risen: without this the resident size of a 135M-parameter run grows by ~1 GB over its 30
-    blocks."""
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; docs/internals.md says why)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
 
 
 class BlockIO:
-    """Moves decoder block i to the compute device before it is compressed and back after.
-
-    The way back writes into the block's original host tensors instead of allocating new ones: fresh
-    host memory is slow to first touch (seen on an H100 machine: the D2H "offload" of a 7B model took
-    11.5 s of a 111 s run), and the model keeps one host copy throughout.
-    """
+    """Moves decoder block i to the compute device before it is compressed and back after, into the block's
+    original host tensors (docs/internals.md)."""
 
     def __init__(self):
         self._home: dict[int, dict[str, torch.Tensor]] = {}

@@ -1,8 +1,5 @@
-"""One writer per output directory, and the checks on an output path that can be made before any work.
-
-A run that writes ``OUT`` holds an ``flock`` on ``OUT.prunequant-lock`` (naming its process id) up to the
-final rename; the kernel releases it when the holder dies, so a lock left by a killed run is taken over,
-never trusted. The resume checkpoints live in ``OUT.prunequant-work/<recipe fingerprint>/``."""
+"""One writer per output directory (an flock on ``OUT.prunequant-lock``), and the checks on an output path
+that can be made before any work (docs/internals.md)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,9 +1,5 @@
-"""Recipes as data: what to prune and quantize, globally and per layer by name pattern.
-
-N:M convention (SparseGPT/Wanda): ``n:m`` means *n of every m* consecutive input weights are
-**pruned**, so ``2:4`` is 50% sparse and ``2:8`` is 25% sparse. ``describe()`` always states the
-resulting sparsity so the two readings cannot be confused.
-"""
+"""Recipes as data: what to prune and quantize, globally and per layer by name pattern; ``n:m`` means
+n of every m consecutive input weights are pruned (docs/internals.md)."""
 from __future__ import annotations
 
 import fnmatch
@@ -104,11 +100,8 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class RefineSpec:
-    """End-to-end refinement after the layer-wise solve (refine/): block output matching, then KL to the
-    original logits. Only what the format stores as continuous moves; masks and bit widths stay exact.
-
-    Learning rates are in the parameters' own units: ``lr_code`` in grid steps (codes and zero points),
-    ``lr_scale`` in log-scale (relative change of each group's scale)."""
+    """End-to-end refinement after the layer-wise solve (refine/); learning rates are in the parameters'
+    own units (docs/internals.md)."""
 
     mode: str = "blockwise"
     steps: int = 100  # optimiser steps per block (block-wise stage)

@@ -1,8 +1,5 @@
-"""Evaluation report: a terminal table, JSON, a Markdown table and PNG plots for one or several runs.
-
-A run is a dict {"name", "tcr" (0 = uncompressed), "metrics" (evaluate/retention.py), "retention": {measure:
-ratio}}, optionally with "sr" (default: the mean ratio), "srcr" and "series" (its curve in the frontier plot,
-``series_of``). Plots use matplotlib's Agg canvas directly (no pyplot, no display needed)."""
+"""Evaluation report: a terminal table, JSON, a Markdown table and PNG plots for one or several runs
+(run schema: docs/internals.md)."""
 from __future__ import annotations
 
 import json

@@ -1,14 +1,4 @@
-"""Answer extraction and exact-match checks for the generative suites (``generative.py``).
-
-- MMLU-Pro: the letter of "the answer is (X)", with fallbacks ("Answer: X", a leading "(X)"/"X." in a direct
-  answer, the last "(X)" anywhere); only letters of the question's own options count.
-- BBH: the text after the last "the answer is", else the first non-empty line; compared by the kind of the
-  gold target: an option letter "(A)", a binary word (True/False, Yes/No, valid/invalid), a number, or
-  free text (word sorting, Dyck closings: whitespace-insensitive where the target is only brackets).
-- MATH: the content of the last ``\\boxed{...}`` (balanced braces; also ``\\fbox`` and ``\\boxed 5``), else
-  "the (final) answer is X"; ``math_equal`` compares two answers after ``normalize_math`` and, where both
-  are plain rational numbers (integers, decimals, a/b, \\frac{a}{b}), by exact value.
-"""
+"""Answer extraction and exact-match checks for the generative suites (rules: docs/internals.md)."""
 from __future__ import annotations
 
 import re

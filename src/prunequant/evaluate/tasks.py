@@ -61,11 +61,8 @@ def _forward_kwargs(model) -> set[str]:
 def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
                    progress: bool = True, desc: str = "loglikelihood",
                    share_context: bool | None = None) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), whether every continuation token is the argmax) per request.
-
-    ``share_context=True`` runs each distinct context once and the continuations on its cached keys/values;
-    False gives each distinct input one row, as the harness does (same numbers up to rounding). Default: share
-    when the model takes a KV cache and sharing feeds at most 3/4 of the tokens (ARC, HellaSwag, SciQ)."""
+    """(sum of log p(continuation | context), whether every continuation token is the argmax) per request;
+    ``share_context``: docs/internals.md."""
     max_len = max_length(model)
     accepted = _forward_kwargs(model)
     ctx_cache: dict[str, list[int]] = {}
@@ -230,11 +227,7 @@ def _argmax(xs: list[float]) -> int:
 def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = DEFAULT_TASKS,
                    limit: int | None = DEFAULT_LIMIT, batch_size: int = 16, progress: bool = True,
                    share_context: bool | None = None, generation: dict | None = None) -> dict[str, dict]:
-    """Zero-shot accuracy on each task: {task: {"acc", "acc_norm", "n", "chance", "seconds", "source"}}.
-
-    Task names: ``task_data.TASKS``, ``mmlu:SUBJ1,SUBJ2`` or ``file:PATH.jsonl``; ``limit`` keeps the first N
-    examples of each. Generative suites (``generative``: mmlu_pro, bbh, math, math500) run by greedy generation
-    and exact match, ``limit`` items per subtask, with the options in ``generation`` (fewshot, seed, cot, ...)."""
+    """Zero-shot accuracy on each task: {task: {"acc", "acc_norm", "n", "chance", "seconds", "source"}}."""
     from .generative import get_gen_task, is_generative, run_gen_task
 
     if isinstance(tasks, str):

@@ -1,9 +1,5 @@
-"""Export and reload of compressed models, with size accounting and integrity checks.
-
-Formats: ``compact`` (our own, near the theoretical size; docs/format.md), ``compressed-tensors``
-(pack-quantized; transformers/vLLM), ``dense`` (plain transformers checkpoint). Every save writes to
-a temporary sibling directory, adds a SHA-256 manifest, and renames it into place when complete.
-"""
+"""Export and reload of compressed models (compact, compressed-tensors, dense; docs/format.md), with size
+accounting and integrity checks."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,9 +1,5 @@
-"""Dense bit streams for integer codes, masks and N:M index ranks (the compact format's payloads).
-
-Bit order (docs/format.md): value i of a b-bit stream is stream bits [i·b, (i+1)·b), least significant bit
-first, so 3-bit codes really take 3 bits. Ternary codes go five to a byte (3⁵ = 243 ≤ 256); an N:M group is
-stored as the rank of its kept pattern among the C(m, k) ones. A tensor on a GPU is packed there with torch
-ops (no full-size copy to the host), one on the CPU with numpy; both give the same bytes."""
+"""Dense bit streams for integer codes, masks and N:M index ranks (the compact format's payloads;
+bit order: docs/format.md)."""
 from __future__ import annotations
 
 import itertools

@@ -74,10 +74,7 @@ def mask_cost_bits(mask: torch.Tensor, value_bits: float) -> float:
 
 
 def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> LinearExport:
-    """Decide how a linear is stored so that reloading gives back exactly the model's weight.
-
-    The cheapest of all positions, the state's mask (if the weight is 0 outside it) and the weight's non-zeros
-    is stored. Codes that do not dequantize to the weight are dropped with a warning (floats are stored)."""
+    """Decide how a linear is stored so that reloading gives back exactly the model's weight (docs/internals.md)."""
     transposed = is_conv1d(module)
     w = module.weight.detach()
     dev = w.device  # the checks run where the weight is (a block still on the GPU: far faster than the CPU)

@@ -1,7 +1,4 @@
-"""The compact format: a pruned + quantized model stored near its theoretical size.
-
-Per compressed linear: a bitmask or N:M pattern ranks if sparse, then only the kept weights, as codes packed
-at their bit width with fp16 scales, or as floats when not quantized. Tensor names and layout: docs/format.md."""
+"""The compact format: a pruned + quantized model stored near its theoretical size (docs/format.md)."""
 from __future__ import annotations
 
 import logging
@@ -140,10 +137,7 @@ class CompactWriter:
 def save_compact(model, states: dict[str, LayerResult], out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
                  scale_dtype: torch.dtype = torch.float16, max_shard_size: int | str = "2GB",
                  overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write ``model`` (its compressed linears described by ``states``) in the compact format.
-
-    The model's weights are the truth: each layer's codes/mask are checked against them, so reloading gives
-    back exactly these weights (up to ``dtype`` for float tensors and ``scale_dtype`` for scales)."""
+    """Write ``model`` (its compressed linears described by ``states``) in the compact format."""
     dtype_name(dtype), dtype_name(scale_dtype)
     items, tied = model_tensors(model)
     bad = sorted(weight_key(n) for n in states if weight_key(n) in tied)
@@ -266,9 +260,8 @@ def layer_of(key: str, layers: dict) -> str | None:
 
 def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  verify: bool = True):
-    """Rebuild the model from a compact export, decoding layer by layer on ``device`` (a GPU decodes an 8B model
-    in seconds; the host never holds its float weights). Decoding runs in float32, then casts to ``dtype``
-    (default: the export's), so ``dtype=torch.float32`` gives back the in-memory compressed model's weights."""
+    """Rebuild the model from a compact export, decoding layer by layer on ``device`` in float32, then cast to
+    ``dtype`` (default: the export's)."""
     from safetensors import safe_open
 
     root = Path(path)

@@ -53,11 +53,8 @@ MIN_CT_GROUP = 32  # smallest group a ragged layout is re-expressed with (scale 
 
 
 def ragged_problem(name: str, in_f: int, group_size: int) -> str | None:
-    """Why a ragged group layout of this layer cannot be written as compressed-tensors (None = it can).
-
-    compressed-tensors needs the group size to divide the row. A ragged layout (g128 over 576 columns) is
-    re-expressed exactly with gcd(group size, in_features)-column groups; below MIN_CT_GROUP that would
-    multiply the stored scales (and no runtime kernel takes such groups), so it is refused instead."""
+    """Why a ragged group layout of this layer cannot be written as compressed-tensors (None = it can;
+    docs/internals.md)."""
     if group_size <= 0 or in_f % group_size == 0:
         return None
     g = math.gcd(group_size, in_f)
@@ -211,11 +208,8 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
                             asymmetric: str = "zero-point", fallback: str = "error",
                             max_shard_size: int | str = "2GB", overwrite: bool = False, tokenizer=None,
                             extra_files: dict | None = None) -> Path:
-    """Write a compressed-tensors "pack-quantized" checkpoint with config.json's quantization_config.
-
-    ``scale_dtype`` defaults to ``dtype``. ``asymmetric``: "zero-point" (b bits + packed zero points; vLLM) or
-    "widen" (exact symmetric (b+1)-bit; also loads in transformers 5.23). ``fallback``: "error" refuses layers
-    the format cannot express; "dense" stores them as floats (listed in ``ignore``)."""
+    """Write a compressed-tensors "pack-quantized" checkpoint with config.json's quantization_config
+    (``asymmetric``, ``fallback``: docs/internals.md)."""
     _check_options(dtype, scale_dtype, asymmetric, fallback)
     modules = dict(model.named_modules())
     missing = sorted(n for n in states if n not in modules)

@@ -159,8 +159,7 @@ RUN_RECORDS = ("prunequant.json", "prunequant-export.json")
 
 def written_by_prunequant(root: str | Path) -> bool:
     """Does this directory come from prunequant (a run record, or our mark in config.json)? Then it had a
-    manifest. (Not a safetensors metadata key: safetensors writes metadata in hash order, so a second key
-    would make the bytes of an export differ from run to run.)"""
+    manifest (docs/internals.md)."""
     root = Path(root)
     if any((root / f).is_file() for f in RUN_RECORDS):
         return True
@@ -171,9 +170,8 @@ def written_by_prunequant(root: str | Path) -> bool:
 
 
 def check_integrity(root: str | Path, verify: bool = True) -> None:
-    """Verify a local model directory before it is loaded or measured: every file against its manifest. Without
-    one, a directory prunequant wrote is refused (nothing proves its weights are the ones evaluated); other
-    checkpoints pass. ``verify=False`` (``--no-verify``) skips the check with a warning."""
+    """Verify a local model directory against its manifest before it is loaded or measured (docs/internals.md);
+    ``verify=False`` (``--no-verify``) only warns."""
     root = Path(root)
     has_manifest = (root / MANIFEST).is_file()
     if not verify:
@@ -215,11 +213,8 @@ def _save_and_hash(save_file, tensors: dict, path: Path, metadata: dict) -> None
 
 
 class ShardWriter:
-    """Accumulate groups of tensors and write a safetensors shard whenever ``max_bytes`` is reached.
-
-    Shards are written one at a time on a worker thread, so at most two shards of tensors are in memory; a group
-    (e.g. one layer's tensors) always lands in one shard. ``close()`` names them as transformers expects
-    (``{prefix}.safetensors``, or numbered shards with an index)."""
+    """Accumulate groups of tensors and write a safetensors shard on a worker thread whenever ``max_bytes`` is
+    reached; ``close()`` names the shards as transformers expects."""
 
     def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
                  metadata: dict | None = None):

@@ -1,7 +1,4 @@
-"""Writing an export while the model is being compressed: each decoder block goes to disk as soon as the
-engine is done with it, so a model whose blocks are read lazily is never whole in memory. Tensors come in
-the model's state-dict order, so the files equal those of a save of the finished model, byte for byte.
-"""
+"""Writing an export while the model is being compressed, block by block (docs/internals.md)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,8 +1,4 @@
-"""Put trainable views (weights.py) in place of compressed linears' weights, and take them out again.
-
-While attached, ``weight`` is computed from the view on every access (torch's parametrize), so any forward,
-also one recomputed by gradient checkpointing, trains the views. ``finish`` writes each view's exported
-weight into the linear and its stored pieces into the run's layer states."""
+"""Put trainable views (weights.py) in place of compressed linears' weights, and take them out again."""
 from __future__ import annotations
 
 import contextlib

@@ -1,10 +1,4 @@
-"""Block-wise refinement: after a block is solved, match the original block's outputs.
-
-The engine calls a ``BlockRefiner`` per block in place of the plain solve. It records the original block's
-outputs on the block's calibration inputs (or, with ``target="original-stream"``, on the original model's
-own activations at that depth), lets the solve run, then trains the block's views (weights.py) with Adam on
-the relative squared output error. The refined weights are kept only if they lower the error over all
-calibration batches."""
+"""Block-wise refinement: after a block is solved, match the original block's outputs (docs/internals.md)."""
 from __future__ import annotations
 
 import random

@@ -1,10 +1,5 @@
-"""Global refinement: KL from the original model's next-token distribution, on the calibration tokens.
-
-The teacher is the model before compression, kept as its top-k log-probabilities per token (``teacher_topk``;
-k = 64: 65k tokens take 34 MB), so no second model is held. The loss is the KL over those k plus one bucket
-for the rest of the vocabulary, a lower bound of the full KL, tight when the tail mass is small. Every view
-(weights.py) trains at once, blocks gradient-checkpointed. The step with the lowest KL on held-out windows
-(``spec.holdout``) is kept, and only if below the one-shot KL: on few windows, the trained ones overfit."""
+"""Global refinement: top-k KL from the original model's next-token distribution, on the calibration tokens
+(docs/internals.md)."""
 from __future__ import annotations
 
 import math

@@ -1,9 +1,5 @@
-"""Trainable views of a compressed linear that only move what its format stores as continuous.
-
-Each view rebuilds the weight from its stored pieces, so the refined layer exports as the one-shot one did
-(same format, bits and mask), and starts at the one-shot weight exactly: ``UniformWeight`` (straight-through
-codes and integer zero points, fp16-rounded log scales; pruned weights stay exactly 0), ``BinaryWeight``
-(BiLLM: signs fixed, means and scales trained) and ``MaskedWeight`` (pruned, not quantized)."""
+"""Trainable views of a compressed linear that only move what its format stores as continuous
+(docs/internals.md)."""
 from __future__ import annotations
 
 import dataclasses

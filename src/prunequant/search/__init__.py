@@ -1,8 +1,5 @@
-"""Configuration search: the compression recipe that keeps the most meaning for a budget.
-
-``search(...)`` runs an optuna multi-objective study (proxy retention vs compression, the budget a hard
-constraint) and scores the most promising trials fully: space.py (what is searched), budget.py (how budgets
-are met), trial.py (what one trial measures), study.py (the driver)."""
+"""Configuration search: the compression recipe that keeps the most meaning for a budget (docs/search.md,
+docs/internals.md)."""
 from __future__ import annotations
 
 import re
@@ -62,11 +59,8 @@ def search(
     progress: bool = True,
     warm_start: bool = True,
 ) -> SearchResult:
-    """Search compression configurations of ``model`` (hub id, directory, .gguf or 'smollm2-135m') under a budget.
-
-    ``n_trials`` completed trials in all: re-running with the same ``storage`` and ``study_name`` continues or
-    extends the search. Writes ``best_recipe.yaml``, ``trials.json`` and ``pareto.png`` under ``out``. With
-    ``warm_start`` a new study first tries the standard recipes that meet the budget (space.SEED_PREFERENCES)."""
+    """Search compression configurations of ``model`` under a budget; writes ``best_recipe.yaml``,
+    ``trials.json`` and ``pareto.png`` under ``out``; the same ``storage`` and ``study_name`` continue it."""
     from . import report, study as st
     from .executors import InlineExecutor, RayExecutor, import_ray
     from .space import resolve

@@ -98,9 +98,7 @@ class Inventory:
 
 
 def nominal(recipe: Recipe, inv: Inventory) -> dict:
-    """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it. Allocators
-    keep these figures (OWL the mean sparsity, exactly; the bit allocator at most ``avg_bits``, so TCr is a
-    lower bound), and the search never adds overrides that would break that (space.py)."""
+    """Nominal TCr and predicted compact-export bytes of ``recipe`` on ``inv``, without running it."""
     avg = recipe.allocation.avg_bits if recipe.allocation.method == "bits" else None
     # other tensors at 16 bits; ~1 kB per compressed layer of safetensors header and descriptor JSON, and
     # ~4 kB of config and manifest (measured on the compact format; the budget check uses the real bytes)
@@ -123,11 +121,8 @@ def meets(budget: Budget, fig: dict) -> bool:
 
 def solve_monotone(make, lo: float, hi: float, budget: Budget, inv: Inventory, increasing: bool,
                    step: float) -> float | None:
-    """The least compressing x in [lo, hi] on a grid of ``step`` whose recipe ``make(x)`` meets the budget.
-
-    ``increasing``: compression grows with x (sparsity) — return the smallest feasible x; otherwise
-    (bits) the largest. None when even the most compressing end misses the budget.
-    """
+    """The least compressing x in [lo, hi] on a grid of ``step`` whose recipe ``make(x)`` meets the budget
+    (None: not even the most compressing end does); ``increasing``: compression grows with x."""
     best_end = hi if increasing else lo
     if not meets(budget, nominal(make(best_end), inv)):
         return None

@@ -1,6 +1,5 @@
-"""Where trials run: in this process, or on Ray actors (one per worker, one GPU each where GPUs exist). Both
-expose ``submit(token, method, *args)`` and ``next_result()``; the driver keeps ``size`` calls in flight
-(optuna's ask-and-tell), and Ray alone decides placement."""
+"""Where trials run: in this process, or on Ray actors (one per worker); both expose
+``submit(token, method, *args)`` and ``next_result()``."""
 from __future__ import annotations
 
 import os

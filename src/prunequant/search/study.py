@@ -1,9 +1,5 @@
-"""The search driver: an optuna study (multi-objective, constrained), asked and told from here.
-
-Objectives, both maximised: proxy retention exp(−KL), and compression (the measured TCr for ``tcr`` budgets,
-the compact export's real rate for ``size`` budgets). The budget is a hard constraint: an infeasible trial
-is kept and marked, never scored down. Everything lives in optuna storage, so re-running the same command
-continues the study and several machines can share one database."""
+"""The search driver: an optuna study (multi-objective, constrained), asked and told from here
+(docs/internals.md)."""
 from __future__ import annotations
 
 import logging
@@ -26,9 +22,7 @@ FULL_EVAL_PREFIX = "full_eval:"
 
 
 def measures(trial) -> dict:
-    """A trial's plan (recipe, derived variable, nominal figures) and measurements in one mapping.
-
-    They are stored as two user attributes ("plan", "result"): every attribute is a database commit."""
+    """A trial's plan (recipe, derived variable, nominal figures) and measurements in one mapping."""
     ua = trial.user_attrs
     return {**ua.get("plan", {}), **ua.get("result", {}),
             **{k: ua[k] for k in ("error", "infeasible", "duplicate_of") if k in ua}}

@@ -1,8 +1,5 @@
-"""One trial's work, done where the model lives (the driver's process, or a Ray actor per GPU).
-
-``TrialRunner`` loads the model once, then per configuration compresses a copy (as ``prunequant compress``
-does), measures TCr (and for size budgets the compact export's bytes) and the cheap proxy: KL(original ‖
-compressed) on a few sequences disjoint from the calibration and perplexity data. ``full_eval`` adds the suite."""
+"""One trial's work, done where the model lives: compress a copy, measure TCr (and bytes) and the proxy
+KL; ``full_eval`` adds the suite."""
 from __future__ import annotations
 
 import copy

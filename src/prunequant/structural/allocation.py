@@ -1,9 +1,5 @@
 """One budget for pruning and precision: per-layer channel decisions, their exact cost in bits, and how
-continuous priorities (learnt logits or layer-wise error scores) become decisions that meet the budget.
-
-Per layer, six masks over *original* channels: ``keep_heads`` / ``keep_mlp`` (structural pruning) and
-``high_qkv`` / ``high_gu`` / ``high_o`` / ``high_down`` (the input channels of those projections at high
-precision). Bits per original parameter: all stored bits of the block linears over their original weights."""
+continuous priorities become decisions that meet the budget (docs/internals.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

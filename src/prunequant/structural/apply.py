@@ -1,6 +1,5 @@
-"""Apply an allocation to the real model: prune what it removes (with bias compensation), then quantize
-what remains at its two bit widths with GPTQ, block by block on the outputs of the compressed blocks
-before it (error propagation across layers), and account for the bits actually stored."""
+"""Apply an allocation to the real model: prune, then quantize at its two bit widths, block by block
+(docs/internals.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,10 +1,5 @@
-"""Global-error allocation: learn keep / high-precision masks of every layer against the model's own output.
-
-The LLM stays frozen. Mask logits (direct, or from a small hypernetwork over learnt layer embeddings) are
-sampled as hard Gumbel-sigmoids with straight-through gradients, both bit widths simulated by cached RTN
-copies (simulate.py). Loss: KL to the uncompressed model's next-token distribution (and/or cross-entropy)
-plus a Lagrangian term on the bits per original weight; at the end the logits are thresholded to meet the
-budget exactly (allocation.py)."""
+"""Global-error allocation: learn keep / high-precision masks of every layer against the model's own output
+(docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -115,9 +110,8 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
                             temperature: tuple[float, float] = (1.0, 0.3), noise: bool = True,
                             budget_weight: float = 1.0, dual_lr: float = 0.5, batch_size: int = 4,
                             seed: int = 0, log_every: int = 0) -> Allocation:
-    """Learn per-layer keep and high/low masks meeting a budget of ``avg_bits`` per original weight exactly.
-    objective: "kl" (to the uncompressed logits), "ce" or "kl+ce"; init: "layerwise" (warm start from the
-    layer-wise allocation at the same budget) or "uniform" (everything kept at high precision)."""
+    """Learn per-layer keep and high/low masks meeting ``avg_bits`` per original weight exactly; ``objective``
+    "kl", "ce" or "kl+ce"; ``init`` "layerwise" or "uniform"."""
     if objective not in ("kl", "ce", "kl+ce"):
         raise RecipeError(f"objective {objective!r} unknown: use 'kl', 'ce' or 'kl+ce'")
     if init not in ("layerwise", "uniform"):

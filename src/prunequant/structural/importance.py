@@ -1,11 +1,4 @@
-"""Importance of structural units (MLP channels, attention heads, KV groups, whole blocks).
-
-All channel scores look at an *input* channel j of o_proj / down_proj, i.e. at what the unit writes
-into the residual stream:
-- ``flap``:      Var_t(x_j) · ‖W[:, j]‖²   (FLAP's fluctuation: what a constant bias cannot replace)
-- ``wanda``:     ‖x_j‖₂ · Σ_r |W_rj|      (activation-weighted magnitude of the channel's output)
-- ``magnitude``: ‖W[:, j]‖₂
-"""
+"""Importance of structural units (MLP channels, attention heads, KV groups, whole blocks); docs/internals.md."""
 from __future__ import annotations
 
 import torch
@@ -56,9 +49,7 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[float, int
 
 
 def gqa_keep_heads(head: torch.Tensor, n_kv: int, n_keep: int, mode: str) -> torch.Tensor:
-    """Indices of query heads to keep (sorted), GQA-consistent: mode "group" keeps or removes whole KV groups
-    (n_keep rounded to groups), mode "query" keeps every KV head with the same number of query heads each.
-    At least one group/head survives."""
+    """Indices of query heads to keep (sorted), GQA-consistent (modes "group" and "query": docs/internals.md)."""
     n_heads = head.numel()
     rep = n_heads // n_kv
     by_group = head.reshape(n_kv, rep)

@@ -1,6 +1,5 @@
-"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit; the
-baseline (and warm start) of the global-error allocation. Errors use E[x_c²]; structural removal is scored by
-FLAP's fluctuation Var(x_c)·‖W[:, c]‖², the output error left after bias compensation."""
+"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit
+(docs/internals.md)."""
 from __future__ import annotations
 
 import torch

@@ -51,9 +51,8 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
                      mlp_sparsity: float = 0.0, metric: str = "flap", gqa: str = "group",
                      scope: str = "layer", bias_compensation: bool = True,
                      batch_size: int = 8) -> StructuredReport:
-    """Remove attention heads and MLP channels in place, block by block, keeping GQA consistent and compensating
-    the removed channels' mean output in the o_proj / down_proj biases. scope "layer": every layer loses the same
-    fraction; "global": FLAP's adaptive structure (per-layer standardized scores, one threshold per unit type)."""
+    """Remove attention heads and MLP channels in place, block by block, GQA-consistent and with bias
+    compensation; ``scope`` "layer" or "global" (FLAP)."""
     hs, ms = _check_fraction(head_sparsity, "head_sparsity"), _check_fraction(mlp_sparsity, "mlp_sparsity")
     if metric not in imp.METRICS:
         raise RecipeError(f"unknown importance metric {metric!r}; choose one of {', '.join(imp.METRICS)}")

@@ -1,11 +1,4 @@
-"""Simulating an allocation inside the frozen model: every block linear computes
-
-    y = W_low x̃ + (W_high − W_low)(h ⊙ x̃) + b + W (μ ⊙ (1 − k)),   x̃ = k ⊙ x
-
-with W_low / W_high round-to-nearest copies (cached once), h the high-precision mask over input
-channels, k the keep mask over o_proj / down_proj inputs (heads, MLP channels) and μ their calibration
-mean (FLAP bias compensation). Masks may be soft or straight-through; gradients reach them only.
-"""
+"""Simulating an allocation inside the frozen model, differentiably in its masks (docs/internals.md)."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,5 @@
-"""Physically smaller models: cut heads / MLP channels / whole blocks, and save and reload them.
-
-Per-layer shapes go into the config (``prunequant_layer_shapes``), from which ``load_structured`` rebuilds
-the model. FLAP-style bias compensation adds the removed channels' mean contribution to the o/down biases
-(adding a bias, recorded in the shapes, where there was none)."""
+"""Physically smaller models: cut heads / MLP channels / whole blocks, and save and reload them
+(docs/internals.md)."""
 from __future__ import annotations
 
 import json
@@ -55,9 +52,8 @@ def gqa_layout(keep_heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tenso
 def prune_block(p: Parts, keep_heads: torch.Tensor | None = None,
                 keep_channels: torch.Tensor | None = None, attn_mean: torch.Tensor | None = None,
                 mlp_mean: torch.Tensor | None = None) -> None:
-    """Keep only the given query heads and MLP channels of one block (``parts(model)[i]``; in place). With
-    ``attn_mean`` / ``mlp_mean`` (mean inputs of o_proj / down_proj), the removed channels' mean contribution
-    goes into that layer's bias."""
+    """Keep only the given query heads and MLP channels of one block (in place); with ``attn_mean`` /
+    ``mlp_mean`` the removed channels' mean contribution goes into the bias."""
     if keep_heads is not None:
         hd = p.head_dim
         keep_heads = keep_heads.to(p["q"].weight.device).long().sort().values
