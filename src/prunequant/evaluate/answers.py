@@ -121,17 +121,8 @@ def last_boxed(text: str) -> str | None:
         m = re.match(r"\s+([^\s$]+)", rest)
         return m.group(1) if m else None
     rest = rest.lstrip()
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for k, ch in enumerate(rest):
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:k]
-    return None  # unbalanced: the generation stopped inside the box
+    end = _balanced_group(rest, 0)
+    return None if end is None else rest[1:end - 1]  # None: no box, or the generation stopped inside it
 
 
 def extract_math_answer(text: str) -> str | None:

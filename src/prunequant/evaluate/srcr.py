@@ -64,19 +64,20 @@ def srcr(sr: float, sparsity: float = 0.0, bits: float = BASE_BITS, lam: float =
     return sr * (BASE_BITS / stored_bits(sparsity, bits)) ** lam
 
 
-def _mean_stored_bits(layers: Iterable[tuple[int, float, float]]) -> float:
+def _param_weighted_mean(layers: Iterable[tuple[int, float, float]], per_layer) -> float:
+    """The mean of ``per_layer(sparsity, bits)`` over (n_params, sparsity, bits) layers, weighted by n_params."""
     layers = list(layers)
     total = sum(n for n, _, _ in layers)
     if total <= 0:
         raise PrunequantError("per-layer SrCr needs at least one layer with a positive parameter count")
-    return sum(n * stored_bits(s, q) for n, s, q in layers) / total
+    return sum(n * per_layer(s, q) for n, s, q in layers) / total
 
 
 def srcr_layers(sr: float, layers: Iterable[tuple[int, float, float]], lam: float = 1.0) -> float:
     """Per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per compressed layer;
     the stored bits per weight are the parameter-weighted mean, i.e. 16 · (1 − tcr_layers(layers))."""
     _check(sr, lam)
-    return sr * (BASE_BITS / _mean_stored_bits(layers)) ** lam
+    return sr * (BASE_BITS / _param_weighted_mean(layers, stored_bits)) ** lam
 
 
 # ---- reconstruction of the paper's form (for comparison only) ----------------------------------------
@@ -95,12 +96,7 @@ def srcr_sqrt_log(sr: float, sparsity: float = 0.0, bits: float = BASE_BITS, lam
 def srcr_sqrt_log_layers(sr: float, layers: Iterable[tuple[int, float, float]], lam: float = 1.0) -> float:
     """Per-layer form of the reconstruction: parameter-weighted mean of the exponent."""
     _check(sr, lam)
-    layers = list(layers)
-    total = sum(n for n, _, _ in layers)
-    if total <= 0:
-        raise PrunequantError("per-layer SrCr needs at least one layer with a positive parameter count")
-    expo = sum(n * _sqrt_log_exponent(s, q) for n, s, q in layers) / total
-    return sr * 2.0 ** (lam * expo)
+    return sr * 2.0 ** (lam * _param_weighted_mean(layers, _sqrt_log_exponent))
 
 
 def relative_gain(sr_a: float, sr_b: float) -> float:

@@ -1,6 +1,5 @@
 """Zero-shot multiple-choice scoring in lm-evaluation-harness conventions (acc, acc_norm by characters), with
-shared rows for identical inputs and length-sorted batches; docs/evaluation.md. Data sources: task_data.TASKS.
-"""
+shared rows for identical inputs and length-sorted batches; docs/evaluation.md. Data sources: task_data.TASKS."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,5 @@
 """What every export format shares: reading a compressed linear out of the model and its state,
-the export descriptor (prunequant-export.json), the config, and building an empty model to fill.
-"""
+the export descriptor (prunequant-export.json), the config, and building an empty model to fill."""
 from __future__ import annotations
 
 import copy

@@ -1,6 +1,5 @@
 """compressed-tensors export ("pack-quantized"), what transformers and vLLM load: packed codes, scales and zero
-points per layer, one config group per scheme; docs/format.md gives the layout and the format's limits.
-"""
+points per layer, one config group per scheme; docs/format.md gives the layout and the format's limits."""
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,5 @@
 """Never a half-written output that looks complete: temporary sibling + rename, a SHA-256 manifest,
-and a shard writer that keeps at most one shard of tensors in memory.
-"""
+and a shard writer that keeps at most one shard of tensors in memory."""
 from __future__ import annotations
 
 import hashlib

@@ -1,6 +1,5 @@
 """Budgets (``tcr=X`` or ``size=40MB``) and the accounting that derives a configuration's last free variable so
-that its nominal figure lands on the budget before anything is compressed; docs/search.md gives the rules.
-"""
+that its nominal figure lands on the budget before anything is compressed; docs/search.md gives the rules."""
 from __future__ import annotations
 
 import math

@@ -1,6 +1,5 @@
 """The search space: which configurations a trial may pick, and how the last variable is derived so that the
-nominal figure lands on the budget (budget.py). The families, what is derived and the rules: docs/search.md.
-"""
+nominal figure lands on the budget (budget.py). The families, what is derived and the rules: docs/search.md."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field

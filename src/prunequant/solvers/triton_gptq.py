@@ -1,6 +1,5 @@
 """GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32), tested against quant.gptq_quantize's
-torch loop (on the CPU with TRITON_INTERPRET=1); docs/methods.md says why and how the numerics match.
-"""
+torch loop (on the CPU with TRITON_INTERPRET=1); docs/methods.md says why and how the numerics match."""
 from __future__ import annotations
 
 import os
@@ -62,13 +61,9 @@ if triton is not None:
 def gptq_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                  col_group: torch.Tensor, mask_u8: torch.Tensor | None, codes1: torch.Tensor,
                  err1: torch.Tensor, a: int, b: int, maxq: int, block_rows: int = 16) -> None:
-    """Quantize columns a..b-1 of one block in place, as GPTQ's torch column loop does.
-
-    W1 (rows, B): the block's weights (a view of any strides, updated in place);
-    U1 (B, B): the block's part of the upper Cholesky factor of H⁻¹; scale/zero (rows, n_groups);
-    col_group (B,) int32: each block column's group; mask_u8 (rows, B) or None (1 = kept);
-    codes1/err1 (rows, B): outputs for the block's columns (views).
-    """
+    """Quantize columns a..b-1 of one block in place, as GPTQ's torch column loop does. W1 (rows, B): the
+    block's weights (any strides, updated in place); U1 (B, B): its part of chol(H⁻¹, upper); scale/zero
+    (rows, n_groups); col_group (B,) int32; mask_u8 (rows, B) or None (1 = kept); codes1/err1: outputs (views)."""
     rows, B = W1.shape
     if B > MAX_BLOCK:
         raise ValueError(f"block of {B} columns is wider than the kernel's {MAX_BLOCK}")
