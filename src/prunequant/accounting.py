@@ -1,5 +1,4 @@
-"""The storage ledger: bits of each compressed layer from its typed specs, TCr and the real rate
-(docs/internals.md)."""
+"""The storage ledger: bits of each layer from its typed specs, TCr and the real rate (docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -58,8 +57,7 @@ def mask_bits(prune: PruneSpec | None, n_params: int, sparsity: float | None = N
 
 def layer_bits(shape: tuple[int, int], plan: LayerPlan, sparsity: float | None = None,
                bits: float | None = None) -> float:
-    """Stored bits of one layer (out, in) under ``plan``; ``sparsity`` measured (default: the spec's),
-    ``bits`` a code width other than the spec's (an allocator's average)."""
+    """Stored bits of one layer (out, in) under ``plan``, with a measured ``sparsity`` or code ``bits`` if given."""
     out_f, in_f = shape
     n = out_f * in_f
     p, q = plan.prune, plan.quant
@@ -91,8 +89,7 @@ def tcr_layers(layers: list[tuple[int, float, float]]) -> float:
 
 def summarize(layers: dict[str, LayerRecord], plan_for: Callable[[str], LayerPlan], n_params_total: int,
               linear_names: list[tuple[str, int]] | None = None) -> dict:
-    """Rates of a compressed model from the engine's per-layer records (shape, measured sparsity) and the
-    plans that produced them. Block linears left untouched count as dense 16-bit in TCr."""
+    """Rates of a compressed model from the engine's per-layer records; untouched linears count as 16-bit."""
     rows = list(layers.values())
     seen = {r.name for r in rows}
     dense = [(n, 0.0, float(DENSE_BITS)) for name, n in (linear_names or []) if name not in seen]

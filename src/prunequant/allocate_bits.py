@@ -1,5 +1,4 @@
-"""Mixed precision per layer: each layer's bit width under an average-bit budget, by a multiple-choice knapsack
-(docs/internals.md)."""
+"""Mixed precision per layer: bit widths under an average-bit budget, a knapsack (docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -44,8 +43,7 @@ def allocate_bits(
     overhead_bits: dict[float, float] | None = None,
     max_units: int = 200_000,
 ) -> dict[str, float]:
-    """Bits per layer minimising Σ sensitivity[layer][bits] with average storage (``overhead_bits`` included)
-    ≤ ``avg_bits``; RecipeError when even the cheapest choice per layer exceeds it."""
+    """Bits per layer minimising Σ sensitivity[layer][bits] with average storage (overheads in) ≤ ``avg_bits``."""
     names = list(sensitivity)
     if not names:
         return {}

@@ -18,8 +18,7 @@ def _check_target(target: float) -> None:
 
 def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,
                   mean: float | None = None) -> tuple[int, int]:
-    """(number of Wanda scores above M × mean score, number of scores) for one linear layer; the mean is
-    this layer's own unless ``mean`` is given."""
+    """(number of Wanda scores above M × mean score, number of scores) for one linear layer."""
     if M <= 0:
         raise RecipeError(f"OWL outlier threshold M={M} must be positive, e.g. 5")
     norm = stats.col_norm.to(device=W.device, dtype=torch.float32)
@@ -30,8 +29,7 @@ def outlier_ratio(W: torch.Tensor, stats: LayerStats, M: float = 5.0,
 
 def owl_sparsity(outlier_ratio: Mapping[Hashable, float], target: float, lam: float = 0.08,
                  params: Mapping[Hashable, int] | None = None) -> dict:
-    """OWL per-block sparsity from per-block outlier ratios: more outliers, lower sparsity; the mean weighted by
-    ``params`` equals ``target`` whenever clipping allows it."""
+    """OWL per-block sparsity from per-block outlier ratios: more outliers, lower sparsity (docs/internals.md)."""
     _check_target(target)
     if lam < 0 or lam >= 1:
         raise RecipeError(f"OWL lambda {lam} must be in [0, 1), e.g. 0.08 (sparsities span target ± lambda)")

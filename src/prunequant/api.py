@@ -64,8 +64,7 @@ def linear_param_counts(model) -> list[tuple[str, int]]:
 
 
 def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, announce: bool = True) -> None:
-    """Fail before any work when a layer's shape cannot take its plan (N:M) or the export format cannot
-    store it; ``announce`` warns of ragged groups."""
+    """Fail before any work when a layer cannot take its plan (N:M) or the format cannot store it."""
     from .export.ctensors import ragged_problem
 
     ragged: dict[tuple[int, int], list[str]] = {}
@@ -88,8 +87,7 @@ def validate_recipe_for_model(model, recipe: Recipe, fmt: str | None = None, ann
 
 
 def smooth_activations(model, ids, alpha: float, batch_size: int) -> dict:
-    """SmoothQuant migration before weight compression, folded into norms only (so the saved model is a
-    plain checkpoint); the weight solvers then see the smoothed weights and inputs."""
+    """SmoothQuant migration before weight compression, folded into norms only (the saved model stays plain)."""
     from .models import norm_groups
     from .solvers.actquant import apply_activation_quant, collect_act_absmax
 
@@ -113,8 +111,7 @@ def enable_act_quant(model, bits: int):
 
 def compress_data_free(model, plan_for, device=None, progress=True, work_dir: str | Path | None = None,
                        fingerprint: str = "") -> EngineReport:
-    """RTN and magnitude use no calibration data: solve every layer directly (same result as the engine),
-    checkpointing every block under ``work_dir`` and resuming there as the engine does."""
+    """RTN and magnitude use no calibration data: solve every layer directly, checkpointing as the engine does."""
     from tqdm.auto import tqdm
 
     from .checkpoint import Checkpoint
@@ -189,8 +186,7 @@ def compress(
     keep_original: bool = False,
     keep_model: bool | None = None,
 ) -> CompressionResult:
-    """Compress a model (object or anything ``load_model`` takes) with a recipe; optionally save to ``out``.
-    Resume, lazy models and ``keep_original``: docs/internals.md."""
+    """Compress a model with a recipe; optionally save to ``out`` (resume, lazy models: docs/internals.md)."""
     from .lazy import is_lazy, lazy_source, save_blocks
 
     if out is not None:
@@ -308,8 +304,7 @@ def drop_original(result: CompressionResult) -> None:
 
 
 def original_model(result: CompressionResult):
-    """The model before compression, sharing everything outside the blocks with ``result.model`` and
-    reading each block from disk as it runs (needs ``compress(..., keep_original=True)``)."""
+    """The model before compression, streamed block by block from disk (``compress(keep_original=True)``)."""
     from .lazy import streamed_original
 
     if result.original is None:

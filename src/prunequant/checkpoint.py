@@ -1,5 +1,4 @@
-"""Per-block checkpoints of the engine, so that an interrupted run resumes where it stopped; safetensors and
-JSON only, nothing that can execute code on load."""
+"""Per-block engine checkpoints for resuming, in safetensors and JSON only (nothing executes on load)."""
 from __future__ import annotations
 
 import json

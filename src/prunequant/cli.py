@@ -352,8 +352,7 @@ def cmd_compress(a) -> int:
 
 
 def _load_dtype(a):
-    """Weights as loaded for compression: float32 unless --load-dtype says otherwise; 'auto' takes a
-    checkpoint directory's own dtype on a GPU (bf16 forwards there) and float32 on the CPU."""
+    """Dtype to load the model in for compression: ``--load-dtype``, where 'auto' is the checkpoint's on a GPU."""
     import torch
 
     from .models import checkpoint_dtype
@@ -395,8 +394,7 @@ def _evaluate_compressed(res, tok, a) -> dict:
 
 
 def _evaluate_once(res, a, run) -> dict:
-    """The evaluation is kept beside the resume checkpoints until the output is saved, so a run killed
-    during the save does not evaluate again."""
+    """Keep the evaluation beside the resume checkpoints, so a run killed while saving does not redo it."""
     from .checkpoint import Checkpoint
 
     if res.work_dir is None:

@@ -1,5 +1,4 @@
-"""Calibration and evaluation text: sources, deterministic splits, tokenization, seeded sampling
-(docs/internals.md)."""
+"""Calibration and evaluation text: sources, splits, tokenization, seeded sampling (docs/internals.md)."""
 from __future__ import annotations
 
 import bz2
@@ -240,8 +239,7 @@ def tokenize(tokenizer, text: Text, max_tokens: int | None = None) -> torch.Tens
 
 def calibration_ids(tokenizer, text: Text, n_samples: int, seq_len: int, seed: int = 0,
                     bos: int | None = None) -> torch.Tensor:
-    """N windows of L tokens at seeded random offsets: (N, L) LongTensor. With ``bos`` (models that need
-    one first, ``models.bos_first``) each window is that token followed by L−1 tokens of text."""
+    """N windows of L tokens at seeded random offsets: (N, L); with ``bos`` each starts with that token."""
     if n_samples < 1 or seq_len < 2:
         raise DataError(f"need at least 1 calibration sample of >= 2 tokens (got {n_samples} x {seq_len})")
     ids = tokenize(tokenizer, text, max_tokens=max(n_samples * seq_len * 4, 200_000))

@@ -1,5 +1,4 @@
-"""The sequential block-wise engine: each block is solved on the outputs of the compressed blocks before it
-(docs/internals.md)."""
+"""The sequential block-wise engine: each block solved on the compressed blocks' outputs (docs/internals.md)."""
 from __future__ import annotations
 
 import contextlib
@@ -47,8 +46,7 @@ def default_device() -> torch.device:
 
 
 def block_layer_types(model) -> list[str] | None:
-    """Per block, its attention type where the model mixes several (Gemma 2/3, Qwen with sliding windows:
-    ``config.layer_types``); such blocks get different masks and rotary tables. None when all are alike."""
+    """Per block, its attention type where the model mixes several (``config.layer_types``), else None."""
     lt = getattr(model.config, "layer_types", None)
     return list(lt) if lt and len(set(lt)) > 1 else None
 
@@ -286,8 +284,7 @@ def compress_model(
 
 
 def _stackable(plans: list[LayerPlan], solver) -> bool:
-    """Solve these linears (same input) as one matrix? Only for the built-in solvers, identical plans, and
-    Hessian quantizers whose rows are independent (stacking then changes nothing but the launch count)."""
+    """Solve these linears (same input) as one matrix? Only identical row-separable built-in Hessian quantizers."""
     p = plans[0]
     if solver is not solve_layer or len(plans) < 2 or any(q != p for q in plans) or p.prune is not None:
         return False

@@ -1,5 +1,4 @@
-"""Lazy model I/O for local safetensors checkpoints: each decoder block read when the engine reaches it and
-dropped after (docs/internals.md)."""
+"""Lazy model I/O for local safetensors checkpoints, one decoder block at a time (docs/internals.md)."""
 from __future__ import annotations
 
 import json
@@ -156,8 +155,7 @@ def load_block(files: SafetensorsFiles, prefix: str, block: nn.Module, device, d
 
 
 class LazyBlocks(BlockIO):
-    """The engine's BlockIO for a lazily loaded model: block i is read onto the compute device when its turn
-    comes, passed to ``on_done(i, block)`` after, then dropped (or kept with ``keep=True``)."""
+    """The engine's BlockIO for a lazily loaded model (docs/internals.md)."""
 
     def __init__(self, model: nn.Module, on_done=None, keep: bool = False):
         super().__init__()
@@ -224,8 +222,7 @@ def _reader(files, prefix, dtype):
 
 
 def save_blocks(model: nn.Module, path: Path) -> SafetensorsFiles:
-    """Write the model's block tensors to one safetensors file, one tensor at a time (no second copy of
-    the model in memory): the original, kept on disk for comparisons."""
+    """Write the model's block tensors to one safetensors file, one tensor at a time (no second copy in memory)."""
     prefix = arch_of(model).blocks + "."
     items = [(k, t.detach()) for k, t in model.state_dict().items() if k.startswith(prefix)]
     names = {v: k for k, v in _DTYPES.items()}

@@ -1,5 +1,5 @@
-"""Device placement for the block engine: one decoder block at a time on the compute device, and calibration
-activations on the GPU or in pinned CPU memory, decided from the free GPU memory."""
+"""Device placement for the block engine: one block at a time on the compute device, activations on the GPU
+or in pinned CPU memory."""
 from __future__ import annotations
 
 import ctypes
@@ -30,8 +30,7 @@ def trim_host_heap() -> None:
 
 
 class BlockIO:
-    """Moves decoder block i to the compute device before it is compressed and back after, into the block's
-    original host tensors (docs/internals.md)."""
+    """Moves block i to the compute device and back into its own host tensors (docs/internals.md)."""
 
     def __init__(self):
         self._home: dict[int, dict[str, torch.Tensor]] = {}

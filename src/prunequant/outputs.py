@@ -1,5 +1,4 @@
-"""One writer per output directory (an flock on ``OUT.prunequant-lock``), and the checks on an output path
-that can be made before any work (docs/internals.md)."""
+"""One writer per output directory, and the output-path checks made before any work (docs/internals.md)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,5 +1,4 @@
-"""Recipes as data: what to prune and quantize, globally and per layer by name pattern; ``n:m`` means
-n of every m consecutive input weights are pruned (docs/internals.md)."""
+"""Recipes as data: what to prune and quantize, globally and per layer by name pattern (docs/internals.md)."""
 from __future__ import annotations
 
 import fnmatch
@@ -100,8 +99,7 @@ class QuantSpec:
 
 @dataclass(frozen=True)
 class RefineSpec:
-    """End-to-end refinement after the layer-wise solve (refine/); learning rates are in the parameters'
-    own units (docs/internals.md)."""
+    """End-to-end refinement after the layer-wise solve (refine/; learning-rate units: docs/internals.md)."""
 
     mode: str = "blockwise"
     steps: int = 100  # optimiser steps per block (block-wise stage)

@@ -1,5 +1,4 @@
-"""Evaluation report: a terminal table, JSON, a Markdown table and PNG plots for one or several runs
-(run schema: docs/internals.md)."""
+"""Evaluation report: terminal table, JSON, Markdown and PNG plots for one or several runs (docs/internals.md)."""
 from __future__ import annotations
 
 import json
@@ -190,8 +189,7 @@ def series_of(record: dict) -> str:
 
 
 def load_runs(paths) -> list[dict]:
-    """Runs from files: run JSONs (the shape above) or compressed-model directories / prunequant.json files
-    written by ``prunequant compress --eval``."""
+    """Runs from run JSON files, compressed-model directories or their prunequant.json files."""
     runs = []
     for p in map(Path, paths):
         f = p / "prunequant.json" if p.is_dir() else p
@@ -210,8 +208,7 @@ def load_runs(paths) -> list[dict]:
 
 def write_report(results, out_dir: str | Path, title: str = "prunequant evaluation", console: Console | None = None,
                  plots: bool = True, show: bool = True) -> dict[str, Path]:
-    """Print the table and write report.json, report.md, retention.png, pareto.png and, when runs name their
-    series, frontier.png into ``out_dir``."""
+    """Print the table and write report.json, report.md and the PNG plots into ``out_dir``."""
     runs = _runs(results)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -382,8 +382,7 @@ def load_hub(task: GenTask, k: int) -> tuple[dict[str, list[Item]], dict[str, li
 
 def select(scored: dict[str, list[Item]], shots: dict[str, list[Item]], k: int, limit: int | None,
            seed: int | None) -> dict[str, tuple[list[Item], list[Item]]]:
-    """{subtask: (exemplars, scored items)}: exemplars from the subtask's dev pool, else its first k items
-    (then not scored); the rest shuffled with ``seed`` (None: source order) and cut to ``limit``."""
+    """{subtask: (exemplars, scored items)}: scored items shuffled with ``seed`` and cut to ``limit``."""
     out = {}
     for sub, pool in scored.items():
         dev = shots.get(sub) or []
@@ -454,8 +453,7 @@ def _stop_on_text(tokenizer, stop, prompt_width: int):
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
                     stop: tuple[str, ...] | list[str] = (), batch_size: int = 16, progress: bool = True,
                     desc: str = "generate") -> list[str]:
-    """Greedy continuations of ``prompts``, cut at EOS and at the first stop string; prompts are sorted by
-    length and left-padded by hand, and a too long one keeps its last tokens."""
+    """Greedy continuations of ``prompts``, cut at EOS and the first stop string, in left-padded batches."""
     if not prompts:
         return []
     from transformers import GenerationConfig
@@ -517,8 +515,7 @@ def score(suite: Suite, items: list[Item], generations: list[str]) -> tuple[dict
 def run_gen_task(model, tokenizer, task: GenTask | str, limit: int | None = None, fewshot: int | None = None,
                  max_new_tokens: int | None = None, seed: int | None = DEFAULT_SEED, batch_size: int = 16,
                  cot: bool | str = "auto", progress: bool = True, return_samples: bool = False) -> dict:
-    """Evaluate one generative task (docs/evaluation.md); ``limit`` items per subtask, ``fewshot`` exemplars
-    per prompt (None: the suite's default)."""
+    """Evaluate one generative task (docs/evaluation.md)."""
     t0 = time.time()
     task = get_gen_task(task) if isinstance(task, str) else task
     suite = task.suite

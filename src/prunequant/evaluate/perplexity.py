@@ -17,8 +17,7 @@ LOGIT_BYTES = 128 * 2**20  # float32 logits computed at once in evaluations (row
 
 
 def rows_per_pass(model, seq_len: int) -> int:
-    """Windows per forward pass so that their float32 logits stay within LOGIT_BYTES. Rows of a batch are
-    independent, so this changes memory, not results (the sum over the batch is taken in one piece)."""
+    """Windows per forward pass so that their float32 logits stay within LOGIT_BYTES (memory, not results)."""
     vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
     return max(1, LOGIT_BYTES // max(1, seq_len * vocab * 4))
 

@@ -1,5 +1,4 @@
-"""Retention of each measure against the uncompressed model (docs/srcr.md), and a cache of the original
-model's results."""
+"""Retention of each measure against the uncompressed model (docs/srcr.md), and a cache of its results."""
 from __future__ import annotations
 
 import hashlib
@@ -145,8 +144,7 @@ def default_cache_dir() -> Path:
 
 def cached_base_results(model, settings: dict, compute: Callable[[], dict], cache_dir: str | Path | None = None,
                         refresh: bool = False) -> dict:
-    """The base model's results for these settings: read from the cache if this exact model and settings
-    were evaluated before, else ``compute()`` once and store it (JSON, one file per fingerprint)."""
+    """The base model's results for these settings: from the cache, else ``compute()`` once and stored."""
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = model_fingerprint(model, settings)
     f = d / f"{key}.json"

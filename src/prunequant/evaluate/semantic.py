@@ -64,8 +64,7 @@ def _log_probs(model, x: torch.Tensor) -> torch.Tensor:
 # --- continuations --------------------------------------------------------------------------------------
 
 def held_out_prompts(text: str, n: int = 16, words: int = 24) -> list[str]:
-    """``n`` prompts from an evaluation text: evenly spaced paragraphs of at least ``2 * words`` words,
-    each cut to its first ``words`` words (headings and short lines are skipped). Deterministic."""
+    """``n`` prompts from an evaluation text: the first ``words`` words of evenly spaced long paragraphs."""
     paras = [p.strip() for p in re.split(r"\n\s*\n|\n", text)]
     paras = [p for p in paras if len(p.split()) >= 2 * words and not p.startswith("=")]
     if len(paras) < n:
@@ -78,8 +77,7 @@ def held_out_prompts(text: str, n: int = 16, words: int = 24) -> list[str]:
 @torch.inference_mode()
 def greedy_continuations(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                          batch_size: int = 8, progress: bool = True) -> list[str]:
-    """Greedy continuations (text after the prompt, up to EOS). Prompts are left-padded by hand, so a
-    tokenizer without a pad token works."""
+    """Greedy continuations (text after the prompt, up to EOS), left-padded by hand."""
     device = _device(model)
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -141,8 +139,7 @@ def embed(texts: list[str], device: str | torch.device = "cpu", batch_size: int 
 
 def continuation_similarity(model, base, tokenizer, prompts: list[str], max_new_tokens: int = 32,
                             batch_size: int = 8, progress: bool = True) -> dict:
-    """{"similarity": mean cosine between the sentence embeddings of the two models' greedy continuations,
-    "n": prompts}. 1.0 when the continuations say the same thing."""
+    """{"similarity": mean cosine of the two models' continuations' sentence embeddings, "n": prompts}."""
     if isinstance(prompts, str) or not prompts:
         raise DataError("continuation_similarity needs a non-empty list of prompt strings")
     ours = greedy_continuations(model, tokenizer, prompts, max_new_tokens, batch_size, progress)

@@ -50,8 +50,7 @@ def stored_bits(sparsity: float = 0.0, bits: float = BASE_BITS) -> float:
 
 
 def srcr_from_rate(sr: float, rate: float, lam: float = 1.0) -> float:
-    """SrCr from any compression rate in [0, 1) against 16 bits: TCr, or an overhead-inclusive rate
-    (accounting.summarize()['rate_with_overheads']) to score real storage."""
+    """SrCr from any compression rate in [0, 1) against 16 bits (TCr, or the overhead-inclusive rate)."""
     _check(sr, lam)
     if not 0.0 <= rate < 1.0:
         raise PrunequantError(f"compression rate {rate} is outside [0, 1)")
@@ -74,8 +73,7 @@ def _param_weighted_mean(layers: Iterable[tuple[int, float, float]], per_layer) 
 
 
 def srcr_layers(sr: float, layers: Iterable[tuple[int, float, float]], lam: float = 1.0) -> float:
-    """Per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per compressed layer;
-    the stored bits per weight are the parameter-weighted mean, i.e. 16 · (1 − tcr_layers(layers))."""
+    """SrCr of per-layer mixed configurations: ``layers`` holds (n_params, sparsity, bits) per layer."""
     _check(sr, lam)
     return sr * (BASE_BITS / _param_weighted_mean(layers, stored_bits)) ** lam
 

@@ -1,5 +1,4 @@
-"""The evaluation every run uses: perplexity, zero-shot tasks and agreement with the original model, turned
-into retention ratios, Sr and SrCr; the original's results are cached."""
+"""The evaluation every run uses: perplexity, tasks and agreement with the original, as retention, Sr, SrCr."""
 from __future__ import annotations
 
 import logging

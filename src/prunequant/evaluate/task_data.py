@@ -1,5 +1,4 @@
-"""Zero-shot task data, read offline, turned into (context, continuation) requests the harness way
-(docs/internals.md)."""
+"""Zero-shot task data, read offline, as (context, continuation) requests the harness way (docs/internals.md)."""
 from __future__ import annotations
 
 import gzip
@@ -88,8 +87,7 @@ def _check(ex: Example) -> None:
 
 
 def mc(context: str, choices: list[str], label: int, norm: bool = True) -> Example:
-    """A plain multiple-choice item: the same context, each choice appended after the delimiter.
-    ``norm=False`` where the harness's task reports acc only (BoolQ, COPA, MMLU)."""
+    """A plain multiple-choice item: the same context, each choice appended after the delimiter."""
     if any(not isinstance(c, str) for c in choices):
         raise TypeError("choices must be strings")
     return Example([(context, DELIM + c) for c in choices], int(label), [len(c) for c in choices] if norm else None)

@@ -60,8 +60,7 @@ def _forward_kwargs(model) -> set[str]:
 def score_requests(model, tokenizer, requests: list[tuple[str, str]], batch_size: int = 16,
                    progress: bool = True, desc: str = "loglikelihood",
                    share_context: bool | None = None) -> list[tuple[float, bool]]:
-    """(sum of log p(continuation | context), whether every continuation token is the argmax) per request;
-    ``share_context``: docs/internals.md."""
+    """(sum of log p(continuation | context), all continuation tokens argmax?) per request (docs/internals.md)."""
     max_len = max_length(model)
     accepted = _forward_kwargs(model)
     ctx_cache: dict[str, list[int]] = {}

@@ -1,5 +1,4 @@
-"""Export and reload of compressed models (compact, compressed-tensors, dense; docs/format.md), with size
-accounting and integrity checks."""
+"""Export and reload of compressed models, with size accounting and integrity checks (docs/format.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,8 +20,7 @@ __all__ = ["FORMATS", "ExportError", "check_integrity", "detect_format", "export
 
 def export(model, states: dict | None, out_dir: str | Path, fmt: str = "compact",
            dtype: torch.dtype = torch.float16, **kwargs) -> Path:
-    """Save ``model`` in one of FORMATS; kwargs go to the format's save function (overwrite,
-    tokenizer, extra_files, max_shard_size, scale_dtype, ...)."""
+    """Save ``model`` in one of FORMATS; kwargs go to the format's save function."""
     if fmt == "compact":
         return save_compact(model, states or {}, out_dir, dtype, **kwargs)
     if fmt == "compressed-tensors":

@@ -1,5 +1,4 @@
-"""Dense bit streams for integer codes, masks and N:M index ranks (the compact format's payloads;
-bit order: docs/format.md)."""
+"""Dense bit streams for codes, masks and N:M index ranks (the compact format's payloads; docs/format.md)."""
 from __future__ import annotations
 
 import itertools

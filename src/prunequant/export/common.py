@@ -190,8 +190,7 @@ def model_tensors(model: nn.Module):
 
 def write_whole_model(model: nn.Module, out_dir: Path, overwrite: bool, make_writer, lookup, tokenizer=None,
                       extra_files: dict | None = None, items=None, tied=None) -> Path:
-    """Write every tensor of an in-memory model through a format's writer into an atomic output directory
-    (``make_writer(tmp)``; ``lookup(name)`` finds the module of a layer)."""
+    """Write every tensor of an in-memory model through ``make_writer(tmp)`` into an atomic output directory."""
     from .integrity import atomic_output
 
     if items is None:

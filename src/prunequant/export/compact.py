@@ -260,8 +260,7 @@ def layer_of(key: str, layers: dict) -> str | None:
 
 def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  verify: bool = True):
-    """Rebuild the model from a compact export, decoding layer by layer on ``device`` in float32, then cast to
-    ``dtype`` (default: the export's)."""
+    """Rebuild the model from a compact export, decoding layer by layer on ``device`` (docs/internals.md)."""
     from safetensors import safe_open
 
     root = Path(path)

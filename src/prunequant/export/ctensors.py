@@ -52,8 +52,7 @@ MIN_CT_GROUP = 32  # smallest group a ragged layout is re-expressed with (scale 
 
 
 def ragged_problem(name: str, in_f: int, group_size: int) -> str | None:
-    """Why a ragged group layout of this layer cannot be written as compressed-tensors (None = it can;
-    docs/internals.md)."""
+    """Why this layer's ragged groups cannot be written as compressed-tensors (None = they can)."""
     if group_size <= 0 or in_f % group_size == 0:
         return None
     g = math.gcd(group_size, in_f)
@@ -207,8 +206,7 @@ def save_compressed_tensors(model, states: dict[str, LayerResult], out_dir: str 
                             asymmetric: str = "zero-point", fallback: str = "error",
                             max_shard_size: int | str = "2GB", overwrite: bool = False, tokenizer=None,
                             extra_files: dict | None = None) -> Path:
-    """Write a compressed-tensors "pack-quantized" checkpoint with config.json's quantization_config
-    (``asymmetric``, ``fallback``: docs/internals.md)."""
+    """Write a compressed-tensors "pack-quantized" checkpoint (``asymmetric``, ``fallback``: docs/internals.md)."""
     _check_options(dtype, scale_dtype, asymmetric, fallback)
     modules = dict(model.named_modules())
     missing = sorted(n for n in states if n not in modules)

@@ -91,8 +91,7 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
 
 
 def hash_written(path: str | Path) -> None:
-    """Hash a file just written (on a writer thread, while the next one is produced): the manifest then
-    only reads what it has not seen."""
+    """Hash a file just written, on a writer thread: the manifest then only reads what it has not seen."""
     path = Path(path)
     ident = _identity(path)
     _HASHED[ident] = sha256_file(path)
@@ -157,8 +156,7 @@ RUN_RECORDS = ("prunequant.json", "prunequant-export.json")
 
 
 def written_by_prunequant(root: str | Path) -> bool:
-    """Does this directory come from prunequant (a run record, or our mark in config.json)? Then it had a
-    manifest (docs/internals.md)."""
+    """Does this directory come from prunequant (a run record, or our mark in config.json)?"""
     root = Path(root)
     if any((root / f).is_file() for f in RUN_RECORDS):
         return True
@@ -169,8 +167,7 @@ def written_by_prunequant(root: str | Path) -> bool:
 
 
 def check_integrity(root: str | Path, verify: bool = True) -> None:
-    """Verify a local model directory against its manifest before it is loaded or measured (docs/internals.md);
-    ``verify=False`` (``--no-verify``) only warns."""
+    """Verify a local model directory against its manifest before use (docs/internals.md); ``verify=False`` warns."""
     root = Path(root)
     has_manifest = (root / MANIFEST).is_file()
     if not verify:
@@ -212,8 +209,7 @@ def _save_and_hash(save_file, tensors: dict, path: Path, metadata: dict) -> None
 
 
 class ShardWriter:
-    """Accumulate groups of tensors and write a safetensors shard on a worker thread whenever ``max_bytes`` is
-    reached; ``close()`` names the shards as transformers expects."""
+    """Accumulate groups of tensors and write a safetensors shard on a worker thread per ``max_bytes``."""
 
     def __init__(self, root: Path, prefix: str = "model", max_bytes: int = 2 * 10**9,
                  metadata: dict | None = None):

@@ -45,8 +45,7 @@ def detect_format(root: str | Path) -> str:
 
 
 def size_report(root: str | Path, verify: bool = True) -> dict:
-    """Bytes on disk, bits per original parameter, TCr and real compression rate of an export directory
-    (its files checked against the manifest first, see integrity.check_integrity)."""
+    """Bytes on disk, bits per parameter, TCr and real compression rate of an export (manifest checked first)."""
     root = Path(root)
     if not root.is_dir():
         raise ModelLoadError(f"{root} is not a directory")

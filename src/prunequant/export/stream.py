@@ -29,8 +29,7 @@ def _dedup(items):
 
 
 class StreamingExport:
-    """An export in progress: ``add_block`` as blocks finish, then ``finish`` (renamed into place after its
-    manifest, as every export is) or ``abort``."""
+    """An export in progress: ``add_block`` as blocks finish, then ``finish`` or ``abort``."""
 
     def __init__(self, model: nn.Module, states: dict, out_dir: str | Path, fmt: str = "dense",
                  dtype: torch.dtype | None = None, overwrite: bool = False, **opts):

@@ -81,8 +81,7 @@ def resolve_model(spec: str) -> tuple[str, str | None]:
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                verify: bool = True, trust_remote_code: bool = False, lazy: bool = False):
-    """Load (model, tokenizer) from a hub id, a local directory (integrity-checked first), a GGUF file or an
-    embedded name; ``lazy``: decoder blocks on the meta device, read one at a time (prunequant.lazy)."""
+    """Load (model, tokenizer) from a hub id, a local directory, a GGUF file or an embedded name."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..export.integrity import MANIFEST, check_integrity

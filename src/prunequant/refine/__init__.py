@@ -1,5 +1,4 @@
-"""End-to-end refinement after the layer-wise solve: block-wise (``BlockRefiner``) and global
-(``global_refine``); docs/internals.md."""
+"""End-to-end refinement: block-wise (``BlockRefiner``) and global (``global_refine``); docs/internals.md."""
 from .blockwise import BlockRefiner, block_error
 from .global_kl import global_refine, teacher_topk, topk_kl
 from .weights import BinaryWeight, MaskedWeight, UniformWeight, make_view

@@ -86,8 +86,7 @@ class Attached:
 
     @torch.no_grad()
     def finish(self) -> None:
-        """Write the exported weights into the linears and the stored pieces into the states (call after
-        ``active`` has ended)."""
+        """Write the exported weights into the linears and the stored pieces into the states."""
         for name, view in self.views.items():
             weight, q = view.export()
             set_weight(self.linears[name], weight)

@@ -1,5 +1,4 @@
-"""Global refinement: top-k KL from the original model's next-token distribution, on the calibration tokens
-(docs/internals.md)."""
+"""Global refinement: top-k KL to the original model's next-token distribution (docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -70,8 +69,7 @@ def split_holdout(n: int, share: float) -> tuple[list[int], list[int]]:
 
 def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batch_size: int, device,
                   seed: int = 0, log_every: int = 10) -> dict:
-    """Train every compressed linear's view against the teacher; updates the model and ``states`` in place.
-    ``teacher`` comes from ``teacher_topk`` with the same ``ids`` and ``batch_size``."""
+    """Train every compressed linear's view against the ``teacher_topk`` teacher; model and ``states`` in place."""
     t0 = time.perf_counter()
     home = next(model.parameters()).device
     model.to(device)

@@ -1,5 +1,4 @@
-"""Trainable views of a compressed linear that only move what its format stores as continuous
-(docs/internals.md)."""
+"""Trainable views of a compressed linear that only move what its format stores (docs/internals.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -134,8 +133,7 @@ class MaskedWeight(_View):
 
 
 def make_view(weight: torch.Tensor, mask: torch.Tensor | None, q: QuantState | None) -> _View | None:
-    """The trainable view of one compressed layer, or None when nothing of it is continuous-and-stored
-    beyond a dense float weight (an untouched layer)."""
+    """The trainable view of one compressed layer, or None for an untouched dense layer."""
     if q is not None and q.kind == "uniform":
         return UniformWeight(q, mask)
     if q is not None and q.kind == "binary-residual":

@@ -1,5 +1,4 @@
-"""Configuration search: the compression recipe that keeps the most meaning for a budget (docs/search.md,
-docs/internals.md)."""
+"""Configuration search: the recipe that keeps the most meaning for a budget (docs/search.md)."""
 from __future__ import annotations
 
 import re
@@ -59,8 +58,7 @@ def search(
     progress: bool = True,
     warm_start: bool = True,
 ) -> SearchResult:
-    """Search compression configurations of ``model`` under a budget; writes ``best_recipe.yaml``,
-    ``trials.json`` and ``pareto.png`` under ``out``; the same ``storage`` and ``study_name`` continue it."""
+    """Search compression configurations of ``model`` under a budget; results under ``out`` (docs/internals.md)."""
     from . import report, study as st
     from .executors import InlineExecutor, RayExecutor, import_ray
     from .space import resolve

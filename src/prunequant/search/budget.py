@@ -120,8 +120,7 @@ def meets(budget: Budget, fig: dict) -> bool:
 
 def solve_monotone(make, lo: float, hi: float, budget: Budget, inv: Inventory, increasing: bool,
                    step: float) -> float | None:
-    """The least compressing x in [lo, hi] on a grid of ``step`` whose recipe ``make(x)`` meets the budget
-    (None: not even the most compressing end does); ``increasing``: compression grows with x."""
+    """The least compressing x in [lo, hi] (grid ``step``) whose recipe ``make(x)`` meets the budget, or None."""
     best_end = hi if increasing else lo
     if not meets(budget, nominal(make(best_end), inv)):
         return None

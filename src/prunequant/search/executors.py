@@ -1,5 +1,4 @@
-"""Where trials run: in this process, or on Ray actors (one per worker); both expose
-``submit(token, method, *args)`` and ``next_result()``."""
+"""Where trials run: in this process, or on Ray actors; both expose ``submit`` and ``next_result``."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,4 @@
-"""The search driver: an optuna study (multi-objective, constrained), asked and told from here
-(docs/internals.md)."""
+"""The search driver: an optuna study (multi-objective, constrained; docs/internals.md)."""
 from __future__ import annotations
 
 import logging
@@ -262,8 +261,7 @@ def full_evaluations(study, executor, top_k: int, progress: bool = True) -> dict
 
 
 def full_score(ev: dict) -> float:
-    """What ranks fully evaluated trials: Sr (under a budget the compression is fixed, so Sr orders as SrCr
-    would without rewarding configurations that overshoot the budget)."""
+    """What ranks fully evaluated trials: Sr (under a budget the compression is fixed)."""
     return float(ev["sr"])
 
 

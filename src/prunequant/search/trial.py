@@ -1,5 +1,4 @@
-"""One trial's work, done where the model lives: compress a copy, measure TCr (and bytes) and the proxy
-KL; ``full_eval`` adds the suite."""
+"""One trial's work, where the model lives: compress a copy, measure TCr, bytes and the proxy KL."""
 from __future__ import annotations
 
 import copy

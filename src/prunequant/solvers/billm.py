@@ -1,5 +1,4 @@
-"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style), over the OBS
-sweep; details and storage: docs/methods.md."""
+"""1-bit weights by residual binarization with Hessian-guided salient columns (BiLLM-style; docs/methods.md)."""
 from __future__ import annotations
 
 import torch
@@ -112,8 +111,7 @@ def _fit_block(W1: torch.Tensor, d: torch.Tensor, kept: torch.Tensor, n_breaks: 
 
 def billm_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: torch.Tensor | None = None,
                    *, max_salient: float = 0.1, n_breaks: int = 32) -> LayerResult:
-    """BiLLM-style 1-bit residual binarization with GPTQ-style error compensation; pruned weights (``mask``)
-    stay exactly 0. info: error, bit counts, salient_fraction, damp, dead (docs/methods.md)."""
+    """BiLLM-style 1-bit residual binarization with GPTQ-style error compensation (docs/methods.md)."""
     if W.dim() != 2:
         raise ValueError(f"weight must be (out, in), got shape {tuple(W.shape)}")
     if stats is None or stats.hessian is None or stats.n_tokens <= 0:
@@ -200,8 +198,7 @@ def billm_dequantize(state: QuantState) -> torch.Tensor:
 
 
 def billm_bits(state: QuantState) -> dict:
-    """Storage per weight. Pruned weights (if a mask was used) are counted as stored; their mask is
-    the pruning's cost, not the quantizer's."""
+    """Storage per weight; pruned weights count as stored (their mask is the pruning's cost)."""
     ex = state.extra
     rows, cols = ex["sign1"].shape
     n = rows * cols

@@ -18,8 +18,7 @@ def prepare_hessian(
     max_tries: int = 6,
     perm: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Copy W and H, fix dead columns, damp H and return (W, U, info) with U = chol(H⁻¹, upper);
-    ``perm`` (act-order) permutes the columns; info: damp, dead, tries (docs/methods.md)."""
+    """Copy W and H, fix dead columns, damp H and return (W, U, info) with U = chol(H⁻¹, upper)."""
     if W.ndim != 2 or H.ndim != 2 or H.shape[0] != H.shape[1] or H.shape[0] != W.shape[1]:
         raise ValueError(f"need W (out, in) and H (in, in); got W {tuple(W.shape)} and H {tuple(H.shape)}")
     dtype = compute_dtype(W, H)

@@ -1,5 +1,4 @@
-"""One-pass joint OBS: prune (SparseGPT's mask rule) and quantize (GPTQ's grids) in one column sweep,
-so a mask sees the quantization errors of earlier columns (docs/methods.md)."""
+"""One-pass joint OBS: prune (SparseGPT's rule) and quantize (GPTQ's grids) in one sweep (docs/methods.md)."""
 from __future__ import annotations
 
 import torch
@@ -20,8 +19,7 @@ def _windows(cols: int, prune: PruneSpec) -> list[tuple[int, int]]:
 
 def _select(cur: torch.Tensor, inv_d2: torch.Tensor, a: int, b: int, prune: PruneSpec, per_row: bool,
             deq: torch.Tensor | None = None) -> torch.Tensor:
-    """Mask of the window [a, b): the lowest saliency pruned, w²/U_jj², or with ``deq`` the marginal cost of
-    pruning over rounding (docs/methods.md)."""
+    """Mask of the window [a, b): the lowest saliencies pruned (docs/methods.md)."""
     sal = cur ** 2 * inv_d2
     if deq is not None:
         marginal = (cur ** 2 - (cur - deq) ** 2) * inv_d2
@@ -68,8 +66,7 @@ def _check(W: torch.Tensor, stats: LayerStats | None, prune: PruneSpec, quant: Q
 
 
 class _JointRule(GridRule):
-    """Mask windows chosen and group grids fitted as the sweep reaches them; columns rounded to their grid
-    with pruned entries at the zero point (GridRule)."""
+    """Mask windows chosen and group grids fitted as the sweep reaches them (GridRule rounds)."""
 
     def __init__(self, sweep: Sweep, prune: PruneSpec, quant: QuantSpec, col_group: list[int], rule: str,
                  per_row: bool, mask: torch.Tensor | None):
@@ -167,8 +164,7 @@ MASK_RULES = ("obs", "quant")
 
 def joint_obs(W: torch.Tensor, stats: LayerStats, prune: PruneSpec, quant: QuantSpec, *,
               mask: torch.Tensor | None = None, mask_rule: str = "obs", per_row: bool = False) -> LayerResult:
-    """Prune and quantize one weight (out, in) in a single OBS sweep; ``mask_rule``, ``per_row`` and a fixed
-    ``mask`` (True = kept): docs/methods.md. info: error, damp, dead, sparsity."""
+    """Prune and quantize one weight (out, in) in a single OBS sweep (options: docs/methods.md)."""
     H = _check(W, stats, prune, quant)
     if mask is not None and mask.shape != W.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(W.shape)}")

@@ -1,5 +1,4 @@
-"""Channel-level mixed precision: a high-bit and a low-bit set of input channels in one weight matrix
-(storage layout: docs/methods.md)."""
+"""Channel-level mixed precision: high-bit and low-bit input channels in one matrix (docs/methods.md)."""
 from __future__ import annotations
 
 import math
@@ -142,8 +141,7 @@ class _MixedRule(GridRule):
 
 def mixed_quantize(W: torch.Tensor, high: torch.Tensor, spec: MixSpec, H: torch.Tensor | None = None,
                    damp: float = 0.01, blocksize: int = 128) -> LayerResult:
-    """Quantize W (out, in): columns with ``high`` True at spec.high_bits, the rest at spec.low_bits
-    (GPTQ over [high | low] with a Hessian, else RTN); the weight comes back in the original column order."""
+    """Quantize W (out, in): columns with ``high`` at spec.high_bits, the rest at spec.low_bits."""
     if W.dim() != 2 or high.shape != (W.shape[1],):
         raise ValueError(f"need W (out, in) and a bool mask of its {W.shape[-1]} input columns")
     high = high.to(device=W.device, dtype=torch.bool)

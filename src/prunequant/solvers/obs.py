@@ -37,8 +37,7 @@ def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def prune_errors(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Scaled errors of OBS-pruning a segment's entries where ``keep`` is False, as one batched triangular
-    solve instead of a launch per column (docs/methods.md)."""
+    """Scaled errors of OBS-pruning a segment where ``keep`` is False, in one triangular solve (docs/methods.md)."""
     rows, L = Wseg.shape
     p = (~keep).to(Wseg.dtype)
     E = torch.empty_like(Wseg)

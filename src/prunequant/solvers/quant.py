@@ -42,8 +42,7 @@ def _finish(state: QuantState, mask: torch.Tensor | None, info: dict, dtype: tor
 
 
 def rtn_quantize(W: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None = None) -> LayerResult:
-    """Round-to-nearest onto per-group grids. With a mask, pruned weights stay exactly 0 and the grid
-    is fitted on the kept weights only."""
+    """Round-to-nearest onto per-group grids; pruned weights stay 0 and grids fit the kept ones."""
     _check(W, mask)
     dt = _work_dtype(W)
     Wf = W.to(dt)
@@ -61,8 +60,7 @@ def rtn_quantize(W: torch.Tensor, spec: QuantSpec, mask: torch.Tensor | None = N
 
 def gptq_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec,
                   mask: torch.Tensor | None = None) -> LayerResult:
-    """GPTQ: quantize column by column, spreading each rounding error over the later columns (obs.py's sweep);
-    pruned weights (``mask`` False) end exactly 0. info: error, damp, dead."""
+    """GPTQ: quantize column by column, spreading each rounding error over the later columns."""
     _check(W, mask)
     H = checked_hessian(stats, W, "gptq", "rtn")
     if spec.blocksize < 1:

@@ -1,5 +1,4 @@
-"""One budget for pruning and precision: per-layer channel decisions, their exact cost in bits, and how
-continuous priorities become decisions that meet the budget (docs/internals.md)."""
+"""One budget for pruning and precision: channel decisions, their cost in bits (docs/internals.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -1,5 +1,4 @@
-"""Apply an allocation to the real model: prune, then quantize at its two bit widths, block by block
-(docs/internals.md)."""
+"""Apply an allocation to the real model: prune, then quantize at two bit widths (docs/internals.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

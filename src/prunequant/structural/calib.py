@@ -92,8 +92,7 @@ def block_stats(block: nn.Module, inputs, device, names: dict[str, nn.Linear],
 
 def block_loop(model: nn.Module, calib_ids: torch.Tensor, batch_size: int, hook, plan_for=None,
                sequential: bool = True):
-    """``hook(i, parts, inputs, device)`` on every decoder block inside the engine's loop, then the engine's solve
-    of that block under ``plan_for`` (none by default). Returns the engine's report."""
+    """``hook(i, parts, inputs, device)`` on every block inside the engine's loop, then its solve under ``plan_for``."""
     from ..engine import compress_model
     from ..recipe import LayerPlan
 

@@ -1,5 +1,4 @@
-"""Global-error allocation: learn keep / high-precision masks of every layer against the model's own output
-(docs/internals.md)."""
+"""Global-error allocation: learn every layer's keep / high masks against the output (docs/internals.md)."""
 from __future__ import annotations
 
 import math
@@ -110,8 +109,7 @@ def learn_global_allocation(model: nn.Module, calib_ids: torch.Tensor, avg_bits:
                             temperature: tuple[float, float] = (1.0, 0.3), noise: bool = True,
                             budget_weight: float = 1.0, dual_lr: float = 0.5, batch_size: int = 4,
                             seed: int = 0, log_every: int = 0) -> Allocation:
-    """Learn per-layer keep and high/low masks meeting ``avg_bits`` per original weight exactly; ``objective``
-    "kl", "ce" or "kl+ce"; ``init`` "layerwise" or "uniform"."""
+    """Learn per-layer keep and high/low masks meeting ``avg_bits`` per original weight exactly."""
     if objective not in ("kl", "ce", "kl+ce"):
         raise RecipeError(f"objective {objective!r} unknown: use 'kl', 'ce' or 'kl+ce'")
     if init not in ("layerwise", "uniform"):

@@ -1,5 +1,4 @@
-"""Layer-wise priorities: each decision scored by the error it adds to its own layer's output, per bit
-(docs/internals.md)."""
+"""Layer-wise priorities: each decision scored by its own layer's output error per bit (docs/internals.md)."""
 from __future__ import annotations
 
 import torch

@@ -51,8 +51,7 @@ def prune_structured(model: nn.Module, calib_ids: torch.Tensor, head_sparsity: f
                      mlp_sparsity: float = 0.0, metric: str = "flap", gqa: str = "group",
                      scope: str = "layer", bias_compensation: bool = True,
                      batch_size: int = 8) -> StructuredReport:
-    """Remove attention heads and MLP channels in place, block by block, GQA-consistent and with bias
-    compensation; ``scope`` "layer" or "global" (FLAP)."""
+    """Remove attention heads and MLP channels in place, GQA-consistent and bias-compensated (docs/internals.md)."""
     hs, ms = _check_fraction(head_sparsity, "head_sparsity"), _check_fraction(mlp_sparsity, "mlp_sparsity")
     if metric not in imp.METRICS:
         raise RecipeError(f"unknown importance metric {metric!r}; choose one of {', '.join(imp.METRICS)}")

@@ -1,5 +1,4 @@
-"""Physically smaller models: cut heads / MLP channels / whole blocks, and save and reload them
-(docs/internals.md)."""
+"""Physically smaller models: cut heads, MLP channels or whole blocks; save and reload them."""
 from __future__ import annotations
 
 import json
@@ -52,8 +51,7 @@ def gqa_layout(keep_heads: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tenso
 def prune_block(p: Parts, keep_heads: torch.Tensor | None = None,
                 keep_channels: torch.Tensor | None = None, attn_mean: torch.Tensor | None = None,
                 mlp_mean: torch.Tensor | None = None) -> None:
-    """Keep only the given query heads and MLP channels of one block (in place); with ``attn_mean`` /
-    ``mlp_mean`` the removed channels' mean contribution goes into the bias."""
+    """Keep only the given query heads and MLP channels of one block (in place), bias-compensated with means."""
     if keep_heads is not None:
         hd = p.head_dim
         keep_heads = keep_heads.to(p["q"].weight.device).long().sort().values
@@ -130,8 +128,7 @@ def save_structured(model: nn.Module, out_dir: str | Path) -> Path:
 
 def load_structured(model_dir: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     verify: bool = True):
-    """Rebuild a model saved by save_structured with its per-layer shapes and load its weights (checked
-    against the manifest first; see export.check_integrity)."""
+    """Rebuild a model saved by save_structured with its per-layer shapes (manifest checked first)."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
