@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .background import OneBehind
+from .background import OneBehind, arrived, host_copies
 from .errors import PrunequantError
 from .solvers.base import LayerRecord, LayerResult, QuantState
 
@@ -29,7 +29,7 @@ class CheckpointError(PrunequantError):
 def _flatten(obj, key: str, tensors: dict):
     """JSON-able copy of ``obj`` with every tensor moved into ``tensors`` under a unique key."""
     if torch.is_tensor(obj):
-        tensors[key] = obj.detach().cpu().clone()  # stacked solves share g_idx; safetensors wants distinct
+        tensors[key] = obj  # copied later, each key on its own (stacked solves share g_idx)
         return {"__tensor__": key}
     if isinstance(obj, dict):
         if not all(isinstance(k, str) for k in obj):
@@ -94,10 +94,8 @@ class Checkpoint:
         return done
 
     def save_block(self, i, block, report: EngineReport, arch: ArchSpec | str):
-        """Copy block i's weights and results to the host now; write them on a worker thread (while the next
-        block is compressed). ``wait`` (or ``close``) returns once every block handed over is on disk."""
+        """Copy block i to the host now and write it on a worker thread; ``wait``/``close`` await the disk."""
         prefix = f"{arch if isinstance(arch, str) else arch.blocks}.{i}."
-        sd = None if block is None else {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors: dict[str, torch.Tensor] = {}
         layers = {k: v.to_dict() for k, v in report.layers.items() if k.startswith(prefix)}
         states = {k: _state_to_plain(v) for k, v in report.states.items() if k.startswith(prefix)}
@@ -105,11 +103,13 @@ class Checkpoint:
                  "states": _flatten(states, "states", tensors)}
         if self._thread is None:
             self._thread = OneBehind("checkpoint-writer")
-        self._thread.submit(self._write_block, i, sd, tensors, plain)
+        sd = None if block is None else host_copies(block.state_dict(), clone=False)
+        self._thread.submit(self._write_block, i, sd, host_copies(tensors), plain)
 
     def _write_block(self, i, sd, tensors, plain) -> None:
         from safetensors.torch import save_file
 
+        sd, tensors = arrived(sd), arrived(tensors)
         self.dir.mkdir(parents=True, exist_ok=True)
         if sd is not None:
             save_file(sd, str(self.dir / f"block_{i}.safetensors"))

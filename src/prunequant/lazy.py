@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -25,8 +26,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 
 class SafetensorsFiles:
-    """The tensors of a checkpoint directory (one file or shards + index), read on demand; every file is checked
-    up front (present, header readable, size as the header says), so a damaged one fails before any work."""
+    """The tensors of a checkpoint directory, read on demand; every file is checked up front."""
 
     def __init__(self, root: str | Path, files: list[Path] | None = None):
         self.root = Path(root)
@@ -55,17 +55,24 @@ class SafetensorsFiles:
         return list(self.entries)
 
     def read(self, key: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
+        return _placed(self.read_host(key, pinned=torch.device(device).type == "cuda"), device, dtype)
+
+    def read_host(self, key: str, pinned: bool = False) -> torch.Tensor:
+        """Tensor ``key`` in host memory as stored (``pinned``: in page-locked memory, for a copy to the GPU)."""
         path, e, start = self.entries[key]
         lo, hi = e["data_offsets"]
-        buf = torch.empty(hi - lo, dtype=torch.uint8, pin_memory=torch.device(device).type == "cuda")
+        buf = torch.empty(hi - lo, dtype=torch.uint8, pin_memory=pinned)
         with open(path, "rb") as f:
             f.seek(start + lo)
             if f.readinto(buf.numpy()) != hi - lo:
                 raise ModelLoadError(f"{path} is truncated (tensor {key} ends past the end of the file); "
                                      "download or copy it again")
-        t = buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
-        t = t.to(device, non_blocking=False)
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return buf.view(_DTYPES[e["dtype"]]).reshape(e["shape"])
+
+
+def _placed(t: torch.Tensor, device, dtype: torch.dtype | None) -> torch.Tensor:
+    t = t.to(device, non_blocking=False)
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
 
 def _checked_header(path: Path) -> tuple[dict, int]:
@@ -89,8 +96,7 @@ def _checked_header(path: Path) -> tuple[dict, int]:
 
 
 def lazy_eligible(where: str | Path) -> bool:
-    """A local transformers checkpoint in safetensors of an architecture the engine knows, with one kind of
-    attention per block (mixed sliding/full models run their first blocks during capture)."""
+    """A local safetensors checkpoint of a known architecture with one attention kind per block?"""
     root = Path(where)
     if not root.is_dir() or not ((root / INDEX).is_file() or (root / SINGLE).is_file()):
         return False
@@ -166,9 +172,27 @@ class LazyBlocks(BlockIO):
         self.on_done, self.keep = on_done, keep
         self.live = self.peak_blocks = self.reads = 0
         self.write_seconds = 0.0
+        self._ahead: tuple[int, Future] | None = None  # the next block's bytes, read on a thread
+        self._reader: ThreadPoolExecutor | None = None
+
+    read_ahead: bool | None = None  # read block i+1 while block i is compressed (None: on a GPU)
+
+    def _read(self, i: int, pinned: bool) -> dict[str, torch.Tensor]:
+        prefix = f"{self.arch.blocks}.{i}."
+        return {k[len(prefix):]: self.files.read_host(k, pinned) for k in self.files.keys() if k.startswith(prefix)}
 
     def load(self, i, block, device):
-        load_block(self.files, f"{self.arch.blocks}.{i}.", block, device, self.dtype)
+        cuda = torch.device(device).type == "cuda"
+        if not (cuda if self.read_ahead is None else self.read_ahead):
+            load_block(self.files, f"{self.arch.blocks}.{i}.", block, device, self.dtype)
+        else:  # one block's bytes more in host memory, its file reads off the critical path
+            ahead, self._ahead = self._ahead, None
+            host = ahead[1].result() if ahead is not None and ahead[0] == i else self._read(i, cuda)
+            for name, t in host.items():
+                assign_tensor(block, name, _placed(t, device, self.dtype), self.dtype, device)
+            if i + 1 < len(self.blocks):
+                self._reader = self._reader or ThreadPoolExecutor(1, thread_name_prefix="block-reader")
+                self._ahead = (i + 1, self._reader.submit(self._read, i + 1, cuda))
         self.reads += 1
         self.live = sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks) \
             if not self.keep else self.live + 1
