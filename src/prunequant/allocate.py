@@ -1,5 +1,4 @@
-"""Allocators: turn a recipe's global budget (recipe.Allocation) into per-layer overrides, from measurements on the
-real model: ``owl`` sparsity and ``bits`` (knapsack over Fisher-weighted layer errors); docs/methods.md."""
+"""Allocators: a recipe's global budget as per-layer overrides (``owl`` sparsity, ``bits``; docs/methods.md)."""
 from __future__ import annotations
 
 import copy

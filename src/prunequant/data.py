@@ -172,8 +172,7 @@ def check_source(source: str) -> None:
 
 
 def load_text(source: str, split: str = "eval", encoding: str | None = None) -> Text:
-    """A text source by name: ``wiki``, ``lambada``, a .txt/.jsonl path, or wikitext2/c4/ptb (network).
-    Local files are decoded as ``encoding`` (default UTF-8, strictly)."""
+    """A text source by name: ``wiki``, ``lambada``, a .txt/.jsonl path, or wikitext2/c4/ptb (network)."""
     if source == "wiki":
         return Text(f"wiki:{split}", _split(wiki_articles(), split))
     if source == "lambada":

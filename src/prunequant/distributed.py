@@ -1,5 +1,4 @@
-"""Spreading the block engine over several GPUs (one process per GPU, torch.distributed); with one process every
-call is a local no-op, so the single-GPU and CPU paths run the same code. docs/architecture.md says how."""
+"""The block engine over several GPUs (one process each; docs/architecture.md); one process: local no-ops."""
 from __future__ import annotations
 
 from dataclasses import dataclass

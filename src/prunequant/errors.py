@@ -1,5 +1,4 @@
-"""User-facing errors: the CLI prints their message on one line and exits with ``exit_code``
-(2: the input or the command line is wrong; 1: the run failed for a reason outside the input)."""
+"""User-facing errors: the CLI prints the message on one line and exits with ``exit_code``."""
 
 
 class PrunequantError(Exception):

@@ -1,5 +1,4 @@
-"""Device placement for the block engine: one block at a time on the compute device, activations on the GPU
-or in pinned CPU memory."""
+"""Device placement for the block engine: blocks on the compute device, activations on the GPU or host."""
 from __future__ import annotations
 
 import ctypes
@@ -63,8 +62,7 @@ class BlockIO:
 
 
 def to_store(t: torch.Tensor, store: torch.device) -> torch.Tensor:
-    """Copy an activation to where activations are kept; CPU copies go to pinned memory, asynchronously
-    (the copies back to the GPU are queued on the same stream, so the order is kept)."""
+    """Copy an activation to where activations are kept (pinned host memory, asynchronously; docs/internals.md)."""
     if t.device == store:
         return t
     if store.type == "cpu" and t.is_cuda:

@@ -28,8 +28,7 @@ def work_root(out: str | Path) -> Path:
 
 
 def check_output_path(out: str | Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that can never be written: an existing file (``--overwrite``
-    replaces directories only), an existing directory without ``--overwrite``, a parent that is a file."""
+    """Refuse, before any work, an output that can never be written (a file, an existing dir without overwrite)."""
     out = Path(out)
     if out.exists() or out.is_symlink():
         if not out.is_dir():

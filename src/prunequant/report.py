@@ -156,8 +156,7 @@ def plot_pareto(results, path: str | Path, quality: str = "sr") -> Path:
 
 
 def plot_frontier(results, path: str | Path, quality: str = "sr") -> Path:
-    """Quality against TCr, one curve per series (quantization only, joint one-shot, joint refined, ...): each
-    series' points and its upper envelope (the best quality reached at each TCr or beyond)."""
+    """Quality against TCr, one curve per series: its points and its upper envelope."""
     runs = [r for r in _runs(results) if r.get("series") and r.get("tcr") is not None and r.get(quality) is not None]
     fig = _figure(6.5, 4.5)
     ax = fig.add_subplot(111)

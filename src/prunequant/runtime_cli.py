@@ -1,5 +1,4 @@
-"""`prunequant generate` and `prunequant bench` (runtime/serve.py does the work; this module stays light so
-that the command line starts fast)."""
+"""`prunequant generate` and `prunequant bench`; light, so that the command line starts fast (runtime/serve.py)."""
 from __future__ import annotations
 
 import json

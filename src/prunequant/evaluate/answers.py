@@ -204,8 +204,7 @@ _UNIT = r"\\(?:text|mbox|mathrm|textrm)\{\s*[A-Za-z][A-Za-z .]*\}(?:\^\{?\d\}?)?
 
 
 def normalize_math(s: str | None) -> str | None:
-    """A canonical string for a MATH answer, so that equal answers written differently compare equal (math
-    delimiters, LaTeX spacing and wrappers, units, "x =", thousands separators and trailing zeros removed)."""
+    """A canonical string for a MATH answer, so that equal answers written differently compare equal."""
     if s is None:
         return None
     s = str(s).strip()

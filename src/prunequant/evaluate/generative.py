@@ -434,8 +434,7 @@ def cut_at_stop(text: str, stop: tuple[str, ...] | list[str]) -> str:
 
 
 def _stop_on_text(tokenizer, stop, prompt_width: int):
-    """A stopping criterion for ``generate``: a row is done once its generated text (never the prompt) holds
-    a stop string. Each step decodes only each row's last few tokens, enough to hold the longest stop string."""
+    """Stop a row once its generated text holds a stop string (decoding only each row's last tokens)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     tail = max(map(len, stop), default=0) + 2

@@ -106,8 +106,7 @@ def sr(ratios: dict[str, float]) -> float:
 # --- the original model is evaluated once ------------------------------------------------------------------
 
 def model_fingerprint(model, settings: dict | None = None, samples: int = 1024) -> str:
-    """sha256 over every state-dict tensor's name, dtype, shape, ``samples`` evenly strided values and exact
-    integer checksums of all its bytes (one cheap pass), plus the evaluation settings. Deterministic."""
+    """Deterministic sha256 of a model (names, shapes, sampled values, exact checksums) and its settings."""
     h = hashlib.sha256()
     with torch.no_grad():
         for name, t in sorted(model.state_dict().items()):
@@ -124,8 +123,7 @@ def model_fingerprint(model, settings: dict | None = None, samples: int = 1024) 
 
 
 def _checksum(flat: torch.Tensor) -> str:
-    """Exact sums of the tensor's bytes read as int16 (and of their squares): order-, thread- and
-    device-independent, unlike a float sum, so the same weights always give the same fingerprint."""
+    """Exact integer sums of the tensor's bytes and their squares (docs/internals.md)."""
     v = flat.contiguous()
     if v.dtype == torch.bool:
         v = v.view(torch.uint8)

@@ -24,8 +24,7 @@ def _device(model) -> torch.device:
 
 @torch.inference_mode()
 def logit_agreement(model, base, input_ids: torch.Tensor, batch_size: int = 4, progress: bool = True) -> dict:
-    """{"kl": mean KL(p_base ‖ p_model) in nats, "top1": share of positions whose argmax agrees, "tokens"}
-    over every position of the (N, L) windows ``input_ids``."""
+    """{"kl": mean KL(p_base ‖ p_model) in nats, "top1": argmax agreement, "tokens"} over ``input_ids``."""
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     if input_ids.dim() != 2 or input_ids.numel() == 0:

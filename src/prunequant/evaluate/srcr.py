@@ -10,8 +10,7 @@ BASE_BITS = 16.0
 
 
 def semantic_retention(ratios: Mapping[str, float], weights: Mapping[str, float] | None = None) -> float:
-    """Sr: the (optionally weighted) mean of retention ratios, each clipped below at 0: a ratio above 1 (better
-    than the base, e.g. within noise) is kept, a negative one (below chance after adjustment) counts as 0."""
+    """Sr: the (optionally weighted) mean of retention ratios, each clipped below at 0."""
     if not ratios:
         raise PrunequantError("no retention measures given: Sr needs at least one ratio (e.g. {'ppl_wiki': 0.9})")
     total = wsum = 0.0

@@ -1,5 +1,4 @@
-"""Zero-shot multiple-choice scoring in lm-evaluation-harness conventions (acc, acc_norm by characters), with
-shared rows for identical inputs and length-sorted batches; docs/evaluation.md. Data sources: task_data.TASKS."""
+"""Zero-shot multiple-choice scoring in lm-evaluation-harness conventions (docs/evaluation.md)."""
 from __future__ import annotations
 
 import copy
@@ -22,8 +21,7 @@ DEFAULT_LIMIT = 200
 
 def encode_pair(tokenizer, context: str, continuation: str,
                 _cache: dict[str, list[int]] | None = None) -> tuple[list[int], list[int]]:
-    """(context ids, continuation ids) the harness way (HFLM._encode_pair): both texts tokenised jointly,
-    the continuation is what follows the context's own tokens; no special tokens."""
+    """(context ids, continuation ids) tokenised jointly, the harness way (HFLM._encode_pair)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation

@@ -105,8 +105,7 @@ def _check_range(v: torch.Tensor, bits: int) -> None:
 
 
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integers < 2**bits (1 <= bits <= 32) into a uint8 tensor of ceil(n·bits/8) bytes
-    (on the values' device when that is a GPU and bits <= 8, else on the CPU)."""
+    """Pack non-negative integers < 2**bits (1..32) into ceil(n·bits/8) uint8 bytes (on a GPU for bits <= 8)."""
     if not 1 <= bits <= 32:
         raise ValueError(f"pack_bits supports 1..32 bits, got {bits}")
     if _on_device(values) and bits <= 8:
@@ -256,8 +255,7 @@ def decode_nm(ranks: torch.Tensor, m: int, k: int, shape) -> torch.Tensor:
 
 
 def detect_nm(mask: torch.Tensor, candidates=(4, 8, 16, 2)) -> tuple[int, int] | None:
-    """(n_pruned, m) of the cheapest N:M description of a mask (every group of m consecutive input weights of
-    every row keeps the same 0 < k < m), or None. Cost: ceil(log2 C(m, k)) / m bits per weight, so 2:4 beats 4:8."""
+    """(n_pruned, m) of the cheapest N:M description of a mask, or None (docs/internals.md)."""
     rows, cols = mask.shape
     best = None
     for m in candidates:

@@ -1,5 +1,4 @@
-"""What every export format shares: reading a compressed linear out of the model and its state,
-the export descriptor (prunequant-export.json), the config, and building an empty model to fill."""
+"""What every export format shares: reading a compressed linear, the descriptor, the config, empty models."""
 from __future__ import annotations
 
 import copy
@@ -46,9 +45,8 @@ def theoretical_bits(bits: float) -> float:
 
 @dataclass
 class LinearExport:
-    """One compressed linear as it will be written: the (out, in) float32 weight in the model, the stored
-    positions (``mask``, None = all) and the uniform quantization state when its codes describe the weight
-    exactly. Tensors stay on the module's device: only the packed bytes travel to the host."""
+    """One compressed linear as it will be written: the (out, in) float32 weight, the stored positions (``mask``,
+    None = all) and the quantization state when its codes describe the weight exactly."""
 
     name: str
     weight: torch.Tensor  # (out, in) float32, on the module's device
@@ -92,10 +90,8 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
             notes.append("recorded mask inconsistent with the weight")
             mask = None
     nonzero = W != 0
-    # recorded sparsity (for TCr): the mask's; a quantized layer without a mask counts as dense, as in the
-    # engine's layer summary, even though its grid rounds some weights to exactly 0
-    # an exact integer count, so the record is the same wherever the block is (a float32 mean rounds
-    # differently on a GPU and a CPU), and no copy of the mask travels to the host for it
+    # sparsity for TCr: the mask's (a quantized layer without one counts as dense, as in the engine's summary),
+    # as an exact integer count: a float32 mean rounds differently on a GPU and a CPU
     if mask is not None:
         sparsity = 1.0 - int(mask.sum()) / mask.numel()
     else:

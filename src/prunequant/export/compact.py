@@ -198,8 +198,7 @@ def _dequantize(base, entry, parts, mask, kept, out_f, in_f) -> torch.Tensor:
 
 
 def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
-    """The stored grid as a QuantState over the whole (out, in) weight. Pruned positions get the code of
-    the zero point where that is an integer code (so they dequantize to exactly 0), else 0."""
+    """The stored grid as a QuantState over the whole (out, in) weight (docs/internals.md)."""
     from ..solvers.base import QuantState
 
     cb = entry["code_bits"]
@@ -234,8 +233,7 @@ def _grid_state(base, entry, parts, mask, kept, out_f, in_f):
 
 
 def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
-    """(QuantState over the layer's (out, in) weight, mask or None, whether pruned positions dequantize to
-    exactly 0) of a layer stored as quantized codes — what a packed runtime needs, with no float weight."""
+    """(QuantState, mask or None, pruned positions exactly 0?) of a layer stored as codes, for packed runtimes."""
     base = weight_key(name)
     out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
     try:
@@ -260,7 +258,8 @@ def layer_of(key: str, layers: dict) -> str | None:
 
 def load_compact(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                  verify: bool = True):
-    """Rebuild the model from a compact export, decoding layer by layer on ``device`` (docs/internals.md)."""
+    """Rebuild the model from a compact export, decoding layer by layer on ``device`` in float32, then cast to
+    ``dtype`` (default: the export's)."""
     from safetensors import safe_open
 
     root = Path(path)

@@ -1,5 +1,4 @@
-"""compressed-tensors export ("pack-quantized"), what transformers and vLLM load: packed codes, scales and zero
-points per layer, one config group per scheme; docs/format.md gives the layout and the format's limits."""
+"""compressed-tensors export ("pack-quantized"), what transformers and vLLM load (docs/format.md)."""
 from __future__ import annotations
 
 import logging
@@ -65,8 +64,7 @@ def ragged_problem(name: str, in_f: int, group_size: int) -> str | None:
 
 
 def nearest_group_size(in_f: int, group_size: int) -> int:
-    """The divisor of ``in_f`` that is a multiple of 8 and at least MIN_CT_GROUP, nearest to ``group_size``
-    (ties to the larger); ``in_f`` itself when there is none."""
+    """The divisor of ``in_f`` (a multiple of 8, >= MIN_CT_GROUP) nearest to ``group_size``, else ``in_f``."""
     cands = [d for d in range(MIN_CT_GROUP, in_f + 1, 8) if in_f % d == 0] or [in_f]
     return min(cands, key=lambda d: (abs(d - group_size), -d))
 
@@ -149,8 +147,7 @@ def _check_options(dtype, scale_dtype, asymmetric: str, fallback: str) -> None:
 
 
 class CompressedTensorsWriter:
-    """Writes a pack-quantized checkpoint as tensors come (whole model, or block by block); a layer the
-    format cannot express is refused (``fallback="error"``) or stored as floats (``"dense"``)."""
+    """Writes a pack-quantized checkpoint as tensors come (whole model, or block by block)."""
 
     def __init__(self, root: Path, states: dict[str, LayerResult], dtype: torch.dtype, *,
                  scale_dtype: torch.dtype | None = None, asymmetric: str = "zero-point", fallback: str = "error",
@@ -247,8 +244,7 @@ def schemes_by_module(model: nn.Module, qconfig) -> dict:
 
 def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
                             device: str | torch.device = "cpu", verify: bool = True):
-    """Load a pack-quantized checkpoint by decompressing each layer in float32 with its own scheme (mixed schemes
-    and asymmetric grids too, which transformers 5.23's loader mishandles)."""
+    """Load a pack-quantized checkpoint, each layer decompressed with its own scheme (mixed, asymmetric too)."""
     import json
 
     from compressed_tensors.compressors import BaseCompressor
@@ -284,8 +280,7 @@ def load_compressed_tensors(path: str | Path, dtype: torch.dtype | None = None,
 
 
 def iter_quantized_layers(root: Path, model: nn.Module, schemes: dict, dtype, device):
-    """Walk the shards: assign plain tensors to ``model``; yield (module name, its parts, scheme) once a
-    quantized layer's parts are all read."""
+    """Walk the shards: assign plain tensors; yield (module name, parts, scheme) per complete quantized layer."""
     from safetensors import safe_open
 
     pending: dict[str, dict] = {}

@@ -1,5 +1,4 @@
-"""Dequantized export: a plain transformers checkpoint (config.json + model*.safetensors), written
-shard by shard so that only one shard's tensors are ever copied in memory."""
+"""Dequantized export: a plain transformers checkpoint, written shard by shard."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +41,7 @@ class DenseWriter:
 def save_dense(model, out_dir: str | Path, dtype: torch.dtype = torch.float16, *,
                states: dict[str, LayerResult] | None = None, max_shard_size: int | str = "2GB",
                overwrite: bool = False, tokenizer=None, extra_files: dict | None = None) -> Path:
-    """Write every weight in ``dtype`` as a standard sharded safetensors checkpoint any tool can load; ``states``
-    (optional) only adds the per-layer record (sparsity, bits) that ``size_report`` reads."""
+    """Write every weight in ``dtype`` as a standard sharded safetensors checkpoint any tool can load."""
     dtype_name(dtype)
     return write_whole_model(model, Path(out_dir), overwrite,
                              lambda tmp: DenseWriter(tmp, states, dtype, max_shard_size=max_shard_size),

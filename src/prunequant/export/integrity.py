@@ -1,5 +1,4 @@
-"""Never a half-written output that looks complete: temporary sibling + rename, a SHA-256 manifest,
-and a shard writer that keeps at most one shard of tensors in memory."""
+"""Never a half-written output that looks complete: sibling + rename, a SHA-256 manifest, a shard writer."""
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +36,7 @@ class OutputChangedError(ExportError, RunError):
 
 @contextmanager
 def atomic_output(out_dir: str | Path, overwrite: bool = False, manifest: bool = True):
-    """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir. On any
-    exception it is removed and out_dir is untouched; an existing out_dir is replaced only with ``overwrite``."""
+    """Yield a temporary sibling directory; on success write the manifest and rename it to out_dir (atomic)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ExportError(f"output path {out} exists and is not a directory; remove it or choose another")
@@ -123,8 +121,7 @@ def write_manifest(root: str | Path) -> dict:
 
 
 def verify_manifest(root: str | Path, full: bool = True) -> dict:
-    """Check every file named in the manifest (size always, SHA-256 when ``full``); a ModelLoadError names the
-    first missing, truncated or altered one."""
+    """Check every file named in the manifest (size, and SHA-256 when ``full``); ModelLoadError otherwise."""
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():

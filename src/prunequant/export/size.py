@@ -1,6 +1,4 @@
-"""Size accounting of an export directory: bytes on disk, bits per original parameter, TCr (from the recorded
-sparsity and bits of each layer) and the real compression rate against 16-bit storage, per compressed layer
-and in total. Formulas and what counts as a model file: docs/format.md."""
+"""Size accounting of an export directory: bytes, bits per parameter, TCr and real rate (docs/format.md)."""
 from __future__ import annotations
 
 import math

@@ -1,5 +1,4 @@
-"""Architectures as data: where the decoder blocks live, which linears run in which order and share one
-input (one Hessian), which norm feeds each shared input, and the parts structural pruning resizes."""
+"""Architectures as data: block paths, linears sharing one input (one Hessian), their norms, prunable parts."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,18 +8,15 @@ from torch import nn
 
 from ..errors import ModelLoadError
 
-# Model families trained with BOS at the start of every sequence, whose outputs degrade badly without it
-# (Gemma-3-270M: wiki perplexity 51.6 without, 23.6 with). For these, perplexity and agreement windows,
-# calibration windows and task contexts get a BOS in front, as lm-evaluation-harness does (it sets
-# add_bos_token for Gemma); other models keep the GPTQ protocol (no BOS).
+# Families whose outputs degrade badly without a BOS first (Gemma-3-270M: wiki perplexity 51.6 without, 23.6
+# with): every window and task context gets one, as lm-evaluation-harness does; others keep the GPTQ protocol.
 BOS_FIRST = ("gemma",)
 
 
 @dataclass(frozen=True)
 class Structure:
-    """The parts structural pruning resizes, by name inside a decoder block: attention heads (``head_dim``
-    rows each of q/k/v, as many columns of o) and the MLP's intermediate channels (rows of gate/up, columns
-    of down)."""
+    """The parts structural pruning resizes inside a decoder block: attention heads (``head_dim`` rows each of
+    q/k/v, as many columns of o) and MLP channels (rows of gate/up, columns of down)."""
 
     attn: str = "self_attn"
     mlp: str = "mlp"
@@ -35,9 +31,8 @@ class Structure:
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Where blocks are and how their linears run: ``groups`` lists, in execution order, the sets of
-    linears that read the same input tensor (one Hessian per set). ``structure``: None where heads and
-    channels cannot be cut (fused projections, no gated MLP)."""
+    """Where blocks are and how their linears run: ``groups``, in execution order, the sets of linears reading one
+    input (one Hessian each); ``structure`` None where heads and channels cannot be cut."""
 
     name: str
     blocks: str  # dotted path from the CausalLM to the ModuleList of decoder blocks

@@ -70,8 +70,7 @@ class Attached:
 
     @contextlib.contextmanager
     def weights_once(self):
-        """Inside ``active``: every view's weight is computed once, here, outside any checkpointed block, and
-        reused by the forward and by the checkpointed recomputation (half the weight kernels of a step)."""
+        """Inside ``active``: every view's weight computed once per step (docs/internals.md)."""
         with parametrize.cached():
             for name in self.views:
                 self.linears[name].weight  # noqa: B018 - fills the cache

@@ -60,8 +60,7 @@ def calib_kl(model, ids, teacher, batch_size, device, windows: list[int] | None 
 
 
 def split_holdout(n: int, share: float) -> tuple[list[int], list[int]]:
-    """(training windows, judging windows): the last ``round(n · share)`` windows (at least one when share
-    > 0 and n ≥ 4) judge; with none held out, the training windows judge themselves."""
+    """(training windows, judging windows): the last ``round(n · share)`` judge (with none: all)."""
     k = 0 if share <= 0 or n < 4 else min(max(round(n * share), 1), n - 1)
     train, held = list(range(n - k)), list(range(n - k, n))
     return train, held or train

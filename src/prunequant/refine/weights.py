@@ -18,8 +18,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp16_scale_ste(x: torch.Tensor) -> torch.Tensor:
-    """A positive scale rounded to the nearest fp16 value forward (every export stores fp16 scales, and the
-    one-shot scales are fp16 values already), identity backward."""
+    """A positive scale rounded to the nearest fp16 value forward, identity backward."""
     x = x.clamp(_FP16_MIN, _FP16_MAX)
     return x + (x.to(torch.float16).to(x.dtype) - x).detach()
 

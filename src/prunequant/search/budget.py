@@ -1,5 +1,4 @@
-"""Budgets (``tcr=X`` or ``size=40MB``) and the accounting that derives a configuration's last free variable so
-that its nominal figure lands on the budget before anything is compressed; docs/search.md gives the rules."""
+"""Budgets (``tcr=X`` or ``size=40MB``) and the accounting that lands a configuration on one (docs/search.md)."""
 from __future__ import annotations
 
 import math

@@ -27,13 +27,16 @@ class InlineExecutor:
         return len(self._done)
 
     def call(self, method: str, *args):
-        out = self.runner.call(None, method, *args)
-        if not out["ok"]:
-            raise PrunequantError(out["error"]) if out.get("user_error") else RuntimeError(out["error"])
-        return out["result"]
+        return _result_of(self.runner.call(None, method, *args))
 
     def shutdown(self) -> None:
         pass
+
+
+def _result_of(out: dict):
+    if not out["ok"]:
+        raise PrunequantError(out["error"]) if out.get("user_error") else RuntimeError(out["error"])
+    return out["result"]
 
 
 def import_ray():
@@ -71,8 +74,6 @@ class RayExecutor:
         self.pool = ActorPool(self.actors)
         self.size = workers
         self._n = 0
-        self.placement = {"gpus_per_trial": 1 if gpus else 0, "cpus_per_trial": opts["num_cpus"],
-                          "cluster": {k: v for k, v in res.items() if k in ("CPU", "GPU")}}
 
     def submit(self, token, method: str, *args) -> None:
         self.pool.submit(lambda a, v: a.call.remote(*v), (token, method, *args))
@@ -86,10 +87,7 @@ class RayExecutor:
         return self._n
 
     def call(self, method: str, *args):
-        out = self.ray.get(self.actors[0].call.remote(None, method, *args))
-        if not out["ok"]:
-            raise PrunequantError(out["error"]) if out.get("user_error") else RuntimeError(out["error"])
-        return out["result"]
+        return _result_of(self.ray.get(self.actors[0].call.remote(None, method, *args)))
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -1,5 +1,4 @@
-"""The search space: which configurations a trial may pick, and how the last variable is derived so that the
-nominal figure lands on the budget (budget.py). The families, what is derived and the rules: docs/search.md."""
+"""The search space: which configurations a trial may pick (docs/search.md)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -216,8 +215,7 @@ def _joint_extremes(space: SearchSpace, r: Resolved, base: dict) -> list[dict]:
 
 
 def preflight(recipe: Recipe, inv: Inventory) -> None:
-    """Run every distinct layer plan of ``recipe`` once on a small random matrix of the layer's width, so that
-    a combination the solvers refuse (RecipeError) costs milliseconds here, not a calibration pass later."""
+    """Run every distinct layer plan of ``recipe`` once on a small matrix, to fail fast on a refused plan."""
     import torch
 
     from ..errors import RecipeError

@@ -54,8 +54,7 @@ def logit_agreement(model, base, ids: torch.Tensor, batch_size: int = 8) -> dict
 
 
 def retention_scores(base_eval: dict, comp_eval: dict, agreement: dict, tcr: float) -> dict:
-    """Retention ratios (evaluate/retention.py: ppl_base/ppl per text, exp(−KL), top-1), their mean Sr, and
-    SrCr = Sr / (1 − TCr) (evaluate/srcr.py, λ = 1)."""
+    """Retention ratios, their mean Sr, and SrCr = Sr / (1 − TCr) (λ = 1)."""
     from ..evaluate.retention import retention, sr
     from ..evaluate.srcr import srcr_from_rate
 
@@ -65,8 +64,7 @@ def retention_scores(base_eval: dict, comp_eval: dict, agreement: dict, tcr: flo
 
 
 def proxy_ids(tokenizer, setup: TrialSetup) -> tuple[torch.Tensor, dict]:
-    """Proxy sequences: the evaluation text's tokens *after* the ones perplexity uses, disjoint from the
-    calibration text (checked). Falls back to the text's last tokens when it is too short."""
+    """Proxy sequences, disjoint from the perplexity and calibration tokens (docs/internals.md)."""
     from ..data import check_disjoint, load_text, tokenize
 
     text = load_text(setup.proxy_text, "eval")

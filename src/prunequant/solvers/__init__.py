@@ -1,5 +1,4 @@
-"""Solvers: the registry ``SOLVERS`` (each method's statistic, row separability and function) and
-``solve_layer``, which runs a LayerPlan: prune, quantize, or both (one-pass joint OBS or in sequence)."""
+"""Solvers: the registry ``SOLVERS`` (statistic, row separability, function per method) and ``solve_layer``."""
 from __future__ import annotations
 
 from dataclasses import dataclass

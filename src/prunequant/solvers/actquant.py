@@ -80,8 +80,7 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor, handle: ActQuantHandle) ->
 def apply_activation_quant(model: nn.Module, act_absmax: dict[str, torch.Tensor], bits: int = 8,
                            alpha: float = 0.5, smooth: bool = True,
                            groups: list[tuple[str, list[str]]] = ()) -> ActQuantHandle:
-    """Fake-quantize the inputs of the linears in ``act_absmax`` (per-channel max |x|), SmoothQuant first if
-    ``smooth``; ``groups`` fold the smoothing into norms. In place; ``remove()`` on the handle undoes it."""
+    """Fake-quantize the inputs of the linears in ``act_absmax``, SmoothQuant first if ``smooth``; in place."""
     if bits not in ACT_BITS:
         raise RecipeError(f"activation bits {bits} unsupported; choose one of {', '.join(map(str, ACT_BITS))}")
     if not 0 <= alpha <= 1:

@@ -12,9 +12,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class LayerStats:
-    """Input statistics of one linear layer over the calibration tokens, None where no solver of the run needs
-    them: ``hessian`` the mean of x xᵀ (float32, (in, in)), ``sq_norm`` the sum of x_j² per input column
-    (float32, (in,)), ``n_tokens`` the token vectors seen."""
+    """Input statistics of one linear over the calibration tokens (None where no solver needs them): ``hessian``
+    the mean of x xᵀ (in, in), ``sq_norm`` the sum of x_j² per column (in,), both float32."""
 
     hessian: torch.Tensor | None
     sq_norm: torch.Tensor | None

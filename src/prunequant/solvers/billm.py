@@ -65,8 +65,7 @@ def _round_params(p: torch.Tensor) -> torch.Tensor:
 
 
 def _split_errors(W1, absw, mn, cw, fr, amax):
-    """Error of the non-salient binarization for every break fraction in ``fr`` at once.
-    Returns (errors (P,), params (4, P, rows, 1), break points (P, 1, 1))."""
+    """Error, params (4, P, rows, 1) and break points of the non-salient binarization for every fraction in ``fr``."""
     p = fr[:, None, None] * amax
     sparse = absw > p  # (P, rows, cols)
     Wx = W1.expand(len(fr), -1, -1)
@@ -145,8 +144,7 @@ def billm_quantize(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, mask: to
 
 
 class _BillmRule(Rule):
-    """Per block: salient columns, break point and parameters fitted on the block as updated so far; per
-    column: the stored binarization of the current weights."""
+    """Per block: binarization fitted on the block as updated so far; per column: its stored binarization."""
 
     def __init__(self, Wp: torch.Tensor, kept: torch.Tensor, B: int, n_breaks: int, max_salient: float):
         rows, cols = Wp.shape

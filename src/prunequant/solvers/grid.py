@@ -1,5 +1,4 @@
-"""Uniform quantization grids: fit (scale, zero) per output row and column group, round onto them; integer codes
-in [0, maxq] dequantize as ``w = scale * (code - zero)`` with an integer zero (docs/methods.md: conventions)."""
+"""Uniform quantization grids: fit (scale, zero) per output row and column group, round onto them (docs/methods.md)."""
 from __future__ import annotations
 
 import math
@@ -47,8 +46,7 @@ def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, symmetri
 
 
 def _fp16_ceil(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest fp16 value >= scale: every export stores scales in fp16, so codes are chosen for the scale
-    that is stored (a reload is bit-exact), and rounding up keeps the whole range on the grid."""
+    """The smallest fp16 value >= scale (docs/internals.md)."""
     s = scale.clamp(_FP16_MIN, 65504.0)
     h = s.to(torch.float16)
     low = h.to(s.dtype) < s

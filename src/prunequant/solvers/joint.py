@@ -131,8 +131,7 @@ class _JointRule(GridRule):
         self.scale, self.zero = s.float().to(self.scale.dtype), z.float().to(self.scale.dtype)
 
     def grid_of_columns(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) of every column in [a, b), (rows, b − a): fitted grids, or provisional ones for groups
-        that have not started yet (used by the quantization-aware mask rule)."""
+        """(scale, zero) of every column in [a, b): fitted grids, or provisional ones for groups not started."""
         groups = self.col_group[a:b]
         if self.static:
             g = torch.tensor(groups, device=self.scale.device)

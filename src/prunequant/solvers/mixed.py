@@ -46,8 +46,7 @@ class MixSpec:
 
 @dataclass(frozen=True)
 class MixedQuant:
-    """One layer's plan: input columns where ``high`` is True at spec.high_bits, the others at spec.low_bits.
-    ``method`` "mixed" (GPTQ with per-column widths; reads the Hessian) or "mixed-rtn"."""
+    """One layer's plan: columns where ``high`` is True at spec.high_bits, the others at spec.low_bits."""
 
     spec: MixSpec
     high: tuple[bool, ...]

@@ -142,8 +142,7 @@ def triton_columns(W: torch.Tensor, blocksize: int):
 
 
 class GridRule(Rule):
-    """Round each column to its group's grid (``scale``/``zero`` (rows, n_groups), fitted in ``start``);
-    pruned entries take the zero point. ``codes`` receives the codes in sweep order."""
+    """Round each column to its group's grid (fitted in ``start``); pruned entries take the zero point."""
 
     def __init__(self, W: torch.Tensor, col_group: list[int], n_groups: int, maxq: int,
                  keep: torch.Tensor | None, blocksize: int):

@@ -57,8 +57,7 @@ def _result(W_hat: torch.Tensor, mask: torch.Tensor, error, **info) -> LayerResu
 # ---- magnitude and Wanda ------------------------------------------------------------------------
 
 def magnitude_prune(W: torch.Tensor, spec: PruneSpec, per_row: bool = False) -> LayerResult:
-    """Prune the smallest |W|. Unstructured: over the whole layer by default (as in the literature
-    baselines), or per output row with ``per_row=True``. N:M is always per group."""
+    """Prune the smallest |W|: over the whole layer by default, or per output row; N:M per group."""
     _check_weight(W)
     W = W.detach()
     mask = _spec_mask(W.abs(), spec, per_row)
@@ -109,8 +108,7 @@ def sparsegpt_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec, per_row
 
 
 class _SparseGPTRule(Rule):
-    """SparseGPT's rule: at each mask window the lowest saliencies w²/U_jj² on the weights as updated so far are
-    pruned, their removal compensated over the later columns by one triangular solve."""
+    """SparseGPT's rule: each window's lowest saliencies w²/U_jj² pruned, compensated by one triangular solve."""
 
     def __init__(self, spec: PruneSpec, per_row: bool, inv_d2: torch.Tensor, W: torch.Tensor):
         self.spec, self.per_row, self.inv_d2 = spec, per_row, inv_d2

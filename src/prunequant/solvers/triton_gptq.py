@@ -1,5 +1,4 @@
-"""GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32), tested against quant.gptq_quantize's
-torch loop (on the CPU with TRITON_INTERPRET=1); docs/methods.md says why and how the numerics match."""
+"""GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32); numerics: docs/methods.md."""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,4 @@
-"""Structural pruning (heads, MLP channels, whole blocks; shapes from ArchSpec.structure) and its joint
-allocation with channel-level mixed precision (solvers/mixed.py), learnt against the model's own output."""
+"""Structural pruning (heads, MLP channels, whole blocks) and its joint allocation with channel-level precision."""
 from ..solvers.mixed import MixSpec, dequantize_mixed, matrix_bits, mixed_quantize
 from .allocation import Allocation, LayerAllocation, LayerDims, discretize, layer_bits, model_dims
 from .apply import ApplyReport, apply_allocation

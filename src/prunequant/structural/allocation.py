@@ -56,8 +56,7 @@ class LayerAllocation:
 
 
 def layer_bits(d: LayerDims, la, spec: MixSpec, exact: bool = True):
-    """Stored bits of one layer's linears under decisions ``la`` (bool masks, or keep/high probabilities
-    when ``exact`` is False: the expected cost used as the training penalty)."""
+    """Stored bits of one layer's linears under decisions ``la`` (masks, or probabilities when not ``exact``)."""
     f = {k: (getattr(la, k).float() if isinstance(la, LayerAllocation) else la[k].float()) for k in MASKS}
     hd, bb = d.head_dim, spec.bias_bits
     kh = f["keep_heads"]
@@ -155,8 +154,7 @@ def _attn_units(prio: torch.Tensor, d: LayerDims, gqa: str) -> tuple[torch.Tenso
 
 
 def decide(d: LayerDims, prio: dict[str, torch.Tensor], tau: float, spec: MixSpec, gqa: str) -> LayerAllocation:
-    """Keep / make high everything whose priority is >= tau (at least one attention unit and one MLP
-    channel survive; without pruning everything is kept)."""
+    """Keep / make high everything whose priority is >= tau (at least one unit of each kind survives)."""
     units, heads = _attn_units(prio["keep_heads"].float().cpu(), d, gqa)
     keep_u = units >= tau
     keep_u[int(units.argmax())] = True
@@ -174,8 +172,7 @@ def decide(d: LayerDims, prio: dict[str, torch.Tensor], tau: float, spec: MixSpe
 
 
 def _fit(dims, prios, spec, budget_bits, gqa):
-    """Largest threshold-set whose exact cost is within budget_bits (binary search over thresholds),
-    then topped up greedily, best priority first, with any decision that still fits."""
+    """Largest threshold set within budget_bits, topped up greedily (docs/internals.md)."""
     vals = torch.cat([p.float().flatten().cpu() for pr in prios for p in pr.values()]).unique().sort().values
     vals = torch.cat([vals, vals.new_tensor([float("inf")])])
 
@@ -254,8 +251,7 @@ def _top_up(dims, prios, las, spec, budget_bits, gqa):
 
 def discretize(dims: list[LayerDims], prios: list[dict], spec: MixSpec, target_bits: float,
                gqa: str = "group", per_layer: bool = False, info: dict | None = None) -> Allocation:
-    """Decisions meeting ``target_bits`` per original weight exactly (never above), from priorities: per layer
-    (``per_layer``, the layer-wise baseline) or with one threshold across the model."""
+    """Decisions meeting ``target_bits`` per original weight exactly, per layer or with one global threshold."""
     if per_layer:
         layers = []
         for d, p in zip(dims, prios):

@@ -1,5 +1,4 @@
-"""Calibration statistics of a block's linears for structural decisions: mean, variance, ‖x_j‖², x xᵀ. They are
-gathered inside the engine's block loop, on the outputs of the blocks already pruned, so errors get compensated."""
+"""Calibration statistics of a block's linears for structural decisions, gathered inside the engine's loop."""
 from __future__ import annotations
 
 import torch

@@ -15,8 +15,7 @@ STAT_OF = {"qkv": "q", "o": "o", "gu": "gate", "down": "down"}
 
 @torch.no_grad()
 def input_stats(model: nn.Module, calib_ids: torch.Tensor, batch_size: int = 8) -> list[dict[str, InputStats]]:
-    """Mean / variance / second moment of the inputs of q, o, gate and down projections, per block,
-    on the uncompressed model (one forward pass over the calibration data)."""
+    """Mean / variance / second moment of the inputs of q, o, gate and down, per block, on the original model."""
     dev = next(model.parameters()).device
     stats, handles = [], []
     for p in parts(model):
@@ -40,8 +39,7 @@ def _gain(W: torch.Tensor, spec: MixSpec, pair=None) -> torch.Tensor:
 @torch.no_grad()
 def layerwise_priorities(model: nn.Module, stats: list[dict[str, InputStats]], spec: MixSpec,
                          copies: list[dict] | None = None) -> list[dict]:
-    """Priority (local output error avoided per stored bit) of every keep / high decision of every layer.
-    ``copies``: simulate.rtn_copies of the model (computed here when not given)."""
+    """Priority (local output error avoided per stored bit) of every keep / high decision of every layer."""
     out = []
     dq = spec.high_bits - spec.low_bits
     for i, (ps, d, st) in enumerate(zip(parts(model), model_dims(model), stats)):

@@ -93,8 +93,7 @@ class Simulator:
 
 @torch.no_grad()
 def teacher_pass(model: nn.Module, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[dict]]:
-    """Final (normed) hidden states of the uncompressed model per batch, and the mean input of every
-    o_proj / down_proj (for bias compensation)."""
+    """Final hidden states of the uncompressed model per batch, and the mean input of every o_proj / down_proj."""
     from .calib import InputStats
 
     dev = next(model.parameters()).device
@@ -125,8 +124,7 @@ def kl_to_teacher(model: nn.Module, ids: torch.Tensor, teacher_hidden: torch.Ten
 @torch.no_grad()
 def allocation_kl(model: nn.Module, allocation, calib_ids: torch.Tensor, batch_size: int = 8,
                   compensate: bool = True) -> float:
-    """The global objective of a hard allocation: mean KL to the uncompressed model on calib_ids, with
-    both precisions simulated by round-to-nearest (what the learner optimises)."""
+    """Mean KL to the uncompressed model on calib_ids of a hard allocation, both precisions simulated by RTN."""
     from .calib import batches as split
 
     bs = split(calib_ids, batch_size)
