@@ -251,6 +251,23 @@ def _every_kernel_kind() -> list[dict]:
                 y = tw.run(x, [seg], n, None, c)
                 out.append({"case": f"{bits}b g{gs} m{m}", "cfg": c, "grid": tw._gemv_grid(seg, c.get("BW", 1)),
                             "err": float((y.float() - ref).norm() / ref.norm())})
+    W = torch.randn(40, 256, generator=g)  # a channel-mixed layer: each part alone, its columns read or gathered
+    res = mixed_quantize(W, torch.rand(256, generator=g) < 0.3,
+                         MixSpec(low_bits=4, high_bits=8, group_size=32, allow_prune=False))
+    ql, _ = build_quant_linear(segments_of(res.quant), 256, 40, None, device="cpu", dtype=torch.float32,
+                               prefer={b: ["triton"] for b in (4, 8)})
+    segs = list(ql.segs)
+    assert len(segs) == 2 and all(s.cols is not None for s in segs)
+    for m in (1, 5):
+        x = torch.randn(m, 256, generator=g)
+        ref = x @ res.weight.float().t()
+        for c in ({"kind": "split"}, {"kind": "split", "GATHER": True}):
+            out.append({"case": f"mixed m{m}", "cfg": c, "err": float((tw.run(x, segs, 40, None, c) - ref).norm()
+                                                                      / ref.norm())})
+        y = sum(tw.run(xs, [v], 40, None, {"kind": "sdot", "BM": 16, "BN": 16, "BW": 32 // tw.per_word(v.bits),
+                                           "SPLIT": 1, "num_warps": 4, "num_stages": 2})
+                for xs, v in (tw._gathered(x, s) for s in segs))
+        out.append({"case": f"mixed m{m}", "cfg": {"kind": "sdot gathered"}, "err": float((y - ref).norm() / ref.norm())})
     for bits, gs, k in ((4, 128, 300), (8, 0, 256), (3, 64, 192)):  # 2:4 codes: grids 2, 3 and 0
         q = _pruned24(24, k, bits, gs)
         ql, _ = build_quant_linear([(q, None)], k, 24, None, device="cpu", dtype=torch.float32,
@@ -277,7 +294,8 @@ def test_every_kernel_kind_in_the_interpreter():
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
-            ("gemvr 2:4", 1, False)} <= kinds
+            ("gemvr 2:4", 1, False), ("split", 1, False), ("sdot gathered", 1, False)} <= kinds
+    assert any(r["cfg"].get("GATHER") for r in rows)
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     for kind in ("gemvr", "gemvr 2:4"):  # few-row tiles holding several whole groups, dense and 2:4
         assert any(r["cfg"]["kind"] == kind and r["grid"][0] == 2 and r["grid"][1] > 1 for r in rows), kind

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -823,7 +824,7 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
         cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + _gemv_rows_candidates(M, N, seg) + \
             (_sdot_candidates(M, N, seg) + _pdot_candidates(M, N, seg) if M > 1 else [])
     else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
-        cands = [default] + _dot_candidates(M) + [{"kind": "split"}]
+        cands = [default] + _dot_candidates(M) + [{"kind": "split"}, {"kind": "split", "GATHER": True}]
     ref = run(x, segments, N, bias, default).float()
     tol = 1e-4 if x.dtype == torch.float32 else 1e-2
     times: dict[int, float] = {}
@@ -885,11 +886,22 @@ def run(x, segments, N, bias, cfg) -> torch.Tensor:
     if kind == "sdot":
         return _sdot(x, segments[0], N, bias, cfg)
     if kind == "split":
-        y = matmul(x, segments[:1], N, bias)
-        for s in segments[1:]:
-            y += matmul(x, [s], N)
+        parts = [_gathered(x, s) if cfg.get("GATHER") else (x, s) for s in segments]
+        y = matmul(parts[0][0], [parts[0][1]], N, bias)
+        for xs, s in parts[1:]:
+            y += matmul(xs, [s], N)
         return y
     return _dot(x, segments, N, bias, cfg)
+
+
+def _gathered(x: torch.Tensor, seg):
+    """The input columns ``seg`` reads, gathered once, and ``seg`` as a part over all of them: the kernels for
+    contiguous columns (``sdot``'s tensor cores among them) then serve a channel-mixed part."""
+    if seg.cols is None:
+        return x, seg
+    view = SimpleNamespace(codes=seg.codes, scale=seg.scale, zero=seg.zero, cols=None, bits=seg.bits,
+                           group_size=seg.group_size, k=seg.k, meta=getattr(seg, "meta", None))
+    return x.index_select(1, seg.cols), view
 
 
 def _word_groups(seg) -> tuple[int, bool]:
