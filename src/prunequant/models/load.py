@@ -163,8 +163,12 @@ def _load_lazy(where: str, dtype):
 
     from ..lazy import load_lazy
 
-    tok = AutoTokenizer.from_pretrained(where)
-    model = load_lazy(where, dtype)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the shards are read
+        tok = pool.submit(AutoTokenizer.from_pretrained, where)
+        model = load_lazy(where, dtype)
+        tok = tok.result()
     _pad(tok)
     return model, tok
 
