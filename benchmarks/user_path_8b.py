@@ -32,7 +32,7 @@ SHAPE = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, nu
              tie_word_embeddings=False)  # Llama-3-8B; vocabulary from the tokenizer
 DEADLINE = [float("inf")]  # every command is killed past it (the budget)
 # seconds each command may take at most (the 8B run's expected time, with room); the budget caps them all
-BOX = {"compress": 200, "size": 40, "eval": 120, "resume_killed": 150, "resume_rerun": 200, "bench": 90}
+BOX = {"compress": 200, "size": 40, "eval": 120, "resume_killed": 150, "resume_rerun": 200, "bench": 240}
 COMPRESS = ["--calib-samples", "128", "--seq-len", "2048", "--load-dtype", "auto"]
 EVAL_TOKENS = [16384]
 GPU_PEAK = ("import atexit, runpy, sys, torch\n"
