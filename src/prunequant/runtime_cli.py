@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 from .errors import PrunequantError
@@ -91,11 +92,16 @@ def cmd_bench(a) -> int:
 
     from .runtime.serve import bench, format_bench, load_for_serving, ratios
 
+    def say(msg):
+        print(f"[bench {time.perf_counter() - t0:.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
     device, dtype = _device_of(a)
     model, _, rec = load_for_serving(a.dir, device, dtype, exact=a.exact, kernel=a.kernel, verify=a.verify)
+    say(f"loaded {a.dir} ({rec['device']}, {rec['dtype']})")
     res = {"model": a.dir, "load": rec}
     res.update(bench(model, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats,
-                     compile=a.compile))
+                     compile=a.compile, say=say))
     print(format_bench(a.dir, res))
     if a.against:
         del model
@@ -104,7 +110,7 @@ def cmd_bench(a) -> int:
         base, _, brec = load_for_serving(a.against, device, dtype, verify=a.verify)
         res["against"] = {"model": a.against, "load": brec}
         res["against"].update(bench(base, batches, a.prompt_len, a.decode, a.decode_prompt_len, repeats=a.repeats,
-                                    compile=a.compile))
+                                    compile=a.compile, say=say))
         res["ratios"] = ratios(res, res["against"])
         print(format_bench(a.against, res["against"]))
         r = res["ratios"]

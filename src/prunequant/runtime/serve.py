@@ -277,9 +277,9 @@ def _peak(device) -> float:
 
 
 def bench(model, batches: list[int], prompt_len: int, decode: int, decode_prompt_len: int = 256,
-          warmup: int = 1, repeats: int = 3, seed: int = 0, compile: bool | str = False) -> dict:
+          warmup: int = 1, repeats: int = 3, seed: int = 0, compile: bool | str = False, say=None) -> dict:
     """Prefill and decode tokens/s per batch size, weight bytes, peak memory (GPU: allocated by torch;
-    CPU: the process's peak resident set); ``compile``: decode steps through torch.compile."""
+    CPU: the process's peak resident set); ``compile``: decode steps through torch.compile; ``say``: progress."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     ctx = getattr(model.config, "max_position_embeddings", None)
@@ -296,8 +296,12 @@ def bench(model, batches: list[int], prompt_len: int, decode: int, decode_prompt
     for b in batches:
         ids = torch.randint(0, vocab, (b, prompt_len), generator=g).to(device)
         res["prefill"][str(b)] = round(prefill_tps(model, ids, warmup, repeats), 2)
+        if say:  # the first call at a shape also tunes its tiles: a long wait deserves a word
+            say(f"prefill b{b} × {prompt_len}: {res['prefill'][str(b)]:,.1f} tok/s")
         prompt = torch.randint(0, vocab, (b, decode_prompt_len), generator=g).to(device)
         res["decode"][str(b)] = round(decode_tps(model, prompt, decode, warmup, repeats, compile), 2)
+        if say:
+            say(f"decode b{b} × {decode}: {res['decode'][str(b)]:,.1f} tok/s")
     res["peak_gib"] = round(_peak(device), 3)
     res["peak_kind"] = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "process peak RSS"
     return res
