@@ -64,7 +64,7 @@ def main(argv=None):
                          "gpu bf16: the same kernels in bfloat16 against the bfloat16 dequantized model")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from prunequant.api import compress_data_free
+    from prunequant.engine import compress_model
     from prunequant.data import load_text, tokenize
     from prunequant.export import load_compact, save_compact
     from prunequant.models import load_model
@@ -79,7 +79,7 @@ def main(argv=None):
         prune, quant = CONFIGS[name]
         model, _ = load_model(args.model)
         recipe = Recipe(prune=parse_prune(prune) if prune else None, quant=parse_quant(quant))
-        rep = compress_data_free(model, recipe.plan_for, device="cpu", progress=False)
+        rep = compress_model(model, None, recipe.plan_for, device="cpu", progress=False)
         with tempfile.TemporaryDirectory() as d:
             out = save_compact(model, rep.states, Path(d) / "m", torch.bfloat16, tokenizer=tok)
             del model

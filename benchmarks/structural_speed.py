@@ -139,7 +139,6 @@ def token_data(args, src: Source) -> dict:
 
 def build_config(name: str, model, calib, args, device) -> tuple[dict, dict]:
     """Compress ``model`` (fp32, on device) in place as ``name`` says; returns (states by linear name, info)."""
-    from prunequant.api import compress_data_free
     from prunequant.engine import compress_model
     from prunequant.recipe import QuantSpec, Recipe
     from prunequant import structural as S
@@ -157,7 +156,7 @@ def build_config(name: str, model, calib, args, device) -> tuple[dict, dict]:
                          group_size=0 if name == "w8" else args.group_size, symmetric=name == "w8", ragged=True)
         plan = Recipe(quant=spec).plan_for
         if args.method == "rtn":
-            rep = compress_data_free(model, plan, device=device, progress=False)
+            rep = compress_model(model, None, plan, device=device, progress=False)
         else:
             rep = compress_model(model, calib, plan, device=device, batch_size=args.calib_batch, progress=False)
         states = {n: r.quant for n, r in rep.states.items() if r.quant is not None}

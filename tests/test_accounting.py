@@ -2,7 +2,8 @@
 import pytest
 
 from prunequant.accounting import summarize
-from prunequant.api import compress_data_free, linear_param_counts
+from prunequant.api import linear_param_counts
+from prunequant.engine import compress_model
 from prunequant.export import export
 from prunequant.export.size import size_report
 from prunequant.recipe import PruneSpec, QuantSpec, Recipe
@@ -23,7 +24,7 @@ RECIPES = [
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.describe())
 def test_size_report_and_budget_agree(recipe, tmp_path):
     m = tiny_model()
-    rep = compress_data_free(m, recipe.plan_for, device="cpu", progress=False)
+    rep = compress_model(m, None, recipe.plan_for, device="cpu", progress=False)
     rates = summarize(rep.layers, recipe.plan_for, sum(p.numel() for p in m.parameters()), linear_param_counts(m))
     fig = nominal(recipe, Inventory.of(tiny_model()))
     size = size_report(export(m, rep.states, tmp_path / "c", fmt="compact"))

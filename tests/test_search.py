@@ -57,7 +57,8 @@ def test_parse_budget():
 
 def test_nominal_rates_match_engine():
     """The accounting the search derives with equals what compression measures (data-free recipes: fast)."""
-    from prunequant.api import compress_data_free, linear_param_counts
+    from prunequant.api import linear_param_counts
+    from prunequant.engine import compress_model
     from prunequant.accounting import summarize
     from prunequant.recipe import Override
 
@@ -68,7 +69,7 @@ def test_nominal_rates_match_engine():
                    Recipe(prune=PruneSpec("magnitude", 0.5), quant=QuantSpec("rtn", 4, 32), joint="B",
                           overrides=[Override("model.layers.0.*", skip=True)])):
         m = tiny_model()
-        rep = compress_data_free(m, recipe.plan_for, device="cpu", progress=False)
+        rep = compress_model(m, None, recipe.plan_for, device="cpu", progress=False)
         measured = summarize(rep.layers, recipe.plan_for, sum(p.numel() for p in m.parameters()), linear_param_counts(m))["tcr"]
         assert nominal(recipe, inv)["tcr"] == pytest.approx(measured, abs=TCR_TOLERANCE), recipe.describe()
 

@@ -17,9 +17,8 @@ from .data import calibration_ids, check_disjoint, load_text
 from .engine import EngineReport, compress_model, default_device
 from .errors import PrunequantError
 from .outputs import check_output_path, output_lock, work_root
-from .models import (all_linear_names, arch_of, block_linears, bos_first, get_blocks, get_weight, load_model,
-                     named_linears, set_weight)
-from .solvers import needs, solve_layer
+from .models import all_linear_names, bos_first, get_weight, load_model, named_linears
+from .solvers import needs
 from .accounting import summarize
 from .recipe import Recipe
 
@@ -107,46 +106,6 @@ def enable_act_quant(model, bits: int):
 
     names = all_linear_names(model)
     return apply_activation_quant(model, {n: torch.ones(1) for n in names}, bits=bits, smooth=False)
-
-
-def compress_data_free(model, plan_for, device=None, progress=True, work_dir: str | Path | None = None,
-                       fingerprint: str = "") -> EngineReport:
-    """RTN and magnitude use no calibration data: solve every layer directly, checkpointing as the engine does."""
-    from tqdm.auto import tqdm
-
-    from .checkpoint import Checkpoint
-    from .solvers.base import LayerRecord, LayerStats
-
-    t0 = time.time()
-    device = torch.device(device) if device else default_device()
-    report = EngineReport()
-    empty = LayerStats(hessian=None, sq_norm=None, n_tokens=0)
-    arch = arch_of(model)
-    resume = Checkpoint(work_dir, fingerprint) if work_dir else None
-    done = resume.done() if resume else 0
-    blocks = get_blocks(model, arch)
-    for i in tqdm(range(len(blocks)), desc="compress (data-free)", unit="block", disable=not progress):
-        if i < done:
-            resume.load_block(i, blocks[i], report)
-            report.resumed_blocks += 1
-            continue
-        for rel, module in block_linears(blocks[i], arch).items():
-            name = f"{arch.blocks}.{i}.{rel}"
-            plan = plan_for(name)
-            if plan.is_identity:
-                continue
-            w = get_weight(module).detach().to(device, torch.float32).clone(memory_format=torch.contiguous_format)
-            t = time.time()
-            res = solve_layer(w, empty, plan)
-            set_weight(module, res.weight)
-            report.layers[name] = LayerRecord.of(name, w, plan, res, time.time() - t)
-            report.states[name] = res.for_export()
-        if resume:
-            resume.save_block(i, blocks[i], report, arch)
-    if resume:
-        resume.close()
-    report.seconds = time.time() - t0
-    return report
 
 
 def _locks_output(fn):
@@ -237,6 +196,8 @@ def compress(
         from .refine import BlockRefiner
 
         hook = BlockRefiner(refine, seed=seed)
+    data_free = hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model))
+    engine_ids = None if data_free else ids  # RTN and magnitude read no activations
     stream = None
     if lazy:
         from .export.stream import StreamingExport
@@ -246,7 +207,7 @@ def compress(
         stream = StreamingExport(model, report.states, out, fmt=fmt or "dense", dtype=dtype, overwrite=overwrite)
         block_io = LazyBlocks(model, on_done=stream.add_block, keep=save_later if keep_model is None else keep_model)
         try:
-            compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+            compress_model(model, engine_ids, plan_recipe.plan_for, device=device or default_device(),
                            batch_size=batch_size, true_sequential=recipe.true_sequential, work_dir=work_dir,
                            fingerprint=fingerprint, progress=progress, block_io=block_io, report=report,
                            block_hook=hook)
@@ -255,11 +216,8 @@ def compress(
             raise
         report.timings["blocks_read"] = block_io.reads
         report.timings["write_blocks"] = block_io.write_seconds  # inside "offload"
-    elif hook is None and all(needs(plan_recipe.plan_for(n)) is None for n in all_linear_names(model)):
-        report = compress_data_free(model, plan_recipe.plan_for, device=device, progress=progress,
-                                    work_dir=work_dir, fingerprint=fingerprint)
     else:
-        report = compress_model(model, ids, plan_recipe.plan_for, device=device or default_device(),
+        report = compress_model(model, engine_ids, plan_recipe.plan_for, device=device or default_device(),
                                 batch_size=batch_size, true_sequential=recipe.true_sequential,
                                 work_dir=work_dir, fingerprint=fingerprint, progress=progress, block_hook=hook)
     refine_info = _refine_global(model, ids, report, refine, teacher, hook, batch_size, device, seed)

@@ -17,7 +17,7 @@ from .runtime_cli import add_serve_parsers, cmd_bench, cmd_generate
 from .search.cli import add_search_parser, cmd_search
 
 
-def _recipe_from_args(a) -> "Recipe":
+def _recipe_from_args(a):
     from .recipe import Allocation, Recipe, joint_mode, parse_prune, parse_quant
 
     if a.recipe:
@@ -360,8 +360,13 @@ def _load_dtype(a):
     choice = getattr(a, "load_dtype", None) or "float32"
     if choice != "auto":
         return getattr(torch, choice)
-    on_gpu = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    on_gpu = _device(a).startswith("cuda")
     return (checkpoint_dtype(a.model) or torch.float32) if on_gpu else torch.float32
+
+
+def _device(a) -> str:
+    """Where to compute: --device, else the GPU when there is one."""
+    return a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
 
 
 def _refine_line(info: dict) -> str:
@@ -384,7 +389,7 @@ def _evaluate_compressed(res, tok, a) -> dict:
     from . import api
     from .evaluate.suite import run_suite
 
-    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    dev = _device(a)
     res.model.to(dev)
     suite = run_suite(res.model, tok, _suite_cfg(a), base=api.original_model(res), rates=res.rates)
     res.model.to("cpu")
@@ -417,7 +422,7 @@ def cmd_eval(a) -> int:
 
     check_context_early(a)
     t0 = time.perf_counter()
-    dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+    dev = _device(a)
     # loaded onto the evaluation device: an export is decoded there, layer by layer
     model, tok = load_model(a.model, device=dev, verify=a.verify, trust_remote_code=a.trust_remote_code)
     load_seconds = time.perf_counter() - t0
@@ -485,7 +490,7 @@ def _job_finish(a, model, tok, base, record: dict) -> int:
     if a.eval:
         from .evaluate.suite import run_suite
 
-        dev = a.device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
+        dev = _device(a)
         model.to(dev)
         base.to(dev)
         suite = run_suite(model, tok, _suite_cfg(a), base=base)

@@ -221,8 +221,10 @@ def compress_model(
     blocks = get_blocks(model, arch)
     report = report if report is not None else EngineReport()
     clock = _Clock(device, report.timings)
-    calib_ids = dist.shard(calib_ids)
-    if offload_activations is None:
+    calib_ids = None if calib_ids is None else dist.shard(calib_ids)  # None: data-free solvers (RTN, magnitude)
+    if calib_ids is None:
+        offload_activations = False
+    elif offload_activations is None:
         act_bytes = next(blocks[0].parameters()).element_size()
         hidden = getattr(model.config, "hidden_size", None) or getattr(model.config, "n_embd")
         offload_activations = decide_offload(blocks[0], device, calib_ids.numel(),
@@ -245,7 +247,8 @@ def compress_model(
     # Everything outside the blocks (embeddings, rotary, final norm) runs where it lives.
     types = block_layer_types(model)
     with clock("capture"):
-        inputs = capture_block_inputs(model, calib_ids, batch_size, store, layer_types=types)
+        inputs = [] if calib_ids is None else capture_block_inputs(model, calib_ids, batch_size, store,
+                                                                    layer_types=types)
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress)
     try:
         for i in bar:

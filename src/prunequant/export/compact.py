@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -157,18 +158,25 @@ def decode_linear(name: str, entry: dict, parts: dict[str, torch.Tensor]) -> tor
     if entry["stored_as"] == "float":
         return parts[base].float()
     out_f, in_f = entry["shape"]
-    try:
+    with _damaged(name):
         mask, kept = _decode_mask(base, entry, parts)
         if entry["stored_as"] == "sparse-float":
             W = torch.zeros(out_f, in_f, dtype=torch.float32, device=mask.device)
             W[mask] = parts[f"{base}.values"].float()
         else:
             W = _dequantize(base, entry, parts, mask, kept, out_f, in_f)
+    return W.t() if entry.get("transposed") else W
+
+
+@contextmanager
+def _damaged(name: str):
+    """A missing part or an inconsistent one becomes one line naming the layer."""
+    try:
+        yield
     except KeyError as e:
         raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
     except ValueError as e:
         raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
-    return W.t() if entry.get("transposed") else W
 
 
 def _decode_mask(base: str, entry: dict, parts: dict) -> tuple[torch.Tensor | None, int]:
@@ -236,13 +244,9 @@ def decode_state(name: str, entry: dict, parts: dict[str, torch.Tensor]):
     """(QuantState, mask or None, pruned positions exactly 0?) of a layer stored as codes, for packed runtimes."""
     base = weight_key(name)
     out_f, in_f = entry["shape"]  # the (out, in) orientation, also for transposed (Conv1D) layers
-    try:
+    with _damaged(name):
         mask, kept = _decode_mask(base, entry, parts)
         q = _grid_state(base, entry, parts, mask, kept, out_f, in_f)
-    except KeyError as e:
-        raise ModelLoadError(f"layer {name}: tensor {e.args[0]} is missing from the export; re-export it") from None
-    except ValueError as e:
-        raise ModelLoadError(f"layer {name} cannot be decoded ({e}); the export is damaged, re-export it") from None
     zeros_exact = mask is None or bool((q.dequantize()[~mask] == 0).all())
     return q, mask, zeros_exact
 
