@@ -5,7 +5,7 @@ seconds by phase, peak host RSS of every command (VmHWM) and peak GPU memory; re
 llm-compressor `oneshot` + `save_pretrained` (W4A16) on the same directory, side by side.
 
     python benchmarks/user_path_8b.py --tokenizer TOKDIR --work /tmp/u8 --out results.json \
-        [--peer-site DIR] [--steps gptq,joint,resume,ct,joint_eval,bench,peer] [--budget 455] [--small]
+        [--peer-site DIR] [--steps gptq,joint,resume,ct,joint_eval,rtn,bench,peer] [--budget 455] [--small]
 
 TOKDIR holds tokenizer files (e.g. SmolLM2's, vocabulary 49152: the config takes its size). Steps run in
 the order given; each command has its own time box (BOX) and none runs past the budget (seconds from the
@@ -210,6 +210,7 @@ def bench_job(out, work, env, results, save) -> None:
     js = work / "bench.json"
     r = results["bench"] = run(pq("bench", out, "--batch", "1,8", "--prompt-len", 512, "--decode", 64,
                                   "--repeats", 2, "--json", js), env, work / "bench.log", box=BOX["bench"])
+    r["of"] = out.name
     if js.is_file():
         r["result"] = json.loads(js.read_text())
     save()
@@ -370,8 +371,12 @@ def main() -> None:
                 shutil.rmtree(work / "joint_compact")  # the resume step writes ~30 GB (8B): disk first
                 results["joint_compact_removed_for_disk"] = True
             resume_job(ckpt, work, env, results, save, gptq)
-        elif step == "bench" and (work / "gptq_compact" / "prunequant.json").is_file():
-            bench_job(work / "gptq_compact", work, env, results, save)
+        elif step == "rtn":  # data-free 4-bit: no calibration pass (also the quickest output for `bench`)
+            compress_job("rtn_compact", ["--quant", "rtn:4:g128", *COMPRESS, *batch, "--format", "compact"], ckpt,
+                         work, env, results, save, evaluate=False)
+        elif step == "bench" and any((work / d / "prunequant.json").is_file() for d in ("gptq_compact", "rtn_compact")):
+            done = [d for d in ("gptq_compact", "rtn_compact") if (work / d / "prunequant.json").is_file()]
+            bench_job(work / done[0], work, env, results, save)
         elif step == "peer" and a.peer_site:
             peer_job(ckpt, work, env, a.peer_site, results, save, a.batch_size)
         else:
