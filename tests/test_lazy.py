@@ -50,6 +50,7 @@ def calib(tmp_path_factory):
 RECIPES = {
     "joint": Recipe(prune=PruneSpec("sparsegpt", 0.5), quant=QuantSpec("gptq", 4, group_size=32), joint="onepass"),
     "gptq": Recipe(quant=QuantSpec("gptq", 4, group_size=32)),
+    "rtn": Recipe(prune=PruneSpec("magnitude", 0.25), quant=QuantSpec("rtn", 4, group_size=32)),  # data-free
 }
 
 
@@ -71,7 +72,7 @@ def _files(d: Path) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("fmt,recipe,read_ahead", [("compact", "joint", False), ("compressed-tensors", "gptq", True),
-                                                    ("dense", "joint", True)])
+                                                    ("dense", "joint", True), ("compact", "rtn", True)])
 def test_lazy_equals_eager_and_holds_one_block(ckpt, calib, tmp_path, monkeypatch, fmt, recipe, read_ahead):
     from prunequant import lazy
 
@@ -84,6 +85,10 @@ def test_lazy_equals_eager_and_holds_one_block(ckpt, calib, tmp_path, monkeypatc
         seen.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
 
     monkeypatch.setattr(lazy.LazyBlocks, "load", counting)
+    if recipe == "rtn":  # data-free solvers never run the calibration text through the model
+        from prunequant import engine
+
+        monkeypatch.setattr(engine, "capture_block_inputs", lambda *a, **k: pytest.fail("calibration pass"))
     kw = dict(calib_text=str(calib), calib_samples=4, seq_len=32, device="cpu", progress=False, fmt=fmt)
     model, tok = load_model(str(ckpt), lazy=True)
     assert is_lazy(model) and all(p.device.type == "meta" for p in get_blocks(model).parameters())
