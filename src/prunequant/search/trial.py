@@ -101,6 +101,11 @@ class TrialRunner:
         self.base, self.tokenizer = model.to(self.device).eval(), tokenizer
         self.proxy, self.proxy_record = proxy_ids(tokenizer, self.setup)
 
+    def inventory(self) -> dict:
+        from .budget import Inventory
+
+        return Inventory.of(self.base).to_dict()
+
     def _compress(self, recipe: Recipe):
         from .. import api
 
