@@ -39,3 +39,17 @@ def test_row_separable_gptq_rows_solve_independently():
     whole = run_quantize(W, stats, spec).weight
     halves = torch.cat([run_quantize(W[:3], stats, spec).weight, run_quantize(W[3:], stats, spec).weight])
     assert torch.allclose(whole, halves, atol=1e-12)
+
+
+def test_stored_results_hold_masks_as_bits():
+    import pickle
+
+    from prunequant.solvers.base import LayerResult, StoredResult
+
+    mask = torch.rand(37, 53) > 0.5  # a size that is no multiple of 8
+    kept = LayerResult(weight=torch.zeros(37, 53), mask=mask).for_export()
+    assert isinstance(kept, StoredResult) and kept.weight is None
+    assert kept.mask.dtype == torch.bool and torch.equal(kept.mask, mask)
+    assert kept.__dict__["_mask_bits"][1].nbytes == (37 * 53 + 7) // 8  # an eighth of the bool tensor
+    assert torch.equal(pickle.loads(pickle.dumps(kept)).mask, mask)  # search workers send states between processes
+    assert LayerResult(weight=torch.zeros(2, 2)).for_export().mask is None

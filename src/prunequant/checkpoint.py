@@ -11,7 +11,7 @@ import torch
 
 from .background import OneBehind, arrived, host_copies
 from .errors import PrunequantError
-from .solvers.base import LayerRecord, LayerResult, QuantState
+from .solvers.base import LayerRecord, LayerResult, QuantState, StoredResult
 
 if TYPE_CHECKING:
     from .engine import EngineReport
@@ -62,8 +62,8 @@ def _state_to_plain(state: LayerResult) -> dict:
 
 def _state_from_plain(d: dict) -> LayerResult:
     q = d.get("quant")
-    return LayerResult(weight=None, mask=d.get("mask"), quant=None if q is None else QuantState(**q),
-                       info=d.get("info") or {})
+    return StoredResult(weight=None, mask=d.get("mask"), quant=None if q is None else QuantState(**q),
+                        info=d.get("info") or {})
 
 
 class Checkpoint:

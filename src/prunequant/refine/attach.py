@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..models import get_weight, set_weight
-from ..solvers.base import LayerResult
+from ..solvers.base import LayerResult, StoredResult
 from .weights import make_view
 
 
@@ -92,8 +92,8 @@ class Attached:
             old = self.states[name]
             if q is not None:
                 q = _quant_on(q, torch.device("cpu"))
-            self.states[name] = LayerResult(weight=None, mask=old.mask, quant=q if q is not None else old.quant,
-                                            info={**old.info, "refined": True})
+            self.states[name] = StoredResult(weight=None, mask=old.mask, quant=q if q is not None else old.quant,
+                                             info={**old.info, "refined": True})
 
 
 def _on(t, device):

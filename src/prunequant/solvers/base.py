@@ -1,9 +1,11 @@
 """Data passed between the engine and the solvers; conventions (shapes, masks, grids): docs/methods.md."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -69,13 +71,30 @@ class LayerResult:
                 if torch.is_tensor(v):
                     setattr(q, attr, v.cpu())
             q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
-        return LayerResult(weight=None, mask=None if self.mask is None else self.mask.cpu(), quant=q, info=self.info)
+        return StoredResult(weight=None, mask=self.mask, quant=q, info=self.info)
 
     @property
     def sparsity(self) -> float:
         if self.mask is None:
             return float((self.weight == 0).float().mean())
         return 1.0 - float(self.mask.float().mean())
+
+
+class StoredResult(LayerResult):
+    """A result kept for export: its mask held as bits on the CPU (an eighth of a bool tensor), unpacked when read."""
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        packed = self.__dict__.get("_mask_bits")
+        if packed is None:
+            return None
+        shape, bits = packed
+        return torch.from_numpy(np.unpackbits(bits, count=math.prod(shape)).view(np.bool_)).reshape(shape)
+
+    @mask.setter
+    def mask(self, m: torch.Tensor | None) -> None:
+        self.__dict__["_mask_bits"] = None if m is None else (
+            tuple(m.shape), np.packbits(m.detach().to("cpu", torch.bool).contiguous().numpy().reshape(-1)))
 
 
 @dataclass
