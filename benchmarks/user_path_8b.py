@@ -374,8 +374,8 @@ def main() -> None:
         elif step == "rtn":  # data-free 4-bit: no calibration pass (also the quickest output for `bench`)
             compress_job("rtn_compact", ["--quant", "rtn:4:g128", *COMPRESS, *batch, "--format", "compact"], ckpt,
                          work, env, results, save, evaluate=False)
-        elif step == "bench" and any((work / d / "prunequant.json").is_file() for d in ("gptq_compact", "rtn_compact")):
-            done = [d for d in ("gptq_compact", "rtn_compact") if (work / d / "prunequant.json").is_file()]
+        elif step == "bench" and (done := [d for d in ("gptq_compact", "rtn_compact")
+                                           if (work / d / "prunequant.json").is_file()]):
             bench_job(work / done[0], work, env, results, save)
         elif step == "peer" and a.peer_site:
             peer_job(ckpt, work, env, a.peer_site, results, save, a.batch_size)

@@ -159,11 +159,11 @@ def checkpoint_dtype(spec: str) -> torch.dtype | None:
 
 
 def _load_lazy(where: str, dtype):
+    from concurrent.futures import ThreadPoolExecutor
+
     from transformers import AutoTokenizer
 
     from ..lazy import load_lazy
-
-    from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:  # the tokenizer parses while the shards are read
         tok = pool.submit(AutoTokenizer.from_pretrained, where)
