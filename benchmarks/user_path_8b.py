@@ -5,7 +5,7 @@ seconds by phase, peak host RSS of every command (VmHWM) and peak GPU memory; re
 llm-compressor `oneshot` + `save_pretrained` (W4A16) on the same directory, side by side.
 
     python benchmarks/user_path_8b.py --tokenizer TOKDIR --work /tmp/u8 --out results.json \
-        [--peer-site DIR] [--steps gptq,joint,resume,ct,joint_eval,rtn,bench,peer] [--budget 455] [--small]
+        [--peer-site DIR] [--steps gptq,joint,resume,ct,joint_eval,rtn,bench,peer] [--budget 455] [--bench-against] [--small]
 
 TOKDIR holds tokenizer files (e.g. SmolLM2's, vocabulary 49152: the config takes its size). Steps run in
 the order given; each command has its own time box (BOX) and none runs past the budget (seconds from the
@@ -206,10 +206,12 @@ def eval_job(name, out, work, env, results, save) -> None:
     save()
 
 
-def bench_job(out, work, env, results, save) -> None:
+def bench_job(out, work, env, results, save, against=None) -> None:
     js = work / "bench.json"
+    extra = ["--against", against] if against else []
     r = results["bench"] = run(pq("bench", out, "--batch", "1,8", "--prompt-len", 512, "--decode", 64,
-                                  "--repeats", 2, "--json", js), env, work / "bench.log", box=BOX["bench"])
+                                  "--repeats", 2, *extra, "--json", js), env, work / "bench.log",
+                               box=BOX["bench"] * (2 if against else 1))
     r["of"] = out.name
     if js.is_file():
         r["result"] = json.loads(js.read_text())
@@ -314,6 +316,7 @@ def main() -> None:
     ap.add_argument("--peer-site", default=None)
     ap.add_argument("--budget", type=float, default=455.0)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration batch, both sides")
+    ap.add_argument("--bench-against", action="store_true", help="bench the dense checkpoint beside the output")
     ap.add_argument("--small", action="store_true", help="a 12-block, hidden-256 model (a check on a CPU)")
     a = ap.parse_args()
     start = time.perf_counter()
@@ -376,7 +379,7 @@ def main() -> None:
                          work, env, results, save, evaluate=False)
         elif step == "bench" and (done := [d for d in ("gptq_compact", "rtn_compact")
                                            if (work / d / "prunequant.json").is_file()]):
-            bench_job(work / done[0], work, env, results, save)
+            bench_job(work / done[0], work, env, results, save, ckpt if a.bench_against else None)
         elif step == "peer" and a.peer_site:
             peer_job(ckpt, work, env, a.peer_site, results, save, a.batch_size)
         else:

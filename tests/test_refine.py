@@ -342,3 +342,41 @@ def test_global_lr_scales_the_global_stage_rates():
         log = global_refine(model, ids, rep.states, teacher, spec, batch_size=4, device="cpu")
         moved[mult] = max(abs(kl - log["kl_before"]) for _, kl in log["judge_curve"])
     assert moved[1e-7] < 1e-5 < moved[1.0]
+
+
+def _norms(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "norm" in n}
+
+
+def test_norm_rate_trains_the_norms_and_the_export_carries_them(tmp_path):
+    """lr_norm > 0: the block-wise and global stages move the norm weights (full precision in every format, so
+    TCr stays); the compact export reloads them exactly; at lr_norm 0 they stay bit for bit."""
+    tok = tiny_tokenizer()
+    (tmp_path / "calib.txt").write_text(TRAIN_TEXT * 20)
+    kw = dict(tokenizer=tok, calib_text=str(tmp_path / "calib.txt"), calib_samples=4, seq_len=32, device="cpu",
+              progress=False)
+    base = _norms(tiny_model("llama"))
+    res = {}
+    for lr in (0.0, 1e-2):
+        r = Recipe(quant=QuantSpec("gptq", 2, 32), refine=RefineSpec(mode="both", steps=8, global_steps=8,
+                                                                      holdout=0, lr_norm=lr))
+        res[lr] = api.compress(tiny_model("llama"), r, **kw)
+    assert all(torch.equal(t, base[n]) for n, t in _norms(res[0.0].model).items())
+    tuned = _norms(res[1e-2].model)
+    assert any(n.startswith("model.layers.") and not torch.equal(t, base[n]) for n, t in tuned.items())
+    assert not torch.equal(tuned["model.norm.weight"], base["model.norm.weight"])  # the global stage's
+    assert res[1e-2].rates["tcr"] == res[0.0].rates["tcr"]
+    reloaded = load_compact(api.save(res[1e-2], tmp_path / "c", fmt="compact"), dtype=torch.float32)
+    assert all(torch.equal(t, tuned[n]) for n, t in _norms(reloaded).items())
+    with pytest.raises(RecipeError, match="lr_norm"):
+        RefineSpec(lr_norm=-1.0)
+
+
+def test_rejected_block_restores_its_norms():
+    """A block whose error did not fall keeps its one-shot state, norms included."""
+    model = tiny_model("llama")
+    before = _norms(model)
+    ref = BlockRefiner(RefineSpec(steps=4, lr_norm=1e3, lr_scale=0.0))  # a rate that only makes things worse
+    compress_model(model, calib(), RECIPES["2bit"].plan_for, device="cpu", batch_size=4, progress=False, block_hook=ref)
+    assert not any(b["kept"] for b in ref.log)
+    assert all(torch.equal(t, before[n]) for n, t in _norms(model).items())

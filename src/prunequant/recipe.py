@@ -113,6 +113,9 @@ class RefineSpec:
     # the global stage moves every layer at once: its rates are lr_code and lr_scale times this (0.1 chosen on
     # held-out calibration windows, BENCHMARKS.md, issue 19)
     global_lr: float = 0.1
+    # Adam rate of the normalisation layers' weights (stored in full precision, so the format and TCr stay as
+    # they are; "norm tweaking", Li et al. 2024); 0 = frozen
+    lr_norm: float = 0.0
     # share of the calibration windows the global stage does not train on but judges by (best step, keep or not)
     holdout: float = 0.125
     # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
@@ -121,15 +124,15 @@ class RefineSpec:
 
     def __post_init__(self):
         _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int,
-                 holdout=float, global_lr=float)
+                 holdout=float, global_lr=float, lr_norm=float)
         if self.mode not in REFINE_MODES:
             raise RecipeError(f"refine mode {self.mode!r} unknown; choose one of {', '.join(REFINE_MODES)}")
         if self.steps < 1 or self.global_steps < 0:
             raise RecipeError(f"refine steps {self.steps} must be a positive integer, e.g. 100")
         if not self.global_lr > 0:
             raise RecipeError(f"refine global_lr {self.global_lr} must be positive (a multiplier of the rates)")
-        if not (self.lr_code > 0 and self.lr_scale >= 0):
-            raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale)")
+        if not (self.lr_code > 0 and self.lr_scale >= 0 and self.lr_norm >= 0):
+            raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale, lr_norm)")
         if self.target not in ("same-inputs", "original-stream"):
             raise RecipeError(f"refine target {self.target!r} unknown; choose same-inputs or original-stream")
         if self.topk < 1 or self.global_batch < 1:

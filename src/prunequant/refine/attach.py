@@ -24,11 +24,19 @@ class _AsWeight(nn.Module):
         return w.t() if self.transpose else w
 
 
-class Attached:
-    """The views of a set of linears {name: module}, given their run states {name: LayerResult}."""
+def norm_params(root: nn.Module) -> list[nn.Parameter]:
+    """The float32 weights and biases of the normalisation layers under ``root`` (bf16 ones would lose the steps)."""
+    return [p for m in root.modules() if "norm" in type(m).__name__.lower()
+            for p in m.parameters(recurse=False) if p.dtype == torch.float32]
 
-    def __init__(self, linears: dict[str, nn.Module], states: dict[str, LayerResult]):
-        self.linears, self.states, self.views = linears, states, {}
+
+class Attached:
+    """The views of a set of linears {name: module}, given their run states {name: LayerResult}, and optionally
+    other full-precision parameters (``extra``: the norms) trained beside them."""
+
+    def __init__(self, linears: dict[str, nn.Module], states: dict[str, LayerResult],
+                 extra: list[nn.Parameter] | None = None):
+        self.linears, self.states, self.views, self.extra = linears, states, {}, list(extra or [])
         for name, mod in linears.items():
             st = states.get(name)
             if st is None:
@@ -42,7 +50,10 @@ class Attached:
         return bool(self.views)
 
     def param_groups(self, spec) -> list[dict]:
-        return [g for v in self.views.values() for g in v.param_groups(spec)]
+        groups = [g for v in self.views.values() for g in v.param_groups(spec)]
+        if self.extra and spec.lr_norm > 0:
+            groups.append({"params": self.extra, "lr": spec.lr_norm})
+        return groups
 
     def project_(self) -> None:
         for v in self.views.values():
@@ -59,6 +70,8 @@ class Attached:
                 mod = self.linears[name]
                 parametrize.register_parametrization(
                     mod, "weight", _AsWeight(view, type(mod).__name__ == "Conv1D", mod.weight.dtype), unsafe=True)
+            for p in self.extra:
+                p.requires_grad_(True)
             yield self
         finally:
             for name in self.views:
@@ -77,11 +90,15 @@ class Attached:
             yield
 
     def state_dict_views(self) -> dict:
-        return {n: {k: t.detach().clone() for k, t in v.state_dict().items()} for n, v in self.views.items()}
+        out = {n: {k: t.detach().clone() for k, t in v.state_dict().items()} for n, v in self.views.items()}
+        return {"views": out, "extra": [p.detach().clone() for p in self.extra]}
 
+    @torch.no_grad()
     def load_state_dict_views(self, saved: dict) -> None:
         for n, v in self.views.items():
-            v.load_state_dict(saved[n])
+            v.load_state_dict(saved["views"][n])
+        for p, t in zip(self.extra, saved["extra"]):
+            p.copy_(t)
 
     @torch.no_grad()
     def finish(self) -> None:

@@ -8,7 +8,7 @@ import torch
 
 from ..models import block_linears
 from ..onload import to_device
-from .attach import Attached
+from .attach import Attached, norm_params
 
 
 def _block_out(block, hidden, kw):
@@ -63,7 +63,7 @@ class BlockRefiner:
         t_after = time.perf_counter()
         prefix = f"{arch.blocks}.{i}."
         linears = {prefix + rel: m for rel, m in block_linears(block, arch).items()}
-        views = Attached(linears, report.states)
+        views = Attached(linears, report.states, norm_params(block) if self.spec.lr_norm > 0 else None)
         if views:
             self.log.append(self._train(i, block, inputs, targets, views, device))
             views.finish()

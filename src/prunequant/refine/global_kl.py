@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..models import all_linear_names
-from .attach import Attached
+from .attach import Attached, norm_params
 from .blockwise import _adam
 
 
@@ -73,7 +73,7 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
     home = next(model.parameters()).device
     model.to(device)
     linears = {n: model.get_submodule(n) for n in all_linear_names(model) if n in states}
-    views = Attached(linears, states)
+    views = Attached(linears, states, norm_params(model) if spec.lr_norm > 0 else None)
     n_steps = spec.n_global_steps
     train, judge = split_holdout(ids.shape[0], spec.holdout)
     log = {"steps": n_steps, "curve": [], "train_windows": len(train),
