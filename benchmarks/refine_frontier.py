@@ -77,7 +77,7 @@ def run(args) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     refine = replace(REFINE, steps=args.refine_steps, global_steps=args.global_steps, global_batch=args.global_batch,
-                     lr_code=args.lr_code, lr_scale=args.lr_scale, global_lr=args.global_lr)
+                     lr_code=args.lr_code, lr_scale=args.lr_scale, global_lr=args.global_lr, lr_norm=args.lr_norm)
     cfgs = configs(refine)
     todo = [n for n in cfgs if (not args.only or n in args.only) and not (out_dir / f"{n}.json").is_file()]
     proto, base, tok, inputs = protocol(args, device, 32)
@@ -272,6 +272,7 @@ if __name__ == "__main__":
     ap.add_argument("--lr-code", type=float, default=REFINE.lr_code)
     ap.add_argument("--lr-scale", type=float, default=REFINE.lr_scale)
     ap.add_argument("--global-lr", type=float, default=REFINE.global_lr, help="global stage rates = this x the block-wise ones")
+    ap.add_argument("--lr-norm", type=float, default=REFINE.lr_norm, help="Adam rate of the norm weights (0: frozen)")
     ap.add_argument("--budget", type=float, default=float("inf"))
     ap.add_argument("--also", default=str(RESULTS / "joint_vs_quant"),
                     help="report: add the one-shot points of this joint_vs_quant results folder to the frontier plot")
