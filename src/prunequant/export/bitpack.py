@@ -157,8 +157,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor (any shape, row-major) -> 1 bit per element."""
     if _on_device(mask):
         return pack_bits_torch(mask.reshape(-1).to(torch.uint8), 1)
-    m = mask.detach().reshape(-1).cpu().numpy().astype(np.uint8)
-    return torch.from_numpy(np.packbits(m, bitorder="little"))
+    m = mask.detach().reshape(-1).cpu().to(torch.bool).numpy()
+    return torch.from_numpy(np.packbits(m.view(np.uint8), bitorder="little"))  # a view: no copy of the mask
 
 
 def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
@@ -169,7 +169,7 @@ def unpack_mask(packed: torch.Tensor, shape) -> torch.Tensor:
     if p.size < packed_nbytes(n, 1):
         raise ValueError(f"mask stream has {p.size} bytes, {packed_nbytes(n, 1)} needed")
     bits = np.unpackbits(p, bitorder="little", count=n)
-    return torch.from_numpy(bits.astype(bool)).reshape(shape)
+    return torch.from_numpy(bits.view(np.bool_)).reshape(shape)  # 0/1 bytes: a valid bool view
 
 
 # ---- ternary --------------------------------------------------------------------------------

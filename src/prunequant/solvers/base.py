@@ -1,11 +1,9 @@
 """Data passed between the engine and the solvers; conventions (shapes, masks, grids): docs/methods.md."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 
 if TYPE_CHECKING:
@@ -81,20 +79,21 @@ class LayerResult:
 
 
 class StoredResult(LayerResult):
-    """A result kept for export: its mask held as bits on the CPU (an eighth of a bool tensor), unpacked when read."""
+    """A result kept for export: its mask held as bits on the CPU (an eighth of a bool tensor), unpacked when read.
+    A mask on a GPU is packed there, so only its bits cross to the host."""
 
     @property
     def mask(self) -> torch.Tensor | None:
+        from ..export.bitpack import unpack_mask  # export imports this module
+
         packed = self.__dict__.get("_mask_bits")
-        if packed is None:
-            return None
-        shape, bits = packed
-        return torch.from_numpy(np.unpackbits(bits, count=math.prod(shape)).view(np.bool_)).reshape(shape)
+        return None if packed is None else unpack_mask(packed[1], packed[0])
 
     @mask.setter
     def mask(self, m: torch.Tensor | None) -> None:
-        self.__dict__["_mask_bits"] = None if m is None else (
-            tuple(m.shape), np.packbits(m.detach().to("cpu", torch.bool).contiguous().numpy().reshape(-1)))
+        from ..export.bitpack import pack_mask
+
+        self.__dict__["_mask_bits"] = None if m is None else (tuple(m.shape), pack_mask(m.detach().bool()).cpu())
 
 
 @dataclass
