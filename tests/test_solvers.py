@@ -53,3 +53,20 @@ def test_stored_results_hold_masks_as_bits():
     assert kept.__dict__["_mask_bits"][1].nbytes == (37 * 53 + 7) // 8  # an eighth of the bool tensor
     assert torch.equal(pickle.loads(pickle.dumps(kept)).mask, mask)  # search workers send states between processes
     assert LayerResult(weight=torch.zeros(2, 2)).for_export().mask is None
+
+
+@pytest.mark.parametrize("bits,packed", [(4, True), (3, True), (8, False)])
+def test_stored_results_hold_low_bit_codes_two_to_a_byte(bits, packed):
+    import pickle
+
+    from prunequant.solvers.base import LayerResult, QuantState
+
+    codes = torch.randint(0, 2 ** bits, (37, 53), dtype=torch.uint8)  # an odd count: the last byte half-used
+    q = QuantState("uniform", bits, 32, False, codes=codes, scale=torch.rand(37, 2), zero=torch.rand(37, 2),
+                   g_idx=(torch.arange(53) // 32).int())
+    kept = LayerResult(weight=torch.zeros(37, 53), quant=q).for_export()
+    assert kept.quant.codes.dtype == torch.uint8 and torch.equal(kept.quant.codes, codes)
+    assert torch.equal(kept.quant.dequantize(), q.dequantize())
+    held = kept.__dict__["_code_nibbles"]
+    assert (held is not None and held[0].nbytes == (37 * 53 + 1) // 2) == packed
+    assert torch.equal(pickle.loads(pickle.dumps(kept)).quant.codes, codes)

@@ -1,7 +1,8 @@
 """Data passed between the engine and the solvers; conventions (shapes, masks, grids): docs/methods.md."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -79,8 +80,8 @@ class LayerResult:
 
 
 class StoredResult(LayerResult):
-    """A result kept for export: its mask held as bits on the CPU (an eighth of a bool tensor), unpacked when read.
-    A mask on a GPU is packed there, so only its bits cross to the host."""
+    """A result kept for export, held small until read: its mask as bits and uniform codes of up to 4 bits two
+    to a byte, on the CPU (a mask on a GPU is packed there, so only its bits cross to the host)."""
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -94,6 +95,32 @@ class StoredResult(LayerResult):
         from ..export.bitpack import pack_mask
 
         self.__dict__["_mask_bits"] = None if m is None else (tuple(m.shape), pack_mask(m.detach().bool()).cpu())
+
+    @property
+    def quant(self) -> QuantState | None:
+        q, nibbles = self.__dict__.get("_quant"), self.__dict__.get("_code_nibbles")
+        return q if nibbles is None else replace(q, codes=_from_nibbles(*nibbles))
+
+    @quant.setter
+    def quant(self, q: QuantState | None) -> None:
+        nibbles = None
+        if q is not None and q.kind == "uniform" and q.bits <= 4 and torch.is_tensor(q.codes) \
+                and q.codes.dtype == torch.uint8:
+            nibbles, q = (_to_nibbles(q.codes).cpu(), tuple(q.codes.shape)), replace(q, codes=None)
+        self.__dict__["_quant"], self.__dict__["_code_nibbles"] = q, nibbles
+
+
+def _to_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    flat = codes.detach().reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _from_nibbles(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
+    out = torch.empty(2 * packed.numel(), dtype=torch.uint8)
+    out[0::2], out[1::2] = packed & 15, packed >> 4
+    return out[:math.prod(shape)].reshape(shape)
 
 
 @dataclass
