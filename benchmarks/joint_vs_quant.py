@@ -357,6 +357,25 @@ def report(args) -> None:
     print(md)
 
 
+def protocol(args, device, new_tokens: int):
+    """The evaluation protocol record, the original model on ``device``, its tokenizer, and the held-out
+    agreement windows and prompts every configuration is compared on."""
+    from prunequant.data import load_text, tokenize
+    from prunequant.evaluate.semantic import held_out_prompts
+    from prunequant.models import load_model
+
+    proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
+             "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
+             "new_tokens": new_tokens}
+    base, tok = load_model(args.model)
+    base.to(device).eval()
+    wiki = load_text("wiki", "eval")
+    ids = tokenize(tok, wiki, args.agree_windows * SEQ)
+    inputs = {"agree_ids": ids[: ids.numel() // SEQ * SEQ].reshape(-1, SEQ),
+              "prompts": held_out_prompts(wiki.text, args.prompts)}
+    return proto, base, tok, inputs
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("command", choices=["run", "report"])
@@ -376,22 +395,3 @@ if __name__ == "__main__":
                     help="seconds after the model is loaded; no new configuration starts after that")
     a = ap.parse_args()
     run(a) if a.command == "run" else report(a)
-
-
-def protocol(args, device, new_tokens: int):
-    """The evaluation protocol record, the original model on ``device``, its tokenizer, and the held-out
-    agreement windows and prompts every configuration is compared on."""
-    from prunequant.data import load_text, tokenize
-    from prunequant.evaluate.semantic import held_out_prompts
-    from prunequant.models import load_model
-
-    proto = {"calib": [args.calib, SEQ], "eval_tokens": args.eval_tokens, "tasks": tuple(args.tasks.split(",")),
-             "task_limit": args.task_limit, "agree_windows": args.agree_windows, "prompts": args.prompts,
-             "new_tokens": new_tokens}
-    base, tok = load_model(args.model)
-    base.to(device).eval()
-    wiki = load_text("wiki", "eval")
-    ids = tokenize(tok, wiki, args.agree_windows * SEQ)
-    inputs = {"agree_ids": ids[: ids.numel() // SEQ * SEQ].reshape(-1, SEQ),
-              "prompts": held_out_prompts(wiki.text, args.prompts)}
-    return proto, base, tok, inputs
