@@ -110,6 +110,7 @@ class StoredResult(LayerResult):
         self.__dict__["_quant"], self.__dict__["_code_nibbles"] = q, nibbles
 
 
+# not export.bitpack's pack_bits: that unpacks to int64 (8 bytes a code); these stay uint8 on the way back
 def _to_nibbles(codes: torch.Tensor) -> torch.Tensor:
     flat = codes.detach().reshape(-1)
     if flat.numel() % 2:
