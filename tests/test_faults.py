@@ -142,7 +142,8 @@ def test_two_runs_on_one_output_never_both_succeed(env, tmp_path):
     codes = [c for c, _ in results]
     assert sorted(codes)[0] == 0 and sorted(codes)[1] in (1, 2), results
     loser = results[codes.index(sorted(codes)[1])][1]
-    assert "being written by process" in loser or "already exists" in loser
+    # the winner may hold the lock before it has written its pid into it: then the loser names no process
+    assert "is being written by" in loser or "already exists" in loser
     bits = json.loads((out / "prunequant.json").read_text())["recipe"]["quant"]["bits"]
     assert bits == (4, 8)[codes.index(0)]  # the output is the run that said it succeeded
 
