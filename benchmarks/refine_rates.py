@@ -1,6 +1,8 @@
 """Issue 19, CPU reduced protocol: which refinement learning rates help, judged on held-out calibration windows.
 
-    python benchmarks/refine_rates.py [K] ['{"name": {RefineSpec fields} | null, ...}'] [q2,s50q4]
+    python benchmarks/refine_rates.py [K] ['{"name": {RefineSpec fields} | null, ...}'] [q2,s50q4,...]
+
+A recipe is a name of RECIPES or PRUNE+QUANT in the CLI's syntax, e.g. ``sparsegpt:0.5+gptq:4:g128:actorder``.
 
 The first K decoder blocks of SmolLM2-135M (final norm and head kept), 24 calibration windows x 256 tokens
 (wiki calibration split, seed 0): the first 16 calibrate and refine, the last 8 judge (relative error of the last
@@ -17,7 +19,7 @@ import torch
 from prunequant.data import calibration_ids, load_text
 from prunequant.engine import compress_model
 from prunequant.models import load_model
-from prunequant.recipe import PruneSpec, QuantSpec, Recipe, RefineSpec
+from prunequant.recipe import PruneSpec, QuantSpec, Recipe, RefineSpec, parse_prune, parse_quant
 from prunequant.refine import BlockRefiner, global_refine, teacher_topk
 from prunequant.refine.global_kl import calib_kl
 
@@ -27,6 +29,13 @@ VARIANTS = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {"one-shot": None, 
 RECIPE_NAMES = sys.argv[3].split(",") if len(sys.argv) > 3 else ["q2"]
 Q = lambda b: QuantSpec("gptq", b, 128, ragged=True)  # noqa: E731
 RECIPES = {"q2": Recipe(quant=Q(2)), "s50q4": Recipe(prune=PruneSpec("sparsegpt", 0.5), quant=Q(4))}
+
+
+def recipe(name: str) -> Recipe:
+    if name in RECIPES:
+        return RECIPES[name]
+    prune, _, quant = name.rpartition("+")
+    return Recipe(prune=parse_prune(prune) if prune else None, quant=parse_quant(quant))
 
 
 @torch.no_grad()
@@ -50,7 +59,7 @@ def main():
             spec = None if kw is None else RefineSpec(**{"mode": "blockwise", "steps": 40, **kw})
             hook = BlockRefiner(spec) if spec and spec.blockwise else None
             t0 = time.time()
-            rep = compress_model(m, cal, RECIPES[rname].plan_for, device="cpu", batch_size=4, progress=False,
+            rep = compress_model(m, cal, recipe(rname).plan_for, device="cpu", batch_size=4, progress=False,
                                  block_hook=hook)
             g = None
             if spec and spec.global_stage:

@@ -107,6 +107,46 @@ def test_lazy_equals_eager_and_holds_one_block(ckpt, calib, tmp_path, monkeypatc
     assert not any(p.device.type == "meta" for p in reloaded.parameters())
 
 
+@pytest.mark.parametrize("fmt", ["compact", "dense"])
+def test_the_last_block_gets_its_own_shard_written_after_the_rest(ckpt, calib, tmp_path, monkeypatch, fmt):
+    """Outside tensors first, the last block alone: the streaming export has written everything else when the
+    last block arrives (its shard is in flight while that block is compressed), and still equals the eager one."""
+    from prunequant import lazy
+    from prunequant.export import integrity
+
+    monkeypatch.setattr(integrity, "SPLIT_MIN_BYTES", 1)  # every real model's output is far above the threshold
+    flushes = []  # (blocks loaded when a shard was handed to the writer, its keys)
+    real_flush, real_load = integrity.ShardWriter.flush, lazy.LazyBlocks.load
+    loaded = [0]
+
+    def counting_load(self, i, block, device):
+        loaded[0] = i + 1
+        return real_load(self, i, block, device)
+
+    def recording_flush(self):
+        if self.pending:
+            flushes.append((loaded[0], list(self.pending)))
+        real_flush(self)
+
+    monkeypatch.setattr(integrity.ShardWriter, "flush", recording_flush)
+    monkeypatch.setattr(lazy.LazyBlocks, "load", counting_load)
+    monkeypatch.setattr(lazy.LazyBlocks, "read_ahead", False)
+    kw = dict(calib_text=str(calib), calib_samples=4, seq_len=32, device="cpu", progress=False, fmt=fmt)
+    model, tok = load_model(str(ckpt), lazy=True)
+    api.compress(model, RECIPES["joint"], tokenizer=tok, out=tmp_path / "lazy", **kw)
+    assert [d for d, _ in flushes] == [3, 4]  # the first shard left before block 3 (the last) was read
+    first, last = flushes[0][1], flushes[1][1]
+    assert first[:3] == ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    assert all(k.startswith("model.layers.3.") for k in last) and not any("layers.3." in k for k in first)
+    flushes.clear()
+    eager, tok = load_model(str(ckpt))
+    api.compress(eager, RECIPES["joint"], tokenizer=tok, out=tmp_path / "eager", **kw)
+    a, b = _files(tmp_path / "lazy"), _files(tmp_path / "eager")
+    assert sum(k.endswith(".safetensors") for k in a) == 2
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    load_model(str(tmp_path / "lazy"))  # manifest and index verified on load
+
+
 def test_cli_eval_streams_the_original_and_matches_in_memory(ckpt, calib, tmp_path, capsys):
     ev = tmp_path / "eval.txt"
     ev.write_text(TRAIN_TEXT * 20)

@@ -184,6 +184,22 @@ def model_tensors(model: nn.Module):
     return items, tied
 
 
+def shard_order(model: nn.Module) -> tuple[str | None, str | None]:
+    """(prefix of every block, prefix of the last block), or Nones for a model without known blocks.
+
+    Every export writes the tensors outside the blocks first (embeddings, final norm, head: known from the
+    start), then the blocks in order, the last one in a shard of its own (ShardWriter.set_last_group): so a
+    streaming export has little left to write when the last block is done, and equals the in-memory one."""
+    from ..models import arch_of, get_blocks
+
+    try:
+        arch = arch_of(model)
+        n = len(get_blocks(model, arch))
+    except (ModelLoadError, AttributeError):
+        return None, None
+    return arch.blocks + ".", f"{arch.blocks}.{n - 1}." if n else None
+
+
 def write_whole_model(model: nn.Module, out_dir: Path, overwrite: bool, make_writer, lookup, tokenizer=None,
                       extra_files: dict | None = None, items=None, tied=None) -> Path:
     """Write every tensor of an in-memory model through ``make_writer(tmp)`` into an atomic output directory."""
@@ -191,8 +207,12 @@ def write_whole_model(model: nn.Module, out_dir: Path, overwrite: bool, make_wri
 
     if items is None:
         items, tied = model_tensors(model)
+    blocks, last = shard_order(model)
+    if blocks is not None:  # stable: outside tensors first, the blocks after them in order
+        items = sorted(items, key=lambda kv: kv[0].startswith(blocks))
     with atomic_output(out_dir, overwrite) as tmp:
         w = make_writer(tmp)
+        w.writer.set_last_group(last)
         with w.writer.aborting():
             for key, t in items:
                 w.add(key, t, lookup)

@@ -200,6 +200,9 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+SPLIT_MIN_BYTES = 64 * 2**20  # smaller outputs stay in one file
+
+
 def _save_and_hash(save_file, tensors: dict, path: Path, metadata: dict) -> None:
     save_file(tensors, str(path), metadata=metadata)
     hash_written(path)
@@ -217,17 +220,31 @@ class ShardWriter:
         self.written: list[tuple[str, list[str]]] = []  # (temporary file name, keys)
         self.total_bytes = 0
         self._thread: OneBehind | None = None  # shards are written while the next one fills
+        self.last_group: str | None = None  # key prefix of the last block (set_last_group)
+
+    def set_last_group(self, prefix: str | None) -> None:
+        """Give the tensors under ``prefix`` (the last block) a shard of their own when what precedes them is
+        large: a streaming export then writes nearly everything while that block is still being compressed."""
+        self.last_group = prefix
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         if self.pending and self.pending_bytes + size > self.max_bytes:
             self.flush()
+        elif self.last_group is not None and any(k.startswith(self.last_group) for k in tensors) \
+                and not any(k.startswith(self.last_group) for k in self.pending):
+            self.split()
         for k, t in tensors.items():
             if k in self.pending or any(k in keys for _, keys in self.written):
                 raise ExportError(f"tensor {k} written twice")
             self.pending[k] = t.detach().to("cpu").contiguous()
         self.pending_bytes += size
         self.total_bytes += size
+
+    def split(self) -> None:
+        """End the shard here unless it is small (a streaming export calls this before the last block)."""
+        if self.pending_bytes >= SPLIT_MIN_BYTES:
+            self.flush()
 
     def flush(self) -> None:
         """Hand the pending tensors to the writer thread (after the shard before them is on disk)."""

@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..models import arch_of
+from ..models import arch_of, get_blocks
 from .compact import CompactWriter
+from .common import shard_order
 from .ctensors import CompressedTensorsWriter
 from .dense import DenseWriter
 from .integrity import ExportError, atomic_output
@@ -49,6 +50,9 @@ class StreamingExport:
         except BaseException as e:
             self.abort(e)
             raise
+        _, last = shard_order(model)
+        self.writer.writer.set_last_group(last)
+        self.n_blocks = len(get_blocks(model))
         self.tied: dict[str, str] = {}
         self.blocks_written = 0
         self._outside_tied = None
@@ -64,8 +68,8 @@ class StreamingExport:
                 self.writer.add(k, sd[k], self.model.get_submodule)
 
     def add_block(self, i: int, block: nn.Module) -> None:
-        if self.blocks_written == 0:
-            self._outside(self.before)
+        if self.blocks_written == 0:  # nothing outside the blocks changes while they are compressed
+            self._outside(self.before + self.after)
         base = f"{self.prefix}{i}."
         items, tied = _dedup(list(block.state_dict(keep_vars=False).items()))
         self.tied.update({base + k: base + v for k, v in tied.items()})
@@ -74,10 +78,15 @@ class StreamingExport:
         self.blocks_written += 1
         for name in [n for n in self.writer.states if n.startswith(base)]:  # written: codes and masks can go
             del self.writer.states[name]
+        if i == self.n_blocks - 2:  # written while the last block is compressed (as ShardWriter.add would split)
+            self.writer.writer.split()
+        elif i == self.n_blocks - 1:
+            self.writer.writer.flush()
 
     def finish(self, tokenizer=None, extra_files: dict | None = None) -> Path:
         try:
-            self._outside(self.after)
+            if self.blocks_written == 0:
+                self._outside(self.before + self.after)
             self.writer.close(self.model, self.tied, tokenizer, extra_files)
         except BaseException as e:
             self.abort(e)
