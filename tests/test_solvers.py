@@ -70,3 +70,19 @@ def test_stored_results_hold_low_bit_codes_two_to_a_byte(bits, packed):
     held = kept.__dict__["_code_nibbles"]
     assert (held is not None and held[0].nbytes == (37 * 53 + 1) // 2) == packed
     assert torch.equal(pickle.loads(pickle.dumps(kept)).quant.codes, codes)
+
+
+@pytest.mark.parametrize("in_f,gs", [(576, 128), (512, 128), (70, 64), (100, 0), (64, 32)])
+def test_dequantize_equals_the_per_column_gather_bit_for_bit(in_f, gs):
+    from prunequant.solvers.base import QuantState
+    from prunequant.solvers.grid import group_index
+
+    torch.manual_seed(in_f + gs)
+    n = 1 if gs == 0 else -(-in_f // gs)
+    q = QuantState("uniform", 4, gs, False, codes=torch.randint(0, 16, (6, in_f), dtype=torch.uint8),
+                   scale=torch.rand(6, n) * 0.1, zero=torch.randint(0, 16, (6, n)).float(), g_idx=group_index(in_f, gs))
+    for _ in range(2):  # contiguous groups (the reshaped path), then act-order's permuted groups (the gather)
+        g = q.g_idx.long()
+        reference = torch.stack([q.scale[r, g] * (q.codes[r].float() - q.zero[r, g]) for r in range(6)])
+        assert torch.equal(q.dequantize(), reference)
+        q.g_idx = q.g_idx[torch.randperm(in_f)]

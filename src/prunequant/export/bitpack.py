@@ -236,10 +236,11 @@ def encode_nm(mask: torch.Tensor, m: int, k: int) -> torch.Tensor:
     """(rows, cols) bool with exactly k kept in every group of m consecutive columns -> rank per group."""
     if not 2 <= m <= MAX_NM_GROUP:
         raise ValueError(f"N:M group size {m} outside 2..{MAX_NM_GROUP}")
-    g = mask.detach().reshape(-1, m).cpu().numpy().astype(np.int64)
-    if not (g.sum(axis=1) == k).all():
+    g = mask.detach().reshape(-1, m).cpu()
+    if not bool((g.sum(dim=1, dtype=torch.int16) == k).all()):
         raise ValueError(f"mask is not {m - k}:{m} (k={k} kept per group of {m})")
-    ints = g @ (np.int64(1) << np.arange(m, dtype=np.int64))
+    packed = np.packbits(g.numpy(), axis=1, bitorder="little")  # bit i of a group's integer = position i kept
+    ints = (packed[:, 0] if m <= 8 else packed.view("<u2")[:, 0]).astype(np.int64)
     table = _patterns(m, k)
     return torch.from_numpy(np.searchsorted(table, ints))
 
@@ -261,9 +262,12 @@ def detect_nm(mask: torch.Tensor, candidates=(4, 8, 16, 2)) -> tuple[int, int] |
     for m in candidates:
         if cols % m or m > MAX_NM_GROUP:
             continue
-        counts = mask.reshape(rows, cols // m, m).sum(dim=-1)
-        k = int(counts.reshape(-1)[0])
-        if not 0 < k < m or not bool((counts == k).all()):
+        first = mask[0].reshape(cols // m, m).sum(dim=-1)  # most masks fail on their first row: a cheap look
+        k = int(first[0])
+        if not 0 < k < m or not bool((first == k).all()):
+            continue
+        counts = mask.reshape(rows, cols // m, m).sum(dim=-1, dtype=torch.int16)
+        if not bool((counts == k).all()):
             continue
         cost = nm_rank_bits(m, k) / m
         if best is None or cost < best[0]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import ModelLoadError
 from ..solvers.base import LayerResult, QuantState
+from .bitpack import detect_nm
 from .integrity import CONFIG_MARK, ExportError
 
 log = logging.getLogger(__name__)
@@ -60,14 +61,15 @@ def _uniform_ok(q: QuantState | None) -> bool:
     return q is not None and q.kind == "uniform" and q.codes is not None and q.scale is not None
 
 
-def mask_cost_bits(mask: torch.Tensor, value_bits: float) -> float:
-    """Bits to store a layer as (mask or N:M ranks) + one value per kept position."""
+def mask_cost_bits(mask: torch.Tensor, value_bits: float, kept: int | None = None, nm=None) -> float:
+    """Bits to store a layer as (mask or N:M ranks) + one value per kept position (``kept``, ``nm``: known
+    already, else counted and detected here)."""
     from .bitpack import detect_nm, nm_rank_bits
 
     n = mask.numel()
-    nm = detect_nm(mask)
+    nm = detect_nm(mask) if nm is None else nm or None  # False: known not to be N:M
     mbits = n if nm is None else nm_rank_bits(nm[1], nm[1] - nm[0]) * (n // nm[1])
-    return mbits + int(mask.sum()) * value_bits
+    return mbits + (int(mask.sum()) if kept is None else kept) * value_bits
 
 
 def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> LinearExport:
@@ -82,20 +84,22 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     notes = []
     if mask is not None and tuple(mask.shape) != (out_f, in_f):
         raise ExportError(f"layer {name}: mask shape {tuple(mask.shape)} differs from the weight's {(out_f, in_f)}")
+    nonzero = W != 0
+    n_nonzero = int(torch.count_nonzero(nonzero))
     if mask is not None:
         mask = mask.to(dev, torch.bool)
-        if bool((W[~mask] != 0).any()):
+        if bool((nonzero & ~mask).any()):
             log.warning("layer %s: weights outside the recorded mask are non-zero; the state does not match "
                         "the model, storing the weight's own non-zeros", name)
             notes.append("recorded mask inconsistent with the weight")
             mask = None
-    nonzero = W != 0
+    kept = int(torch.count_nonzero(mask)) if mask is not None else None
     # sparsity for TCr: the mask's (a quantized layer without one counts as dense, as in the engine's summary),
     # as an exact integer count: a float32 mean rounds differently on a GPU and a CPU
     if mask is not None:
-        sparsity = 1.0 - int(mask.sum()) / mask.numel()
+        sparsity = 1.0 - kept / mask.numel()
     else:
-        sparsity = 0.0 if qs is not None else 1.0 - int(nonzero.sum()) / nonzero.numel()
+        sparsity = 0.0 if qs is not None else 1.0 - n_nonzero / nonzero.numel()
 
     q = qs if _uniform_ok(qs) else None
     if qs is not None and q is None:
@@ -105,9 +109,12 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
             raise ExportError(f"layer {name}: codes shape {tuple(q.codes.shape)} differs from the weight's")
         q = _quant_on(q, dev)
         dq = q.dequantize().to(torch.float32).to(w.dtype).float()
-        tol = 1e-6 * float(W.abs().max().clamp_min(1e-30)) + 2 * torch.finfo(w.dtype).eps * W.abs()
-        exact = (dq - W).abs() <= tol
-        if not bool(exact[nonzero].all()):
+        tol = W.abs()  # 1e-6 max|W| + 2 eps |W|, in place (a layer-sized temporary fewer)
+        floor = 1e-6 * float(tol.max().clamp_min(1e-30))
+        tol.mul_(2 * torch.finfo(w.dtype).eps).add_(floor)
+        exact = dq.sub_(W).abs_() <= tol
+        del dq, tol
+        if not bool((exact | ~nonzero).all()):
             log.warning("layer %s: its codes do not dequantize to the model's weight; storing float values", name)
             notes.append("codes inconsistent with the weight: stored as float values")
             q = None
@@ -116,9 +123,11 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     options = []
     if q is None or all_ok:
         options.append((out_f * in_f * value_bits, None))
-    for cand in (mask, nonzero):
-        if cand is not None:
-            options.append((mask_cost_bits(cand, value_bits), cand))
+    mask_nm = detect_nm(mask) if mask is not None else None
+    if mask is not None:
+        options.append((mask_cost_bits(mask, value_bits, kept, mask_nm or False), mask))
+    if not options or n_nonzero * value_bits < min(c for c, _ in options):  # else the non-zeros cannot be cheaper
+        options.append((mask_cost_bits(nonzero, value_bits, n_nonzero), nonzero))
     _, chosen = min(options, key=lambda t: t[0])
 
     record = {
@@ -128,7 +137,7 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
         "group_size": qs.group_size if qs is not None else None,
         "symmetric": qs.symmetric if qs is not None else None,
         "kind": qs.kind if qs is not None else None,
-        "nm": _nm_of(mask),
+        "nm": list(mask_nm) if mask_nm else None,
     }
     if notes:
         record["note"] = "; ".join(notes)
@@ -150,15 +159,6 @@ def _recorded_bits(qs: QuantState | None, state: LayerResult | None) -> float:
         return 16.0
     avg = (state.info or {}).get("avg_bits") if state is not None else None
     return float(avg) if avg else theoretical_bits(qs.bits)
-
-
-def _nm_of(mask: torch.Tensor | None):
-    from .bitpack import detect_nm
-
-    if mask is None:
-        return None
-    nm = detect_nm(mask)
-    return list(nm) if nm else None
 
 
 def weight_key(name: str) -> str:

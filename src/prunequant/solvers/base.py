@@ -31,6 +31,14 @@ class LayerStats:
         return (torch.diagonal(self.hessian) * self.n_tokens).clamp_min(0).sqrt()
 
 
+def n_groups_contiguous(q: "QuantState", in_f: int) -> bool:
+    """Whether column j belongs to group j // group_size (no act-order permutation of the groups)."""
+    from .grid import group_index
+
+    g = q.g_idx
+    return g is not None and torch.equal(g.to(torch.int32), group_index(in_f, q.group_size, g.device))
+
+
 @dataclass
 class QuantState:
     """How a quantized weight is stored: enough to pack it and to dequantize it exactly (docs/methods.md)."""
@@ -48,8 +56,18 @@ class QuantState:
     def dequantize(self) -> torch.Tensor:
         if self.kind != "uniform":
             raise NotImplementedError(f"dequantize of kind {self.kind!r} lives with its solver")
-        g = self.g_idx.long()
-        return self.scale[:, g] * (self.codes.float() - self.zero[:, g])
+        codes = self.codes.float()
+        out_f, in_f = codes.shape
+        n, gs = self.scale.shape[1], max(self.group_size, 1) if n_groups_contiguous(self, in_f) else 0
+        if not gs:  # groups in another order (act-order): gather each column's group
+            g = self.g_idx.long()
+            return self.scale[:, g] * (codes - self.zero[:, g])
+        if n == 1:
+            return self.scale * (codes - self.zero)
+        pad = n * gs - in_f  # a ragged last group: pad it to full width for the view, then cut it off
+        c = torch.nn.functional.pad(codes, (0, pad)) if pad else codes
+        w = self.scale[:, :, None] * (c.view(out_f, n, gs) - self.zero[:, :, None])  # as the gather, op for op
+        return w.view(out_f, n * gs)[:, :in_f].contiguous() if pad else w.view(out_f, in_f)
 
 
 @dataclass
