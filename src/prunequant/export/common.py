@@ -64,7 +64,7 @@ def _uniform_ok(q: QuantState | None) -> bool:
 def mask_cost_bits(mask: torch.Tensor, value_bits: float, kept: int | None = None, nm=None) -> float:
     """Bits to store a layer as (mask or N:M ranks) + one value per kept position (``kept``, ``nm``: known
     already, else counted and detected here)."""
-    from .bitpack import detect_nm, nm_rank_bits
+    from .bitpack import nm_rank_bits
 
     n = mask.numel()
     nm = detect_nm(mask) if nm is None else nm or None  # False: known not to be N:M
