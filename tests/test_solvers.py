@@ -86,3 +86,18 @@ def test_dequantize_equals_the_per_column_gather_bit_for_bit(in_f, gs):
         reference = torch.stack([q.scale[r, g] * (q.codes[r].float() - q.zero[r, g]) for r in range(6)])
         assert torch.equal(q.dequantize(), reference)
         q.g_idx = q.g_idx[torch.randperm(in_f)]
+
+
+def test_stored_results_unpack_on_the_device_they_are_asked_for():
+    from prunequant.solvers.base import LayerResult, QuantState
+
+    codes = torch.randint(0, 16, (9, 40), dtype=torch.uint8)
+    mask = torch.rand(9, 40) > 0.5
+    q = QuantState("uniform", 4, 32, False, codes=codes, scale=torch.rand(9, 2), zero=torch.rand(9, 2),
+                   g_idx=(torch.arange(40) // 32).int(), extra={"perm": torch.arange(40)})
+    for kept in (LayerResult(weight=None, mask=mask, quant=q), LayerResult(weight=None, mask=mask, quant=q).for_export()):
+        moved = kept.quant_on("cpu")
+        assert moved is not q and torch.equal(moved.codes, codes) and torch.equal(moved.dequantize(), q.dequantize())
+        assert torch.equal(moved.extra["perm"], q.extra["perm"])
+        assert kept.mask_on("cpu").dtype == torch.bool and torch.equal(kept.mask_on("cpu"), mask)
+    assert LayerResult(weight=torch.zeros(2, 2)).for_export().quant_on("cpu") is None

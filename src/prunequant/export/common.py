@@ -79,8 +79,8 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     dev = w.device  # the checks run where the weight is (a block still on the GPU: far faster than the CPU)
     W = (w.t() if transposed else w).to(torch.float32)
     out_f, in_f = W.shape
-    qs = state.quant if state is not None else None
-    mask = state.mask if state is not None else None
+    qs = state.quant_on(dev) if state is not None else None  # held packed: unpacked where the weight is
+    mask = state.mask_on(dev) if state is not None else None
     notes = []
     if mask is not None and tuple(mask.shape) != (out_f, in_f):
         raise ExportError(f"layer {name}: mask shape {tuple(mask.shape)} differs from the weight's {(out_f, in_f)}")
@@ -107,7 +107,6 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if q is not None:
         if tuple(q.codes.shape) != (out_f, in_f):
             raise ExportError(f"layer {name}: codes shape {tuple(q.codes.shape)} differs from the weight's")
-        q = _quant_on(q, dev)
         dq = q.dequantize().to(torch.float32).to(w.dtype).float()
         tol = W.abs()  # 1e-6 max|W| + 2 eps |W|, in place (a layer-sized temporary fewer)
         floor = 1e-6 * float(tol.max().clamp_min(1e-30))
@@ -142,15 +141,6 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
     if notes:
         record["note"] = "; ".join(notes)
     return LinearExport(name, W, chosen, q, transposed, record)
-
-
-def _quant_on(q: QuantState, device) -> QuantState:
-    if q.codes.device == torch.device(device):
-        return q
-    from dataclasses import replace
-
-    return replace(q, **{k: getattr(q, k).to(device) for k in ("codes", "scale", "zero", "g_idx")
-                         if torch.is_tensor(getattr(q, k))})
 
 
 def _recorded_bits(qs: QuantState | None, state: LayerResult | None) -> float:

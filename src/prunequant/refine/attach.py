@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..models import get_weight, set_weight
-from ..solvers.base import LayerResult, StoredResult
+from ..solvers.base import LayerResult, StoredResult, quant_to
 from .weights import make_view
 
 
@@ -42,7 +42,7 @@ class Attached:
             if st is None:
                 continue
             w = get_weight(mod).detach()
-            view = make_view(w.float(), _on(st.mask, w.device), _quant_on(st.quant, w.device))
+            view = make_view(w.float(), st.mask_on(w.device), st.quant_on(w.device))
             if view is not None:
                 self.views[name] = view.to(w.device)
 
@@ -108,21 +108,7 @@ class Attached:
             set_weight(self.linears[name], weight)
             old = self.states[name]
             if q is not None:
-                q = _quant_on(q, torch.device("cpu"))
+                q = quant_to(q, "cpu")
             self.states[name] = StoredResult(weight=None, mask=old.mask, quant=q if q is not None else old.quant,
                                              info={**old.info, "refined": True})
 
-
-def _on(t, device):
-    return None if t is None else t.to(device)
-
-
-def _quant_on(q, device):
-    if q is None:
-        return None
-    import dataclasses
-
-    moved = {a: (getattr(q, a).to(device) if torch.is_tensor(getattr(q, a)) else getattr(q, a))
-             for a in ("codes", "scale", "zero", "g_idx")}
-    extra = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in q.extra.items()}
-    return dataclasses.replace(q, **moved, extra=extra)

@@ -70,6 +70,12 @@ class QuantState:
         return w.view(out_f, n * gs)[:, :in_f].contiguous() if pad else w.view(out_f, in_f)
 
 
+def quant_to(q: QuantState, device) -> QuantState:
+    """A copy of ``q`` with its tensors on ``device`` (tensors already there are shared, not copied)."""
+    moved = {k: getattr(q, k).to(device) for k in ("codes", "scale", "zero", "g_idx") if torch.is_tensor(getattr(q, k))}
+    return replace(q, **moved, extra={k: (v.to(device) if torch.is_tensor(v) else v) for k, v in q.extra.items()})
+
+
 @dataclass
 class LayerResult:
     """What a solver returns for one linear layer."""
@@ -89,6 +95,12 @@ class LayerResult:
                     setattr(q, attr, v.cpu())
             q.extra = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in q.extra.items()}
         return StoredResult(weight=None, mask=self.mask, quant=q, info=self.info)
+
+    def mask_on(self, device) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask.to(device)
+
+    def quant_on(self, device) -> QuantState | None:
+        return None if self.quant is None else quant_to(self.quant, device)
 
     @property
     def sparsity(self) -> float:
@@ -119,6 +131,20 @@ class StoredResult(LayerResult):
         q, nibbles = self.__dict__.get("_quant"), self.__dict__.get("_code_nibbles")
         return q if nibbles is None else replace(q, codes=_from_nibbles(*nibbles))
 
+    def mask_on(self, device) -> torch.Tensor | None:
+        """The mask unpacked on ``device`` (a GPU: only its bits cross from the host)."""
+        from ..export.bitpack import unpack_mask
+
+        packed = self.__dict__.get("_mask_bits")
+        return None if packed is None else unpack_mask(packed[1].to(device), packed[0])
+
+    def quant_on(self, device) -> QuantState | None:
+        """The state on ``device``, its codes unpacked there (a GPU: half a byte a code crosses from the host)."""
+        q, nibbles = self.__dict__.get("_quant"), self.__dict__.get("_code_nibbles")
+        if nibbles is not None:
+            q = replace(q, codes=_from_nibbles(nibbles[0].to(device), nibbles[1]))
+        return None if q is None else quant_to(q, device)
+
     @quant.setter
     def quant(self, q: QuantState | None) -> None:
         nibbles = None
@@ -137,7 +163,7 @@ def _to_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def _from_nibbles(packed: torch.Tensor, shape: tuple) -> torch.Tensor:
-    out = torch.empty(2 * packed.numel(), dtype=torch.uint8)
+    out = torch.empty(2 * packed.numel(), dtype=torch.uint8, device=packed.device)
     out[0::2], out[1::2] = packed & 15, packed >> 4
     return out[:math.prod(shape)].reshape(shape)
 
