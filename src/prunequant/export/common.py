@@ -61,15 +61,12 @@ def _uniform_ok(q: QuantState | None) -> bool:
     return q is not None and q.kind == "uniform" and q.codes is not None and q.scale is not None
 
 
-def mask_cost_bits(mask: torch.Tensor, value_bits: float, kept: int | None = None, nm=None) -> float:
-    """Bits to store a layer as (mask or N:M ranks) + one value per kept position (``kept``, ``nm``: known
-    already, else counted and detected here)."""
+def mask_cost_bits(n: int, kept: int, nm: tuple[int, int] | None, value_bits: float) -> float:
+    """Bits to store n positions as a mask (or N:M ranks when ``nm``) + one value per kept position."""
     from .bitpack import nm_rank_bits
 
-    n = mask.numel()
-    nm = detect_nm(mask) if nm is None else nm or None  # False: known not to be N:M
     mbits = n if nm is None else nm_rank_bits(nm[1], nm[1] - nm[0]) * (n // nm[1])
-    return mbits + (int(mask.sum()) if kept is None else kept) * value_bits
+    return mbits + kept * value_bits
 
 
 def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> LinearExport:
@@ -124,9 +121,9 @@ def analyse_linear(name: str, module: nn.Module, state: LayerResult | None) -> L
         options.append((out_f * in_f * value_bits, None))
     mask_nm = detect_nm(mask) if mask is not None else None
     if mask is not None:
-        options.append((mask_cost_bits(mask, value_bits, kept, mask_nm or False), mask))
+        options.append((mask_cost_bits(W.numel(), kept, mask_nm, value_bits), mask))
     if not options or n_nonzero * value_bits < min(c for c, _ in options):  # else the non-zeros cannot be cheaper
-        options.append((mask_cost_bits(nonzero, value_bits, n_nonzero), nonzero))
+        options.append((mask_cost_bits(W.numel(), n_nonzero, detect_nm(nonzero), value_bits), nonzero))
     _, chosen = min(options, key=lambda t: t[0])
 
     record = {

@@ -31,7 +31,7 @@ class LayerStats:
         return (torch.diagonal(self.hessian) * self.n_tokens).clamp_min(0).sqrt()
 
 
-def n_groups_contiguous(q: "QuantState", in_f: int) -> bool:
+def groups_in_order(q: "QuantState", in_f: int) -> bool:
     """Whether column j belongs to group j // group_size (no act-order permutation of the groups)."""
     from .grid import group_index
 
@@ -58,10 +58,10 @@ class QuantState:
             raise NotImplementedError(f"dequantize of kind {self.kind!r} lives with its solver")
         codes = self.codes.float()
         out_f, in_f = codes.shape
-        n, gs = self.scale.shape[1], max(self.group_size, 1) if n_groups_contiguous(self, in_f) else 0
-        if not gs:  # groups in another order (act-order): gather each column's group
+        if not groups_in_order(self, in_f):  # act-order: gather each column's group
             g = self.g_idx.long()
             return self.scale[:, g] * (codes - self.zero[:, g])
+        n, gs = self.scale.shape[1], max(self.group_size, 1)
         if n == 1:
             return self.scale * (codes - self.zero)
         pad = n * gs - in_f  # a ragged last group: pad it to full width for the view, then cut it off
@@ -115,10 +115,7 @@ class StoredResult(LayerResult):
 
     @property
     def mask(self) -> torch.Tensor | None:
-        from ..export.bitpack import unpack_mask  # export imports this module
-
-        packed = self.__dict__.get("_mask_bits")
-        return None if packed is None else unpack_mask(packed[1], packed[0])
+        return self.mask_on("cpu")
 
     @mask.setter
     def mask(self, m: torch.Tensor | None) -> None:
@@ -128,21 +125,22 @@ class StoredResult(LayerResult):
 
     @property
     def quant(self) -> QuantState | None:
+        return self._unpacked("cpu")
+
+    def _unpacked(self, device) -> QuantState | None:
         q, nibbles = self.__dict__.get("_quant"), self.__dict__.get("_code_nibbles")
-        return q if nibbles is None else replace(q, codes=_from_nibbles(*nibbles))
+        return q if nibbles is None else replace(q, codes=_from_nibbles(nibbles[0].to(device), nibbles[1]))
 
     def mask_on(self, device) -> torch.Tensor | None:
         """The mask unpacked on ``device`` (a GPU: only its bits cross from the host)."""
-        from ..export.bitpack import unpack_mask
+        from ..export.bitpack import unpack_mask  # export imports this module
 
         packed = self.__dict__.get("_mask_bits")
         return None if packed is None else unpack_mask(packed[1].to(device), packed[0])
 
     def quant_on(self, device) -> QuantState | None:
         """The state on ``device``, its codes unpacked there (a GPU: half a byte a code crosses from the host)."""
-        q, nibbles = self.__dict__.get("_quant"), self.__dict__.get("_code_nibbles")
-        if nibbles is not None:
-            q = replace(q, codes=_from_nibbles(nibbles[0].to(device), nibbles[1]))
+        q = self._unpacked(device)
         return None if q is None else quant_to(q, device)
 
     @quant.setter
