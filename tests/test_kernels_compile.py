@@ -36,6 +36,7 @@ def _cases():
                 {"kind": "pdot", "BM": 16, "BN": 32, "BW": 16, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
                 tw.launch_config(64, 64)] + \
             [c for c in tw._sdot_candidates(8, 64, seg) if c["SPLIT"] == 1]
+        assert not tw._sdot_candidates(8, 64, seg) or any(c.get("PIPE") for c in cfgs)
         for m, c in [(1, cfgs[0])] + [(8, c) for c in cfgs[1:]]:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
             calls.append(lambda x=x, seg=seg, c=c: tw.run(x, [seg], 64, None, c))

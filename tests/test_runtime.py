@@ -232,7 +232,8 @@ def _every_kernel_kind() -> list[dict]:
                        for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
         if bits in (2, 4, 8):
             cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
-                      "num_stages": 2} for bk in (32, 64) for sp in (1, 2) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
+                      "num_stages": 3 if pipe else 2, "PIPE": pipe} for bk in (32, 64) for sp in (1, 2)
+                     for pipe in (False, True) if gs <= 0 or gs % bk == 0 or bk % gs == 0]
         cfgs += [{"kind": "pdot", "BM": 16, "BN": 16, "BW": bw, "SPLIT": sp, "num_warps": 4, "num_stages": 2}
                  for bw in (4, 16) for sp in (1, 2)] + [tw.launch_config(8, n)]
         if k == 300:  # more splits than this K holds: a tile tuned on a longer layer of its size bucket
@@ -292,6 +293,7 @@ def _every_kernel_kind() -> list[dict]:
 def test_every_kernel_kind_in_the_interpreter():
     rows = interpreted("test_runtime", "_every_kernel_kind()")
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
+    assert {r["cfg"].get("PIPE") for r in rows if r["cfg"]["kind"] == "sdot"} == {False, True}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
             ("gemvr 2:4", 1, False), ("split", 1, False), ("sdot gathered", 1, False)} <= kinds

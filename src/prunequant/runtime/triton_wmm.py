@@ -390,52 +390,73 @@ if triton is not None:
             acc = s_row[None, :] * (acc - z_row[None, :] * xacc)
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
+    @triton.jit
+    def _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
+                   BITS: tl.constexpr, IEEE: tl.constexpr, NGT: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+        """acc += x · wᵀ for the (BN, BW) word tile ``words`` at word ``w0`` (see _sdot_kernel)."""
+        PER: tl.constexpr = 32 // BITS
+        BK: tl.constexpr = BW * PER
+        rk = w0 * PER + tl.arange(0, BK)
+        x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & (rk < k_hi)[None, :],
+                    other=0.0)
+        f = _split_codes(words, BITS)
+        f = tl.reshape(f, (BN, BK))
+        if NGT <= 1:
+            if NGT == 1:
+                g = (w0 * PER) // GS
+                s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+                z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
+            w = ((f - z[:, None]) * s[:, None]).to(x.dtype)
+        else:
+            g = (w0 * PER) // GS + tl.arange(0, NGT)
+            gm = n_mask[:, None] & (g * GS < K)[None, :]
+            sg = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            zg = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
+            f = tl.reshape(f, (BN, NGT, BK // NGT))
+            w = tl.reshape((f - zg[:, :, None]) * sg[:, :, None], (BN, BK)).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+        else:
+            acc += tl.dot(x, tl.trans(w))
+        return acc
+
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PIPE: tl.constexpr):
         # Tensor cores for a few input rows: program (n-tile, k-split) unpacks each (BN, BW) word tile once
-        # into its (BN, BW·per) weights and multiplies every input row with it; the next tile's words are
-        # loaded before this one is used. NGT: groups per k-tile (0: one group per row; 1: the tile lies
-        # inside one group; more: the tile holds NGT whole groups). Words are unpacked by joining halves
-        # (_split_codes), so the reshape to (BN, BK) moves no data; a 3-D broadcast unpack spilled.
+        # into its (BN, BW·per) weights and multiplies every input row with it. NGT: groups per k-tile (0:
+        # one group per row; 1: the tile lies inside one group; more: the tile holds NGT whole groups). Words
+        # are unpacked by joining halves (_split_codes), so the reshape to (BN, BK) moves no data; a 3-D
+        # broadcast unpack spilled. Loads: the next tile's words before this one is used, or (PIPE) each
+        # tile's own, left to Triton's software pipeliner (num_stages tiles in flight).
         PER: tl.constexpr = 32 // BITS
-        BK: tl.constexpr = BW * PER
         pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, BM, BN)
         k_hi = tl.minimum(w_hi * PER, K)
-        rw = w_lo + tl.arange(0, BW)
-        words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :], other=0)
+        s = tl.zeros((BN,), dtype=tl.float32)
+        z = tl.zeros((BN,), dtype=tl.float32)
         if NGT == 0:
             s = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             z = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for w0 in range(w_lo, w_hi, BW):
-            rw_n = rw + BW
-            words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=n_mask[:, None] & (rw_n < w_hi)[None, :],
-                              other=0)
-            rk = w0 * PER + tl.arange(0, BK)
-            x = tl.load(X + rm[:, None] * sxm + rk[None, :] * sxk, mask=m_mask[:, None] & (rk < k_hi)[None, :],
-                        other=0.0)
-            f = _split_codes(words, BITS)
-            f = tl.reshape(f, (BN, BK))
-            if NGT <= 1:
-                if NGT == 1:
-                    g = (w0 * PER) // GS
-                    s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
-                    z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
-                w = ((f - z[:, None]) * s[:, None]).to(x.dtype)
-            else:
-                g = (w0 * PER) // GS + tl.arange(0, NGT)
-                gm = n_mask[:, None] & (g * GS < K)[None, :]
-                s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-                z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
-                f = tl.reshape(f, (BN, NGT, BK // NGT))
-                w = tl.reshape((f - z[:, :, None]) * s[:, :, None], (BN, BK)).to(x.dtype)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
-            words, rw = words_n, rw_n
+        if PIPE:
+            for w0 in range(w_lo, w_hi, BW):
+                rw = w0 + tl.arange(0, BW)
+                words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :],
+                                other=0)
+                acc = _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
+                                 BITS, IEEE, NGT, BN, BW)
+        else:
+            rw = w_lo + tl.arange(0, BW)
+            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :],
+                            other=0)
+            for w0 in range(w_lo, w_hi, BW):
+                rw_n = rw + BW
+                words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :],
+                                  mask=n_mask[:, None] & (rw_n < w_hi)[None, :], other=0)
+                acc = _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
+                                 BITS, IEEE, NGT, BN, BW)
+                words, rw = words_n, rw_n
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
@@ -620,21 +641,23 @@ ROWS_DEFAULT = {"kind": "gemvr", "BN": 16, "BW": 8, "SPLIT": 1, "MR": 8, "num_wa
 
 def _sdot_candidates(M: int, N: int, seg) -> list[dict]:
     """Tensor-core tiles for a few rows: k-tiles of 128 or 256 columns, inside one group or holding whole
-    groups (the four tiles that won every 8- and 32-row shape of BENCHMARKS run 6)."""
+    groups (the four tiles that won every 8- and 32-row shape of BENCHMARKS run 6), with the next tile
+    prefetched by hand or (PIPE) 3-4 tiles in flight through Triton's software pipeliner."""
     bm = max(16, _pow2(M))
     if seg.bits not in (2, 4, 8) or seg.cols is not None or bm > 64:
         return []
     per, kw = per_word(seg.bits), seg.codes.shape[1]
     out = []
-    for bk, bn in ((128, 16), (128, 32), (128, 64), (256, 32)):
+    for bk, bn, pipe in ((128, 16, 0), (128, 32, 0), (128, 64, 0), (256, 32, 0), (128, 32, 3), (128, 64, 4),
+                         (256, 32, 3)):
         if _tile_groups(seg.group_size, bk) is None:
             continue
         bw = bk // per
         for split in (1, 2, 4, 8):
             if split > 1 and (kw < 2 * split * bw or triton.cdiv(N, bn) * split > 4096):
                 break
-            out.append({"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": 4,
-                        "num_stages": 2})
+            c = {"kind": "sdot", "BM": bm, "BN": bn, "BW": bw, "SPLIT": split, "num_warps": 4, "num_stages": 2}
+            out.append(dict(c, PIPE=True, num_stages=pipe) if pipe else c)
     return out
 
 
@@ -1015,7 +1038,8 @@ def _sdot(x, seg, N, bias, cfg) -> torch.Tensor:
         x, x.stride(0), x.stride(1), y, y.stride(0), bias if bias is not None else y, M, N,
         seg.codes, seg.codes.stride(0), seg.scale, seg.zero, seg.scale.stride(0), seg.k, kw, kws, gs,
         BITS=seg.bits, HAS_BIAS=bias is not None, ATOMIC=atomic, IEEE=x.dtype == torch.float32, NGT=ngt,
-        BM=cfg["BM"], BN=cfg["BN"], BW=bw, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BM=cfg["BM"], BN=cfg["BN"], BW=bw, PIPE=cfg.get("PIPE", False), num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
 
