@@ -7,6 +7,8 @@ import torch
 
 from prunequant.runtime import build_quant_linear
 from prunequant.runtime import triton_wmm as tw
+from prunequant.runtime.convert import segments_of
+from prunequant.solvers.mixed import MixSpec, mixed_quantize
 from test_runtime import _pruned24, _uniform
 
 triton = pytest.importorskip("triton")
@@ -53,6 +55,16 @@ def _cases():
             calls.append(lambda x=x, view=view, c=c: tw.run(x, [view], 64, None, c))
         calls.append(lambda s24=s24: s24.dequantize(torch.bfloat16,
                                                     torch.empty(64, s24.k + 3, dtype=torch.bfloat16), 3))
+    # a channel-mixed layer (8-bit per channel + 4-bit g128) in one launch, on the GEMV and on tensor cores
+    res = mixed_quantize(torch.randn(64, 512, generator=g), torch.rand(512, generator=g) < 0.25,
+                         MixSpec(low_bits=4, high_bits=8, group_size=128, allow_prune=False))
+    ql, _ = build_quant_linear(segments_of(res.quant), 512, 64, None, device="cpu", dtype=torch.bfloat16,
+                               prefer={4: ["packed"], 8: ["packed"]})
+    segs = list(ql.segs)
+    for m in (1, 8):
+        x = torch.randn(m, 512, generator=g).to(torch.bfloat16)
+        for c in [c for c in tw._cat_candidates(m, 64, segs) if c["SPLIT"] == 2][::3]:
+            calls.append(lambda x=x, c=c: tw.run(x, segs, 64, None, c))
     return calls
 
 

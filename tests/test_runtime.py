@@ -262,9 +262,15 @@ def _every_kernel_kind() -> list[dict]:
     for m in (1, 5):
         x = torch.randn(m, 256, generator=g)
         ref = x @ res.weight.float().t()
-        for c in ({"kind": "split"}, {"kind": "split", "GATHER": True}):
+        cat = [c for c in tw._cat_candidates(m, 40, segs) if c["SPLIT"] in (1, 4) and
+               (c["BN"], c.get("BW"), c.get("BK")) in ((16, 128, None), (8, 128, None), (16, None, 128), (32, None, 128))]
+        bias = torch.randn(40, generator=g)
+        for c in ({"kind": "split"}, {"kind": "split", "GATHER": True}, *cat):
             out.append({"case": f"mixed m{m}", "cfg": c, "err": float((tw.run(x, segs, 40, None, c) - ref).norm()
                                                                       / ref.norm())})
+            if c["kind"] == "cat":  # the bias added once, by part A's first k-split
+                out.append({"case": f"mixed m{m} bias", "cfg": c,
+                            "err": float((tw.run(x, segs, 40, bias, c) - ref - bias).norm() / ref.norm())})
         y = sum(tw.run(xs, [v], 40, None, {"kind": "sdot", "BM": 16, "BN": 16, "BW": 32 // tw.per_word(v.bits),
                                            "SPLIT": 1, "num_warps": 4, "num_stages": 2})
                 for xs, v in (tw._gathered(x, s) for s in segs))
@@ -298,6 +304,11 @@ def test_every_kernel_kind_in_the_interpreter():
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
             ("gemvr 2:4", 1, False), ("split", 1, False), ("sdot gathered", 1, False)} <= kinds
     assert any(r["cfg"].get("GATHER") for r in rows)
+    cat = {(r["cfg"]["inner"], r["cfg"]["SPLIT"], r["cfg"].get("U3", False), r["cfg"].get("PIPE", False),
+            r["case"]) for r in rows if r["cfg"]["kind"] == "cat"}  # one launch for both parts of a mixed layer
+    assert {("gemv", 1, False, False, "mixed m1"), ("gemv", 4, True, False, "mixed m1"),
+            ("sdot", 1, False, False, "mixed m5"),
+            ("sdot", 4, False, True, "mixed m5")} <= cat, cat
     assert {r["cfg"]["words"] for r in rows if r["cfg"]["kind"] == "dequant"} == {True, False}
     for kind in ("gemvr", "gemvr 2:4"):  # few-row tiles holding several whole groups, dense and 2:4
         assert any(r["cfg"]["kind"] == kind and r["grid"][0] == 2 and r["grid"][1] > 1 for r in rows), kind

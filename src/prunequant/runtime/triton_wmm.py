@@ -240,11 +240,11 @@ if triton is not None:
             out = t
         return out
 
-    @triton.jit(do_not_specialize=["M", "N", "GS"])
-    def _gemv_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
-                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
-                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
-                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr):
+    @triton.jit
+    def _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
+                   BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
+                   BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr):
         # program (n-tile, k-split): rows rn of W over words [pid_k·KWS, (pid_k+1)·KWS), every input row.
         # Decode is bound by bytes in flight: the next tile's words are loaded before this tile is used
         # (K, KW, KWS stay specialized so that Triton can prove 16-byte alignment and vectorize), and the
@@ -254,8 +254,6 @@ if triton is not None:
         # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row.
         PER: tl.constexpr = 32 // BITS
         WORD_GROUPS: tl.constexpr = GRID != 0
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
         w_lo = pid_k * KWS
@@ -315,6 +313,33 @@ if triton is not None:
                 tl.atomic_add(Y + rn, out, mask=n_mask)
             else:
                 tl.store(Y + rn, out.to(Y.dtype.element_ty), mask=n_mask)
+
+    @triton.jit(do_not_specialize=["M", "N", "GS"])
+    def _gemv_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
+                     BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
+                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr):
+        _gemv_body(tl.program_id(0), tl.program_id(1), X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS,
+                   K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3)
+
+    @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
+    def _gemv2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
+                      CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
+                      CB, scnb, SB, ZB, ssnb, KB, KWB, KWSB, GSB,
+                      BITS_A: tl.constexpr, GRID_A: tl.constexpr, NGT_A: tl.constexpr,
+                      BITS_B: tl.constexpr, GRID_B: tl.constexpr, NGT_B: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                      UNPACK3: tl.constexpr):
+        # A channel-mixed layer in one launch. Its input is gathered into [part A's columns | part B's]; the
+        # first SPLIT_A k-splits of every n-tile read part A, the others part B, all adding into Y (float32).
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if pid_k < SPLIT_A:
+            _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, CA, KA, KWA, KWSA,
+                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3)
+        else:
+            _gemv_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
+                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
@@ -420,10 +445,10 @@ if triton is not None:
             acc += tl.dot(x, tl.trans(w))
         return acc
 
-    @triton.jit(do_not_specialize=["M", "N", "GS"])
-    def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
-                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
-                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PIPE: tl.constexpr):
+    @triton.jit
+    def _sdot_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
+                   BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+                   NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PIPE: tl.constexpr):
         # Tensor cores for a few input rows: program (n-tile, k-split) unpacks each (BN, BW) word tile once
         # into its (BN, BW·per) weights and multiplies every input row with it. NGT: groups per k-tile (0:
         # one group per row; 1: the tile lies inside one group; more: the tile holds NGT whole groups). Words
@@ -431,7 +456,12 @@ if triton is not None:
         # broadcast unpack spilled. Loads: the next tile's words before this one is used, or (PIPE) each
         # tile's own, left to Triton's software pipeliner (num_stages tiles in flight).
         PER: tl.constexpr = 32 // BITS
-        pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi = _split_program(M, N, KW, KWS, BM, BN)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_mask = rn < N
+        rm = tl.arange(0, BM)
+        m_mask = rm < M
+        w_lo = pid_k * KWS
+        w_hi = tl.minimum(w_lo + KWS, KW)
         k_hi = tl.minimum(w_hi * PER, K)
         s = tl.zeros((BN,), dtype=tl.float32)
         z = tl.zeros((BN,), dtype=tl.float32)
@@ -458,6 +488,31 @@ if triton is not None:
                                  BITS, IEEE, NGT, BN, BW)
                 words, rw = words_n, rw_n
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
+
+    @triton.jit(do_not_specialize=["M", "N", "GS"])
+    def _sdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
+                     BITS: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+                     NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PIPE: tl.constexpr):
+        _sdot_body(tl.program_id(0), tl.program_id(1), X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW,
+                   KWS, GS, BITS, HAS_BIAS, ATOMIC, IEEE, NGT, BM, BN, BW, PIPE)
+
+    @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
+    def _sdot2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
+                      CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
+                      CB, scnb, SB, ZB, ssnb, KB, KWB, KWSB, GSB,
+                      BITS_A: tl.constexpr, NGT_A: tl.constexpr, BW_A: tl.constexpr,
+                      BITS_B: tl.constexpr, NGT_B: tl.constexpr, BW_B: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                      PIPE: tl.constexpr):
+        # _gemv2_kernel's split of programs between the parts of a channel-mixed layer, on tensor cores
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        if pid_k < SPLIT_A:
+            _sdot_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
+                       BITS_A, HAS_BIAS, True, IEEE, NGT_A, BM, BN, BW_A, PIPE)
+        else:
+            _sdot_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
+                       KB, KWB, KWSB, GSB, BITS_B, False, True, IEEE, NGT_B, BM, BN, BW_B, PIPE)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
@@ -846,8 +901,9 @@ def tuned(x: torch.Tensor, segments: list, N: int, bias) -> dict:
         # one row: only the GEMV can win (a tensor-core tile would waste 15 of its 16 rows)
         cands = [default] + (_gemv_candidates(M, N, seg) if M <= 8 else []) + _gemv_rows_candidates(M, N, seg) + \
             (_sdot_candidates(M, N, seg) + _pdot_candidates(M, N, seg) if M > 1 else [])
-    else:  # a channel-mixed layer: one fused launch, or each part on its own tuned kernel, then added
-        cands = [default] + _dot_candidates(M) + [{"kind": "split"}, {"kind": "split", "GATHER": True}]
+    else:  # a channel-mixed layer: one launch (over column-indexed or gathered inputs), or each part alone
+        cands = [default] + _dot_candidates(M) + [{"kind": "split"}, {"kind": "split", "GATHER": True}] + \
+            _cat_candidates(M, N, segments)
     ref = run(x, segments, N, bias, default).float()
     tol = 1e-4 if x.dtype == torch.float32 else 1e-2
     times: dict[int, float] = {}
@@ -908,6 +964,8 @@ def run(x, segments, N, bias, cfg) -> torch.Tensor:
         return _pdot(x, segments[0], N, bias, cfg)
     if kind == "sdot":
         return _sdot(x, segments[0], N, bias, cfg)
+    if kind == "cat":
+        return _cat(x, segments, N, bias, cfg)
     if kind == "split":
         parts = [_gathered(x, s) if cfg.get("GATHER") else (x, s) for s in segments]
         y = matmul(parts[0][0], [parts[0][1]], N, bias)
@@ -925,6 +983,86 @@ def _gathered(x: torch.Tensor, seg):
     view = SimpleNamespace(codes=seg.codes, scale=seg.scale, zero=seg.zero, cols=None, bits=seg.bits,
                            group_size=seg.group_size, k=seg.k, meta=getattr(seg, "meta", None))
     return x.index_select(1, seg.cols), view
+
+
+_PERMS: dict[tuple, tuple] = {}  # (cols A, cols B) → their concatenation, made once per layer pair
+
+
+def _cat_input(x: torch.Tensor, a, b) -> torch.Tensor:
+    """``x``'s columns in the order [a.cols | b.cols]: one gather for both parts of a channel-mixed layer."""
+    key = (a.cols.data_ptr(), b.cols.data_ptr(), a.cols.numel(), b.cols.numel(), a.cols.device)
+    hit = _PERMS.get(key)
+    if hit is None:  # the entry keeps both column tensors alive, so their addresses cannot be reused
+        hit = _PERMS[key] = (a.cols, b.cols, torch.cat((a.cols, b.cols)))
+    return x.index_select(1, hit[2])
+
+
+def _cat_splits(segments, split: int, bw: list[int]) -> list[tuple[int, int]]:
+    """(words per k-split, k-splits) of each part: ``split`` programs per n-tile shared by word count."""
+    kws = [s.codes.shape[1] for s in segments]
+    out = []
+    for kw, b in zip(kws, bw):
+        n = max(1, round(split * kw / sum(kws)))
+        per_split = triton.cdiv(triton.cdiv(kw, n), b) * b
+        out.append((per_split, triton.cdiv(kw, per_split)))
+    return out
+
+
+def _cat(x, segments, N, bias, cfg) -> torch.Tensor:
+    """A channel-mixed layer (two parts, each over its own input columns) in one launch: the input gathered
+    once into the parts' column order, then _gemv2_kernel or _sdot2_kernel over contiguous columns."""
+    a, b = segments
+    M = x.shape[0]
+    xp = _cat_input(x, a, b)
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32)
+    if cfg["inner"] == "gemv":
+        bws = [cfg["BW"], cfg["BW"]]
+    else:
+        if M > cfg["BM"]:
+            raise ValueError(f"sdot tiles take up to {cfg['BM']} rows")
+        bws = [cfg["BK"] // per_word(s.bits) for s in segments]
+    (kwsa, sa), (kwsb, sb) = _cat_splits(segments, cfg["SPLIT"], bws)
+    grid = (triton.cdiv(N, cfg["BN"]), sa + sb)
+    gsa, gsb = (_word_groups(s)[0] for s in segments)
+    args = (xp, xp.stride(0), xp.stride(1), y, y.stride(0), bias if bias is not None else y, M, N, sa,
+            a.codes, a.codes.stride(0), a.scale, a.zero, a.scale.stride(0), a.k, a.codes.shape[1], kwsa, gsa,
+            b.codes, b.codes.stride(0), b.scale, b.zero, b.scale.stride(0), b.k, b.codes.shape[1], kwsb, gsb)
+    if cfg["inner"] == "gemv":
+        (ga, na), (gb, nb) = (_gemv_grid(s, cfg["BW"]) for s in segments)
+        _gemv2_kernel[grid](*args, BITS_A=a.bits, GRID_A=ga, NGT_A=na, BITS_B=b.bits, GRID_B=gb, NGT_B=nb,
+                            HAS_BIAS=bias is not None, ONE_ROW=M == 1, BN=cfg["BN"], BW=cfg["BW"],
+                            UNPACK3=cfg.get("U3", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    else:
+        _sdot2_kernel[grid](*args, BITS_A=a.bits, NGT_A=_sdot_groups(a.group_size, cfg["BK"]), BW_A=bws[0],
+                            BITS_B=b.bits, NGT_B=_sdot_groups(b.group_size, cfg["BK"]), BW_B=bws[1],
+                            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"],
+                            PIPE=cfg.get("PIPE", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y.to(x.dtype)
+
+
+def _cat_candidates(M: int, N: int, segments) -> list[dict]:
+    """One-launch tiles for a channel-mixed layer: the GEMV's (one row) and sdot's (2-64 rows, 2-, 4-
+    and 8-bit parts whose groups fit the k-tile); SPLIT programs per n-tile shared by the parts (each ≥ 1)."""
+    if len(segments) != 2 or any(s.cols is None or getattr(s, "meta", None) is not None for s in segments):
+        return []
+    out = []
+    if M == 1:  # at 2-8 rows the GEMV's row loop lost to sdot on every shape of BENCHMARKS run 6
+        u3_ok = all(32 % s.bits == 0 for s in segments)
+        for bn, bw, warps, u3 in ((16, 128, 4, False), (8, 256, 4, False), (8, 128, 4, False),
+                                  (16, 256, 8, False), (8, 128, 4, True)):
+            if u3 and not u3_ok:
+                continue
+            out += [{"kind": "cat", "inner": "gemv", "BN": bn, "BW": bw, "SPLIT": split, "num_warps": warps,
+                     "num_stages": 1, "U3": u3} for split in (1, 2, 4, 8)]
+    bm = max(16, _pow2(M))
+    if 1 < M and bm <= 64 and all(s.bits in (2, 4, 8) for s in segments):
+        for bk, bn, pipe in ((128, 16, 0), (128, 32, 0), (128, 64, 0), (256, 32, 0), (128, 32, 3)):
+            if any(_tile_groups(s.group_size, bk) is None for s in segments):
+                continue
+            c = {"kind": "cat", "inner": "sdot", "BM": bm, "BN": bn, "BK": bk, "num_warps": 4, "num_stages": 2}
+            c = dict(c, PIPE=True, num_stages=pipe) if pipe else c
+            out += [dict(c, SPLIT=split) for split in (1, 2, 4, 8)]
+    return out
 
 
 def _word_groups(seg) -> tuple[int, bool]:
