@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prunequant.solvers.hessian import prepare_hessian
-from prunequant.solvers.obs import Rule, Sweep, after_pruning, fixed_blocks, nm_keep, prune_errors, prune_lowest
+from prunequant.solvers.obs import Rule, Sweep, after_pruning, fixed_blocks, nm_keep, prune_columns, prune_lowest
 
 
 def _problem(rows=5, cols=20, seed=0):
@@ -53,15 +53,19 @@ def test_sweep_equals_textbook_obs(blocksize):
     assert sorted(set(rule.started)) == sorted(set(range(0, 20, 3)) | set(range(0, 20, blocksize)))
 
 
-def test_prune_errors_and_after_pruning_equal_column_loop():
+def test_prune_columns_and_after_pruning_equal_column_loop():
     W, H = _problem(seed=1)
     Wp, U, _ = prepare_hessian(W, H)
     keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     ref = _slow_obs(W, H, lambda j, w: torch.where(keep[:, j], w, torch.zeros_like(w)))
     out = after_pruning(Wp, U, keep, block=6)
     assert torch.allclose(out * keep, ref, atol=1e-9)
-    E = prune_errors(Wp, U, keep)
-    assert torch.all(E[keep] == 0)
+    for sub in (1, 5, 32):  # lazy updates at every column, across a ragged cut, and none
+        Wc = Wp.clone()
+        E = prune_columns(Wc, U, keep, sub=sub)
+        assert torch.all(E[keep] == 0) and torch.all(Wc[~keep] == 0)
+        assert torch.allclose(Wc, ref, atol=1e-9)
+        assert torch.allclose(Wp - E @ U, ref, atol=1e-9)  # E carries the whole compensation
 
 
 def test_mask_helpers_exact_counts():

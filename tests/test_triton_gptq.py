@@ -87,6 +87,61 @@ def _compare_joint() -> list[dict]:
     return out
 
 
+PRUNE_CASES = [(0.5, 0, 0, 64), (0.5, 2, 4, 64), (0.3, 0, 0, 48)]  # unstructured, 2:4, a ragged block
+
+
+def _compare_prune() -> list[dict]:
+    import torch
+
+    from prunequant.recipe import PruneSpec
+    from prunequant.solvers import triton_gptq
+    from prunequant.solvers.base import LayerStats
+    from prunequant.solvers.hessian import prepare_hessian
+    from prunequant.solvers.obs import prune_columns
+    from prunequant.solvers.prune import sparsegpt_prune
+
+    out = []
+    for sp, n, m, blocksize in PRUNE_CASES:
+        g = torch.Generator().manual_seed(blocksize + n)
+        W = torch.randn(40, 128, generator=g)
+        X = torch.randn(512, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3
+        H = X.T @ X / X.shape[0]
+        stats = LayerStats(hessian=H, sq_norm=None, n_tokens=X.shape[0])
+        _, U, _ = prepare_hessian(W, H)
+        keep = torch.rand(W.shape, generator=g) > sp
+        seg = slice(16, 16 + blocksize)  # a segment as a strided view of W, as the sweep hands it over
+        os.environ.pop("PRUNEQUANT_NO_TRITON", None)
+        used = triton_gptq.available(W)
+        Wf = W.clone()
+        Ef = prune_columns(Wf[:, seg], U[seg, seg], keep[:, seg])
+        fast = sparsegpt_prune(W, stats, PruneSpec(method="sparsegpt", sparsity=sp, n=n, m=m, blocksize=blocksize))
+        os.environ["PRUNEQUANT_NO_TRITON"] = "1"
+        Wr = W.clone()
+        Er = prune_columns(Wr[:, seg], U[seg, seg], keep[:, seg])
+        ref = sparsegpt_prune(W, stats, PruneSpec(method="sparsegpt", sparsity=sp, n=n, m=m, blocksize=blocksize))
+        out.append({"used": used, "w_diff": float((Wf - Wr).abs().max()), "e_diff": float((Ef - Er).abs().max()),
+                    "pruned_zero": bool((Wf[:, seg][~keep[:, seg]] == 0).all()),
+                    "outside_same": bool(torch.equal(Wf[:, :16], W[:, :16]) and torch.equal(Wf[:, 16 + blocksize:],
+                                                                                           W[:, 16 + blocksize:])),
+                    "same_mask": float((fast.mask == ref.mask).float().mean()),
+                    "err_fast": fast.info["error"], "err_ref": ref.info["error"]})
+    return out
+
+
+def test_triton_pruning_loop_matches_torch_loop():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PRUNEQUANT_NO_TRITON", None)
+    code = "import json, test_triton_gptq as t; print(json.dumps(t._compare_prune()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for case, r in zip(PRUNE_CASES, json.loads(proc.stdout.strip().splitlines()[-1])):
+        assert r["used"] and r["pruned_zero"] and r["outside_same"], (case, r)
+        assert r["w_diff"] < 1e-4 and r["e_diff"] < 1e-4, (case, r)
+        assert r["same_mask"] > 0.995, (case, r)
+        assert r["err_fast"] == pytest.approx(r["err_ref"], rel=2e-3), (case, r)
+
+
 def test_triton_loop_matches_torch_loop():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     env.pop("PRUNEQUANT_NO_TRITON", None)
@@ -120,12 +175,16 @@ def test_triton_loop_matches_torch_loop_in_joint_solver():
 def test_kernel_reads_no_module_globals():
     """Compiled Triton (unlike its CPU interpreter) rejects non-constexpr module globals inside a kernel
     (seen on the H100 with Triton 3.6): every name the kernel reads is a parameter, a local, or tl/range."""
+    from prunequant.solvers import triton_gptq
+
+    for fn in (triton_gptq._gptq_cols_kernel, triton_gptq._prune_cols_kernel):
+        _check_globals(fn)
+
+
+def _check_globals(fn):
     import ast
     import inspect
 
-    from prunequant.solvers import triton_gptq
-
-    fn = triton_gptq._gptq_cols_kernel
     src = inspect.getsource(getattr(fn, "fn", fn))
     tree = ast.parse(src.lstrip() if not src.startswith(" ") else "if True:\n" + src)
     func = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef))

@@ -36,18 +36,40 @@ def nm_keep(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-def prune_errors(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Scaled errors of OBS-pruning a segment where ``keep`` is False, in one triangular solve (docs/methods.md)."""
-    rows, L = Wseg.shape
-    p = (~keep).to(Wseg.dtype)
-    E = torch.empty_like(Wseg)
-    step = max(1, (1 << 27) // (L * L * Wseg.element_size()))  # rows per solve: A stays ≤ 128 MiB
-    for r0 in range(0, rows, step):
-        pr = p[r0:r0 + step]
-        A = Useg[None] * pr[:, None, :] + torch.diag_embed(1.0 - pr)
-        E[r0:r0 + step] = torch.linalg.solve_triangular(
-            A, (Wseg[r0:r0 + step] * pr)[:, None, :], upper=True, left=False)[:, 0, :]
+def prune_columns(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, sub: int = 32) -> torch.Tensor:
+    """OBS-prune the entries of segment W where ``keep`` is False, column by column (SparseGPT's loop):
+    W is updated in place (pruned entries 0, the later columns of the segment compensated through U, its
+    part of chol(H⁻¹, upper)); returns the scaled errors E, so that columns right of the segment take
+    ``-= E @ U[segment, right]``. Triton's one-launch loop on CUDA float32, else a torch loop with lazy
+    updates every ``sub`` columns (no per-row systems: memory stays at the segment's size)."""
+    rows, L = W.shape
+    kernel = _triton_prune(W, L)
+    if kernel is not None:
+        E = torch.empty_like(W)
+        kernel(W, U, keep.to(torch.uint8), E)
+        return E
+    E = torch.zeros_like(W)
+    for s0 in range(0, L, sub):
+        s1 = min(s0 + sub, L)
+        for i in range(s0, s1):
+            e = torch.where(keep[:, i], 0.0, W[:, i] / U[i, i])
+            E[:, i] = e
+            if i + 1 < s1:
+                W[:, i + 1:s1].addr_(e, U[i, i + 1:s1], alpha=-1.0)
+        if s1 < L:
+            W[:, s1:].addmm_(E[:, s0:s1], U[s0:s1, s1:], alpha=-1.0)
+    W.mul_(keep)
     return E
+
+
+def _triton_prune(W: torch.Tensor, L: int):
+    try:
+        from . import triton_gptq
+    except ImportError:
+        return None
+    if not triton_gptq.available(W) or L > triton_gptq.MAX_BLOCK:
+        return None
+    return triton_gptq.prune_columns
 
 
 def after_pruning(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor, block: int = 128) -> torch.Tensor:
@@ -57,7 +79,9 @@ def after_pruning(Wseg: torch.Tensor, Useg: torch.Tensor, keep: torch.Tensor, bl
         b = min(a + block, W.shape[1])
         if keep[:, a:b].all():
             continue
-        W[:, a:].addmm_(prune_errors(W[:, a:b], Useg[a:b, a:b], keep[:, a:b]), Useg[a:b, a:], alpha=-1.0)
+        E = prune_columns(W[:, a:b], Useg[a:b, a:b], keep[:, a:b])
+        if b < W.shape[1]:
+            W[:, b:].addmm_(E, Useg[a:b, b:], alpha=-1.0)
     return W
 
 

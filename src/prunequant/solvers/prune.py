@@ -7,7 +7,7 @@ from ..errors import RecipeError
 from ..recipe import PruneSpec
 from .base import LayerResult, LayerStats
 from .hessian import check_tokens, checked_hessian, compute_dtype, layer_objective, prepare_hessian
-from .obs import Rule, Sweep, fixed_blocks, n_pruned, nm_keep, prune_errors, prune_lowest
+from .obs import Rule, Sweep, fixed_blocks, n_pruned, nm_keep, prune_columns, prune_lowest
 
 
 # ---- masks ------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ def sparsegpt_prune(W: torch.Tensor, stats: LayerStats, spec: PruneSpec, per_row
 
 
 class _SparseGPTRule(Rule):
-    """SparseGPT's rule: each window's lowest saliencies w²/U_jj² pruned, compensated by one triangular solve."""
+    """SparseGPT's rule: each window's lowest saliencies w²/U_jj² pruned, compensated column by column."""
 
     def __init__(self, spec: PruneSpec, per_row: bool, inv_d2: torch.Tensor, W: torch.Tensor):
         self.spec, self.per_row, self.inv_d2 = spec, per_row, inv_d2
@@ -128,8 +128,7 @@ class _SparseGPTRule(Rule):
             size = 1 if self.per_row else rows
             keep = prune_lowest(sal, n_pruned(spec.sparsity, b * size) - n_pruned(spec.sparsity, a * size),
                                 self.per_row)
-        E = prune_errors(Wr, Ur, keep)
-        Wr.addmm_(E, Ur, alpha=-1.0).mul_(keep)  # pruned → 0 (no host sync)
+        E = prune_columns(Wr, Ur, keep)  # Wr in place: pruned → 0, the run's later columns compensated
         if b < i2:
             sweep.W[:, b:i2].addmm_(E, sweep.U[a:b, b:i2], alpha=-1.0)
         sweep.Err1[:, a - sweep.i1:b - sweep.i1] = E

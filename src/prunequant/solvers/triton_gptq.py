@@ -1,4 +1,5 @@
-"""GPTQ's in-block column loop as one Triton kernel launch (CUDA; float32); numerics: docs/methods.md."""
+"""GPTQ's in-block column loop, and SparseGPT's pruning loop, as one Triton kernel launch each (CUDA;
+float32); numerics: docs/methods.md."""
 from __future__ import annotations
 
 import os
@@ -55,6 +56,39 @@ if triton is not None:
             tl.store(C + r * sc0 + i * sc1, q, mask=rm)
             tl.store(E + r * se0 + i * se1, err, mask=rm)
         tl.store(W + r[:, None] * sw0 + c[None, :] * sw1, tile, mask=rm[:, None] & cm[None, :])
+
+
+    @triton.jit
+    def _prune_cols_kernel(W, sw0, sw1, U, su0, su1, M, sm0, sm1, E, se0, se1, rows, ncols,
+                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+        c = tl.arange(0, BLOCK_C)
+        rm = r < rows
+        cm = c < ncols
+        tile = tl.load(W + r[:, None] * sw0 + c[None, :] * sw1, mask=rm[:, None] & cm[None, :], other=0.0)
+        for i in range(0, ncols):
+            w = tl.sum(tl.where((c == i)[None, :], tile, 0.0), axis=1)
+            keep = tl.load(M + r * sm0 + i * sm1, mask=rm, other=1)
+            d = tl.load(U + i * su0 + i * su1)
+            err = tl.where(keep != 0, 0.0, tl.math.div_rn(w, d))
+            u = tl.load(U + i * su0 + c * su1, mask=(c > i) & cm, other=0.0)
+            tile = tile - err[:, None] * u[None, :]
+            tile = tl.where((c == i)[None, :] & (keep == 0)[:, None], 0.0, tile)
+            tl.store(E + r * se0 + i * se1, err, mask=rm)
+        tl.store(W + r[:, None] * sw0 + c[None, :] * sw1, tile, mask=rm[:, None] & cm[None, :])
+
+
+def prune_columns(W1: torch.Tensor, U1: torch.Tensor, mask_u8: torch.Tensor, err1: torch.Tensor,
+                  block_rows: int = 16) -> None:
+    """obs.prune_columns in one launch: W1 (rows, B) in place, U1 (B, B), mask_u8 (1 = kept), err1 out."""
+    rows, B = W1.shape
+    if B > MAX_BLOCK:
+        raise ValueError(f"segment of {B} columns is wider than the kernel's {MAX_BLOCK}")
+    block_c = max(16, triton.next_power_of_2(B))
+    _prune_cols_kernel[(triton.cdiv(rows, block_rows),)](
+        W1, *W1.stride(), U1, *U1.stride(), mask_u8, *mask_u8.stride(), err1, *err1.stride(), rows, B,
+        BLOCK_R=block_rows, BLOCK_C=block_c, num_warps=4 if block_c <= 128 else 8)
 
 
 def gptq_columns(W1: torch.Tensor, U1: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
