@@ -87,6 +87,17 @@ def _compare_joint() -> list[dict]:
     return out
 
 
+def _interpreted(fn: str) -> list[dict]:
+    """``fn()`` of this module run in a child process under Triton's interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env.pop("PRUNEQUANT_NO_TRITON", None)
+    code = f"import json, test_triton_gptq as t; print(json.dumps(t.{fn}()))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 PRUNE_CASES = [(0.5, 0, 0, 64), (0.5, 2, 4, 64), (0.3, 0, 0, 48)]  # unstructured, 2:4, a ragged block
 
 
@@ -129,13 +140,8 @@ def _compare_prune() -> list[dict]:
 
 
 def test_triton_pruning_loop_matches_torch_loop():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("PRUNEQUANT_NO_TRITON", None)
-    code = "import json, test_triton_gptq as t; print(json.dumps(t._compare_prune()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for case, r in zip(PRUNE_CASES, json.loads(proc.stdout.strip().splitlines()[-1])):
+    results = _interpreted("_compare_prune")
+    for case, r in zip(PRUNE_CASES, results):
         assert r["used"] and r["pruned_zero"] and r["outside_same"], (case, r)
         assert r["w_diff"] < 1e-4 and r["e_diff"] < 1e-4, (case, r)
         assert r["same_mask"] > 0.995, (case, r)
@@ -143,13 +149,7 @@ def test_triton_pruning_loop_matches_torch_loop():
 
 
 def test_triton_loop_matches_torch_loop():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("PRUNEQUANT_NO_TRITON", None)
-    code = "import json, test_triton_gptq as t; print(json.dumps(t._compare_all()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _interpreted("_compare_all")
     for case, r in zip(CASES, results):
         assert r["used"], case
         assert r["same_codes"] > 0.995, (case, r)  # float rounding may flip a rare near-tie code
@@ -159,13 +159,7 @@ def test_triton_loop_matches_torch_loop():
 
 
 def test_triton_loop_matches_torch_loop_in_joint_solver():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    env.pop("PRUNEQUANT_NO_TRITON", None)
-    code = "import json, test_triton_gptq as t; print(json.dumps(t._compare_joint()))"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = _interpreted("_compare_joint")
     for case, r in zip(JOINT_CASES, results):
         assert r["used"], case
         assert r["same_mask"] > 0.995 and r["same_codes"] > 0.995, (case, r)
