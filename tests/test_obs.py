@@ -74,3 +74,27 @@ def test_mask_helpers_exact_counts():
     assert int((~prune_lowest(s, 5, per_row=False)).sum()) == 5
     keep = nm_keep(s, 2, 4)
     assert keep.reshape(3, 2, 4).sum(2).eq(2).all() and not keep[:, 3].any()
+
+
+def test_prune_columns_falls_back_when_the_kernel_does_not_compile(monkeypatch):
+    """A Triton kernel that fails at its first launch (before W changed) leaves the torch loop to do the work."""
+    from prunequant.solvers import obs
+
+    class TritonCompileError(Exception):
+        pass
+
+    TritonCompileError.__module__ = "triton.compiler.errors"
+
+    def broken(*args):
+        raise TritonCompileError("no sm_xx backend")
+
+    monkeypatch.setattr(obs, "_PRUNE_KERNEL", {"launched": False, "off": False})
+    monkeypatch.setattr(obs, "_triton_prune", lambda W, L: None if obs._PRUNE_KERNEL["off"] else broken)
+    W, H = _problem(seed=3)
+    Wp, U, _ = prepare_hessian(W, H)
+    keep = torch.rand(W.shape, generator=torch.Generator().manual_seed(4)) > 0.5
+    ref = _slow_obs(W, H, lambda j, w: torch.where(keep[:, j], w, torch.zeros_like(w)))
+    Wc = Wp.clone()
+    E = prune_columns(Wc, U, keep)
+    assert obs._PRUNE_KERNEL["off"]
+    assert torch.allclose(Wc, ref, atol=1e-9) and torch.allclose(Wp - E @ U, ref, atol=1e-9)

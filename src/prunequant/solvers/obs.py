@@ -46,8 +46,17 @@ def prune_columns(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, sub: int
     kernel = _triton_prune(W, L)
     if kernel is not None:
         E = torch.empty_like(W)
-        kernel(W, U, keep.to(torch.uint8), E)
-        return E
+        try:
+            kernel(W, U, keep.to(torch.uint8), E)
+            _PRUNE_KERNEL["launched"] = True
+            return E
+        except Exception as e:  # noqa: BLE001
+            # a kernel that does not compile fails at its first launch, before W changed
+            if not type(e).__module__.startswith("triton") or _PRUNE_KERNEL["launched"]:
+                raise
+            log.warning("Triton pruning kernel unavailable (%s: %s); using the torch loop",
+                        type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
+            _PRUNE_KERNEL["off"] = True
     E = torch.zeros_like(W)
     for s0 in range(0, L, sub):
         s1 = min(s0 + sub, L)
@@ -62,7 +71,12 @@ def prune_columns(W: torch.Tensor, U: torch.Tensor, keep: torch.Tensor, sub: int
     return E
 
 
+_PRUNE_KERNEL = {"launched": False, "off": False}  # once launched, a later failure is a real error
+
+
 def _triton_prune(W: torch.Tensor, L: int):
+    if _PRUNE_KERNEL["off"]:
+        return None
     try:
         from . import triton_gptq
     except ImportError:

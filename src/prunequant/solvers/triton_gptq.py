@@ -57,7 +57,6 @@ if triton is not None:
             tl.store(E + r * se0 + i * se1, err, mask=rm)
         tl.store(W + r[:, None] * sw0 + c[None, :] * sw1, tile, mask=rm[:, None] & cm[None, :])
 
-
     @triton.jit
     def _prune_cols_kernel(W, sw0, sw1, U, su0, su1, M, sm0, sm1, E, se0, se1, rows, ncols,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
