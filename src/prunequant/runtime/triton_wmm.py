@@ -88,14 +88,21 @@ if triton is not None:
                  mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
+    def _split_tile(pid_n, pid_k, pid_m, M, N, KW, KWS, BM: tl.constexpr, BN: tl.constexpr):
+        """Output rows and mask, input rows and mask, and word range [w_lo, w_hi) of tile (n, k-split, m)."""
+        rn = pid_n * BN + tl.arange(0, BN)
+        rm = pid_m * BM + tl.arange(0, BM)
+        w_lo = pid_k * KWS
+        return rn, rn < N, rm, rm < M, w_lo, tl.minimum(w_lo + KWS, KW)
+
+    @triton.jit
     def _split_program(M, N, KW, KWS, BM: tl.constexpr, BN: tl.constexpr):
         """Program (n-tile, k-split, block of BM input rows; a 2-D grid has one block): (k-split, output
         rows and mask, input rows and mask, its word range [w_lo, w_hi))."""
         pid_k = tl.program_id(1)
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.program_id(2) * BM + tl.arange(0, BM)
-        w_lo = pid_k * KWS
-        return pid_k, rn, rn < N, rm, rm < M, w_lo, tl.minimum(w_lo + KWS, KW)
+        rn, n_mask, rm, m_mask, w_lo, w_hi = _split_tile(tl.program_id(0), pid_k, tl.program_id(2), M, N, KW, KWS,
+                                                         BM, BN)
+        return pid_k, rn, n_mask, rm, m_mask, w_lo, w_hi
 
     @triton.jit
     def _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS: tl.constexpr,
@@ -416,6 +423,12 @@ if triton is not None:
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit
+    def _word_tile(C, scn, rn, n_mask, w0, w_hi, BW: tl.constexpr):
+        """The (BN, BW) int32 words of rows rn from word w0 (zeros past w_hi)."""
+        rw = w0 + tl.arange(0, BW)
+        return tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :], other=0)
+
+    @triton.jit
     def _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
                    BITS: tl.constexpr, IEEE: tl.constexpr, NGT: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
         """acc += x · wᵀ for the (BN, BW) word tile ``words`` at word ``w0`` (see _sdot_kernel)."""
@@ -456,12 +469,7 @@ if triton is not None:
         # broadcast unpack spilled. Loads: the next tile's words before this one is used, or (PIPE) each
         # tile's own, left to Triton's software pipeliner (num_stages tiles in flight).
         PER: tl.constexpr = 32 // BITS
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_mask = rn < N
-        rm = tl.arange(0, BM)
-        m_mask = rm < M
-        w_lo = pid_k * KWS
-        w_hi = tl.minimum(w_lo + KWS, KW)
+        rn, n_mask, rm, m_mask, w_lo, w_hi = _split_tile(pid_n, pid_k, 0, M, N, KW, KWS, BM, BN)
         k_hi = tl.minimum(w_hi * PER, K)
         s = tl.zeros((BN,), dtype=tl.float32)
         z = tl.zeros((BN,), dtype=tl.float32)
@@ -471,22 +479,16 @@ if triton is not None:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         if PIPE:
             for w0 in range(w_lo, w_hi, BW):
-                rw = w0 + tl.arange(0, BW)
-                words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :],
-                                other=0)
+                words = _word_tile(C, scn, rn, n_mask, w0, w_hi, BW)
                 acc = _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
                                  BITS, IEEE, NGT, BN, BW)
         else:
-            rw = w_lo + tl.arange(0, BW)
-            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=n_mask[:, None] & (rw < w_hi)[None, :],
-                            other=0)
+            words = _word_tile(C, scn, rn, n_mask, w_lo, w_hi, BW)
             for w0 in range(w_lo, w_hi, BW):
-                rw_n = rw + BW
-                words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :],
-                                  mask=n_mask[:, None] & (rw_n < w_hi)[None, :], other=0)
+                words_n = _word_tile(C, scn, rn, n_mask, w0 + BW, w_hi, BW)
                 acc = _sdot_step(acc, words, w0, X, sxm, sxk, rm, m_mask, k_hi, S, Z, ssn, rn, n_mask, s, z, K, GS,
                                  BITS, IEEE, NGT, BN, BW)
-                words, rw = words_n, rw_n
+                words = words_n
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
