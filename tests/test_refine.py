@@ -228,6 +228,8 @@ def test_refine_spec_validation_and_recipe_round_trip():
         RefineSpec(mode="everything")
     with pytest.raises(RecipeError, match="steps"):
         RefineSpec(steps=0)
+    with pytest.raises(RecipeError, match="schedule 'linear' unknown"):
+        RefineSpec(schedule="linear")
     r = Recipe.from_dict({"quant": {"method": "gptq", "bits": 2}, "refine": "both"})
     assert r.refine == RefineSpec(mode="both") and Recipe.from_dict(r.to_dict()).refine == r.refine
     assert "refine" not in Recipe(quant=QuantSpec()).to_dict()  # plain recipes keep their old form and fingerprint
@@ -342,6 +344,44 @@ def test_global_lr_scales_the_global_stage_rates():
         log = global_refine(model, ids, rep.states, teacher, spec, batch_size=4, device="cpu")
         moved[mult] = max(abs(kl - log["kl_before"]) for _, kl in log["judge_curve"])
     assert moved[1e-7] < 1e-5 < moved[1.0]
+
+
+def test_cosine_schedule_decays_each_stages_rate_to_zero_and_still_refines(monkeypatch):
+    """With schedule cosine every Adam group's rate follows 0.5·(1 + cos(π·t/T)) over the stage's own T steps
+    (the last step near zero), in both stages, and the blocks still get better."""
+    import prunequant.refine.blockwise as bw
+
+    seen = []
+    real = bw._schedule
+
+    def spy(opt, schedule, n):
+        base = [g["lr"] for g in opt.param_groups]
+        sched = real(opt, schedule, n)
+        advance = sched.step
+
+        def recording_step():  # called right after each optimiser step: the rates that step used
+            seen.append((n, [g["lr"] / b for g, b in zip(opt.param_groups, base) if b]))
+            advance()
+        sched.step = recording_step
+        return sched
+    monkeypatch.setattr(bw, "_schedule", spy)
+    monkeypatch.setattr("prunequant.refine.global_kl._schedule", spy)
+    model = tiny_model("llama")
+    ids = calib(n=8)
+    teacher = teacher_topk(model, ids, 32, 4, "cpu")
+    spec = RefineSpec(mode="both", steps=20, global_steps=10, holdout=0, schedule="cosine")
+    ref = BlockRefiner(spec)
+    rep = compress_model(model, ids, RECIPES["2bit"].plan_for, device="cpu", batch_size=4, progress=False,
+                         block_hook=ref)
+    global_refine(model, ids, rep.states, teacher, spec, batch_size=4, device="cpu")
+    assert all(b["error_after"] < b["error_before"] for b in ref.log)
+    for n in (20, 10):
+        runs = [f for m, f in seen if m == n]
+        stage = runs[:n]  # the first run of this stage's length
+        for t, factors in enumerate(stage):
+            assert factors and all(abs(f - 0.5 * (1 + math.cos(math.pi * t / n))) < 1e-9 for f in factors), (n, t)
+        assert max(stage[-1]) < 0.03
+    assert len(seen) == 20 * len(ref.log) + 10
 
 
 def _norms(model) -> dict:

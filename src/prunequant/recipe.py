@@ -121,6 +121,8 @@ class RefineSpec:
     # block-wise targets: the original block on the same (compressed-stream) inputs, or the original model's
     # own activations at that depth (then each block also learns to undo the error of the blocks before it)
     target: str = "same-inputs"
+    # learning rate over each stage's steps: constant, or cosine decay to zero (EfficientQAT's schedule)
+    schedule: str = "constant"
 
     def __post_init__(self):
         _numbers(self, steps=int, global_steps=int, lr_code=float, lr_scale=float, topk=int, global_batch=int,
@@ -135,6 +137,8 @@ class RefineSpec:
             raise RecipeError("refine learning rates must be positive (lr_code) and non-negative (lr_scale, lr_norm)")
         if self.target not in ("same-inputs", "original-stream"):
             raise RecipeError(f"refine target {self.target!r} unknown; choose same-inputs or original-stream")
+        if self.schedule not in ("constant", "cosine"):
+            raise RecipeError(f"refine schedule {self.schedule!r} unknown; choose constant or cosine")
         if self.topk < 1 or self.global_batch < 1:
             raise RecipeError("refine topk and global_batch must be >= 1")
         if not 0 <= self.holdout < 1:

@@ -1,6 +1,7 @@
 """Block-wise refinement: after a block is solved, match the original block's outputs (docs/internals.md)."""
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -36,6 +37,13 @@ def block_error(block, inputs, targets, device) -> float:
 def _adam(groups, device):
     """Adam; the fused kernel on CUDA (one launch for all views: these models are launch-bound)."""
     return torch.optim.Adam(groups, fused=torch.device(device).type == "cuda")
+
+
+def _schedule(opt, schedule: str, n_steps: int):
+    """Per-step learning-rate scheduler of a stage (``step()`` after each ``opt.step()``)."""
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / n_steps, 1))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
 class BlockRefiner:
@@ -80,6 +88,7 @@ class BlockRefiner:
         block.eval()  # no dropout: the targets were computed without it
         with views.active(block), torch.enable_grad():
             opt = _adam(views.param_groups(spec), device)
+            sched = _schedule(opt, spec.schedule, spec.steps)
             running = torch.zeros((), device=device)
             for step in range(spec.steps):
                 if not order:
@@ -92,6 +101,7 @@ class BlockRefiner:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                sched.step()
                 views.project_()
                 running += loss.detach()  # no host sync per step
                 if (step + 1) % self.log_every == 0 or step + 1 == spec.steps:

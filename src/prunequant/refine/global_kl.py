@@ -9,7 +9,7 @@ import torch
 
 from ..models import all_linear_names
 from .attach import Attached, norm_params
-from .blockwise import _adam
+from .blockwise import _adam, _schedule
 
 
 @torch.no_grad()
@@ -97,6 +97,7 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
         opt = _adam([dict(g, lr=g["lr"] * spec.global_lr) for g in views.param_groups(spec)], device)
+        sched = _schedule(opt, spec.schedule, n_steps)
         running = torch.zeros((), device=device)
         try:
             for step in range(n_steps):
@@ -110,6 +111,7 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                 opt.step()
+                sched.step()
                 views.project_()
                 running += loss.detach()  # no host sync per step
                 if (step + 1) % log_every == 0 or step + 1 == n_steps:
