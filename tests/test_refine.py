@@ -352,20 +352,20 @@ def test_cosine_schedule_decays_each_stages_rate_to_zero_and_still_refines(monke
     import prunequant.refine.blockwise as bw
 
     seen = []
-    real = bw._schedule
+    real = bw.optimizer
 
-    def spy(opt, schedule, n):
-        base = [g["lr"] for g in opt.param_groups]
-        sched = real(opt, schedule, n)
+    def spy(groups, device, schedule, n):
+        base = [g["lr"] for g in groups]
+        opt, sched = real(groups, device, schedule, n)
         advance = sched.step
 
         def recording_step():  # called right after each optimiser step: the rates that step used
             seen.append((n, [g["lr"] / b for g, b in zip(opt.param_groups, base) if b]))
             advance()
         sched.step = recording_step
-        return sched
-    monkeypatch.setattr(bw, "_schedule", spy)
-    monkeypatch.setattr("prunequant.refine.global_kl._schedule", spy)
+        return opt, sched
+    monkeypatch.setattr(bw, "optimizer", spy)
+    monkeypatch.setattr("prunequant.refine.global_kl.optimizer", spy)
     model = tiny_model("llama")
     ids = calib(n=8)
     teacher = teacher_topk(model, ids, 32, 4, "cpu")

@@ -34,16 +34,15 @@ def block_error(block, inputs, targets, device) -> float:
     return num / max(den, 1e-30)
 
 
-def _adam(groups, device):
-    """Adam; the fused kernel on CUDA (one launch for all views: these models are launch-bound)."""
-    return torch.optim.Adam(groups, fused=torch.device(device).type == "cuda")
-
-
-def _schedule(opt, schedule: str, n_steps: int):
-    """Per-step learning-rate scheduler of a stage (``step()`` after each ``opt.step()``)."""
+def optimizer(groups, device, schedule: str, n_steps: int):
+    """(Adam, its per-step rate scheduler) for one stage of ``n_steps``: call ``sched.step()`` after each
+    ``opt.step()``. Adam is the fused kernel on CUDA (one launch for all views: these models are launch-bound)."""
+    opt = torch.optim.Adam(groups, fused=torch.device(device).type == "cuda")
     if schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / n_steps, 1))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        rate = lambda s: 0.5 * (1 + math.cos(math.pi * min(s / n_steps, 1)))  # noqa: E731
+    else:
+        rate = lambda s: 1.0  # noqa: E731
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, rate)
 
 
 class BlockRefiner:
@@ -87,8 +86,7 @@ class BlockRefiner:
         was_training = block.training
         block.eval()  # no dropout: the targets were computed without it
         with views.active(block), torch.enable_grad():
-            opt = _adam(views.param_groups(spec), device)
-            sched = _schedule(opt, spec.schedule, spec.steps)
+            opt, sched = optimizer(views.param_groups(spec), device, spec.schedule, spec.steps)
             running = torch.zeros((), device=device)
             for step in range(spec.steps):
                 if not order:

@@ -9,7 +9,7 @@ import torch
 
 from ..models import all_linear_names
 from .attach import Attached, norm_params
-from .blockwise import _adam, _schedule
+from .blockwise import optimizer
 
 
 @torch.no_grad()
@@ -96,8 +96,8 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
         for m in model.modules():
             if isinstance(m, torch.nn.Dropout):
                 m.eval()
-        opt = _adam([dict(g, lr=g["lr"] * spec.global_lr) for g in views.param_groups(spec)], device)
-        sched = _schedule(opt, spec.schedule, n_steps)
+        opt, sched = optimizer([dict(g, lr=g["lr"] * spec.global_lr) for g in views.param_groups(spec)], device,
+                               spec.schedule, n_steps)
         running = torch.zeros((), device=device)
         try:
             for step in range(n_steps):
