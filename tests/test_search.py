@@ -241,6 +241,16 @@ def test_warm_start_seeds_are_the_standard_recipes():
     assert seeds[0]["family"] == "joint" and seeds[0]["bits"] == 4  # SparseGPT 50% + GPTQ 4-bit, one pass
     assert {s["family"] for s in seeds} == {"joint", "quant"}
     assert len({tuple(sorted(s.items())) for s in seeds}) == len(seeds)
+    assert not any("refine" in s for s in seeds)  # refinement not on offer: nothing to choose
+    sp = SearchSpace(refine=("none", "blockwise", "both"), refine_steps=7)
+    with_refine = seed_params(resolve(sp, inv, b), inv, b)
+    plain, extra = with_refine[:len(seeds)], with_refine[len(seeds):]
+
+    def rest(s):
+        return {k: v for k, v in s.items() if k != "refine"}
+    assert [rest(s) for s in plain] == seeds and {s["refine"] for s in plain} == {"none"}  # standard ones first
+    assert [s["refine"] for s in extra] == ["blockwise", "both"]  # then the first of them in each mode
+    assert all(rest(s) == seeds[0] for s in extra)
 
 
 def test_new_study_runs_the_seeds_first(files, tmp_path):

@@ -296,6 +296,7 @@ def suggest(trial, res: Resolved, inv: Inventory, budget: Budget) -> tuple[Recip
 # Warm start: the standard recipes of the literature at this budget (SparseGPT + GPTQ at 4 or 3 bits with the
 # sparsity that meets the budget, GPTQ alone, 2:4 + GPTQ), tried first so that the search starts
 # where a careful hand-picker would and can only improve on them (TPE models the rest from these points).
+# With refinement in the space, the first of them is also tried refined in each mode on offer (seed_params).
 SEED_PREFERENCES = (
     {"family": "joint", "prune_method": "sparsegpt", "pattern": "unstructured", "quant_method": "gptq",
      "group_size": 128, "joint": "onepass", "act_order": False, "allocation": "uniform", "edges": "none",
@@ -335,9 +336,11 @@ class _SeedTrial:
 
 
 def seed_params(res: Resolved, inv: Inventory, budget: Budget) -> list[dict]:
-    """optuna parameter sets of the standard recipes that this model and budget admit (duplicates dropped)."""
+    """optuna parameter sets of the standard recipes that this model and budget admit (duplicates dropped),
+    then the first of them refined in each mode the space offers (what a hand-picker would try next)."""
+    refined = tuple({**SEED_PREFERENCES[0], "refine": m} for m in res.space.refine if m != "none")
     out = []
-    for prefs in SEED_PREFERENCES:
+    for prefs in SEED_PREFERENCES + refined:
         t = _SeedTrial(prefs)
         try:
             suggest(t, res, inv, budget)
