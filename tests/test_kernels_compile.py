@@ -37,9 +37,10 @@ def _cases():
                 {"kind": "gemvr", "BN": 16, "BW": 32, "SPLIT": 2, "num_warps": 8, "num_stages": 2},
                 {"kind": "pdot", "BM": 16, "BN": 32, "BW": 16, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
                 tw.launch_config(64, 64)] + \
-            [c for c in tw._sdot_candidates(8, 64, seg) if c["SPLIT"] == 1]
+            [c for c in tw._sdot_candidates(8, 64, seg) if c["SPLIT"] == 1] + \
+            [{"kind": "gemv", "BN": 16, "BW": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 4, "U3": False, "PIPE": 4}]
         assert not tw._sdot_candidates(8, 64, seg) or any(c.get("PIPE") for c in cfgs)
-        for m, c in [(1, cfgs[0])] + [(8, c) for c in cfgs[1:]]:
+        for m, c in [(1, cfgs[0]), (1, cfgs[-1])] + [(8, c) for c in cfgs[1:]]:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
             calls.append(lambda x=x, seg=seg, c=c: tw.run(x, [seg], 64, None, c))
         calls.append(lambda seg=seg: tw.dequantize_into(seg, torch.empty(64, seg.k + 3, dtype=torch.bfloat16), 3))
@@ -78,12 +79,16 @@ def test_every_launch_compiles_for_sm90():
         for call in _cases():
             call()
     assert {kernel.fn.__name__ for kernel, _, _ in launches} == set(KERNELS)
-    failed = []
+    failed, pipelined = [], []
     for kernel, args, kwargs in launches:
         try:
-            res = resources(compile_launch(kernel, args, kwargs))
+            compiled = compile_launch(kernel, args, kwargs)
+            res = resources(compiled)
             assert res["registers"] > 0
+            if kernel.fn.__name__ == "_gemv_kernel" and kwargs["PIPE"] and kwargs["ONE_ROW"]:  # async copies
+                pipelined.append("cp.async" in compiled.asm["ptx"])
         except Exception as e:  # noqa: BLE001 - report every kernel that does not compile
             failed.append(f"{kernel.fn.__name__} {sorted((k, v) for k, v in kwargs.items() if k.isupper())}: "
                           f"{type(e).__name__}: {str(e)[:300]}")
     assert not failed, "\n".join(failed)
+    assert pipelined and all(pipelined), "the pipelined GEMV tiles compiled without asynchronous copies"

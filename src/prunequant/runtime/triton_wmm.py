@@ -248,32 +248,47 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _gemv_step(acc, xacc, words, s, z, rw, w_mask, first, X, sxm, sxk, Y, sym, M, rn, n_mask, S, Z, ssn, COLS,
+                   K, GS, bias, s_row, z_row, BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr,
+                   NGT: tl.constexpr, ONE_ROW: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
+                   UNPACK3: tl.constexpr):
+        """One word tile of _gemv_body: accumulated (one row) or reduced and added to the output (more rows)."""
+        WORD_GROUPS: tl.constexpr = GRID != 0
+        if ONE_ROW:  # accumulate over the k-tiles, one reduction at the end
+            t, xs = _word_products(words, X, sxk, rw, w_mask, n_mask, rn, S, Z, ssn, COLS, K, GS,
+                                   BITS, HAS_COLS, WORD_GROUPS, BN, BW, UNPACK3)
+            acc += _apply_grid(t, xs, s, z, GRID, NGT, BN, BW)
+            xacc += xs
+        else:  # every input row reduces its own tile and adds it to the output
+            for m in range(0, M):
+                t, xs = _word_products(words, X + m * sxm, sxk, rw, w_mask, n_mask, rn, S, Z, ssn, COLS, K,
+                                       GS, BITS, HAS_COLS, WORD_GROUPS, BN, BW, UNPACK3)
+                part = tl.sum(_apply_grid(t, xs, s, z, GRID, NGT, BN, BW), axis=1)
+                if GRID == 3:
+                    part = s_row * (part - z_row * tl.sum(xs, axis=0))
+                if first:
+                    part += bias
+                tl.atomic_add(Y + m * sym + rn, part, mask=n_mask)
+        return acc, xacc
+
+    @triton.jit
     def _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
                    BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
-                   BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr):
+                   BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr):
         # program (n-tile, k-split): rows rn of W over words [pid_k·KWS, (pid_k+1)·KWS), every input row.
-        # Decode is bound by bytes in flight: the next tile's words are loaded before this tile is used
-        # (K, KW, KWS stay specialized so that Triton can prove 16-byte alignment and vectorize), and the
+        # Decode is bound by bytes in flight: the next tile's words are loaded before this tile is used, or
+        # (PIPE > 0) each tile loads its own and Triton's software pipeliner keeps PIPE tiles in flight
+        # (K, KW, KWS stay specialized so that Triton can prove 16-byte alignment and vectorize); the
         # weights are read once for all input rows. Per word position j: t += c_j · x_j elementwise over
         # (rows, words); the grid is applied per word, per group of the tile (s · (t − z · Σ x)), or, with
         # one group per row (GRID 3), once at the end.
         # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row.
         PER: tl.constexpr = 32 // BITS
-        WORD_GROUPS: tl.constexpr = GRID != 0
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
         w_lo = pid_k * KWS
         w_hi = tl.minimum(w_lo + KWS, KW)
-        rw = w_lo + tl.arange(0, BW)
-        w_mask = rw < w_hi
-        nw_mask = n_mask[:, None] & w_mask[None, :]
-        words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
-        if GRID == 1 or GRID == 2:
-            s, z = _grid_at(S, Z, ssn, rn, n_mask, w_lo, rw, nw_mask, K, GS, PER, GRID, NGT)
-        else:
-            s = tl.zeros((BN,), dtype=tl.float32)
-            z = tl.zeros((BN,), dtype=tl.float32)
         if GRID == 2:
             acc = tl.zeros((BN, NGT), dtype=tl.float32)
         else:
@@ -283,34 +298,44 @@ if triton is not None:
         if HAS_BIAS:  # added by the first k-split only
             bias = tl.load(BIAS + rn, mask=n_mask, other=0.0).to(tl.float32)
             bias = tl.where(pid_k == 0, bias, 0.0)
+        s_row = tl.zeros((BN,), dtype=tl.float32)
+        z_row = tl.zeros((BN,), dtype=tl.float32)
         if GRID == 3:
             s_row = tl.load(S + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
-        for w0 in range(w_lo, w_hi, BW):
-            rw_n = rw + BW
-            w_mask_n = rw_n < w_hi
-            nw_mask_n = n_mask[:, None] & w_mask_n[None, :]
-            words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=nw_mask_n, other=0)
+        if PIPE > 0:
+            for w0 in tl.range(w_lo, w_hi, BW, num_stages=PIPE):
+                rw = w0 + tl.arange(0, BW)
+                w_mask = rw < w_hi
+                nw_mask = n_mask[:, None] & w_mask[None, :]
+                words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+                s, z = s_row, z_row
+                if GRID == 1 or GRID == 2:
+                    s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT)
+                acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
+                                       n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
+                                       NGT, ONE_ROW, BN, BW, UNPACK3)
+        else:
+            rw = w_lo + tl.arange(0, BW)
+            w_mask = rw < w_hi
+            nw_mask = n_mask[:, None] & w_mask[None, :]
+            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+            s, z = s_row, z_row
             if GRID == 1 or GRID == 2:
-                s_n, z_n = _grid_at(S, Z, ssn, rn, n_mask, w0 + BW, rw_n, nw_mask_n, K, GS, PER, GRID, NGT)
-            if ONE_ROW:  # accumulate over the k-tiles, one reduction at the end
-                t, xs = _word_products(words, X, sxk, rw, w_mask, n_mask, rn, S, Z, ssn, COLS, K, GS,
-                                       BITS, HAS_COLS, WORD_GROUPS, BN, BW, UNPACK3)
-                acc += _apply_grid(t, xs, s, z, GRID, NGT, BN, BW)
-                xacc += xs
-            else:  # every input row reduces its own tile and adds it to the output
-                for m in range(0, M):
-                    t, xs = _word_products(words, X + m * sxm, sxk, rw, w_mask, n_mask, rn, S, Z, ssn, COLS, K,
-                                           GS, BITS, HAS_COLS, WORD_GROUPS, BN, BW, UNPACK3)
-                    part = tl.sum(_apply_grid(t, xs, s, z, GRID, NGT, BN, BW), axis=1)
-                    if GRID == 3:
-                        part = s_row * (part - z_row * tl.sum(xs, axis=0))
-                    if w0 == w_lo:
-                        part += bias
-                    tl.atomic_add(Y + m * sym + rn, part, mask=n_mask)
-            words, rw, w_mask = words_n, rw_n, w_mask_n
-            if GRID == 1 or GRID == 2:
-                s, z = s_n, z_n
+                s, z = _grid_at(S, Z, ssn, rn, n_mask, w_lo, rw, nw_mask, K, GS, PER, GRID, NGT)
+            for w0 in range(w_lo, w_hi, BW):
+                rw_n = rw + BW
+                w_mask_n = rw_n < w_hi
+                nw_mask_n = n_mask[:, None] & w_mask_n[None, :]
+                words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=nw_mask_n, other=0)
+                if GRID == 1 or GRID == 2:
+                    s_n, z_n = _grid_at(S, Z, ssn, rn, n_mask, w0 + BW, rw_n, nw_mask_n, K, GS, PER, GRID, NGT)
+                acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
+                                       n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
+                                       NGT, ONE_ROW, BN, BW, UNPACK3)
+                words, rw, w_mask = words_n, rw_n, w_mask_n
+                if GRID == 1 or GRID == 2:
+                    s, z = s_n, z_n
         if ONE_ROW:
             out = tl.sum(acc, axis=1)
             if GRID == 3:
@@ -325,9 +350,9 @@ if triton is not None:
     def _gemv_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
-                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr):
+                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr):
         _gemv_body(tl.program_id(0), tl.program_id(1), X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS,
-                   K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3)
+                   K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3, PIPE)
 
     @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
     def _gemv2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
@@ -336,17 +361,17 @@ if triton is not None:
                       BITS_A: tl.constexpr, GRID_A: tl.constexpr, NGT_A: tl.constexpr,
                       BITS_B: tl.constexpr, GRID_B: tl.constexpr, NGT_B: tl.constexpr,
                       HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                      UNPACK3: tl.constexpr):
+                      UNPACK3: tl.constexpr, PIPE: tl.constexpr):
         # A channel-mixed layer in one launch. Its input is gathered into [part A's columns | part B's]; the
         # first SPLIT_A k-splits of every n-tile read part A, the others part B, all adding into Y (float32).
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         if pid_k < SPLIT_A:
             _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, CA, KA, KWA, KWSA,
-                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3)
+                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3, PIPE)
         else:
             _gemv_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
-                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3)
+                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3, PIPE)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
@@ -657,15 +682,18 @@ def launch_config(M: int, N: int) -> dict:
 
 def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
     """Decode tiles (rows × words per load) and k-splits: enough programs to keep the memory system busy,
-    never a split shorter than one tile."""
+    never a split shorter than one tile. The next tile is prefetched by hand, or (PIPE) 3-4 tiles are kept
+    in flight by Triton's software pipeliner."""
     kw = seg.codes.shape[1]
     out = []
-    for bn, bw, warps, u3 in ((16, 128, 4, False), (8, 256, 4, False), (8, 128, 4, False), (4, 256, 4, False),
-                              (16, 256, 8, False), (8, 128, 4, True)):
-        if u3 and (seg.cols is not None or 32 % seg.bits):
+    for bn, bw, warps, u3, pipe in ((16, 128, 4, False, 0), (8, 256, 4, False, 0), (8, 128, 4, False, 0),
+                                    (4, 256, 4, False, 0), (16, 256, 8, False, 0), (8, 128, 4, True, 0),
+                                    (16, 64, 4, False, 4), (16, 128, 4, False, 3), (8, 128, 4, False, 4),
+                                    (32, 64, 4, False, 3), (8, 256, 4, False, 3), (16, 128, 8, False, 4)):
+        if (u3 and (seg.cols is not None or 32 % seg.bits)) or (pipe and M > 1):  # the row loop is not pipelined
             continue
-        out += _gemv_splits({"kind": "gemv", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 1, "U3": u3},
-                            kw, triton.cdiv(N, bn))
+        c = {"kind": "gemv", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 1, "U3": u3}
+        out += _gemv_splits(dict(c, PIPE=pipe, num_stages=pipe) if pipe else c, kw, triton.cdiv(N, bn))
     return out
 
 
@@ -1033,7 +1061,8 @@ def _cat(x, segments, N, bias, cfg) -> torch.Tensor:
         (ga, na), (gb, nb) = (_gemv_grid(s, cfg["BW"]) for s in segments)
         _gemv2_kernel[grid](*args, BITS_A=a.bits, GRID_A=ga, NGT_A=na, BITS_B=b.bits, GRID_B=gb, NGT_B=nb,
                             HAS_BIAS=bias is not None, ONE_ROW=M == 1, BN=cfg["BN"], BW=cfg["BW"],
-                            UNPACK3=cfg.get("U3", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                            UNPACK3=cfg.get("U3", False), PIPE=cfg.get("PIPE", 0), num_warps=cfg["num_warps"],
+                            num_stages=cfg["num_stages"])
     else:
         _sdot2_kernel[grid](*args, BITS_A=a.bits, NGT_A=_sdot_groups(a.group_size, cfg["BK"]), BW_A=bws[0],
                             BITS_B=b.bits, NGT_B=_sdot_groups(b.group_size, cfg["BK"]), BW_B=bws[1],
@@ -1132,7 +1161,7 @@ def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
                        seg.cols if seg.cols is not None else seg.codes, seg.k, kw, kws, gs,
                        BITS=seg.bits, HAS_COLS=seg.cols is not None, GRID=grid_kind, NGT=ngt,
                        HAS_BIAS=bias is not None, ATOMIC=atomic, ONE_ROW=one_row, BN=cfg["BN"], BW=bw,
-                       UNPACK3=cfg.get("U3", False),
+                       UNPACK3=cfg.get("U3", False), PIPE=cfg.get("PIPE", 0),
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
