@@ -220,11 +220,14 @@ if triton is not None:
 
     @triton.jit
     def _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS,
-                 PER: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr):
+                 PER: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr, BW: tl.constexpr):
         """The scales / zero points a gemv tile needs: per word (GRID 1, (BN, BW)) or per group of the tile
         (GRID 2, (BN, NGT)); other grids load theirs elsewhere."""
         if GRID == 2:
-            g = (w0 * PER) // GS + tl.arange(0, NGT)
+            if NGT > 1:  # the tile holds NGT whole groups of BW // NGT words (a shift, not a division)
+                g = w0 // (BW // NGT) + tl.arange(0, NGT)
+            else:
+                g = (w0 * PER) // GS + tl.arange(0, NGT)
             m = n_mask[:, None] & (g * GS < K)[None, :]
             s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=m, other=0.0).to(tl.float32)
             z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=m, other=0.0).to(tl.float32)
@@ -246,6 +249,23 @@ if triton is not None:
         else:
             out = t
         return out
+
+    @triton.jit
+    def _tile_words(w0, BW: tl.constexpr, STEP: tl.constexpr = 0):
+        """Words w0 … w0 + BW − 1 (or a tile w0 + STEP), declared contiguous from a multiple of BW: tiles start
+        at multiples of BW, and without the hint a loop-carried index loses that and loads go word by word."""
+        if STEP:
+            rw = w0 + STEP
+        else:
+            rw = w0 + tl.arange(0, BW)
+        return tl.max_contiguous(tl.multiple_of(rw, BW), BW)
+
+    @triton.jit
+    def _word_mask(rw, w_hi, EVEN: tl.constexpr, BW: tl.constexpr):
+        """Words rw below w_hi; all of them where the split is whole tiles (a constant mask keeps loads vector)."""
+        if EVEN:
+            return tl.full((BW,), 1, tl.int1)
+        return rw < w_hi
 
     @triton.jit
     def _gemv_step(acc, xacc, words, s, z, rw, w_mask, first, X, sxm, sxk, Y, sym, M, rn, n_mask, S, Z, ssn, COLS,
@@ -275,7 +295,8 @@ if triton is not None:
     def _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
                    BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
                    HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
-                   BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr):
+                   BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr,
+                   EVEN: tl.constexpr):
         # program (n-tile, k-split): rows rn of W over words [pid_k·KWS, (pid_k+1)·KWS), every input row.
         # Decode is bound by bytes in flight: the next tile's words are loaded before this tile is used, or
         # (PIPE > 0) each tile loads its own and Triton's software pipeliner keeps PIPE tiles in flight
@@ -284,6 +305,7 @@ if triton is not None:
         # (rows, words); the grid is applied per word, per group of the tile (s · (t − z · Σ x)), or, with
         # one group per row (GRID 3), once at the end.
         # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row.
+        # EVEN: every k-split is whole tiles of whole words, so only rows are masked and word loads vectorize.
         PER: tl.constexpr = 32 // BITS
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
@@ -305,31 +327,31 @@ if triton is not None:
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
         if PIPE > 0:
             for w0 in tl.range(w_lo, w_hi, BW, num_stages=PIPE):
-                rw = w0 + tl.arange(0, BW)
-                w_mask = rw < w_hi
+                rw = _tile_words(w0, BW)
+                w_mask = _word_mask(rw, w_hi, EVEN, BW)
                 nw_mask = n_mask[:, None] & w_mask[None, :]
                 words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
                 s, z = s_row, z_row
                 if GRID == 1 or GRID == 2:
-                    s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT)
+                    s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
                 acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
                                        n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
                                        NGT, ONE_ROW, BN, BW, UNPACK3)
         else:
-            rw = w_lo + tl.arange(0, BW)
-            w_mask = rw < w_hi
+            rw = _tile_words(w_lo, BW)
+            w_mask = _word_mask(rw, w_hi, EVEN, BW)
             nw_mask = n_mask[:, None] & w_mask[None, :]
             words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
             s, z = s_row, z_row
             if GRID == 1 or GRID == 2:
-                s, z = _grid_at(S, Z, ssn, rn, n_mask, w_lo, rw, nw_mask, K, GS, PER, GRID, NGT)
+                s, z = _grid_at(S, Z, ssn, rn, n_mask, w_lo, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
             for w0 in range(w_lo, w_hi, BW):
-                rw_n = rw + BW
-                w_mask_n = rw_n < w_hi
+                rw_n = _tile_words(rw, BW, BW)
+                w_mask_n = _word_mask(rw_n, w_hi, EVEN, BW)
                 nw_mask_n = n_mask[:, None] & w_mask_n[None, :]
                 words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=nw_mask_n, other=0)
                 if GRID == 1 or GRID == 2:
-                    s_n, z_n = _grid_at(S, Z, ssn, rn, n_mask, w0 + BW, rw_n, nw_mask_n, K, GS, PER, GRID, NGT)
+                    s_n, z_n = _grid_at(S, Z, ssn, rn, n_mask, w0 + BW, rw_n, nw_mask_n, K, GS, PER, GRID, NGT, BW)
                 acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
                                        n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
                                        NGT, ONE_ROW, BN, BW, UNPACK3)
@@ -350,9 +372,10 @@ if triton is not None:
     def _gemv_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
                      BITS: tl.constexpr, HAS_COLS: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, ONE_ROW: tl.constexpr,
-                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr):
+                     BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr,
+                     EVEN: tl.constexpr):
         _gemv_body(tl.program_id(0), tl.program_id(1), X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS,
-                   K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3, PIPE)
+                   K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3, PIPE, EVEN)
 
     @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
     def _gemv2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
@@ -368,10 +391,10 @@ if triton is not None:
         pid_k = tl.program_id(1)
         if pid_k < SPLIT_A:
             _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, CA, KA, KWA, KWSA,
-                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3, PIPE)
+                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3, PIPE, False)
         else:
             _gemv_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
-                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3, PIPE)
+                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3, PIPE, False)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
@@ -1162,6 +1185,7 @@ def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
                        BITS=seg.bits, HAS_COLS=seg.cols is not None, GRID=grid_kind, NGT=ngt,
                        HAS_BIAS=bias is not None, ATOMIC=atomic, ONE_ROW=one_row, BN=cfg["BN"], BW=bw,
                        UNPACK3=cfg.get("U3", False), PIPE=cfg.get("PIPE", 0),
+                       EVEN=kw % bw == 0 and kws % bw == 0 and seg.k == kw * per_word(seg.bits),
                        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype) if atomic else y
 
