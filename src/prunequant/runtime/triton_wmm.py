@@ -252,8 +252,8 @@ if triton is not None:
 
     @triton.jit
     def _tile_words(w0, BW: tl.constexpr, STEP: tl.constexpr = 0):
-        """Words w0 … w0 + BW − 1 (or a tile w0 + STEP), declared contiguous from a multiple of BW: tiles start
-        at multiples of BW, and without the hint a loop-carried index loses that and loads go word by word."""
+        """Words w0 … w0 + BW − 1 (or the tile w0 + STEP), declared contiguous from a multiple of BW: tiles start
+        at multiples of BW, which the compiler cannot derive through a loop-carried index."""
         if STEP:
             rw = w0 + STEP
         else:
@@ -305,7 +305,7 @@ if triton is not None:
         # (rows, words); the grid is applied per word, per group of the tile (s · (t − z · Σ x)), or, with
         # one group per row (GRID 3), once at the end.
         # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row.
-        # EVEN: every k-split is whole tiles of whole words, so only rows are masked and word loads vectorize.
+        # EVEN: every k-split is whole tiles of whole words, so only rows are masked (no compare per word).
         PER: tl.constexpr = 32 // BITS
         rn = pid_n * BN + tl.arange(0, BN)
         n_mask = rn < N
