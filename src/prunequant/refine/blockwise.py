@@ -45,6 +45,30 @@ def optimizer(groups, device, schedule: str, n_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, rate)
 
 
+def apply_step(opt, sched, views: Attached) -> None:
+    """One optimiser step, the schedule's next rate, and the trained weights projected back onto their grids."""
+    opt.step()
+    sched.step()
+    views.project_()
+
+
+class LossCurve:
+    """Mean training loss of every ``every`` steps (and of the last, shorter run), summed on the device in
+    between: no host sync per step."""
+
+    def __init__(self, n_steps: int, every: int, device):
+        self.n_steps, self.every, self.points = n_steps, every, []
+        self._sum, self._count = torch.zeros((), device=device), 0
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        self._sum += loss.detach()
+        self._count += 1
+        if (step + 1) % self.every == 0 or step + 1 == self.n_steps:
+            self.points.append(round(float(self._sum) / self._count, 6))
+            self._sum.zero_()
+            self._count = 0
+
+
 class BlockRefiner:
     """Engine hook: ``refiner(i, block, arch, inputs, solve, report, device)``; keeps a per-block log."""
 
@@ -80,14 +104,13 @@ class BlockRefiner:
         spec = self.spec
         before = block_error(block, inputs, targets, device)
         best = views.state_dict_views()
-        curve = []
         rng = random.Random(self.seed * 100_003 + i)
         order: list[int] = []
         was_training = block.training
         block.eval()  # no dropout: the targets were computed without it
         with views.active(block), torch.enable_grad():
             opt, sched = optimizer(views.param_groups(spec), device, spec.schedule, spec.steps)
-            running = torch.zeros((), device=device)
+            curve = LossCurve(spec.steps, self.log_every, device)
             for step in range(spec.steps):
                 if not order:
                     order = list(range(len(inputs)))
@@ -98,17 +121,12 @@ class BlockRefiner:
                                 to_device(targets[k], device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
-                sched.step()
-                views.project_()
-                running += loss.detach()  # no host sync per step
-                if (step + 1) % self.log_every == 0 or step + 1 == spec.steps:
-                    curve.append(round(float(running) / ((step % self.log_every) + 1), 6))
-                    running = torch.zeros((), device=device)
+                apply_step(opt, sched, views)
+                curve.add(step, loss)
             after = block_error(block, inputs, targets, device)
         block.train(was_training)
         kept = after < before
         if not kept:
             views.load_state_dict_views(best)
         return {"block": i, "error_before": before, "error_after": after if kept else before,
-                "error_trained": after, "kept": kept, "curve": curve}
+                "error_trained": after, "kept": kept, "curve": curve.points}

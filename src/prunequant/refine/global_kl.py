@@ -9,7 +9,7 @@ import torch
 
 from ..models import all_linear_names
 from .attach import Attached, norm_params
-from .blockwise import optimizer
+from .blockwise import LossCurve, apply_step, optimizer
 
 
 @torch.no_grad()
@@ -98,7 +98,8 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
                 m.eval()
         opt, sched = optimizer([dict(g, lr=g["lr"] * spec.global_lr) for g in views.param_groups(spec)], device,
                                spec.schedule, n_steps)
-        running = torch.zeros((), device=device)
+        curve = LossCurve(n_steps, log_every, device)
+        log["curve"] = curve.points  # filled as the stage runs
         try:
             for step in range(n_steps):
                 if len(order) < micro:
@@ -110,13 +111,8 @@ def global_refine(model, ids: torch.Tensor, states: dict, teacher, spec, *, batc
                     loss = topk_kl(model(x.to(device), use_cache=False).logits, lp.to(device), idx.to(device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                opt.step()
-                sched.step()
-                views.project_()
-                running += loss.detach()  # no host sync per step
-                if (step + 1) % log_every == 0 or step + 1 == n_steps:
-                    log["curve"].append(round(float(running) / ((step % log_every) + 1), 6))
-                    running = torch.zeros((), device=device)
+                apply_step(opt, sched, views)
+                curve.add(step, loss)
                 if (step + 1) % check_every == 0 or step + 1 == n_steps:
                     kl = calib_kl(model, ids, teacher, batch_size, device, judge)
                     log["judge_curve"].append([step + 1, round(kl, 6)])

@@ -66,12 +66,16 @@ if triton is not None:
                 s = tl.load(S + rn[:, None] * ssn + g[None, :], mask=wk_mask, other=0.0).to(tl.float32)
                 z = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=wk_mask, other=0.0).to(tl.float32)
                 w = (code - z) * s
-            w = w.to(x.dtype)
-            if IEEE:
-                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            else:
-                acc += tl.dot(x, tl.trans(w))
+            acc = _dot_wt(acc, x, w, IEEE)
         return acc
+
+    @triton.jit
+    def _dot_wt(acc, x, w, IEEE: tl.constexpr):
+        """acc + x · wᵀ on tensor cores, w rounded to x's type; IEEE: exact float32 products (no tf32)."""
+        w = w.to(x.dtype)
+        if IEEE:
+            return acc + tl.dot(x, tl.trans(w), input_precision="ieee")
+        return acc + tl.dot(x, tl.trans(w))
 
     @triton.jit
     def _tile(M, N, BM: tl.constexpr, BN: tl.constexpr):
@@ -251,14 +255,18 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _tile_words(w0, BW: tl.constexpr, STEP: tl.constexpr = 0):
-        """Words w0 … w0 + BW − 1 (or the tile w0 + STEP), declared contiguous from a multiple of BW: tiles start
-        at multiples of BW, which the compiler cannot derive through a loop-carried index."""
-        if STEP:
-            rw = w0 + STEP
-        else:
-            rw = w0 + tl.arange(0, BW)
-        return tl.max_contiguous(tl.multiple_of(rw, BW), BW)
+    def _gemv_tile(C, scn, rn, n_mask, w0, w_hi, S, Z, ssn, K, GS, s_row, z_row,
+                   EVEN: tl.constexpr, PER: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr, BW: tl.constexpr):
+        """The word tile at w0 of rows rn: its words (declared contiguous from a multiple of BW, where tiles start,
+        which the compiler cannot derive through a loop), their mask, the words, and its scales / zero points."""
+        rw = tl.max_contiguous(tl.multiple_of(w0 + tl.arange(0, BW), BW), BW)
+        w_mask = _word_mask(rw, w_hi, EVEN, BW)
+        nw_mask = n_mask[:, None] & w_mask[None, :]
+        words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
+        s, z = s_row, z_row
+        if GRID == 1 or GRID == 2:
+            s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
+        return rw, w_mask, words, s, z
 
     @triton.jit
     def _word_mask(rw, w_hi, EVEN: tl.constexpr, BW: tl.constexpr):
@@ -327,37 +335,21 @@ if triton is not None:
             z_row = tl.load(Z + rn * ssn, mask=n_mask, other=0.0).to(tl.float32)
         if PIPE > 0:
             for w0 in tl.range(w_lo, w_hi, BW, num_stages=PIPE):
-                rw = _tile_words(w0, BW)
-                w_mask = _word_mask(rw, w_hi, EVEN, BW)
-                nw_mask = n_mask[:, None] & w_mask[None, :]
-                words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
-                s, z = s_row, z_row
-                if GRID == 1 or GRID == 2:
-                    s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
+                rw, w_mask, words, s, z = _gemv_tile(C, scn, rn, n_mask, w0, w_hi, S, Z, ssn, K, GS, s_row, z_row,
+                                                     EVEN, PER, GRID, NGT, BW)
                 acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
                                        n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
                                        NGT, ONE_ROW, BN, BW, UNPACK3)
         else:
-            rw = _tile_words(w_lo, BW)
-            w_mask = _word_mask(rw, w_hi, EVEN, BW)
-            nw_mask = n_mask[:, None] & w_mask[None, :]
-            words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
-            s, z = s_row, z_row
-            if GRID == 1 or GRID == 2:
-                s, z = _grid_at(S, Z, ssn, rn, n_mask, w_lo, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
+            rw, w_mask, words, s, z = _gemv_tile(C, scn, rn, n_mask, w_lo, w_hi, S, Z, ssn, K, GS, s_row, z_row,
+                                                 EVEN, PER, GRID, NGT, BW)
             for w0 in range(w_lo, w_hi, BW):
-                rw_n = _tile_words(rw, BW, BW)
-                w_mask_n = _word_mask(rw_n, w_hi, EVEN, BW)
-                nw_mask_n = n_mask[:, None] & w_mask_n[None, :]
-                words_n = tl.load(C + rn[:, None] * scn + rw_n[None, :], mask=nw_mask_n, other=0)
-                if GRID == 1 or GRID == 2:
-                    s_n, z_n = _grid_at(S, Z, ssn, rn, n_mask, w0 + BW, rw_n, nw_mask_n, K, GS, PER, GRID, NGT, BW)
+                nxt = _gemv_tile(C, scn, rn, n_mask, w0 + BW, w_hi, S, Z, ssn, K, GS, s_row, z_row,
+                                 EVEN, PER, GRID, NGT, BW)
                 acc, xacc = _gemv_step(acc, xacc, words, s, z, rw, w_mask, w0 == w_lo, X, sxm, sxk, Y, sym, M, rn,
                                        n_mask, S, Z, ssn, COLS, K, GS, bias, s_row, z_row, BITS, HAS_COLS, GRID,
                                        NGT, ONE_ROW, BN, BW, UNPACK3)
-                words, rw, w_mask = words_n, rw_n, w_mask_n
-                if GRID == 1 or GRID == 2:
-                    s, z = s_n, z_n
+                rw, w_mask, words, s, z = nxt
         if ONE_ROW:
             out = tl.sum(acc, axis=1)
             if GRID == 3:
@@ -492,19 +484,15 @@ if triton is not None:
                 g = (w0 * PER) // GS
                 s = tl.load(S + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
                 z = tl.load(Z + rn * ssn + g, mask=n_mask, other=0.0).to(tl.float32)
-            w = ((f - z[:, None]) * s[:, None]).to(x.dtype)
+            w = (f - z[:, None]) * s[:, None]
         else:
             g = (w0 * PER) // GS + tl.arange(0, NGT)
             gm = n_mask[:, None] & (g * GS < K)[None, :]
             sg = tl.load(S + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
             zg = tl.load(Z + rn[:, None] * ssn + g[None, :], mask=gm, other=0.0).to(tl.float32)
             f = tl.reshape(f, (BN, NGT, BK // NGT))
-            w = tl.reshape((f - zg[:, :, None]) * sg[:, :, None], (BN, BK)).to(x.dtype)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-        return acc
+            w = tl.reshape((f - zg[:, :, None]) * sg[:, :, None], (BN, BK))
+        return _dot_wt(acc, x, w, IEEE)
 
     @triton.jit
     def _sdot_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW, KWS, GS,
@@ -615,11 +603,7 @@ if triton is not None:
                     w = (f * _inv_shift(j, BITS) - zj) * sj
                 else:
                     w = tl.fma(f, s * _inv_shift(j, BITS), -(z * s))
-                w = w.to(x.dtype)
-                if IEEE:
-                    acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, tl.trans(w))
+                acc = _dot_wt(acc, x, w, IEEE)
             words, rw, w_mask = words_n, rw_n, w_mask_n
         _store_split(acc, Y, sym, BIAS, rm, rn, m_mask, n_mask, pid_k, HAS_BIAS, ATOMIC)
 

@@ -29,15 +29,20 @@ def available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gptq_cols_kernel(W, sw0, sw1, U, su0, su1, S, Z, ss0, ss1, G, M, sm0, sm1, C, sc0, sc1, E, se0, se1,
-                          rows, ncols, a, b, maxq,
-                          HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    def _row_tile(W, sw0, sw1, rows, ncols, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's rows of W (all its columns): row and column indices, their masks, the tile."""
+        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         c = tl.arange(0, BLOCK_C)
         rm = r < rows
         cm = c < ncols
-        tile = tl.load(W + r[:, None] * sw0 + c[None, :] * sw1, mask=rm[:, None] & cm[None, :], other=0.0)
+        return r, c, rm, cm, tl.load(W + r[:, None] * sw0 + c[None, :] * sw1, mask=rm[:, None] & cm[None, :],
+                                     other=0.0)
+
+    @triton.jit
+    def _gptq_cols_kernel(W, sw0, sw1, U, su0, su1, S, Z, ss0, ss1, G, M, sm0, sm1, C, sc0, sc1, E, se0, se1,
+                          rows, ncols, a, b, maxq,
+                          HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        r, c, rm, cm, tile = _row_tile(W, sw0, sw1, rows, ncols, BLOCK_R, BLOCK_C)
         for i in range(a, b):
             w = tl.sum(tl.where((c == i)[None, :], tile, 0.0), axis=1)
             g = tl.load(G + i)
@@ -60,12 +65,7 @@ if triton is not None:
     @triton.jit
     def _prune_cols_kernel(W, sw0, sw1, U, su0, su1, M, sm0, sm1, E, se0, se1, rows, ncols,
                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.arange(0, BLOCK_C)
-        rm = r < rows
-        cm = c < ncols
-        tile = tl.load(W + r[:, None] * sw0 + c[None, :] * sw1, mask=rm[:, None] & cm[None, :], other=0.0)
+        r, c, rm, cm, tile = _row_tile(W, sw0, sw1, rows, ncols, BLOCK_R, BLOCK_C)
         for i in range(0, ncols):
             w = tl.sum(tl.where((c == i)[None, :], tile, 0.0), axis=1)
             keep = tl.load(M + r * sm0 + i * sm1, mask=rm, other=1)
