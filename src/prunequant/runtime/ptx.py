@@ -14,7 +14,7 @@ import torch
 
 from . import triton_wmm as tw
 
-KERNELS = ("_gemv_kernel", "_gemv2_kernel", "_gemv_rows_kernel", "_sdot_kernel", "_sdot2_kernel", "_pdot_kernel",
+KERNELS = ("_gemv_kernel", "_cat_kernel", "_gemv_rows_kernel", "_sdot_kernel", "_pdot_kernel",
            "_wmm_kernel", "_dequant_words_kernel", "_dequant_kernel")
 _PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
         torch.uint8: "*u8", torch.int64: "*i64"}

@@ -370,23 +370,35 @@ if triton is not None:
                    K, KW, KWS, GS, BITS, HAS_COLS, GRID, NGT, HAS_BIAS, ATOMIC, ONE_ROW, BN, BW, UNPACK3, PIPE, EVEN)
 
     @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
-    def _gemv2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
-                      CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
-                      CB, scnb, SB, ZB, ssnb, KB, KWB, KWSB, GSB,
-                      BITS_A: tl.constexpr, GRID_A: tl.constexpr, NGT_A: tl.constexpr,
-                      BITS_B: tl.constexpr, GRID_B: tl.constexpr, NGT_B: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr,
-                      UNPACK3: tl.constexpr, PIPE: tl.constexpr):
+    def _cat_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
+                    CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
+                    CB, scnb, SB, ZB, ssnb, KB, KWB, KWSB, GSB,
+                    BITS_A: tl.constexpr, GRID_A: tl.constexpr, NGT_A: tl.constexpr, BW_A: tl.constexpr,
+                    BITS_B: tl.constexpr, GRID_B: tl.constexpr, NGT_B: tl.constexpr, BW_B: tl.constexpr,
+                    TC: tl.constexpr, HAS_BIAS: tl.constexpr, ONE_ROW: tl.constexpr, IEEE: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr):
         # A channel-mixed layer in one launch. Its input is gathered into [part A's columns | part B's]; the
-        # first SPLIT_A k-splits of every n-tile read part A, the others part B, all adding into Y (float32).
+        # first SPLIT_A k-splits of every n-tile read part A, the others part B, all adding into Y (float32):
+        # each part on the GEMV (TC false) or on tensor cores (TC: sdot tiles of BW_A / BW_B words).
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         if pid_k < SPLIT_A:
-            _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, CA, KA, KWA, KWSA,
-                       GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW, UNPACK3, PIPE, False)
+            if TC:
+                _sdot_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, KA, KWA, KWSA,
+                           GSA, BITS_A, HAS_BIAS, True, IEEE, NGT_A, BM, BN, BW_A, PIPE)
+            else:
+                _gemv_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, CA, KA, KWA,
+                           KWSA, GSA, BITS_A, False, GRID_A, NGT_A, HAS_BIAS, True, ONE_ROW, BN, BW_A, UNPACK3,
+                           PIPE, False)
         else:
-            _gemv_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
-                       CB, KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW, UNPACK3, PIPE, False)
+            XB = X + KA * sxk
+            if TC:
+                _sdot_body(pid_n, pid_k - SPLIT_A, XB, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb, KB,
+                           KWB, KWSB, GSB, BITS_B, False, True, IEEE, NGT_B, BM, BN, BW_B, PIPE)
+            else:
+                _gemv_body(pid_n, pid_k - SPLIT_A, XB, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb, CB,
+                           KB, KWB, KWSB, GSB, BITS_B, False, GRID_B, NGT_B, False, True, ONE_ROW, BN, BW_B,
+                           UNPACK3, PIPE, False)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _gemv_rows_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, META, smn, K, KW, KWS, GS,
@@ -533,24 +545,6 @@ if triton is not None:
                      NGT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr, PIPE: tl.constexpr):
         _sdot_body(tl.program_id(0), tl.program_id(1), X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, K, KW,
                    KWS, GS, BITS, HAS_BIAS, ATOMIC, IEEE, NGT, BM, BN, BW, PIPE)
-
-    @triton.jit(do_not_specialize=["M", "N", "GSA", "GSB"])
-    def _sdot2_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, SPLIT_A,
-                      CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
-                      CB, scnb, SB, ZB, ssnb, KB, KWB, KWSB, GSB,
-                      BITS_A: tl.constexpr, NGT_A: tl.constexpr, BW_A: tl.constexpr,
-                      BITS_B: tl.constexpr, NGT_B: tl.constexpr, BW_B: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      PIPE: tl.constexpr):
-        # _gemv2_kernel's split of programs between the parts of a channel-mixed layer, on tensor cores
-        pid_n = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        if pid_k < SPLIT_A:
-            _sdot_body(pid_n, pid_k, X, sxm, sxk, Y, sym, BIAS, M, N, CA, scna, SA, ZA, ssna, KA, KWA, KWSA, GSA,
-                       BITS_A, HAS_BIAS, True, IEEE, NGT_A, BM, BN, BW_A, PIPE)
-        else:
-            _sdot_body(pid_n, pid_k - SPLIT_A, X + KA * sxk, sxm, sxk, Y, sym, BIAS, M, N, CB, scnb, SB, ZB, ssnb,
-                       KB, KWB, KWSB, GSB, BITS_B, False, True, IEEE, NGT_B, BM, BN, BW_B, PIPE)
 
     @triton.jit(do_not_specialize=["M", "N", "GS"])
     def _pdot_kernel(X, sxm, sxk, Y, sym, BIAS, M, N, C, scn, S, Z, ssn, COLS, K, KW, KWS, GS,
@@ -1047,7 +1041,7 @@ def _cat_splits(segments, split: int, bw: list[int]) -> list[tuple[int, int]]:
 
 def _cat(x, segments, N, bias, cfg) -> torch.Tensor:
     """A channel-mixed layer (two parts, each over its own input columns) in one launch: the input gathered
-    once into the parts' column order, then _gemv2_kernel or _sdot2_kernel over contiguous columns."""
+    once into the parts' column order, then _cat_kernel over contiguous columns (GEMV or sdot tiles)."""
     a, b = segments
     M = x.shape[0]
     xp = _cat_input(x, a, b)
@@ -1064,17 +1058,15 @@ def _cat(x, segments, N, bias, cfg) -> torch.Tensor:
     args = (xp, xp.stride(0), xp.stride(1), y, y.stride(0), bias if bias is not None else y, M, N, sa,
             a.codes, a.codes.stride(0), a.scale, a.zero, a.scale.stride(0), a.k, a.codes.shape[1], kwsa, gsa,
             b.codes, b.codes.stride(0), b.scale, b.zero, b.scale.stride(0), b.k, b.codes.shape[1], kwsb, gsb)
-    if cfg["inner"] == "gemv":
-        (ga, na), (gb, nb) = (_gemv_grid(s, cfg["BW"]) for s in segments)
-        _gemv2_kernel[grid](*args, BITS_A=a.bits, GRID_A=ga, NGT_A=na, BITS_B=b.bits, GRID_B=gb, NGT_B=nb,
-                            HAS_BIAS=bias is not None, ONE_ROW=M == 1, BN=cfg["BN"], BW=cfg["BW"],
-                            UNPACK3=cfg.get("U3", False), PIPE=cfg.get("PIPE", 0), num_warps=cfg["num_warps"],
-                            num_stages=cfg["num_stages"])
+    tc = cfg["inner"] != "gemv"
+    if tc:
+        (ga, na), (gb, nb) = ((0, _sdot_groups(s.group_size, cfg["BK"])) for s in segments)
     else:
-        _sdot2_kernel[grid](*args, BITS_A=a.bits, NGT_A=_sdot_groups(a.group_size, cfg["BK"]), BW_A=bws[0],
-                            BITS_B=b.bits, NGT_B=_sdot_groups(b.group_size, cfg["BK"]), BW_B=bws[1],
-                            HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BM=cfg["BM"], BN=cfg["BN"],
-                            PIPE=cfg.get("PIPE", False), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        (ga, na), (gb, nb) = (_gemv_grid(s, cfg["BW"]) for s in segments)
+    _cat_kernel[grid](*args, BITS_A=a.bits, GRID_A=ga, NGT_A=na, BW_A=bws[0], BITS_B=b.bits, GRID_B=gb, NGT_B=nb,
+                      BW_B=bws[1], TC=tc, HAS_BIAS=bias is not None, ONE_ROW=M == 1, IEEE=x.dtype == torch.float32,
+                      BM=cfg.get("BM", 16), BN=cfg["BN"], UNPACK3=cfg.get("U3", False), PIPE=cfg.get("PIPE", 0),
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.to(x.dtype)
 
 
