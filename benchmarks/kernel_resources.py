@@ -2,10 +2,12 @@
 each tuner candidate of a layer shape is launched through the real dispatch with the launches captured,
 compiled by Triton's CUDA backend and measured by ptxas (prunequant.runtime.ptx); then prefill's
 dequantization kernel (rows "prefill"). Tiles that spill or need more than ~128 registers per thread hold
-few warps per SM; a GPU run decides, this only says why.
+few warps per SM; a GPU run decides, this only says why. With --loop-mix each row also gets the machine
+instructions of the kernel's k-loop body (SASS via ptxas and nvdisasm): the count per trip, per weight word
+a thread handles, and the opcode mix — what the one-row GEMV issues for each 32-bit word it reads.
 
     PYTHONPATH=src:benchmarks python benchmarks/kernel_resources.py --k 4096 --n 4096 --rows 1 8 32 \\
-        [--sparse24] [--arch 90] [--out F]
+        [--sparse24] [--arch 90] [--loop-mix] [--out F]
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 
 from prunequant.runtime import build_quant_linear
 from prunequant.runtime import triton_wmm as tw
-from prunequant.runtime.ptx import captured, compile_launch, resources
+from prunequant.runtime.ptx import captured, compile_launch, loop_mix, resources
 from runtime_speed import prune24, rtn
 
 
@@ -46,6 +48,7 @@ def main(argv=None):
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--sparse24", action="store_true")
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--loop-mix", action="store_true", help="also the SASS instructions of each k-loop trip")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     seg = segment(args.n, args.k, args.bits, args.group_size, args.sparse24)
@@ -53,7 +56,14 @@ def main(argv=None):
 
     def measure(launch, row: dict) -> None:
         try:
-            row.update(resources(compile_launch(*launch, arch=args.arch), args.arch))
+            compiled = compile_launch(*launch, arch=args.arch)
+            row.update(resources(compiled, args.arch))
+            if args.loop_mix:
+                mix = loop_mix(compiled, args.arch)
+                c = row["cfg"]
+                words = c["BN"] * c["BW"] / (32 * c.get("num_warps", 4)) if "BW" in c and "BN" in c else None
+                row.update(loop_instructions=mix["instructions"], loop_ops=dict(list(mix["ops"].items())[:8]),
+                           per_word=round(mix["instructions"] / words, 1) if words else None)
         except Exception as e:  # noqa: BLE001 - a tile that does not compile is a row too
             row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         print(json.dumps(row), flush=True)

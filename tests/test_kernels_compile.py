@@ -38,7 +38,8 @@ def _cases():
                 {"kind": "pdot", "BM": 16, "BN": 32, "BW": 16, "SPLIT": 2, "num_warps": 4, "num_stages": 3},
                 tw.launch_config(64, 64)] + \
             [c for c in tw._sdot_candidates(8, 64, seg) if c["SPLIT"] == 1] + \
-            [{"kind": "gemv", "BN": 16, "BW": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 4, "U3": False, "PIPE": 4}]
+            [{"kind": "gemv", "BN": 16, "BW": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 4, "U3": False, "PIPE": 4,
+              "EVEN": True}]
         assert not tw._sdot_candidates(8, 64, seg) or any(c.get("PIPE") for c in cfgs)
         for m, c in [(1, cfgs[0]), (1, cfgs[-1])] + [(8, c) for c in cfgs[1:]]:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)

@@ -231,7 +231,7 @@ def _every_kernel_kind() -> list[dict]:
         cfgs = rows + [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": u3}
                        for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
         cfgs += [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 3, "U3": False,
-                  "PIPE": 3} for sp in (1, 2)]
+                  "PIPE": 3, "EVEN": even} for sp in (1, 2) for even in (False, True)]
         if bits in (2, 4, 8):
             cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
                       "num_stages": 3 if pipe else 2, "PIPE": pipe} for bk in (32, 64) for sp in (1, 2)

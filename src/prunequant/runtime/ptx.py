@@ -64,24 +64,59 @@ def compile_launch(kernel, args, kwargs, arch: int = 90):
                           target=GPUTarget("cuda", arch, 32), options=opts)
 
 
-def resources(compiled, arch: int = 90) -> dict:
-    """{"registers", "spill_bytes", "shared_bytes"} of a compiled kernel, from ptxas -v."""
+def _ptxas(compiled, arch: int, out: str) -> str:
+    """Assemble the kernel's PTX for sm_``arch``a into ``out``; returns ptxas's report (-v)."""
     import triton
 
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    out = {"shared_bytes": compiled.metadata.shared}
     with tempfile.TemporaryDirectory() as d:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(compiled.asm["ptx"])
         for name in ("ptxas", "ptxas-blackwell"):  # the newer one reads the PTX versions the older does not
-            r = subprocess.run([os.path.join(bin_dir, name), f"-arch=sm_{arch}a", "-v", src, "-o", os.devnull],
+            r = subprocess.run([os.path.join(bin_dir, name), f"-arch=sm_{arch}a", "-v", src, "-o", out],
                                capture_output=True, text=True)
             if r.returncode == 0:
-                break
-        else:
-            last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
-            raise RuntimeError(f"ptxas failed: {last}")
-    out["registers"] = int(re.search(r"Used (\d+) registers", r.stderr).group(1))
-    out["spill_bytes"] = int(re.search(r"(\d+) bytes spill stores", r.stderr).group(1))
-    return out
+                return r.stderr
+    last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"
+    raise RuntimeError(f"ptxas failed: {last}")
+
+
+def resources(compiled, arch: int = 90) -> dict:
+    """{"registers", "spill_bytes", "shared_bytes"} of a compiled kernel, from ptxas -v."""
+    report = _ptxas(compiled, arch, os.devnull)
+    return {"shared_bytes": compiled.metadata.shared,
+            "registers": int(re.search(r"Used (\d+) registers", report).group(1)),
+            "spill_bytes": int(re.search(r"(\d+) bytes spill stores", report).group(1))}
+
+
+def loop_mix(compiled, arch: int = 90) -> dict:
+    """The machine instructions (SASS, from ptxas and nvdisasm) of the kernel's longest loop body:
+    {"instructions": n, "ops": {opcode: count}}; a static profile of what each trip of the k-loop issues."""
+    import triton
+
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        _ptxas(compiled, arch, cubin)
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        sass = subprocess.run([nvdisasm, "-c", cubin], capture_output=True, text=True, check=True).stdout
+    body, labels, loops = [], {}, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(body)
+            continue
+        m = re.search(r"/\*[0-9a-f]{4}\*/\s+(.*?)\s*;", line)
+        if not m:
+            continue
+        body.append(re.sub(r"^@!?U?P\w+\s+", "", m.group(1)).split()[0].split(".")[0])
+        target = re.search(r"BRA\s+`?\(?(\.L_x_\d+)", m.group(1))
+        if target and labels.get(target.group(1), len(body)) < len(body) - 1:  # a backward branch: a loop
+            loops.append(body[labels[target.group(1)]:])
+    if not loops:
+        return {"instructions": 0, "ops": {}}
+    longest = max(loops, key=len)
+    ops: dict[str, int] = {}
+    for op in longest:
+        ops[op] = ops.get(op, 0) + 1
+    return {"instructions": len(longest), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
