@@ -13,7 +13,7 @@ from test_runtime import _pruned24, _uniform
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
-from prunequant.runtime.ptx import KERNELS, captured, compile_launch, resources  # noqa: E402
+from prunequant.runtime.ptx import KERNELS, captured, compile_launch, loop_mix, resources  # noqa: E402
 
 
 @triton.jit
@@ -93,3 +93,23 @@ def test_every_launch_compiles_for_sm90():
                           f"{type(e).__name__}: {str(e)[:300]}")
     assert not failed, "\n".join(failed)
     assert pipelined and all(pipelined), "the pipelined GEMV tiles compiled without asynchronous copies"
+
+
+def test_loop_mix_reads_the_gemv_k_loop():
+    """The static profile: a kernel without a loop has none; the one-row GEMV's k-loop turns codes into floats
+    (LOP3), multiplies them (FFMA), and issues at least 3 instructions for each of a word's 8 codes."""
+    t = torch.empty(16)
+    try:
+        flat = loop_mix(compile_launch(_copy, (t, t), {"BLOCK": 16, "num_warps": 1}))
+    except Exception as e:  # noqa: BLE001 - no CUDA backend, ptxas or nvdisasm in this Triton
+        pytest.skip(f"Triton cannot compile and disassemble for a CUDA target here: {type(e).__name__}")
+    assert flat == {"instructions": 0, "ops": {}}
+    seg = build_quant_linear([(_uniform(torch.randn(64, 512), 4, 128), None)], 512, 64, None, device="cpu",
+                             dtype=torch.bfloat16, prefer={4: ["packed"]})[0].segs[0]
+    cfg = {"kind": "gemv", "BN": 16, "BW": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 1, "U3": False}
+    with captured() as launches:
+        tw.run(torch.randn(1, 512).to(torch.bfloat16), [seg], 64, None, cfg)
+    mix = loop_mix(compile_launch(*launches[0]))
+    words = 16 * 64 / 128  # per thread and trip
+    assert mix["ops"].get("FFMA", 0) >= 8 * words and mix["ops"].get("LOP3", 0) >= 8 * words, mix
+    assert mix["instructions"] >= 24 * words, mix

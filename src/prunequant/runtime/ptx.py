@@ -5,6 +5,7 @@ runtime launches compiles for Hopper; ``benchmarks/kernel_resources.py`` to see 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import os
 import re
 import subprocess
@@ -116,7 +117,4 @@ def loop_mix(compiled, arch: int = 90) -> dict:
     if not loops:
         return {"instructions": 0, "ops": {}}
     longest = max(loops, key=len)
-    ops: dict[str, int] = {}
-    for op in longest:
-        ops[op] = ops.get(op, 0) + 1
-    return {"instructions": len(longest), "ops": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+    return {"instructions": len(longest), "ops": dict(Counter(longest).most_common())}
