@@ -39,9 +39,10 @@ def _cases():
                 tw.launch_config(64, 64)] + \
             [c for c in tw._sdot_candidates(8, 64, seg) if c["SPLIT"] == 1] + \
             [{"kind": "gemv", "BN": 16, "BW": 64, "SPLIT": 1, "num_warps": 4, "num_stages": 4, "U3": False, "PIPE": 4,
-              "EVEN": True}]
+              "EVEN": True},
+             {"kind": "gemv", "BN": 16, "BW": 128, "SPLIT": 1, "num_warps": 4, "num_stages": 1, "U3": False, "WG": True}]
         assert not tw._sdot_candidates(8, 64, seg) or any(c.get("PIPE") for c in cfgs)
-        for m, c in [(1, cfgs[0]), (1, cfgs[-1])] + [(8, c) for c in cfgs[1:]]:
+        for m, c in [(1, cfgs[0]), (1, cfgs[-2]), (1, cfgs[-1])] + [(8, c) for c in cfgs[1:]]:
             x = torch.randn(m, k, generator=g).to(torch.bfloat16)
             calls.append(lambda x=x, seg=seg, c=c: tw.run(x, [seg], 64, None, c))
         calls.append(lambda seg=seg: tw.dequantize_into(seg, torch.empty(64, seg.k + 3, dtype=torch.bfloat16), 3))

@@ -232,6 +232,8 @@ def _every_kernel_kind() -> list[dict]:
                        for sp in (1, 2) for u3 in (False, True) if not (u3 and 32 % bits)]
         cfgs += [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 3, "U3": False,
                   "PIPE": 3, "EVEN": even} for sp in (1, 2) for even in (False, True)]
+        cfgs += [{"kind": "gemv", "BN": 8, "BW": 8, "SPLIT": sp, "num_warps": 4, "num_stages": 1, "U3": False,
+                  "WG": True} for sp in (1, 2)]
         if bits in (2, 4, 8):
             cfgs += [{"kind": "sdot", "BM": 16, "BN": 16, "BW": bk // per, "SPLIT": sp, "num_warps": 4,
                       "num_stages": 3 if pipe else 2, "PIPE": pipe} for bk in (32, 64) for sp in (1, 2)
@@ -302,6 +304,8 @@ def test_every_kernel_kind_in_the_interpreter():
     rows = interpreted("test_runtime", "_every_kernel_kind()")
     kinds = {(r["cfg"]["kind"], r["cfg"].get("SPLIT", 1), r["cfg"].get("U3", False)) for r in rows}
     assert {r["cfg"].get("PIPE") for r in rows if r["cfg"]["kind"] == "sdot"} == {False, True}
+    # group scales applied per word (GRID 4), on tiles inside one group and tiles of several groups
+    assert {r["grid"][1] > 1 for r in rows if r["cfg"].get("WG") and r["grid"][0] == 2} == {False, True}
     assert {("gemv", 1, False), ("gemv", 2, False), ("gemv", 1, True), ("sdot", 1, False), ("sdot", 2, False),
             ("pdot", 1, False), ("pdot", 2, False), ("dot", 1, False), ("gemvr", 1, False), ("gemvr", 2, False),
             ("gemvr 2:4", 1, False), ("split", 1, False), ("sdot gathered", 1, False)} <= kinds

@@ -227,7 +227,7 @@ if triton is not None:
                  PER: tl.constexpr, GRID: tl.constexpr, NGT: tl.constexpr, BW: tl.constexpr):
         """The scales / zero points a gemv tile needs: per word (GRID 1, (BN, BW)) or per group of the tile
         (GRID 2, (BN, NGT)); other grids load theirs elsewhere."""
-        if GRID == 2:
+        if GRID == 2 or GRID == 4:
             if NGT > 1:  # the tile holds NGT whole groups of BW // NGT words (a shift, not a division)
                 g = w0 // (BW // NGT) + tl.arange(0, NGT)
             else:
@@ -243,13 +243,17 @@ if triton is not None:
 
     @triton.jit
     def _apply_grid(t, xs, s, z, GRID: tl.constexpr, NGT: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
-        """Σ over a tile's words of w · x, per row and word (GRID 0, 1, 3) or per row and group (GRID 2)."""
+        """Σ over a tile's words of w · x, per row and word (GRID 0, 1, 3, 4) or per row and group (GRID 2)."""
         if GRID == 1:
             out = s * (t - z * xs[None, :])
         elif GRID == 2:
             tg = tl.sum(tl.reshape(t, (BN, NGT, BW // NGT)), axis=2)
             xg = tl.sum(tl.reshape(xs, (NGT, BW // NGT)), axis=1)
             out = s * (tg - z * xg[None, :])
+        elif GRID == 4:  # GRID 2's scales spread over their groups' words: no sums across lanes per trip
+            sw = tl.reshape(tl.broadcast_to(s[:, :, None], (BN, NGT, BW // NGT)), (BN, BW))
+            zw = tl.reshape(tl.broadcast_to(z[:, :, None], (BN, NGT, BW // NGT)), (BN, BW))
+            out = sw * (t - zw * xs[None, :])
         else:
             out = t
         return out
@@ -264,7 +268,7 @@ if triton is not None:
         nw_mask = n_mask[:, None] & w_mask[None, :]
         words = tl.load(C + rn[:, None] * scn + rw[None, :], mask=nw_mask, other=0)
         s, z = s_row, z_row
-        if GRID == 1 or GRID == 2:
+        if GRID == 1 or GRID == 2 or GRID == 4:
             s, z = _grid_at(S, Z, ssn, rn, n_mask, w0, rw, nw_mask, K, GS, PER, GRID, NGT, BW)
         return rw, w_mask, words, s, z
 
@@ -312,7 +316,8 @@ if triton is not None:
         # weights are read once for all input rows. Per word position j: t += c_j · x_j elementwise over
         # (rows, words); the grid is applied per word, per group of the tile (s · (t − z · Σ x)), or, with
         # one group per row (GRID 3), once at the end.
-        # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row.
+        # GRID: 0 groups change inside words (grid per weight), 1 per word, 2 per group tile, 3 per row,
+        # 4 per group tile applied per word (the sums across the tile's words wait until the end).
         # EVEN: every k-split is whole tiles of whole words, so only rows are masked (no compare per word).
         PER: tl.constexpr = 32 // BITS
         rn = pid_n * BN + tl.arange(0, BN)
@@ -689,19 +694,23 @@ def _gemv_candidates(M: int, N: int, seg) -> list[dict]:
     out = []
     # EVEN: no mask along the words where the splits allow it (the compiler then schedules the loads
     # differently: sm_90 registers 80 → 148 for 16 × 128, 128 → 96 for 8 × 256), so it is timed, not assumed.
-    for bn, bw, warps, u3, pipe, even in ((16, 128, 4, False, 0, False), (8, 256, 4, False, 0, False),
-                                          (8, 128, 4, False, 0, False), (4, 256, 4, False, 0, False),
-                                          (16, 256, 8, False, 0, False), (8, 128, 4, True, 0, False),
-                                          (32, 128, 4, False, 0, False), (64, 64, 8, False, 0, False),
-                                          (16, 128, 4, False, 0, True), (8, 256, 4, False, 0, True),
-                                          (16, 64, 4, False, 4, False), (16, 128, 4, False, 3, False),
-                                          (8, 128, 4, False, 4, False), (32, 64, 4, False, 3, False),
-                                          (8, 256, 4, False, 3, True), (16, 128, 8, False, 4, False)):
-        if (u3 and (seg.cols is not None or 32 % seg.bits)) or (pipe and M > 1):  # the row loop is not pipelined
+    # WG: a tile's group scales applied per word, its sums left to the end (no sums across lanes per trip:
+    # 55.8 → 48.8 sm_90 instructions per word for 16 × 128, BENCHMARKS "What the one-row GEMV issues").
+    for bn, bw, warps, extra in ((16, 128, 4, {}), (8, 256, 4, {}), (8, 128, 4, {}), (4, 256, 4, {}),
+                                 (16, 256, 8, {}), (8, 128, 4, {"U3": True}), (32, 128, 4, {}), (64, 64, 8, {}),
+                                 (16, 128, 4, {"EVEN": True}), (8, 256, 4, {"EVEN": True}),
+                                 (16, 128, 4, {"WG": True}), (16, 256, 8, {"WG": True}),
+                                 (16, 64, 4, {"PIPE": 4}), (16, 128, 4, {"PIPE": 3}), (8, 128, 4, {"PIPE": 4}),
+                                 (32, 64, 4, {"PIPE": 3}), (8, 256, 4, {"PIPE": 3, "EVEN": True}),
+                                 (16, 128, 8, {"PIPE": 4}), (16, 128, 4, {"PIPE": 3, "WG": True})):
+        pipe = extra.get("PIPE", 0)
+        if extra.get("U3") and (seg.cols is not None or 32 % seg.bits):
             continue
-        c = {"kind": "gemv", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": 1, "U3": u3}
-        c = dict(c, PIPE=pipe, num_stages=pipe) if pipe else c
-        out += _gemv_splits(dict(c, EVEN=True) if even else c, kw, triton.cdiv(N, bn))
+        if pipe and M > 1:  # the row loop is not pipelined
+            continue
+        c = dict({"kind": "gemv", "BN": bn, "BW": bw, "num_warps": warps, "num_stages": pipe or 1, "U3": False},
+                 **extra)
+        out += _gemv_splits(c, kw, triton.cdiv(N, bn))
     return out
 
 
@@ -1157,6 +1166,8 @@ def _gemv(x, seg, N, bias, cfg) -> torch.Tensor:
     split = triton.cdiv(kw, kws)
     gs, _ = _word_groups(seg)
     grid_kind, ngt = _gemv_grid(seg, bw)
+    if grid_kind == 2 and cfg.get("WG"):
+        grid_kind = 4
     one_row = M == 1
     atomic = split > 1 or not one_row
     y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else \
