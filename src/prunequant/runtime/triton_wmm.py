@@ -310,7 +310,8 @@ if triton is not None:
                    BN: tl.constexpr, BW: tl.constexpr, UNPACK3: tl.constexpr, PIPE: tl.constexpr,
                    EVEN: tl.constexpr):
         # program (n-tile, k-split): rows rn of W over words [pid_k·KWS, (pid_k+1)·KWS), every input row.
-        # Decode is bound by bytes in flight: the next tile's words are loaded before this tile is used, or
+        # Decode needs bytes in flight and few instructions per word (at one row it is issue-bound on sm_90,
+        # BENCHMARKS "What the one-row GEMV issues"): the next tile's words are loaded before this tile is used, or
         # (PIPE > 0) each tile loads its own and Triton's software pipeliner keeps PIPE tiles in flight
         # (K, KW, KWS stay specialized so that Triton can prove 16-byte alignment and vectorize); the
         # weights are read once for all input rows. Per word position j: t += c_j · x_j elementwise over
